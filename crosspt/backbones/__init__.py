@@ -1,0 +1,1 @@
+"""Frozen backbones wrapped through `inputs_embeds`: one adapter per family, one small interface."""

@@ -1,0 +1,25 @@
+"""User-facing errors. Each carries one clear line naming the problem; the CLI prints it, exits non-zero."""
+
+
+class CrossPTError(Exception):
+    """Base class: anything the user can fix by changing their input."""
+
+
+class ConfigError(CrossPTError):
+    """A config or search-space file is malformed, has an unknown key, a wrong type or an impossible value."""
+
+
+class UnknownTaskError(CrossPTError):
+    """A task name is not in the registry."""
+
+
+class UnknownBackboneError(CrossPTError):
+    """A backbone id/path cannot be resolved or its family is unsupported."""
+
+
+class DataError(CrossPTError):
+    """Data files are missing, malformed, lack a column, or cannot satisfy the sampling request."""
+
+
+class ArtifactError(CrossPTError):
+    """A saved prompt/bank/model artifact is missing or does not match the config."""
