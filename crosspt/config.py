@@ -1,0 +1,241 @@
+"""One typed, validated schema for a run, shared by train, search, promote and predict.
+
+Loaded from YAML, overridden by dotted `key=value` pairs; unknown keys and wrong types are errors that
+name the key. Search spaces (crosspt.search_space) extend this schema with distributions over its keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from crosspt.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Strict):
+    name: str = "minilm"                # hub id, local path, or "minilm" (offline all-MiniLM-L6-v2)
+    family: Literal["auto", "seq2seq", "encoder", "decoder"] = "auto"
+    pair_encoding: Literal["auto", "joint", "bi"] = "auto"   # encoder family only
+    max_length: int = Field(128, ge=8, le=4096)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
+
+
+class DataConfig(Strict):
+    data_dir: str | None = None         # local folder with glue_data/ and superglue/; None: env or hub
+    shots: int = Field(16, ge=1)        # k examples per class (or per task, see shots_per)
+    shots_per: Literal["class", "task"] = "class"
+    val_shots: int | None = Field(None, ge=1)   # validation carved from train; default = shots
+    max_test: int | None = Field(None, ge=1)    # cap on the official dev split used as test
+    task_files: list[str] = []          # user task definitions (YAML), registered before use
+
+
+class TemperatureConfig(Strict):
+    start: float = Field(5.0, gt=0)
+    floor: float = Field(0.1, gt=0)
+    rate: float = Field(1e-3, ge=0)
+
+    @model_validator(mode="after")
+    def _floor_below_start(self):
+        if self.floor > self.start:
+            raise ValueError(f"temperature.floor ({self.floor}) must not exceed temperature.start ({self.start})")
+        return self
+
+
+class PromptConfig(Strict):
+    n_sources: int = Field(0, ge=0)
+    source_len: int = Field(16, ge=1)
+    private_len: int = Field(16, ge=0)
+    composition: Literal["cat", "wavg"] = "cat"
+    top_k: int | None = Field(None, ge=1)
+    router: Literal["task", "attention"] = "task"
+    temperature: TemperatureConfig = TemperatureConfig()
+    init: Literal["random", "vocab", "text", "source"] = "vocab"
+    init_text: str | None = None
+    learn_sources: bool = False
+    source_bank: str | None = None      # safetensors file or models:/NAME@alias; None: random bank
+    source_selection: Literal["order", "similar"] = "order"
+    prefix: bool = True                 # prepend "task: " to inputs
+    label_semantics: Literal["natural", "opaque", "index"] = "natural"
+
+    @property
+    def n_candidates(self) -> int:
+        return self.n_sources + (1 if self.private_len > 0 else 0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.n_candidates == 0:
+            raise ValueError("prompt.private_len is 0 and prompt.n_sources is 0: no prompt to train")
+        if self.top_k is not None and self.top_k > self.n_candidates:
+            raise ValueError(f"prompt.top_k ({self.top_k}) exceeds the number of candidate prompts "
+                             f"({self.n_candidates} = n_sources + private)")
+        if self.init == "text" and not self.init_text:
+            raise ValueError("prompt.init is 'text' but prompt.init_text is empty")
+        if self.init == "source" and self.n_sources == 0:
+            raise ValueError("prompt.init is 'source' but prompt.n_sources is 0")
+        return self
+
+
+class OptimConfig(Strict):
+    prompt_lr: float = Field(0.03, gt=0)
+    router_lr: float = Field(0.01, gt=0)
+    head_lr: float | None = Field(None, gt=0)  # backbone-side heads (encoder class vectors); default prompt_lr
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)           # global batch size (split over workers)
+    eval_batch_size: int = Field(64, ge=1)
+    patience: int | None = Field(5, ge=1)      # early stopping on the validation metric (epochs)
+    checkpoint_every: int = Field(1, ge=1)     # epochs
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    in_process: bool = True                    # 1 worker: run the loop in the caller (no worker group)
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = None            # default: env MLFLOW_TRACKING_URI, else sqlite in cwd
+    experiment: str = "crosspt"
+
+
+class RunConfig(Strict):
+    name: str = "crosspt"
+    seed: int = 0                              # fixes k-shot samples, initialisation, batch order
+    tasks: list[str] = Field(default_factory=lambda: ["sst2"], min_length=1)
+    backbone: BackboneConfig = BackboneConfig()
+    data: DataConfig = DataConfig()
+    prompt: PromptConfig = PromptConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _unique_tasks(self):
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks contains duplicates: {self.tasks}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+def _format_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown config key"
+    extra = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    return f"{where}: '{key}': {msg}{extra}"
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value as YAML scalar/list (`0.1`, `true`, `[a, b]`, `null`)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set '{key}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | dict | None) -> dict:
+    if not overrides:
+        return tree
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for key, value in items:
+        set_dotted(tree, key, value)
+    return tree
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_value(value)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(tree).__name__}")
+    return tree
+
+
+def build_config(tree: dict, where: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, where)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """YAML file (optional) + dotted overrides -> validated RunConfig."""
+    tree = read_yaml(path) if path else {}
+    apply_overrides(tree, overrides)
+    return build_config(tree, str(path) if path else "config")
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# Keys that do not change what is learned: excluded from the hash that identifies a configuration.
+_HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Short stable hash of everything that determines the result (not where data/logs live)."""
+    flat = flatten(config_to_dict(cfg))
+    flat = {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in _HASH_EXCLUDED)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> flat {"a.b": scalar}; lists become comma-joined strings (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(str(x) for x in v)
+        else:
+            out[key] = v
+    return out
