@@ -1,0 +1,25 @@
+# Two commands on a fresh machine:  `make demo` (the main job)  and  `make test` (the test suite).
+PY ?= python3
+DATA_DIR ?= $(abspath ../shared/data)
+export CROSSPT_DATA_DIR ?= $(DATA_DIR)
+
+.PHONY: install demo test test-fast train-demo
+
+# torch first: a CPU wheel that satisfies the range, so pip never pulls a multi-GB CUDA build
+install:
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+
+# the main job: a small search on the embedded default (local Ray, sqlite MLflow, offline MiniLM)
+demo: install
+	$(PY) jobs/search_glue.py --space search_spaces/smoke.yaml
+
+# one configuration, one Ray Train run, real few-shot GLUE rows
+train-demo: install
+	crosspt train --backbone minilm --tasks sst2 --shots 16 --seed 0 --output-json outputs/train_demo.json
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not slow"

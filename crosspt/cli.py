@@ -1,0 +1,148 @@
+"""The `crosspt` command line. Parses arguments, calls the run/search/registry layers, prints.
+
+Every user error (CrossPTError) ends as one line on stderr and exit status 2 — no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from crosspt.errors import CrossPTError
+
+
+def _common_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted config key (repeatable), e.g. --set prompt.private_len=8")
+    p.add_argument("--backbone", help="hub id, local path, or 'minilm' (offline default)")
+    p.add_argument("--tasks", help="comma-separated task names (or task YAML files)")
+    p.add_argument("--shots", type=int, help="examples per class")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", help="folder with glue_data/ and superglue/ (default: $CROSSPT_DATA_DIR, else the hub)")
+
+
+def flag_overrides(args) -> list[str]:
+    """The common flags as dotted overrides (applied after --set, so flags win)."""
+    out = list(args.overrides or [])
+    if getattr(args, "backbone", None):
+        out.append(f"backbone.name={args.backbone}")
+    if getattr(args, "tasks", None):
+        out.append("tasks=[" + ",".join(t.strip() for t in args.tasks.split(",") if t.strip()) + "]")
+    if getattr(args, "shots", None) is not None:
+        out.append(f"data.shots={args.shots}")
+    if getattr(args, "seed", None) is not None:
+        out.append(f"seed={args.seed}")
+    if getattr(args, "data_dir", None):
+        out.append(f"data.data_dir={Path(args.data_dir).expanduser().resolve()}")
+    if getattr(args, "workers", None):
+        out.append(f"scaling.num_workers={args.workers}")
+    return out
+
+
+def cmd_train(args) -> int:
+    from crosspt.config import config_to_yaml, load_config
+    from crosspt.trainer import preflight, resolve_data_dir, train
+
+    cfg = resolve_data_dir(load_config(args.config, flag_overrides(args)))
+    preflight(cfg)
+    out_dir = Path(args.output_dir or Path("crosspt_runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
+
+    def on_report(m, _ckpt):
+        print(f"epoch {m['epoch']:3d}  loss {m['train_loss']:.4f}  val {m['val_score']:.4f}  "
+              f"best {m['best_val_score']:.4f}  ({m['epoch_s']:.1f}s)", flush=True)
+
+    result = train(cfg, output_dir=out_dir, resume_from=args.resume_from, on_report=on_report)
+    summary = {k: result[k] for k in ("metrics", "trainable_params", "total_params", "wall_s", "config_hash",
+                                      "best_epoch", "epochs_run", "seed")}
+    print(format_result(summary))
+    print(f"outputs: {out_dir}")
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def format_result(summary: dict) -> str:
+    lines = [f"{'task':<14}{'split':<6}metrics"]
+    for task, m in summary["metrics"].items():
+        for split in ("val", "test"):
+            vals = "  ".join(f"{k}={v:.4f}" for k, v in m.get(split, {}).items())
+            lines.append(f"{task:<14}{split:<6}{vals}")
+    lines.append(f"trainable params {summary['trainable_params']:,} / total {summary['total_params']:,} "
+                 f"({100 * summary['trainable_params'] / max(1, summary['total_params']):.3f}%)  "
+                 f"wall {summary['wall_s']:.1f}s  best epoch {summary['best_epoch']}  "
+                 f"config {summary['config_hash']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crosspt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one configuration (Ray Train run)")
+    _common_run_flags(p)
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP)")
+    p.add_argument("--output-dir", help="where checkpoints and outputs go")
+    p.add_argument("--output-json", help="write final metrics/params/wall time as JSON")
+    p.add_argument("--resume-from", help="checkpoint folder of an earlier run with the same config")
+    p.set_defaults(func=cmd_train)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Subcommands defined in the search/registry layers register themselves here."""
+    for module in ("crosspt.search_cli", "crosspt.registry_cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CrossPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # errors raised inside Ray workers arrive wrapped: unwrap user errors
+        inner = _user_error(e)
+        if inner is None:
+            raise
+        print(f"error: {inner}", file=sys.stderr)
+        return 2
+
+
+def _user_error(exc: BaseException) -> CrossPTError | None:
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CrossPTError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += list(getattr(e, "exceptions", []) or [])
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A CrossPT model = composed soft prompt (crosspt.prompts) + frozen backbone (crosspt.backbones).
+
+`forward(batch)` returns the training loss so DDP can wrap the whole thing; `predict(batch)` returns
+per-example predictions. Built from the one config schema by `build_model`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from crosspt.backbones.base import Backbone
+from crosspt.config import RunConfig
+from crosspt.prompts import CrossPTPrompt, PromptSpec
+from crosspt.tasks import TaskSpec
+
+
+class CrossPTModel(nn.Module):
+    def __init__(self, prompt: CrossPTPrompt, backbone: Backbone):
+        super().__init__()
+        self.prompt = prompt
+        self.backbone = backbone
+
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        return self.backbone.tasks
+
+    def compose(self, batch: dict):
+        """(prompt `[B, L, d]`, mask `[B, L]`, router weights `[B, n_cand]`) for a batch."""
+        ids = batch["task_ids"]
+        if self.prompt.needs_input():
+            embeds, mask = self.backbone.input_embeds(batch)
+            return self.prompt(ids, embeds, mask)
+        return self.prompt(ids)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        prompt, mask, _ = self.compose(batch)
+        return self.backbone.loss(prompt, mask, batch)
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        prompt, mask, _ = self.compose(batch)
+        return self.backbone.predict(prompt, mask, batch)
+
+    def param_groups(self, prompt_lr: float, router_lr: float, head_lr: float | None = None,
+                     weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups by module: prompts, router, and the backbone-side heads (if any)."""
+        groups = self.prompt.param_groups(prompt_lr, router_lr, weight_decay)
+        heads = [p for p in self.backbone.parameters() if p.requires_grad]
+        if heads:
+            groups.append({"params": heads, "lr": head_lr or prompt_lr, "weight_decay": 0.0, "name": "heads"})
+        return groups
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything that is learned (prompts, router, heads) — what a checkpoint must hold."""
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        keep |= {n for n, _ in self.prompt.named_buffers(prefix="prompt")}
+        state = self.state_dict()
+        # the source bank is part of the prompt state even when frozen (needed to rebuild the prompt)
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()
+                if k in keep or k.startswith("prompt.")}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.trainable_state()) - set(state)
+        if missing:
+            raise KeyError(f"checkpoint lacks {sorted(missing)[:5]}")
+        self.load_state_dict(state, strict=False)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def prompt_spec(cfg: RunConfig, n_tasks: int, dim: int) -> PromptSpec:
+    p = cfg.prompt
+    return PromptSpec(n_tasks=n_tasks, dim=dim, n_sources=p.n_sources, source_len=p.source_len,
+                      private_len=p.private_len, composition=p.composition, top_k=p.top_k, router=p.router,
+                      temp_start=p.temperature.start, temp_floor=p.temperature.floor,
+                      temp_rate=p.temperature.rate, learn_sources=p.learn_sources, init=p.init)
+
+
+def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor | None = None,
+                backbone: Backbone | None = None) -> CrossPTModel:
+    """Backbone (loaded unless given) + a freshly initialised prompt module, seeded by cfg.seed."""
+    from crosspt.backbones.loader import load_backbone
+
+    if backbone is None:
+        b = cfg.backbone
+        backbone = load_backbone(b.name, list(tasks), family=b.family, label_semantics=cfg.prompt.label_semantics,
+                                 with_prefix=cfg.prompt.prefix, max_length=b.max_length,
+                                 pair_encoding=b.pair_encoding)
+    emb = backbone.word_embeddings().weight.detach()
+    text_ids = None
+    if cfg.prompt.init == "text":
+        text_ids = backbone.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(cfg.seed)
+    prompt = CrossPTPrompt(prompt_spec(cfg, len(tasks), backbone.embed_dim), bank=bank,
+                           word_embeddings=emb, init_text_ids=text_ids, seed=cfg.seed)
+    return CrossPTModel(prompt, backbone)

@@ -1,0 +1,299 @@
+"""Search spaces: a base run config plus distributions over its dotted keys, read from YAML.
+
+    name: smoke
+    base: {tasks: [sst2, rte], backbone: {name: minilm}, train: {epochs: 4}}
+    space:
+      prompt.n_sources: {type: int, low: 0, high: 2}
+      prompt.top_k:     {type: int, low: 1, high: prompt.n_sources, when: {prompt.n_sources: ">1"}}
+      optim.prompt_lr:  {type: loguniform, low: 1.0e-3, high: 0.3}
+      prompt.composition: {type: choice, values: [cat, wavg]}
+    objective: {metric: best_val_score, mode: max}
+    budget: {num_samples: 3, max_epochs: 4}
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+
+Parameters are sampled in file order (define-by-run), so a bound may name an earlier key (`high:
+prompt.n_sources`, optionally `+ 1`) and `when` makes a factor exist only given another. The whole space
+is validated before any trial starts: every key must exist in the run schema, every sampled config
+must validate, and errors name the key.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from crosspt.config import RunConfig, apply_overrides, build_config, read_yaml
+from crosspt.errors import ConfigError
+
+_REF = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:([+-])\s*(\d+))?\s*$")
+_COND = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq,
+        "!=": operator.ne}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Param(Strict):
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | int | str | None = None
+    high: float | int | str | None = None
+    step: int | None = Field(None, ge=1)
+    log: bool = False
+    values: list[Any] | None = None
+    when: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a 'choice' takes 'values', not 'low'/'high'")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a '{self.type}' needs 'low' and 'high'")
+            if self.values is not None:
+                raise ValueError(f"a '{self.type}' takes 'low'/'high', not 'values'")
+            lo, hi = self.low, self.high
+            if not isinstance(lo, str) and not isinstance(hi, str):
+                if lo > hi:
+                    raise ValueError(f"low ({lo}) is greater than high ({hi})")
+                if self.type == "loguniform" and lo <= 0:
+                    raise ValueError(f"loguniform needs low > 0 (got {lo})")
+                if self.type == "int" and (int(lo) != lo or int(hi) != hi):
+                    raise ValueError("int bounds must be integers")
+        return self
+
+
+class Objective(Strict):
+    metric: str = "best_val_score"
+    mode: Literal["max", "min"] = "max"
+
+
+class Budget(Strict):
+    num_samples: int = Field(8, ge=1)
+    max_epochs: int | None = Field(None, ge=1)        # overrides base train.epochs
+    time_budget_s: float | None = Field(None, gt=0)
+
+
+class Scheduler(Strict):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2, gt=1)
+    metric: str = "val_score"                          # ASHA's per-epoch signal
+
+
+class Searcher(Strict):
+    algorithm: Literal["optuna", "random"] = "optuna"
+    seed: int = 0
+    constant_liar: bool = True
+    n_startup_trials: int = Field(4, ge=1)
+
+
+class Resources(Strict):
+    max_concurrent_trials: int | Literal["auto"] = "auto"
+    max_retries: int = Field(0, ge=0)                  # per trial, for crashes (not for divergence)
+
+
+class SearchSpace(Strict):
+    name: str = "search"
+    description: str = ""
+    base: dict[str, Any] = {}
+    space: dict[str, Param] = {}
+    objective: Objective = Objective()
+    budget: Budget = Budget()
+    scheduler: Scheduler = Scheduler()
+    search: Searcher = Searcher()
+    resources: Resources = Resources()
+    storage_path: str | None = None                    # Ray results; default ./ray_results
+
+    # ---- derived -----------------------------------------------------------------------------
+    def base_tree(self) -> dict:
+        tree = copy.deepcopy(self.base)
+        if self.budget.max_epochs:
+            tree.setdefault("train", {})["epochs"] = self.budget.max_epochs
+        return tree
+
+    def base_config(self) -> RunConfig:
+        return build_config(self.base_tree(), f"space '{self.name}' base")
+
+    def config_for(self, params: dict[str, Any]) -> RunConfig:
+        tree = apply_overrides(self.base_tree(), dict(params))
+        return build_config(tree, f"space '{self.name}'")
+
+
+# ---- sampling (define-by-run, shared by Optuna and validation) -----------------------------------
+def _resolve_bound(value, sampled: dict, base: dict, key: str):
+    if not isinstance(value, str):
+        return value
+    m = _REF.match(value)
+    if not m:
+        raise ConfigError(f"space key '{key}': bound {value!r} is neither a number nor 'other.key [+|- N]'")
+    ref, sign, num = m.groups()
+    if ref in sampled:
+        v = sampled[ref]
+    else:
+        v = _lookup(base, ref)
+        if v is _MISSING:
+            raise ConfigError(f"space key '{key}': bound refers to '{ref}', which is neither an earlier "
+                              f"space key nor set in base")
+    off = int(num) if num else 0
+    return v + off if sign == "+" else v - off if sign == "-" else v
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, dotted: str):
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _holds(cond: Any, value: Any) -> bool:
+    if isinstance(cond, list):
+        return value in cond
+    if isinstance(cond, str):
+        m = _COND.match(cond)
+        if m:
+            op, rhs = m.groups()
+            import yaml
+
+            return bool(_OPS[op](value, yaml.safe_load(rhs)))
+    return value == cond
+
+
+def active(param: Param, sampled: dict, base: dict) -> bool:
+    for ref, cond in (param.when or {}).items():
+        v = sampled[ref] if ref in sampled else _lookup(base, ref)
+        if v is _MISSING or not _holds(cond, v):
+            return False
+    return True
+
+
+def sample(space: SearchSpace, suggest) -> dict[str, Any]:
+    """Walk the space in order; `suggest(kind, key, **kw)` draws one value (Optuna trial or RNG)."""
+    base = space.base_tree()
+    sampled: dict[str, Any] = {}
+    for key, p in space.space.items():
+        if not active(p, sampled, base):
+            continue
+        if p.type == "choice":
+            sampled[key] = suggest("choice", key, values=p.values)
+            continue
+        lo = _resolve_bound(p.low, sampled, base, key)
+        hi = _resolve_bound(p.high, sampled, base, key)
+        if lo > hi:
+            raise ConfigError(f"space key '{key}': low ({lo}) > high ({hi}) given {sampled}")
+        if p.type == "int":
+            sampled[key] = suggest("int", key, low=int(lo), high=int(hi), step=p.step or 1, log=p.log)
+        else:
+            sampled[key] = suggest("float", key, low=float(lo), high=float(hi), log=p.type == "loguniform")
+    return sampled
+
+
+def optuna_define_by_run(space: SearchSpace):
+    """A define-by-run function for `OptunaSearch`: conditional factors become conditional suggests."""
+    def define(trial) -> None:
+        def suggest(kind, key, **kw):
+            if kind == "choice":
+                return trial.suggest_categorical(key, kw["values"])
+            if kind == "int":
+                return trial.suggest_int(key, kw["low"], kw["high"], step=kw["step"], log=kw["log"])
+            return trial.suggest_float(key, kw["low"], kw["high"], log=kw["log"])
+        sample(space, suggest)
+        return None
+    return define
+
+
+def random_sampler(seed: int):
+    import random
+
+    rng = random.Random(seed)
+
+    def suggest(kind, key, **kw):
+        if kind == "choice":
+            return rng.choice(kw["values"])
+        if kind == "int":
+            return rng.randrange(kw["low"], kw["high"] + 1, kw["step"])
+        if kw["log"]:
+            import math
+
+            return math.exp(rng.uniform(math.log(kw["low"]), math.log(kw["high"])))
+        return rng.uniform(kw["low"], kw["high"])
+    return suggest
+
+
+def extremes_sampler(which: str):
+    """Always the low (or high) end: checks the corners of the space."""
+    def suggest(kind, key, **kw):
+        if kind == "choice":
+            return kw["values"][0 if which == "low" else -1]
+        return kw[which]
+    return suggest
+
+
+# ---- loading and validation --------------------------------------------------------------------
+def _schema_keys(model=RunConfig, prefix="") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = prefix + name
+        keys.add(key)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= _schema_keys(ann, key + ".")
+    return keys
+
+
+def validate_space(space: SearchSpace, n_random: int = 64) -> None:
+    """Reject an impossible or malformed space before any trial starts (errors name the key)."""
+    known = _schema_keys()
+    for key, p in space.space.items():
+        if key not in known:
+            raise ConfigError(f"space '{space.name}': unknown config key '{key}'")
+        order = list(space.space)
+        for ref in list((p.when or {}).keys()) + [b for b in (p.low, p.high) if isinstance(b, str)]:
+            m = _REF.match(ref) if isinstance(ref, str) else None
+            name = m.group(1) if m else ref
+            if name in space.space and order.index(name) >= order.index(key):
+                raise ConfigError(f"space key '{key}': refers to '{name}', which is sampled later "
+                                  f"(list it before '{key}')")
+            if name not in space.space and name not in known:
+                raise ConfigError(f"space key '{key}': refers to unknown key '{name}'")
+    space.base_config()
+    samplers = [extremes_sampler("low"), extremes_sampler("high")] + \
+        [random_sampler(space.search.seed + i) for i in range(n_random)]
+    for s in samplers:
+        params = sample(space, s)
+        try:
+            space.config_for(params)
+        except ConfigError as e:
+            raise ConfigError(f"{e} — sampled with {params}") from None
+
+
+def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
+    """Read, override (`--set base.tasks=[rte]`, `--set budget.num_samples=4`) and validate a space."""
+    tree = read_yaml(path)
+    apply_overrides(tree, overrides)
+    try:
+        space = SearchSpace.model_validate(tree)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"{path}: '{key}': {msg}") from None
+    if space.objective.metric not in ("best_val_score", "val_score", "test_score") and \
+            not space.objective.metric.startswith(("val_", "best_")):
+        raise ConfigError(f"{path}: 'objective.metric': {space.objective.metric!r} is not a reported metric "
+                          f"(use best_val_score, val_score or val_<task>_<metric>)")
+    validate_space(space)
+    return space

@@ -1,0 +1,78 @@
+"""One configuration as one training run: a Ray Train `TorchTrainer`, or in-process for one worker.
+
+`scaling.in_process` lets a one-worker run skip the Train worker group (which costs ~15-20 s to start
+on a small machine) and run the identical loop in the calling process.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from crosspt.config import RunConfig
+from crosspt.errors import CrossPTError
+
+
+def resolve_data_dir(cfg: RunConfig) -> RunConfig:
+    """Pin the data folder into the config (env vars of the driver don't reach remote workers)."""
+    data_dir = cfg.data.data_dir or os.environ.get("CROSSPT_DATA_DIR")
+    if data_dir:
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.data_dir = str(Path(data_dir).expanduser().resolve())
+    return cfg
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast in the driver on bad tasks/backbones/data rather than inside a worker."""
+    from crosspt.backbones.loader import resolve_backbone
+    from crosspt.train_loop import prepare_data
+
+    resolve_backbone(cfg.backbone.name, family=cfg.backbone.family)
+    prepare_data(cfg)
+
+
+def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | None = None,
+          on_report=None, max_failures: int = 0, callbacks=None) -> dict:
+    """Run one configuration to the end; returns the loop's final result dict."""
+    cfg = resolve_data_dir(cfg)
+    output_dir = Path(output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
+        from crosspt.train_loop import LocalSession, run_loop
+
+        session = LocalSession(output_dir, use_gpu=cfg.scaling.use_gpu, on_report=on_report,
+                               resume_from=resume_from)
+        return run_loop(cfg, session)
+    return _train_with_ray(cfg, output_dir, resume_from, max_failures, callbacks)
+
+
+def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures: int, callbacks) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from crosspt.train_loop import ray_worker_loop
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    s = cfg.scaling
+    trainer = TorchTrainer(
+        ray_worker_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"),
+                           "resume_from": str(Path(resume_from).resolve()) if resume_from else None},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=str(output_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise CrossPTError("training finished without a checkpoint")
+    return json.loads((Path(result.checkpoint.path) / "result.json").read_text())
