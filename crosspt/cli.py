@@ -110,10 +110,15 @@ def _register_optional(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    return run_cli(args.func, args)
+
+
+def run_cli(func, args) -> int:
+    """Run a command; user errors become one line on stderr and exit status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.func(args)
+        return func(args)
     except CrossPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

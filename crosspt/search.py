@@ -1,0 +1,453 @@
+"""The product's main job: Ray Tune + Optuna (TPE) + ASHA over the CrossPT design factors.
+
+Each trial is one training run (a Ray Train `TorchTrainer`, or the same loop in-process for one worker),
+logged as a child MLflow run under one parent run per search. The driver owns everything that must
+happen exactly once: validating the space, creating the MLflow experiment and parent run, the Optuna
+study (persistent sqlite, so a resumed search keeps its sampler history), and closing child runs of
+trials that ASHA stopped or that crashed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crosspt.config import RunConfig, config_hash, config_to_yaml, flatten
+from crosspt.errors import ConfigError
+from crosspt.search_space import SearchSpace, optuna_define_by_run
+from crosspt.train_loop import Session
+from crosspt import tracking as T
+
+STATE_FILE = "crosspt_search.json"
+
+
+# ---- inside a trial --------------------------------------------------------------------------------
+class TuneSession(Session):
+    """A one-worker trial running the loop in the Tune trial itself (no Train worker group)."""
+
+    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool):
+        import torch
+
+        self.logger = logger
+        self._device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+    def device(self):
+        return self._device
+
+    def latest_checkpoint(self):
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        return Path(ckpt.to_directory()) if ckpt else None
+
+    def report(self, metrics, checkpoint_dir):
+        from ray import tune
+
+        if self.logger:
+            self.logger.log_epoch(metrics, checkpoint_dir)
+        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
+
+def _train_callback(logger: T.TrialLogger):
+    """A Ray Train callback (runs in the Train controller) that logs rank 0's reports to MLflow."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class MlflowReport(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is None:
+                logger.log_epoch(metrics[0], None)
+                return
+            with checkpoint.as_directory() as d:
+                logger.log_epoch(metrics[0], d)
+
+    return MlflowReport()
+
+
+def trial_number_of(trial_name: str) -> int:
+    tail = trial_name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def run_trial(params: dict, ctx: dict) -> None:
+    """Tune's function trainable: one sampled configuration -> one training run + its child MLflow run."""
+    from ray import tune
+
+    space = SearchSpace.model_validate(ctx["space"])
+    tctx = tune.get_context()
+    trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
+    number = trial_number_of(trial_name)
+    cfg = space.config_for(params)
+    cfg = cfg.model_copy(update={"name": f"{space.name}-trial{number:03d}"})
+    if ctx.get("data_dir"):
+        cfg.data.data_dir = ctx["data_dir"]
+    logger = None
+    if ctx.get("tracking_uri"):
+        logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
+                               run_name=f"trial-{number:03d}")
+        all_params = {**flatten(cfg.model_dump(mode="json")), "search.name": space.name,
+                      "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
+        logger.start(all_params, config_to_yaml(cfg),
+                     tags={"crosspt.sampled": json.dumps(params, default=str)[:5000]})
+    try:
+        if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
+            from crosspt.train_loop import run_loop
+
+            run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu))
+        else:
+            _fit_trainer_in_trial(cfg, trial_id, ctx, logger)
+    except BaseException as e:
+        if logger:
+            logger.finish("FAILED", error=f"{type(e).__name__}: {e}")
+        raise
+    if logger:
+        logger.finish("FINISHED")
+
+
+def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from crosspt.train_loop import ray_worker_loop
+
+    s = cfg.scaling
+    callbacks = [TuneReportCallback()] + ([_train_callback(logger)] if logger else [])
+    trainer = TorchTrainer(
+        ray_worker_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=ctx["train_storage"],
+                                       callbacks=callbacks,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       failure_config=ray.train.FailureConfig(max_failures=ctx.get("train_max_failures", 0))),
+    )
+    trainer.fit()
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+def _status_callback(uri: str, experiment_id: str, parent_run_id: str):
+    """Closes child runs the trial itself could not close: ASHA stops (KILLED + pruned), crashes (FAILED)."""
+    from ray import tune
+
+    class MlflowTrialStatus(tune.Callback):
+        def _close(self, trial, status, error=None, pruned=False):
+            try:
+                run = T.find_trial_run(uri, experiment_id, parent_run_id, trial.trial_id)
+            except Exception:
+                return
+            if run is None or run.info.status != "RUNNING":
+                return
+            c = T.client(uri)
+            if pruned:
+                c.set_tag(run.info.run_id, "pruned", "true")
+            if error:
+                c.set_tag(run.info.run_id, "error", str(error)[:5000])
+            c.set_terminated(run.info.run_id, status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            if last.get("final_epoch"):
+                self._close(trial, "FINISHED")
+            else:
+                self._close(trial, "KILLED", pruned=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = getattr(trial, "error_msg", None) or _read_error(trial)
+            self._close(trial, "FAILED", error=err)
+
+    return MlflowTrialStatus()
+
+
+def _read_error(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        return Path(path).read_text()[-2000:] if path else "trial failed"
+    except OSError:
+        return "trial failed"
+
+
+def init_ray(runtime_env: dict | None = None) -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+
+
+def derive_concurrency(space: SearchSpace, cfg: RunConfig) -> int:
+    """Trials that fit at once: Train V2 worker groups sit outside Tune's accounting, so a higher value
+    than the cluster can place deadlocks the search."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    fit = max(1, int(cpus // per_trial))
+    if cfg.scaling.use_gpu:
+        fit = min(fit, max(1, int(gpus // cfg.scaling.num_workers)))
+    asked = space.resources.max_concurrent_trials
+    return fit if asked == "auto" else max(1, min(int(asked), fit))
+
+
+def trial_resources(cfg: RunConfig) -> dict:
+    if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
+        return {"cpu": cfg.scaling.cpus_per_worker, "gpu": 1 if cfg.scaling.use_gpu else 0}
+    return {"cpu": 0, "memory": 1}     # the trial only drives a worker group, which asks for its own
+
+
+@dataclass
+class SearchPaths:
+    root: Path          # Tune experiment folder
+    state: Path         # our small state file inside it
+    optuna_url: str
+
+
+def search_paths(space: SearchSpace, storage_path: str | None, tracking_uri: str, name: str) -> SearchPaths:
+    storage = Path(storage_path or space.storage_path or "ray_results").expanduser().resolve()
+    root = storage / name
+    if tracking_uri.startswith("sqlite:///"):
+        optuna_db = Path(tracking_uri[len("sqlite:///"):]).parent / "optuna.db"
+    else:
+        optuna_db = storage / "optuna.db"
+    return SearchPaths(root, root / STATE_FILE, f"sqlite:///{optuna_db}")
+
+
+def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: str | None = None,
+               tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
+               overwrite: bool = False, verbose: int = 1) -> dict:
+    """Run (or resume) a search to the end; returns a summary with the best trial."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from crosspt.trainer import preflight
+
+    t0 = time.time()
+    base = space.base_config()
+    data_dir = data_dir or base.data.data_dir or os.environ.get("CROSSPT_DATA_DIR")
+    if data_dir:
+        data_dir = str(Path(data_dir).expanduser().resolve())
+        base.data.data_dir = data_dir
+    preflight(base)                                       # unknown task/backbone/missing data: fail now
+    uri = T.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
+    T.check_reachable(uri)
+    exp_name = experiment or (base.tracking.experiment if base.tracking.experiment != "crosspt" else space.name)
+    search_name = space.name
+    paths = search_paths(space, storage_path, uri, search_name)
+
+    if paths.root.exists() and not resume:
+        if not overwrite:
+            raise ConfigError(f"search '{search_name}' already has saved state in {paths.root}; pass --resume "
+                              f"to continue it or --overwrite to start it again")
+        shutil.rmtree(paths.root)
+        try:
+            optuna.delete_study(study_name=search_name, storage=paths.optuna_url)
+        except KeyError:
+            pass
+    if resume and not paths.state.is_file():
+        raise ConfigError(f"nothing to resume: no search '{search_name}' in {paths.root.parent}")
+
+    experiment_id = T.ensure_experiment(uri, exp_name)
+    c = T.client(uri)
+    if resume:
+        state = json.loads(paths.state.read_text())
+        parent_run_id = state["parent_run_id"]
+        c.update_run(parent_run_id, status="RUNNING")
+    else:
+        parent = c.create_run(experiment_id, run_name=f"search-{search_name}",
+                              tags={T.SEARCH_TAG: search_name, "crosspt.storage": str(paths.root)})
+        parent_run_id = parent.info.run_id
+        T.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
+                                        "search.algorithm": space.search.algorithm,
+                                        "search.num_samples": space.budget.num_samples,
+                                        "search.scheduler": space.scheduler.type,
+                                        "objective.metric": space.objective.metric,
+                                        "objective.mode": space.objective.mode,
+                                        "space.keys": ",".join(space.space)})
+        c.log_text(parent_run_id, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), "search_space.yaml")
+        paths.root.mkdir(parents=True, exist_ok=True)
+    paths.state.parent.mkdir(parents=True, exist_ok=True)
+    paths.state.write_text(json.dumps({"parent_run_id": parent_run_id, "experiment_id": experiment_id,
+                                       "tracking_uri": uri, "optuna": paths.optuna_url, "experiment": exp_name}))
+
+    init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
+                                       **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
+    try:
+        summary = _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
+                        tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch)
+    except BaseException as e:
+        c.set_tag(parent_run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+        c.set_terminated(parent_run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
+        raise
+    summary.update({"wall_s": time.time() - t0, "tracking_uri": uri, "experiment": exp_name,
+                    "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                    "storage": str(paths.root)})
+    _log_parent(c, parent_run_id, summary, paths, search_name, space.objective.metric)
+    c.set_terminated(parent_run_id, "FINISHED")
+    return summary
+
+
+def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
+          tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch) -> dict:
+    ctx = {"space": space.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
+           "parent_run_id": parent_run_id, "data_dir": data_dir,
+           "train_storage": str(paths.root / "_train"), "train_max_failures": space.resources.max_retries}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(base))
+    callbacks = [_status_callback(uri, experiment_id, parent_run_id)]
+    if resume:
+        tuner = tune.Tuner.restore(str(paths.root), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        obj = space.objective
+        if space.search.algorithm == "optuna":
+            sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=space.search.constant_liar,
+                                                 n_startup_trials=space.search.n_startup_trials)
+            storage = optuna.storages.RDBStorage(paths.optuna_url)
+            searcher = OptunaSearch(optuna_define_by_run(space), metric=obj.metric, mode=obj.mode,
+                                    sampler=sampler, storage=storage, study_name=space.name)
+        else:
+            from ray.tune.search import BasicVariantGenerator
+
+            searcher = _random_searcher(space, BasicVariantGenerator)
+        epochs = base.train.epochs
+        sched = (ASHAScheduler(metric=space.scheduler.metric, mode=obj.mode, time_attr="training_iteration",
+                               max_t=epochs, grace_period=min(space.scheduler.grace_period, epochs),
+                               reduction_factor=space.scheduler.reduction_factor)
+                 if space.scheduler.type == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=sched, num_samples=space.budget.num_samples,
+                                        max_concurrent_trials=derive_concurrency(space, base),
+                                        time_budget_s=space.budget.time_budget_s),
+            run_config=tune.RunConfig(name=space.name, storage_path=str(paths.root.parent), callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=space.resources.max_retries),
+                                      verbose=verbose),
+        )
+    results = tuner.fit()
+    return summarize(results, space)
+
+
+def _random_searcher(space, BasicVariantGenerator):
+    from ray import tune
+
+    from crosspt.search_space import random_sampler, sample
+
+    configs = [sample(space, random_sampler(space.search.seed + i)) for i in range(space.budget.num_samples)]
+    return BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=0)
+
+
+def summarize(results, space: SearchSpace) -> dict:
+    """Every trial (status, params, metrics) and the best one by the objective."""
+    obj = space.objective
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        rows.append({
+            "trial_id": m.get("trial_id", ""),
+            "status": "ERROR" if r.error else ("FINISHED" if m.get("final_epoch") else "STOPPED"),
+            "epochs": m.get("training_iteration", 0),
+            obj.metric: m.get(obj.metric),
+            "test_score": m.get("test_score"),
+            "params": {k: v for k, v in (r.config or {}).items()},
+            "error": (str(r.error).splitlines()[0][:300] if r.error else ""),
+        })
+    scored = [x for x in rows if isinstance(x[obj.metric], (int, float)) and not math.isnan(x[obj.metric])]
+    best = (max if obj.mode == "max" else min)(scored, key=lambda x: x[obj.metric]) if scored else None
+    return {"trials": rows, "best": best, "num_trials": len(rows),
+            "num_failed": sum(x["status"] == "ERROR" for x in rows),
+            "num_stopped": sum(x["status"] == "STOPPED" for x in rows)}
+
+
+def _log_parent(c, parent_run_id: str, summary: dict, paths: SearchPaths, study_name: str,
+                metric_key: str) -> None:
+    best = summary["best"]
+    trials = summary["trials"]
+    buf = io.StringIO()
+    keys = sorted({k for t in trials for k in t["params"]})
+    w = csv.writer(buf)
+    w.writerow(["trial_id", "status", "epochs", "objective", "test_score", *keys, "error"])
+    for t in trials:
+        w.writerow([t["trial_id"], t["status"], t["epochs"], t.get(metric_key), t["test_score"],
+                    *[t["params"].get(k, "") for k in keys], t["error"]])
+    c.log_text(parent_run_id, buf.getvalue(), "trials.csv")
+    T.log_metrics(c, parent_run_id, {"num_trials": summary["num_trials"], "num_failed": summary["num_failed"],
+                                     "num_stopped": summary["num_stopped"], "wall_s": summary["wall_s"]})
+    if best:
+        T.log_metrics(c, parent_run_id, {f"best_{metric_key}": best[metric_key],
+                                         **({"best_test_score": best["test_score"]} if best["test_score"] is not None else {})})
+        T.log_params(c, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
+        run = T.find_trial_run(summary["tracking_uri"], summary["experiment_id"], parent_run_id, best["trial_id"])
+        if run:
+            c.set_tag(parent_run_id, "crosspt.best_run_id", run.info.run_id)
+            summary["best_run_id"] = run.info.run_id
+    _importance_plot(c, parent_run_id, paths.optuna_url, study_name)
+
+
+def _importance_plot(c, parent_run_id: str, optuna_url: str, study_name: str) -> None:
+    """Optuna's fANOVA parameter importances as a PNG on the parent run (needs >= 2 complete trials)."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=optuna_url)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) < 2 or not any(t.params for t in complete):
+            return
+        ax = optuna.visualization.matplotlib.plot_param_importances(study)
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "param_importances.png"
+            ax.figure.set_size_inches(8, 4)
+            ax.figure.tight_layout()
+            ax.figure.savefig(p, dpi=100)
+            plt.close(ax.figure)
+            c.log_artifact(parent_run_id, str(p), "plots")
+    except Exception as e:  # importance needs variance in params/values; a plot never fails a search
+        c.set_tag(parent_run_id, "importance_plot", f"skipped: {type(e).__name__}: {e}"[:500])
+
+
+def format_summary(summary: dict, objective: str) -> str:
+    lines = [f"{'trial':<10}{'status':<10}{'epochs':>7}{objective:>16}{'test':>10}  params"]
+    for t in sorted(summary["trials"], key=lambda t: t["trial_id"]):
+        v = t.get(objective)
+        test = t.get("test_score")
+        params = ", ".join(f"{k.split('.')[-1]}={_short(v_)}" for k, v_ in t["params"].items())
+        lines.append(f"{t['trial_id'][-8:]:<10}{t['status']:<10}{t['epochs']:>7}"
+                     f"{(f'{v:.4f}' if isinstance(v, float) else str(v)):>16}"
+                     f"{(f'{test:.4f}' if isinstance(test, float) else '-'):>10}  {params}")
+    b = summary.get("best")
+    lines.append(f"{summary['num_trials']} trials ({summary['num_stopped']} stopped early by ASHA, "
+                 f"{summary['num_failed']} failed) in {summary['wall_s']:.1f}s")
+    if b:
+        lines.append(f"best: trial {b['trial_id']} {objective}={b.get(objective):.4f}"
+                     + (f" test_score={b['test_score']:.4f}" if b.get("test_score") is not None else ""))
+        lines.append("best config: " + json.dumps(b["params"], default=str))
+    lines.append(f"MLflow: {summary['tracking_uri']}  experiment '{summary['experiment']}'  "
+                 f"parent run {summary['parent_run_id']}"
+                 + (f"  best child run {summary['best_run_id']}" if summary.get("best_run_id") else ""))
+    lines.append(f"Ray results: {summary['storage']}")
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

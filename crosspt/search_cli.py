@@ -1,0 +1,41 @@
+"""`crosspt search`: the CLI face of crosspt.search (also used by jobs/search_glue.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_search_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the space file, e.g. --set budget.num_samples=4 "
+                        "or --set base.tasks=[sst2]")
+    p.add_argument("--experiment", help="MLflow experiment name (default: the space's name)")
+    p.add_argument("--data-dir", help="folder with glue_data/ and superglue/ (default: $CROSSPT_DATA_DIR)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--storage-path", help="Ray results folder or shared storage (default: ./ray_results)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier search's saved state")
+    p.add_argument("--summary-json", help="write the final summary as JSON")
+
+
+def cmd_search(args) -> int:
+    from crosspt.search import format_summary, run_search
+    from crosspt.search_space import load_space
+
+    space = load_space(args.space, args.overrides)
+    summary = run_search(space, experiment=args.experiment, data_dir=args.data_dir,
+                         tracking_uri=args.tracking_uri, storage_path=args.storage_path,
+                         resume=args.resume, overwrite=args.overwrite)
+    print(format_summary(summary, space.objective.metric))
+    if args.summary_json:
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="Ray Tune + Optuna + ASHA search over the CrossPT factors")
+    add_search_flags(p)
+    p.set_defaults(func=cmd_search)

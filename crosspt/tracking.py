@@ -1,0 +1,216 @@
+"""MLflow: where runs go, one parent run per search, one child run per trial, plots.
+
+Everything goes through an explicit `MlflowClient` and run ids (no global "active run"), because
+trials log from Ray actors in other processes. The experiment is created once, by the driver, with an
+absolute artifact location (Ray workers change directory).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from crosspt.errors import ConfigError
+
+MAX_PARAM_LEN = 6000        # MLflow 3's limit on a param value
+MAX_KEY_LEN = 250
+TRIAL_TAG = "crosspt.trial_id"
+SEARCH_TAG = "crosspt.search"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Explicit > $MLFLOW_TRACKING_URI > sqlite store `mlflow.db` in the working directory (absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            return f"sqlite:///{path.resolve()}"
+    if "://" not in uri:
+        raise ConfigError(f"tracking URI {uri!r}: use an absolute sqlite:///... path or an http(s):// server "
+                          f"(MLflow 3 refuses the plain file store)")
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails the search before any trial starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status >= 400:
+                raise ConfigError(f"MLflow tracking server at {uri} answered HTTP {r.status}")
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"MLflow tracking server not reachable at {uri} ({reason})") from None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Absolute artifact folder beside a sqlite store; a server picks its own (proxied) location."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    root = artifact_root_for(uri)
+    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
+def flat_params(params: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in params.items():
+        s = "" if v is None else str(v)
+        out[k[:MAX_KEY_LEN]] = s[:MAX_PARAM_LEN]
+    return out
+
+
+def log_params(c, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in flat_params(params).items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k[:MAX_KEY_LEN], float(v), now, step or 0) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def router_heatmap(weights, task_names: list[str], cand_names: list[str], path: str | Path,
+                   title: str = "router weights (evaluation)") -> Path:
+    """Tasks x candidate prompts, the deterministic router weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    w = np.asarray(weights, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * max(1, w.shape[1]), 1.0 + 0.5 * max(1, w.shape[0])))
+    im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cand_names)), cand_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(task_names)), task_names)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", color="w" if w[i, j] < 0.6 else "k",
+                    fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class TrialLogger:
+    """One trial's child run. Picklable: created in the trial, used from Train callbacks too.
+
+    `start` finds the child run of this Tune trial id under the parent (a restored search reuses it,
+    so no duplicates) or creates it."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_number: int,
+                 run_name: str):
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.trial_id, self.trial_number, self.run_name = trial_id, trial_number, run_name
+        self.run_id: str | None = None
+        self._logged_best_epoch = None
+
+    def start(self, params: dict[str, Any], config_yaml: str, tags: dict[str, str] | None = None) -> str:
+        c = client(self.uri)
+        found = c.search_runs([self.experiment_id],
+                              filter_string=f"tags.`{TRIAL_TAG}` = '{self.trial_id}' and "
+                                            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'")
+        if found:
+            self.run_id = found[0].info.run_id
+            c.update_run(self.run_id, status="RUNNING")
+            c.set_tag(self.run_id, "crosspt.restarts", str(int(found[0].data.tags.get("crosspt.restarts", "0")) + 1))
+            return self.run_id
+        run = c.create_run(self.experiment_id, run_name=self.run_name,
+                           tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: self.trial_id,
+                                 "crosspt.trial_number": str(self.trial_number), **(tags or {})})
+        self.run_id = run.info.run_id
+        log_params(c, self.run_id, {**params, "trial_number": self.trial_number})
+        c.log_text(self.run_id, config_yaml, "config.yaml")
+        return self.run_id
+
+    def log_epoch(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None) -> None:
+        c = client(self.uri)
+        log_metrics(c, self.run_id, metrics, step=int(metrics.get("epoch", 0)))
+        if checkpoint_dir is None:
+            return
+        best_epoch = metrics.get("best_epoch")
+        if best_epoch == self._logged_best_epoch and not metrics.get("final_epoch"):
+            return                         # prompts unchanged since the last upload
+        self._logged_best_epoch = best_epoch
+        self.log_prompts(Path(checkpoint_dir))
+
+    def log_prompts(self, checkpoint_dir: Path) -> None:
+        from crosspt.artifacts import load_tensors
+
+        c = client(self.uri)
+        prompts = checkpoint_dir / "prompts.safetensors"
+        if not prompts.is_file():
+            return
+        c.log_artifact(self.run_id, str(prompts), "prompts")
+        tensors, meta = load_tensors(prompts)
+        n_src = int(meta.get("n_sources", 0))
+        cands = [f"source{i}" for i in range(n_src)] + (["private"] if int(meta.get("private_len", 0)) else [])
+        src_names = meta.get("source_tasks") or []
+        cands = [f"src:{src_names[i]}" if i < len(src_names) else c_ for i, c_ in enumerate(cands)]
+        with tempfile.TemporaryDirectory() as d:
+            png = router_heatmap(tensors["router_weights"].numpy(), list(meta["tasks"]), cands,
+                                 Path(d) / "router_heatmap.png")
+            c.log_artifact(self.run_id, str(png), "plots")
+        result = checkpoint_dir / "result.json"
+        if result.is_file():
+            c.log_artifact(self.run_id, str(result))
+
+    def finish(self, status: str = "FINISHED", error: str | None = None, tags: dict | None = None) -> None:
+        c = client(self.uri)
+        if error:
+            c.set_tag(self.run_id, "error", error[:5000])
+        for k, v in (tags or {}).items():
+            c.set_tag(self.run_id, k, str(v))
+        c.set_terminated(self.run_id, status)
+
+
+def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
+    found = client(uri).search_runs([experiment_id],
+                                    filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                                                  f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return found[0] if found else None
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
+    return client(uri).search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                   max_results=10000)
+
+
+def log_json(c, run_id: str, obj: Any, name: str) -> None:
+    c.log_text(run_id, json.dumps(obj, indent=2, default=str), name)
