@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import yaml
 
 from crosspt.config import RunConfig, config_hash, config_to_yaml, flatten
 from crosspt.errors import ConfigError
-from crosspt.search_space import SearchSpace, optuna_define_by_run
+from crosspt.search_space import OptunaDefineByRun, SearchSpace
 from crosspt.train_loop import Session
 from crosspt import tracking as T
 
@@ -73,9 +74,10 @@ def _train_callback(logger: T.TrialLogger):
     return MlflowReport()
 
 
-def trial_number_of(trial_name: str) -> int:
-    tail = trial_name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
+def trial_number_of(trial_dirname: str, trial_id: str) -> int:
+    """Tune names a trial's folder `<trainable>_<trial_id>_<index>_<params>_<date>`: the index."""
+    m = re.search(re.escape(trial_id) + r"_(\d+)", trial_dirname)
+    return int(m.group(1)) if m else -1
 
 
 def run_trial(params: dict, ctx: dict) -> None:
@@ -85,7 +87,7 @@ def run_trial(params: dict, ctx: dict) -> None:
     space = SearchSpace.model_validate(ctx["space"])
     tctx = tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
-    number = trial_number_of(trial_name)
+    number = trial_number_of(Path(tctx.get_trial_dir()).name, trial_id)
     cfg = space.config_for(params)
     cfg = cfg.model_copy(update={"name": f"{space.name}-trial{number:03d}"})
     if ctx.get("data_dir"):
@@ -105,6 +107,16 @@ def run_trial(params: dict, ctx: dict) -> None:
             run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu))
         else:
             _fit_trainer_in_trial(cfg, trial_id, ctx, logger)
+    except SystemExit as e:
+        # Tune ends a function trainable it has stopped (ASHA, or after the last epoch) with SystemExit(0)
+        if logger:
+            last = logger.last_metrics or {}
+            if last.get("final_epoch"):
+                logger.finish("FINISHED")
+            else:
+                logger.finish("KILLED", tags={"pruned": "true",
+                                              "stopped_at_epoch": last.get("epoch", -1)})
+        raise
     except BaseException as e:
         if logger:
             logger.finish("FAILED", error=f"{type(e).__name__}: {e}")
@@ -319,7 +331,7 @@ def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resum
             sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=space.search.constant_liar,
                                                  n_startup_trials=space.search.n_startup_trials)
             storage = optuna.storages.RDBStorage(paths.optuna_url)
-            searcher = OptunaSearch(optuna_define_by_run(space), metric=obj.metric, mode=obj.mode,
+            searcher = OptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode,
                                     sampler=sampler, storage=storage, study_name=space.name)
         else:
             from ray.tune.search import BasicVariantGenerator

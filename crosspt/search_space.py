@@ -201,18 +201,23 @@ def sample(space: SearchSpace, suggest) -> dict[str, Any]:
     return sampled
 
 
-def optuna_define_by_run(space: SearchSpace):
-    """A define-by-run function for `OptunaSearch`: conditional factors become conditional suggests."""
-    def define(trial) -> None:
+class OptunaDefineByRun:
+    """A define-by-run function for `OptunaSearch`: conditional factors become conditional suggests.
+
+    A class (not a closure) because Tune pickles the searcher when it checkpoints the search."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> None:
         def suggest(kind, key, **kw):
             if kind == "choice":
                 return trial.suggest_categorical(key, kw["values"])
             if kind == "int":
                 return trial.suggest_int(key, kw["low"], kw["high"], step=kw["step"], log=kw["log"])
             return trial.suggest_float(key, kw["low"], kw["high"], log=kw["log"])
-        sample(space, suggest)
+        sample(self.space, suggest)
         return None
-    return define
 
 
 def random_sampler(seed: int):

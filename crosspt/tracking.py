@@ -139,6 +139,7 @@ class TrialLogger:
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.trial_id, self.trial_number, self.run_name = trial_id, trial_number, run_name
         self.run_id: str | None = None
+        self.last_metrics: dict | None = None
         self._logged_best_epoch = None
 
     def start(self, params: dict[str, Any], config_yaml: str, tags: dict[str, str] | None = None) -> str:
@@ -161,6 +162,7 @@ class TrialLogger:
 
     def log_epoch(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None) -> None:
         c = client(self.uri)
+        self.last_metrics = dict(metrics)
         log_metrics(c, self.run_id, metrics, step=int(metrics.get("epoch", 0)))
         if checkpoint_dir is None:
             return

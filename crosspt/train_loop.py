@@ -296,7 +296,7 @@ def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None
         train_loss = sum(_gather(sum(losses) / max(1, len(losses)), session.world_size)) / session.world_size
         metrics = {"epoch": epoch, "val_score": score, "best_val_score": best, "best_epoch": best_epoch,
                    "train_loss": train_loss, "temperature": model.prompt.temperature,
-                   "epoch_s": time.time() - te, "global_step": global_step, "done": stop,
+                   "epoch_s": time.time() - te, "global_step": global_step, "final_epoch": stop,
                    "trainable_params": trainable, "total_params": total, **flat_metrics("val", val)}
         history.append({k: v for k, v in metrics.items() if not isinstance(v, bool)})
         result = None
