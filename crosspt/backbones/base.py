@@ -3,31 +3,107 @@
 A backbone owns a frozen HF model and its tokenizer. It never knows how prompts are composed:
 it receives an already-composed soft prompt `[B, L, d]` with its mask `[B, L]`, prepends it to the
 input embeddings and extends the attention mask. Trainable per-task pieces a family needs (encoder
-class vectors, regression heads) live here as one tensor indexed by task id.
+class vectors, regression heads) live here as one tensor indexed by task id; `head_parameters()`
+lists them (they are parameters of the backbone, never of `self.model`).
+
+Conventions shared by all families
+- `collate(examples)` accepts mixed-task batches; it always returns "task_ids" `LongTensor[B]` and
+  "labels": a `LongTensor` of class indices when every example is a classification example, else a
+  `FloatTensor` (class indices are exact in float). Unlabelled examples (label None / -1 / nan) are
+  allowed only with `train=False` and get -1 (classification) or nan (regression).
+- `predict` returns `[B]` predictions with the same dtype convention as "labels".
+- `L = 0` prompts (`[B, 0, d]`) are valid everywhere and mean "no prompt".
+- A prompt mask entry of 0 removes that prompt token: masked tokens are first moved to the front
+  of the prompt (`compact_prompt`, order of the kept ones unchanged), and they are neither attended
+  to nor do they shift the positions of the real tokens (position ids follow the mask where the model
+  accepts them; relative-position models like T5 see the kept tokens next to the input). So a
+  prompt with masked tokens behaves exactly like the prompt with those tokens cut out.
+- Every `loss` touches all head parameters (unused ones with weight 0), so DDP needs no
+  `find_unused_parameters`.
 """
 from __future__ import annotations
 
+import math
+import re
 from abc import ABC, abstractmethod
 from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from crosspt.tasks import TaskSpec
+from crosspt import tasks as _tasks
+from crosspt.errors import ConfigError, DataError, UnknownTaskError
+from crosspt.tasks import LABEL_SEMANTICS, TaskSpec
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of `module` (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right",
+                  pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad lists of token ids to `[N, T]` ids and a `[N, T]` 0/1 mask (`side` "left" or "right")."""
+    width = max([len(s) for s in seqs] + [pad_to or 0, 0])
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not len(s):
+            continue
+        if side == "right":
+            ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, :len(s)] = 1
+        else:
+            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids that skip masked-out tokens: 0, 1, 2, ... over the attended tokens only."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def compact_prompt(prompt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move masked-out prompt tokens to the front, keeping the kept tokens' order (differentiable)."""
+    if prompt.shape[1] == 0 or bool(mask.bool().all()):
+        return prompt, mask
+    order = torch.sort(mask.long(), dim=1, stable=True).indices          # zeros first
+    prompt = prompt.gather(1, order.unsqueeze(-1).expand(-1, -1, prompt.shape[-1]))
+    return prompt, mask.gather(1, order)
 
 
 class Backbone(nn.Module, ABC):
     family: ClassVar[str]          # "seq2seq" | "encoder" | "decoder"
 
     def __init__(self, model: nn.Module, tokenizer, tasks: Sequence[TaskSpec], *,
-                 label_semantics: str = "natural", with_prefix: bool = True, max_length: int = 128):
+                 label_semantics: str = "natural", with_prefix: bool = True, max_length: int = 128,
+                 name: str = ""):
         super().__init__()
+        if label_semantics not in LABEL_SEMANTICS:
+            raise ConfigError(f"unknown label semantics '{label_semantics}'; "
+                              f"choose from {', '.join(LABEL_SEMANTICS)}")
+        if not tasks:
+            raise ConfigError("a backbone needs at least one task")
         self.model = model
         self.tokenizer = tokenizer
         self.tasks = list(tasks)          # index == task id
+        self.task_index = {t.name: i for i, t in enumerate(self.tasks)}
+        if len(self.task_index) != len(self.tasks):
+            raise ConfigError("task names must be unique")
         self.label_semantics = label_semantics
         self.with_prefix = with_prefix
-        self.max_length = max_length
+        self.max_length = int(max_length)
+        self.name = name or getattr(getattr(model, "config", None), "name_or_path", "") or ""
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
@@ -37,6 +113,22 @@ class Backbone(nn.Module, ABC):
     def embed_dim(self) -> int:
         return self.word_embeddings().embedding_dim
 
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def max_classes(self) -> int:
+        return max(t.num_classes for t in self.tasks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.word_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word_embeddings().weight.dtype
+
     def word_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
@@ -44,6 +136,102 @@ class Backbone(nn.Module, ABC):
         super().train(mode)
         self.model.eval()                 # frozen backbone: no dropout, ever
         return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Trainable per-task tensors owned by the backbone (none by default)."""
+        return []
+
+    def _head_zero(self) -> torch.Tensor:
+        """0 * sum of every head parameter: keeps all of them in the autograd graph (DDP)."""
+        z = torch.zeros((), device=self.device)
+        for p in self.head_parameters():
+            z = z + 0.0 * p.sum()
+        return z
+
+    # -- tasks / labels ---------------------------------------------------------------------
+    def task_id(self, name: str) -> int:
+        try:
+            return self.task_index[name]
+        except KeyError:
+            raise UnknownTaskError(f"task '{name}' is not one of this backbone's tasks "
+                                   f"({', '.join(self.task_index)})") from None
+
+    def candidates(self, task: TaskSpec) -> list[str]:
+        """Candidate target strings of a task for rank classification (score grid for regression)."""
+        if task.is_regression:
+            return list(_tasks.regression_grid(task))
+        return [_tasks.label_text(task, i, self.label_semantics) for i in range(task.num_classes)]
+
+    def parse_generated(self, task: TaskSpec, text: str) -> float | int:
+        """Generated text -> class index / float; unparsable -> -1 (classification) or nan."""
+        value = _tasks.parse_label_text(task, text, self.label_semantics)
+        if value is None:  # tolerate tokenizers whose decode inserts spaces ("3. 8", "not _ x")
+            squashed = re.sub(r"\s+", "", text or "").lower()
+            if task.is_regression:
+                try:
+                    value = float(squashed)
+                    value = value if math.isfinite(value) else None
+                except ValueError:
+                    value = None
+            else:
+                for i, c in enumerate(self.candidates(task)):
+                    if squashed == re.sub(r"\s+", "", c).lower():
+                        value = i
+                        break
+        if value is None:
+            return float("nan") if task.is_regression else -1
+        return float(value) if task.is_regression else int(value)
+
+    @staticmethod
+    def _label_ok(task: TaskSpec, label) -> bool:
+        if label is None:
+            return False
+        if task.is_regression:
+            return math.isfinite(float(label))
+        return 0 <= int(label) < task.num_classes
+
+    def _labels_tensor(self, examples: Sequence, tids: list[int], *, train: bool) -> tuple[torch.Tensor, list[bool]]:
+        """("labels" tensor, per-example validity); raises DataError for unlabelled training rows."""
+        ok = [self._label_ok(self.tasks[t], ex.label) for ex, t in zip(examples, tids)]
+        if train and not all(ok):
+            bad = next(ex for ex, good in zip(examples, ok) if not good)
+            raise DataError(f"training example '{bad.uid}' of task '{bad.task}' has no valid label "
+                            f"({bad.label!r})")
+        any_reg = any(self.tasks[t].is_regression for t in tids)
+        vals = []
+        for ex, t, good in zip(examples, tids, ok):
+            if good:
+                vals.append(float(ex.label) if self.tasks[t].is_regression else int(ex.label))
+            else:
+                vals.append(float("nan") if self.tasks[t].is_regression else -1)
+        dtype = torch.float32 if any_reg else torch.long
+        return torch.tensor(vals, dtype=dtype), ok
+
+    def _predictions_tensor(self, values: list, tids: torch.Tensor) -> torch.Tensor:
+        any_reg = any(self.tasks[int(t)].is_regression for t in tids)
+        return torch.tensor(values, dtype=torch.float32 if any_reg else torch.long)
+
+    # -- prompt plumbing --------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.device
+        return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _check_prompt(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
+                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate shapes, cast to the model's dtype/device; a missing mask means all ones."""
+        if prompt.dim() != 3 or prompt.shape[0] != batch_size or prompt.shape[2] != self.embed_dim:
+            raise ValueError(f"prompt must be [B={batch_size}, L, d={self.embed_dim}], got {tuple(prompt.shape)}")
+        prompt = prompt.to(device=self.device, dtype=self.dtype)
+        if prompt_mask is None:
+            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device)
+        if tuple(prompt_mask.shape) != tuple(prompt.shape[:2]):
+            raise ValueError(f"prompt_mask must be {tuple(prompt.shape[:2])}, got {tuple(prompt_mask.shape)}")
+        return compact_prompt(prompt, prompt_mask.to(device=self.device).long())
+
+    @staticmethod
+    def _prepend(prompt: torch.Tensor, prompt_mask: torch.Tensor, embeds: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([prompt, embeds], dim=1), torch.cat([prompt_mask, mask.long()], dim=1)
 
     # -- data -------------------------------------------------------------------------------
     @abstractmethod

