@@ -5,6 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # tests/ray_cluster.py helpers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +49,37 @@ def tiny_decoder_path(tmp_path_factory, minilm_path) -> Path:
     from crosspt.backbones.tiny import build_tiny_decoder
 
     return build_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"))
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real Ray head on 127.0.0.1 started by the tests; the test process joins it as a driver."""
+    import ray
+
+    from ray_cluster import RayHead
+
+    head = RayHead(tmp_path_factory.mktemp("ray"))
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = head.address
+    try:
+        yield head
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts)."""
+    from ray_cluster import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        yield server
+    finally:
+        server.stop()

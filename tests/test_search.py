@@ -1,0 +1,178 @@
+"""End-to-end searches against real components the tests start themselves: a Ray head on loopback,
+a sqlite MLflow store, a real `mlflow server`, and `ray job submit`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crosspt.search import run_search
+from crosspt.search_space import SearchSpace, load_space
+from crosspt import tracking as T
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+FACTORS = ["prompt.n_sources", "prompt.source_len", "prompt.private_len", "optim.prompt_lr", "optim.router_lr",
+           "prompt.init", "prompt.prefix", "prompt.label_semantics", "prompt.composition", "prompt.top_k",
+           "prompt.temperature.start", "prompt.temperature.floor", "prompt.temperature.rate",
+           "prompt.learn_sources"]
+
+
+def tiny_space(backbone: Path, name: str, num_samples: int = 3, **extra) -> SearchSpace:
+    tree = {
+        "name": name,
+        "base": {"tasks": ["sst2", "rte"], "seed": 0, "backbone": {"name": str(backbone), "max_length": 48},
+                 "data": {"shots": 4, "max_test": 24}, "prompt": {"private_len": 4, "source_len": 4},
+                 "train": {"batch_size": 8, "eval_batch_size": 32, "patience": None},
+                 "scaling": {"num_workers": 1, "in_process": True}},
+        "space": {
+            "prompt.n_sources": {"type": "int", "low": 0, "high": 2},
+            "prompt.top_k": {"type": "int", "low": 1, "high": "prompt.n_sources", "when": {"prompt.n_sources": ">1"}},
+            "prompt.composition": {"type": "choice", "values": ["cat", "wavg"]},
+            "optim.prompt_lr": {"type": "loguniform", "low": 1e-3, "high": 0.3},
+        },
+        "objective": {"metric": "best_val_score", "mode": "max"},
+        "budget": {"num_samples": num_samples, "max_epochs": 2},
+        "scheduler": {"type": "fifo"},
+        "search": {"algorithm": "optuna", "seed": 0},
+    }
+    for k, v in extra.items():
+        tree[k] = v if not isinstance(v, dict) else {**tree.get(k, {}), **v}
+    return SearchSpace.model_validate(tree)
+
+
+def check_children(uri: str, summary: dict, n: int) -> list:
+    c = T.client(uri)
+    parent = c.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    assert len(children) == n
+    for r in children:
+        assert r.info.status in ("FINISHED", "KILLED"), (r.info.run_name, r.info.status, r.data.tags.get("error"))
+        missing = [f for f in FACTORS if f not in r.data.params]
+        assert not missing, missing
+        assert "trial_number" in r.data.params and int(r.data.params["trial_number"]) >= 1
+        assert "val_score" in r.data.metrics and "best_val_score" in r.data.metrics
+        arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
+               {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+        assert "prompts/prompts.safetensors" in arts and "plots/router_heatmap.png" in arts
+        # the artifact is a real safetensors prompt file with the run's metadata
+        local = c.download_artifacts(r.info.run_id, "prompts/prompts.safetensors")
+        from crosspt.artifacts import load_prompt_artifact
+
+        tensors, meta = load_prompt_artifact(local)
+        assert meta["tasks"] == ["sst2", "rte"] and "router_weights" in tensors
+    names = {a.path for a in c.list_artifacts(summary["parent_run_id"])}
+    assert {"trials.csv", "search_space.yaml"} <= names
+    return children
+
+
+def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_search(tiny_space(tiny_t5_path, "tiny3"), data_dir=str(data_dir), tracking_uri=uri,
+                         storage_path=str(tmp_path / "ray_results"), verbose=0)
+    assert summary["num_trials"] == 3 and summary["num_failed"] == 0
+    check_children(uri, summary, 3)
+    assert summary["best"] is not None and summary["best_run_id"]
+    # the Optuna study is persistent (sqlite beside the MLflow store) and holds the 3 trials
+    import optuna
+
+    study = optuna.load_study(study_name="tiny3", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3
+    # concurrent trials never got identical configurations
+    configs = [json.dumps(t["params"], sort_keys=True) for t in summary["trials"]]
+    assert len(set(configs)) == 3
+    # a second search of the same name refuses to clobber the first one's state
+    from crosspt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run_search(tiny_space(tiny_t5_path, "tiny3"), data_dir=str(data_dir), tracking_uri=uri,
+                   storage_path=str(tmp_path / "ray_results"), verbose=0)
+
+
+def test_search_through_mlflow_server(ray_head, mlflow_server, tiny_decoder_path, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = run_search(tiny_space(tiny_decoder_path, "viaserver", num_samples=2), data_dir=str(data_dir),
+                         tracking_uri=mlflow_server.url, storage_path=str(tmp_path / "ray_results"), verbose=0)
+    assert summary["num_trials"] == 2
+    check_children(mlflow_server.url, summary, 2)
+    # artifacts went through the server into its artifact destination
+    stored = list((Path(mlflow_server.log.name).parent / "server_artifacts").rglob("prompts.safetensors"))
+    assert len(stored) >= 2
+
+
+def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path, monkeypatch):
+    """Sequential trials: a trial that cannot learn (index labels at lr 1e-7) scores below the first
+    trial (natural label words) at the first rung, and ASHA stops it before max_epochs."""
+    monkeypatch.chdir(tmp_path)
+    space = SearchSpace.model_validate({
+        "name": "asha",
+        "base": {"tasks": ["sst2"], "seed": 0, "backbone": {"name": "minilm", "max_length": 48},
+                 "data": {"shots": 8, "max_test": 16}, "prompt": {"private_len": 4},
+                 "train": {"batch_size": 8, "patience": None}, "scaling": {"num_workers": 1, "in_process": True}},
+        "space": {"prompt.label_semantics": {"type": "choice", "values": ["natural", "index"]},
+                  "optim.prompt_lr": {"type": "loguniform", "low": 1e-7, "high": 1e-2}},
+        "budget": {"num_samples": 2, "max_epochs": 4},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "search": {"algorithm": "random", "seed": 0},
+        "resources": {"max_concurrent_trials": 1},
+    })
+    from crosspt import search as S
+
+    points = [{"prompt.label_semantics": "natural", "optim.prompt_lr": 1e-2},
+              {"prompt.label_semantics": "index", "optim.prompt_lr": 1e-7}]
+    monkeypatch.setattr(S, "_random_searcher", lambda sp, BVG: BVG(points_to_evaluate=points, max_concurrent=0))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_search(space, data_dir=str(data_dir), tracking_uri=uri,
+                         storage_path=str(tmp_path / "ray_results"), verbose=0)
+    epochs = sorted(t["epochs"] for t in summary["trials"])
+    assert epochs[0] < 4 and epochs[-1] == 4, summary["trials"]
+    assert summary["num_stopped"] == 1
+    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    statuses = sorted((r.info.status, r.data.tags.get("pruned")) for r in children)
+    assert statuses == [("FINISHED", None), ("KILLED", "true")]
+
+
+def test_ray_job_submit_smoke(ray_head, data_dir, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/search_glue.py --space search_spaces/smoke.yaml`."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ray_head.dashboard}
+    cmd = ["ray", "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO), "--",
+           "python", "jobs/search_glue.py", "--space", "search_spaces/smoke.yaml",
+           "--set", "budget.num_samples=2", "--set", "budget.max_epochs=2", "--set", "base.tasks=[sst2]",
+           "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray_results"),
+           "--data-dir", str(data_dir), "--summary-json", str(tmp_path / "summary.json")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in (out.stdout + out.stderr).lower()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    assert len(children) == 2 and all(r.info.status in ("FINISHED", "KILLED") for r in children)
+
+
+def test_shipped_spaces_validate():
+    for f in sorted((REPO / "search_spaces").glob("*.yaml")):
+        space = load_space(f)
+        assert space.space, f
+
+
+def test_impossible_space_rejected_before_any_trial(tmp_path):
+    from crosspt.errors import ConfigError
+
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump({"name": "bad", "base": {"prompt": {"n_sources": 1, "private_len": 0}},
+                                 "space": {"prompt.top_k": {"type": "int", "low": 1, "high": 3}}}))
+    with pytest.raises(ConfigError, match="top_k"):
+        load_space(f)
+    f.write_text(yaml.safe_dump({"name": "bad", "space": {"prompt.bogus": {"type": "int", "low": 1, "high": 3}}}))
+    with pytest.raises(ConfigError, match="prompt.bogus"):
+        load_space(f)
+    f.write_text("name: bad\nspace:\n  prompt.private_len: {type: int, low: 8, high: 2}\n")
+    with pytest.raises(ConfigError, match="low"):
+        load_space(f)
