@@ -10,6 +10,10 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # tests/ray_cluster.py helpers
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray's token auth (its default): set before ray is first imported, so drivers, `ray start` and
+# `ray job submit` all present the token from ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")

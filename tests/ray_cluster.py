@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = 
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:           # answering (e.g. 401 under Ray's token auth) means it is up
+                return
+            time.sleep(0.5)
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
@@ -59,7 +64,7 @@ class RayHead:
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         self.log = open(workdir / "ray_head.log", "w")
         self.temp_dir = Path("/tmp") / f"ray_t{self.port}"     # short: Ray's socket paths are length-limited
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
         self.proc = subprocess.Popen(
             ["ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
              f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
