@@ -24,7 +24,7 @@ import yaml
 
 from crosspt.config import RunConfig, config_hash, config_to_yaml, flatten
 from crosspt.errors import ConfigError
-from crosspt.search_space import OptunaDefineByRun, SearchSpace
+from crosspt.search_space import OptunaDefineByRun, SearchSpace, SpaceSearcher
 from crosspt.train_loop import Session
 from crosspt import tracking as T
 
@@ -274,6 +274,8 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
             pass
     if resume and not paths.state.is_file():
         raise ConfigError(f"nothing to resume: no search '{search_name}' in {paths.root.parent}")
+    from crosspt.registry import resolve_space_banks     # models:/ source banks -> local files, once, here
+    trial_space = resolve_space_banks(space, uri, dest_dir=paths.root.parent / "_source_banks")
 
     experiment_id = T.ensure_experiment(uri, exp_name)
     c = T.client(uri)
@@ -301,7 +303,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                        **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
     try:
-        summary = _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
+        summary = _tune(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
                         tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch)
     except BaseException as e:
         c.set_tag(parent_run_id, "error", f"{type(e).__name__}: {e}"[:5000])
@@ -332,11 +334,10 @@ def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resum
                                                  n_startup_trials=space.search.n_startup_trials)
             storage = optuna.storages.RDBStorage(paths.optuna_url)
             searcher = OptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode,
-                                    sampler=sampler, storage=storage, study_name=space.name)
+                                    sampler=sampler, storage=storage, study_name=space.name,
+                                    points_to_evaluate=[dict(p) for p in space.search.points] or None)
         else:
-            from ray.tune.search import BasicVariantGenerator
-
-            searcher = _random_searcher(space, BasicVariantGenerator)
+            searcher = SpaceSearcher.create(space, obj.metric, obj.mode)
         epochs = base.train.epochs
         sched = (ASHAScheduler(metric=space.scheduler.metric, mode=obj.mode, time_attr="training_iteration",
                                max_t=epochs, grace_period=min(space.scheduler.grace_period, epochs),
@@ -353,15 +354,6 @@ def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resum
         )
     results = tuner.fit()
     return summarize(results, space)
-
-
-def _random_searcher(space, BasicVariantGenerator):
-    from ray import tune
-
-    from crosspt.search_space import random_sampler, sample
-
-    configs = [sample(space, random_sampler(space.search.seed + i)) for i in range(space.budget.num_samples)]
-    return BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=0)
 
 
 def summarize(results, space: SearchSpace) -> dict:

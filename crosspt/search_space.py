@@ -94,6 +94,7 @@ class Searcher(Strict):
     seed: int = 0
     constant_liar: bool = True
     n_startup_trials: int = Field(4, ge=1)
+    points: list[dict[str, Any]] = []                  # configurations to try first (warm start), in order
 
 
 class Resources(Strict):
@@ -220,6 +221,39 @@ class OptunaDefineByRun:
         return None
 
 
+class SpaceSearcher:
+    """Random search over the space with conditionals (the `random` algorithm), points first.
+
+    Built lazily as a `ray.tune.search.Searcher` subclass so this module does not import Ray."""
+
+    @staticmethod
+    def create(space: SearchSpace, metric: str, mode: str):
+        from ray.tune.search import Searcher
+
+        class _SpaceSearcher(Searcher):
+            def __init__(self):
+                super().__init__(metric=metric, mode=mode)
+                self.count = 0
+
+            def suggest(self, trial_id):
+                i = self.count
+                self.count += 1
+                if i < len(space.search.points):
+                    return dict(space.search.points[i])
+                return sample(space, random_sampler(space.search.seed * 100_003 + i))
+
+            def on_trial_complete(self, trial_id, result=None, error=False):
+                pass
+
+            def save(self, checkpoint_path):
+                Path(checkpoint_path).write_text(str(self.count))
+
+            def restore(self, checkpoint_path):
+                self.count = int(Path(checkpoint_path).read_text())
+
+        return _SpaceSearcher()
+
+
 def random_sampler(seed: int):
     import random
 
@@ -283,6 +317,12 @@ def validate_space(space: SearchSpace, n_random: int = 64) -> None:
             space.config_for(params)
         except ConfigError as e:
             raise ConfigError(f"{e} — sampled with {params}") from None
+    for i, point in enumerate(space.search.points):
+        unknown = [k for k in point if k not in space.space]
+        if unknown:
+            raise ConfigError(f"space '{space.name}': search.points[{i}] sets '{unknown[0]}', which is not a "
+                              f"key of the space")
+        space.config_for(point)
 
 
 def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:

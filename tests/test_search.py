@@ -120,14 +120,11 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
                   "optim.prompt_lr": {"type": "loguniform", "low": 1e-7, "high": 1e-2}},
         "budget": {"num_samples": 2, "max_epochs": 4},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "search": {"algorithm": "random", "seed": 0},
+        "search": {"algorithm": "random", "seed": 0,
+                   "points": [{"prompt.label_semantics": "natural", "optim.prompt_lr": 1e-2},
+                              {"prompt.label_semantics": "index", "optim.prompt_lr": 1e-7}]},
         "resources": {"max_concurrent_trials": 1},
     })
-    from crosspt import search as S
-
-    points = [{"prompt.label_semantics": "natural", "optim.prompt_lr": 1e-2},
-              {"prompt.label_semantics": "index", "optim.prompt_lr": 1e-7}]
-    monkeypatch.setattr(S, "_random_searcher", lambda sp, BVG: BVG(points_to_evaluate=points, max_concurrent=0))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = run_search(space, data_dir=str(data_dir), tracking_uri=uri,
                          storage_path=str(tmp_path / "ray_results"), verbose=0)
