@@ -1,0 +1,132 @@
+"""Few-shot benchmark: zero-shot, PT (ours and PEFT's), SPoT, ATTEMPT-style, MPT (PEFT) and CrossPT (cat, wavg)
+on the same frozen backbone, k-shot samples, seeds, step budget and learning-rate grid.
+
+    python jobs/benchmark_fewshot.py --quick                  # sst2+rte, k=16, 2 seeds, MiniLM (~15 min, 2 CPUs)
+    python jobs/benchmark_fewshot.py                          # full: 6 GLUE tasks, k=16/32, seeds 0,1,2
+    python jobs/benchmark_fewshot.py --parallel 8             # jobs as concurrent Ray tasks
+    ray job submit --working-dir . -- python jobs/benchmark_fewshot.py --parallel 16
+    python jobs/benchmark_fewshot.py --speed                  # speed / memory / Ray-overhead ratios
+
+Writes <out>/<name>.md (table), <name>.json (every run), <name>_avg.png (bar chart) and logs one MLflow
+experiment (tracking URI: --tracking-uri, $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the cwd).
+Data: --data-dir or $CROSSPT_DATA_DIR (a folder with glue_data/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, also on a cluster node
+
+QUICK = dict(tasks=["sst2", "rte"], source_tasks=["sst2", "rte", "mrpc", "cola"], shots=[16], seeds=[0, 1],
+             lrs=[0.3, 0.03], epochs=8, patience=3, max_test=200, max_length=64, prompt_len=8)
+FULL = dict(tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"],
+            source_tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"], shots=[16, 32], seeds=[0, 1, 2],
+            lrs=[0.3, 0.1, 0.03], epochs=20, patience=5, max_test=1000, max_length=128, prompt_len=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 tasks, k=16, 2 seeds, small budget (~15 min on 2 CPUs)")
+    p.add_argument("--speed", action="store_true", help="speed / memory / Ray-overhead measurements instead")
+    p.add_argument("--tasks", nargs="+")
+    p.add_argument("--source-tasks", nargs="+", help="source pool (each target leaves itself out)")
+    p.add_argument("--shots", nargs="+", type=int)
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--lrs", nargs="+", type=float, help="learning-rate grid, the same for every method")
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--max-test", type=int, help="cap on the dev split used as test (0: no cap)")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--source-shots", type=int)
+    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--data-dir")
+    p.add_argument("--parallel", type=int, default=1, help="concurrent jobs as Ray tasks (1: sequential, no Ray)")
+    p.add_argument("--cpus-per-job", type=float, default=1.0)
+    p.add_argument("--threads", type=int, help="torch threads per job")
+    p.add_argument("--out", default="benchmarks")
+    p.add_argument("--name")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--experiment", default="crosspt-benchmark")
+    p.add_argument("--no-mlflow", action="store_true")
+    # speed mode
+    p.add_argument("--ray-trials", type=int, default=3)
+    p.add_argument("--ray-epochs", type=int, default=12)
+    p.add_argument("--skip-ray", action="store_true", help="speed mode without the Ray-overhead part")
+    return p.parse_args(argv)
+
+
+def settings_from(args):
+    from crosspt.benchmark import BenchSettings
+
+    base = dict(QUICK if args.quick else FULL)
+    for key in ("tasks", "source_tasks", "shots", "seeds", "lrs", "methods", "epochs", "patience", "max_length",
+                "prompt_len", "source_shots", "threads"):
+        v = getattr(args, key)
+        if v is not None:
+            base[key] = v
+    if args.max_test is not None:
+        base["max_test"] = args.max_test or None
+    data_dir = args.data_dir or os.environ.get("CROSSPT_DATA_DIR")
+    if data_dir:
+        data_dir = str(Path(data_dir).expanduser().resolve())
+    return BenchSettings(backbone=args.backbone, data_dir=data_dir, **base)
+
+
+def main_benchmark(args) -> int:
+    from crosspt import benchmark as B
+
+    s = settings_from(args)
+    name = args.name or ("quick" if args.quick else "fewshot")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"benchmark '{name}': {len(s.tasks)} targets x {len(s.shots)} k x {len(s.seeds)} seeds x "
+          f"{len(s.methods)} methods, lrs {s.lrs}, {s.epochs} epochs (patience {s.patience}), "
+          f"max_test {s.max_test}, backbone {s.backbone}, parallel {args.parallel}", flush=True)
+    summary = B.run_benchmark(s, out / f"{name}_artifacts", parallel=args.parallel, cpus_per_job=args.cpus_per_job,
+                              log=lambda m: print(m, flush=True))
+    summary["name"] = name
+    full = B.BenchSettings(**FULL)
+    summary["full_estimate"] = B.estimate_full_wall(summary, full)
+    text = B.render_report(summary, name)
+    md, js, png = out / f"{name}.md", out / f"{name}.json", out / f"{name}_avg.png"
+    md.write_text(text)
+    js.write_text(json.dumps(summary, indent=1, default=str))
+    B.bar_chart(summary["table"], png, title=f"{name}: average test score per method (x100)")
+    print(text)
+    if not args.no_mlflow:
+        info = B.log_to_mlflow(summary, text, {"results": js, "chart": png}, tracking_uri=args.tracking_uri,
+                               experiment=args.experiment)
+        print(f"MLflow: {info['tracking_uri']} experiment '{info['experiment']}' run {info['run_id']}")
+    print(f"wrote {md}, {js}, {png}; wall {summary['wall_s']:.0f}s")
+    return 0
+
+
+def main_speed(args) -> int:
+    from crosspt import benchmark as B
+
+    s = settings_from(args)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    res = B.run_speed(s, out / "speed_artifacts", ray_trials=args.ray_trials, ray_epochs=args.ray_epochs,
+                      skip_ray=args.skip_ray, log=lambda m: print(m, flush=True))
+    text = B.render_speed(res)
+    (out / "speed.md").write_text(text)
+    (out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
+    print(text)
+    print(f"wrote {out / 'speed.md'}, {out / 'speed.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from crosspt.cli import run_cli
+
+    a = parse_args()
+    sys.exit(run_cli(main_speed if a.speed else main_benchmark, a))

@@ -1,0 +1,207 @@
+"""GPU check: CrossPT vs prompt tuning training throughput on a T5-base-sized frozen model (random weights).
+
+    python jobs/gpu_check.py            # one GPU, bf16 autocast, < 5 min on an H100
+    python jobs/gpu_check.py --tiny     # tiny config, a few steps, CPU is fine (checks that it runs)
+
+Needs only torch + transformers + crosspt's method and backbone layers: no hub download (the model is
+built from a T5Config), no tokenizer (batches are random token ids), no Ray / MLflow / Optuna / datasets.
+
+Compared at equal composed prompt length: CrossPT = 4 sources x 25 + private 25, `cat` (125 tokens), task
+router; PT = one private prompt of 125 tokens. Both train only the prompt (+ router) with AdamW, through
+the same frozen backbone and the same batches.
+
+MFU: the backbone is frozen, so the backward pass computes activation gradients only (no weight
+gradients): FLOPs/step = 4 x (N_enc x encoder tokens + (N_dec + V*d) x decoder tokens), i.e. 2N forward +
+2N backward per token instead of the usual 6N, where N_enc / N_dec are the non-embedding parameters of
+the encoder / decoder stacks, V*d the (tied) LM-head projection applied to decoder tokens, and encoder
+tokens include the prompt. Attention-score FLOPs (QK^T, AV) are not counted. Peak: H100 SXM bf16 dense
+989 TFLOP/s (--peak-tflops).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout
+
+import torch
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny model and batch (CPU smoke test)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=128, help="input tokens per example (before the prompt)")
+    p.add_argument("--target-len", type=int, default=4, help="decoder (label) tokens per example")
+    p.add_argument("--sources", type=int, default=4)
+    p.add_argument("--source-len", type=int, default=25)
+    p.add_argument("--private-len", type=int, default=25)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method per round")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="alternating PT / CrossPT blocks")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.batch, a.seq, a.target_len, a.sources, a.source_len, a.private_len = 4, 16, 2, 2, 3, 3
+    return a
+
+
+def build_model(tiny: bool):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    if tiny:
+        cfg = T5Config(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                       num_heads=4, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    else:   # t5-base shape
+        cfg = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12,
+                       num_heads=12, dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
+                       decoder_start_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(cfg)
+
+
+def param_counts(model) -> dict:
+    emb = model.shared.weight.numel()
+    enc = sum(p.numel() for p in model.encoder.parameters()) - emb       # encoder.embed_tokens is `shared`
+    dec = sum(p.numel() for p in model.decoder.parameters()) - emb
+    head = model.config.vocab_size * model.config.d_model
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"total": total, "embedding": emb, "encoder_nonemb": enc, "decoder_nonemb": dec, "lm_head": head}
+
+
+def step_flops(pc: dict, batch: int, enc_tokens: int, dec_tokens: int) -> float:
+    return 4.0 * (pc["encoder_nonemb"] * batch * enc_tokens + (pc["decoder_nonemb"] + pc["lm_head"]) * batch * dec_tokens)
+
+
+def make_batches(n: int, batch: int, seq: int, tlen: int, vocab: int, device) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        out.append({"input_ids": torch.randint(2, vocab, (batch, seq), generator=g).to(device),
+                    "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
+                    "target_ids": torch.randint(2, vocab, (batch, tlen), generator=g).to(device),
+                    "task_ids": torch.zeros(batch, dtype=torch.long, device=device)})
+    return out
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    from crosspt.backbones.seq2seq import Seq2SeqBackbone
+    from crosspt.prompts import CrossPTPrompt, PromptSpec
+    from crosspt.tasks import get_task
+
+    use_gpu = torch.cuda.is_available() and not a.cpu
+    device = torch.device("cuda" if use_gpu else "cpu")
+    t0 = time.time()
+    model = build_model(a.tiny)
+    pc = param_counts(model)
+    backbone = Seq2SeqBackbone(model, None, [get_task("sst2")], name="t5-base-shaped-random").to(device)
+    d = model.config.d_model
+    emb = backbone.word_embeddings().weight.detach()
+    composed = (a.sources + 1) * max(a.source_len, a.private_len)
+    prompts = {
+        "pt": CrossPTPrompt(PromptSpec(n_tasks=1, dim=d, n_sources=0, private_len=composed, init="random"),
+                            word_embeddings=emb.cpu(), seed=0).to(device),
+        "crosspt": CrossPTPrompt(PromptSpec(n_tasks=1, dim=d, n_sources=a.sources, source_len=a.source_len,
+                                            private_len=a.private_len, composition="cat", init="random"),
+                                 word_embeddings=emb.cpu(), seed=0).to(device),
+    }
+    assert prompts["pt"].spec.composed_len == prompts["crosspt"].spec.composed_len == composed
+    opts = {k: torch.optim.AdamW(p.param_groups(0.3, 0.01)) for k, p in prompts.items()}
+    batches = make_batches(8, a.batch, a.seq, a.target_len, model.config.vocab_size, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else torch.autocast("cpu", enabled=False)
+    build_s = time.time() - t0
+
+    def sync():
+        if use_gpu:
+            torch.cuda.synchronize()
+
+    def run(name: str, n: int) -> list[float]:
+        prompt, opt = prompts[name], opts[name]
+        prompt.train()
+        times = []
+        for i in range(n):
+            b = batches[i % len(batches)]
+            sync()
+            t = time.perf_counter()
+            with autocast:
+                p, m, _ = prompt(b["task_ids"])
+                loss = backbone.loss(p, m, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            prompt.set_step(int(prompt.step) + 1)
+            sync()
+            times.append(time.perf_counter() - t)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name}: loss {float(loss)}")
+        return times
+
+    weights_mem = torch.cuda.memory_allocated() if use_gpu else 0
+    step_times = {k: [] for k in prompts}
+    peak = {k: 0 for k in prompts}
+    for name in prompts:
+        run(name, a.warmup)
+    for r in range(a.rounds):
+        for name in (("pt", "crosspt") if r % 2 == 0 else ("crosspt", "pt")):
+            if use_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            step_times[name] += run(name, a.steps)
+            if use_gpu:
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
+    enc_tokens, dec_tokens = composed + a.seq, a.target_len
+    flops = step_flops(pc, a.batch, enc_tokens, dec_tokens)
+    res = {"device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "dtype": "bf16 autocast" if use_gpu else "fp32",
+           "params": pc, "batch": a.batch, "seq": a.seq, "target_len": a.target_len, "build_s": build_s,
+           "flops_per_step": flops, "weights_bytes": weights_mem}
+    for name in prompts:
+        med = statistics.median(step_times[name])
+        res[name] = {"composed_len": prompts[name].spec.composed_len, "median_step_s": med,
+                     "mean_step_s": statistics.fmean(step_times[name]), "steps": len(step_times[name]),
+                     "examples_per_s": a.batch / med, "tokens_per_s": a.batch * (enc_tokens + dec_tokens) / med,
+                     "peak_mem_bytes": peak[name], "tflops": flops / med / 1e12,
+                     "mfu": flops / med / (a.peak_tflops * 1e12)}
+    res["step_time_ratio"] = res["crosspt"]["median_step_s"] / res["pt"]["median_step_s"]
+    res["peak_mem_ratio"] = (res["crosspt"]["peak_mem_bytes"] / res["pt"]["peak_mem_bytes"]) if use_gpu else None
+    res["wall_s"] = time.time() - t0
+    print(render(res, a))
+    return res
+
+
+def render(res: dict, a) -> str:
+    pc = res["params"]
+    gib = 1024 ** 3
+    lines = [f"device: {res['device']} ({res['dtype']}); frozen T5 {'tiny' if a.tiny else 'base-shaped'} "
+             f"{pc['total'] / 1e6:.1f}M params (encoder {pc['encoder_nonemb'] / 1e6:.1f}M + decoder "
+             f"{pc['decoder_nonemb'] / 1e6:.1f}M non-embedding, embedding/LM head {pc['embedding'] / 1e6:.1f}M)",
+             f"batch {res['batch']} x ({res['crosspt']['composed_len']} prompt + {res['seq']} input) encoder tokens, "
+             f"{res['target_len']} decoder tokens; {res['pt']['steps']} timed steps per method "
+             f"(alternating blocks), build {res['build_s']:.1f}s",
+             f"FLOPs/step = 4 x (N_enc x enc_tokens + (N_dec + V*d) x dec_tokens) = {res['flops_per_step'] / 1e12:.2f} TFLOP "
+             f"(frozen weights: no weight-gradient FLOPs; attention scores not counted); "
+             f"peak {a.peak_tflops:.0f} TFLOP/s",
+             "",
+             "| method | composed len | median step (ms) | examples/s | tokens/s | peak GPU mem (GiB) | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, label in (("pt", f"PT (private {res['pt']['composed_len']})"), ("crosspt", f"CrossPT cat ({a.sources}x{a.source_len} + {a.private_len})")):
+        r = res[name]
+        lines.append(f"| {label} | {r['composed_len']} | {r['median_step_s'] * 1e3:.1f} | {r['examples_per_s']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['peak_mem_bytes'] / gib:.2f} | {r['tflops']:.1f} | "
+                     f"{r['mfu'] * 100:.1f}% |")
+    lines.append("")
+    lines.append(f"step time ratio CrossPT / PT = {res['step_time_ratio']:.3f} (target <= 1.10)")
+    if res["peak_mem_ratio"] is not None:
+        lines.append(f"peak memory ratio CrossPT / PT = {res['peak_mem_ratio']:.3f}; frozen weights "
+                     f"{res['weights_bytes'] / gib:.2f} GiB")
+    lines.append(f"wall {res['wall_s']:.1f}s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The few-shot benchmark harness: same samples for every method, leave-one-out banks, table arithmetic,
+the PEFT reference paths, and the GPU check's CPU (--tiny) mode. Fast: tiny models, fake training runs."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crosspt import benchmark as B
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _settings(data_dir, backbone="minilm", **kw) -> B.BenchSettings:
+    base = dict(tasks=["sst2", "rte"], source_tasks=["sst2", "rte", "mrpc"], shots=[4], seeds=[0, 1],
+                lrs=[0.3, 0.03], epochs=1, patience=None, max_test=8, max_length=32, prompt_len=2,
+                data_dir=str(data_dir), backbone=str(backbone))
+    base.update(kw)
+    return B.BenchSettings(**base)
+
+
+# ---- same k-shot samples for every method ------------------------------------------------------------
+def test_every_method_sees_the_same_samples(data_dir):
+    from crosspt.train_loop import prepare_data
+
+    s = _settings(data_dir)
+    for seed in (0, 1):
+        ids = {}
+        for m in ("zero_shot", "pt", "peft_pt", "spot", "attempt", "mpt", "crosspt_cat", "crosspt_wavg"):
+            cfg = B.run_config(s, m, ["rte"], 4, seed, 0.3, n_sources=2)
+            _, splits = prepare_data(cfg)
+            ids[m] = {part: [e.uid for e in splits["rte"][part]] for part in ("train", "val", "test")}
+        first = next(iter(ids.values()))
+        assert all(v == first for v in ids.values())
+        assert len(first["train"]) == 8 and len(first["val"]) == 8 and len(first["test"]) == 8
+    s0 = prepare_data(B.run_config(s, "pt", ["rte"], 4, 0, 0.3))[1]["rte"]
+    s1 = prepare_data(B.run_config(s, "pt", ["rte"], 4, 1, 0.3))[1]["rte"]
+    assert {e.uid for e in s0["train"]} != {e.uid for e in s1["train"]}
+    assert [e.uid for e in s0["test"]] == [e.uid for e in s1["test"]]      # test subset fixed across seeds
+
+
+def test_executed_jobs_record_identical_sample_ids(data_dir, tiny_t5_path):
+    s = _settings(data_dir, backbone=tiny_t5_path, max_test=4)
+    st = dataclasses.asdict(s)
+    bank = torch.randn(2, 2, 64) * 0.1
+    recs = [B.execute_job({"method": m, "task": "sst2", "k": 4, "seed": 1, "lr": 0.3, "settings": st,
+                           **({"bank": bank, "bank_tasks": ["rte", "mrpc"]} if m in ("crosspt_cat", "spot") else {})})
+            for m in ("zero_shot", "pt", "peft_pt", "crosspt_cat", "spot")]
+    assert all(r["sample_ids"] == recs[0]["sample_ids"] for r in recs)
+    assert all(math.isfinite(r["test"]) for r in recs)
+    assert recs[0]["epochs_run"] == 0 and recs[1]["epochs_run"] == 1
+    assert recs[1]["prompt"].shape == (2, 64)                      # PT returns its (best) prompt for banks
+    assert recs[4]["spot_source"] in ("rte", "mrpc")
+
+
+# ---- orchestration with fake training: leave-one-out banks, selection, MPT stages ---------------------
+def test_orchestration_leave_one_out_and_selection(data_dir, tmp_path, monkeypatch):
+    s = _settings(data_dir, methods=list(B.METHODS))
+    pool = s.source_tasks
+    seen: list[dict] = []
+
+    def fake(job):
+        seen.append(job)
+        lr, seed = job["lr"], job["seed"]
+        val = {0.3: 0.6, 0.03: 0.7, None: 0.5}[lr]
+        task = "+".join(job.get("tasks") or [job["task"]])
+        rec = {"method": job["method"], "task": task, "k": job["k"], "seed": seed, "lr": lr, "val": val,
+               "test": val + 0.1 * seed + (0.01 if lr == 0.3 else 0.0), "metrics": {}, "epochs_run": 1,
+               "best_epoch": 0, "trainable_params": 0, "wall_s": 0.1, "epoch_s": [0.05], "sample_ids": {}}
+        if job["method"] == "pt":
+            rec["prompt"] = torch.full((s.prompt_len, 3), float(pool.index(job["task"]) if job["task"] in pool else -1)
+                                       + 10 * seed)
+        if job["method"] == "mpt_source":
+            rec["mpt_state"] = {"tag": torch.tensor([seed])}
+        if job.get("bank_tasks") and job["method"] != "spot":
+            rec["sources"] = list(job["bank_tasks"])
+        return rec
+
+    monkeypatch.setattr(B, "execute_job", fake)
+    summary = B.run_benchmark(s, tmp_path, log=lambda m: None)
+
+    composed = [j for j in seen if j["method"] in ("spot", "attempt", "crosspt_cat", "crosspt_wavg")]
+    assert len(composed) == 4 * 2 * 2 * 2                              # methods x targets x seeds x lrs
+    for j in composed:
+        assert j["task"] not in j["bank_tasks"]
+        assert j["bank_tasks"] == [t for t in pool if t != j["task"]]
+        # the bank rows are the source tasks' own PT prompts of the same seed
+        want = torch.stack([torch.full((s.prompt_len, 3), float(pool.index(t) + 10 * j["seed"]))
+                            for t in j["bank_tasks"]])
+        assert torch.equal(j["bank"], want)
+    mpt_src = [j for j in seen if j["method"] == "mpt_source"]
+    assert mpt_src and all(j["target"] not in j["tasks"] for j in mpt_src)
+    mpt = [j for j in seen if j["method"] == "mpt"]
+    assert mpt and all(int(j["mpt_state"]["tag"]) == j["seed"] for j in mpt)
+    assert all(j["task"] not in j["bank_tasks"] for j in mpt)
+    # PT on a source-pool task that is also a target (same k) ran once, not twice
+    pt_jobs = [(j["task"], j["k"], j["seed"], j["lr"]) for j in seen if j["method"] == "pt"]
+    assert len(pt_jobs) == len(set(pt_jobs)) == len(pool) * 2 * 2
+    # selection by validation: lr 0.03 (val 0.7) wins every trained cell
+    for r in summary["selected"]:
+        assert r["lr"] == (None if r["method"] == "zero_shot" else 0.03)
+    cell = summary["table"]["cells"]["crosspt_cat|rte|4"]
+    assert cell["mean"] == pytest.approx(0.75) and cell["std"] == pytest.approx(statistics.stdev([0.7, 0.8]))
+    assert Path(summary["banks"]["0"]).is_file()
+
+
+def test_bank_helper_excludes_target(tmp_path):
+    from crosspt.artifacts import load_bank, save_bank
+
+    path = save_bank(tmp_path / "b.safetensors", torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3).clone(),
+                     backbone="x", tasks=["sst2", "rte", "mrpc", "cola"])
+    bank, meta = load_bank(path)
+    sub, names = B.leave_one_out_bank(bank, meta, "rte")
+    assert names == ["sst2", "mrpc", "cola"] and sub[:, 0, 0].tolist() == [0.0, 2.0, 3.0]
+    sub, names = B.leave_one_out_bank(bank, meta, "qnli")          # not in the bank: everything
+    assert names == ["sst2", "rte", "mrpc", "cola"]
+
+
+# ---- table arithmetic ----------------------------------------------------------------------------------
+def _rec(m, t, k, seed, test):
+    return {"method": m, "task": t, "k": k, "seed": seed, "test": test, "val": 0.0, "lr": 0.1}
+
+
+def test_table_mean_std_and_average_row():
+    recs = [_rec("pt", "sst2", 16, 0, 0.80), _rec("pt", "sst2", 16, 1, 0.90), _rec("pt", "sst2", 16, 2, 0.70),
+            _rec("pt", "rte", 16, 0, 0.50), _rec("pt", "rte", 16, 1, 0.60), _rec("pt", "rte", 16, 2, 0.55),
+            _rec("crosspt_cat", "sst2", 16, 0, 0.85), _rec("crosspt_cat", "rte", 16, 0, 0.65)]
+    table = B.summarize(recs, ["pt", "crosspt_cat", "mpt"], ["sst2", "rte"], [16, 32])
+    c = table["cells"]["pt|sst2|16"]
+    assert c["mean"] == pytest.approx(0.8) and c["std"] == pytest.approx(0.1) and c["n"] == 3
+    avg = table["avg"]["pt|16"]                                        # per seed: .65, .75, .625
+    assert avg["mean"] == pytest.approx(statistics.fmean([0.65, 0.75, 0.625]))
+    assert avg["std"] == pytest.approx(statistics.stdev([0.65, 0.75, 0.625]))
+    assert avg["mean"] == pytest.approx(statistics.fmean([0.8, 0.55]))  # = mean of the task means
+    assert table["avg"]["crosspt_cat|16"] == {"mean": pytest.approx(0.75), "std": 0.0, "n": 1,
+                                              "seeds": {"0": pytest.approx(0.75)}}
+    assert "pt|32" not in table["avg"] and "mpt|16" not in table["avg"]
+    text = B.format_table(table, na={"mpt": "not supported"})
+    assert "| sst2 | PT (ours) | 80.0 ± 10.0 | n/a |" in text
+    assert "| rte | MPT (PEFT) | n/a: not supported | n/a: not supported |" in text
+    assert "| **avg** | PT (ours) | **67.5 ± 6.6** | **n/a** |" in text
+    assert B.mean_std([0.5]) == (0.5, 0.0)
+    v = B.verdict(table)
+    assert any("CrossPT cat beats PT (ours)" in x for x in v)
+
+
+def test_bar_chart_writes_png(tmp_path):
+    table = B.summarize([_rec("pt", "sst2", 16, 0, 0.8), _rec("crosspt_cat", "sst2", 16, 0, 0.7)],
+                        ["pt", "crosspt_cat"], ["sst2"], [16])
+    p = B.bar_chart(table, tmp_path / "c.png")
+    assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- PEFT reference paths ------------------------------------------------------------------------------
+def _one_batch(backbone, task="rte", n=4):
+    from crosspt.data import Example
+
+    exs = [Example(task, f"{task}/train/{i}", ("a cat sat on the mat", "a cat sat"), i % 2) for i in range(n)]
+    return backbone.collate(exs, train=True)
+
+
+@pytest.mark.parametrize("kind", ["pt", "mpt"])
+def test_peft_encoder_path_trains_only_peft_prompt_and_heads(minilm_path, kind):
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.model import CrossPTModel
+    from crosspt.tasks import resolve_tasks
+
+    bb = load_backbone("minilm", resolve_tasks(["rte"]), max_length=32)
+    reprs = None if not hasattr(bb, "class_reprs") else bb.class_reprs.clone()
+    prompt, bb = B.attach_peft(bb, kind, 3, n_tasks=1)
+    model = CrossPTModel(prompt, bb)
+    loss = model(_one_batch(bb))
+    loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("prompt_encoder" in n for n in trainable)
+    assert all("prompt_encoder" in n or n.startswith("backbone.pair_") or n.startswith("backbone.logit")
+               or n.startswith("backbone.reg_") for n in trainable), trainable
+    emb = [p for n, p in model.named_parameters() if "prompt_encoder" in n and "embedding" in n][0]
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert model.predict(_one_batch(bb)).shape == (4,)
+    if reprs is not None:
+        assert torch.equal(reprs, bb.class_reprs)                     # class sentences stay prompt-free
+
+
+def test_peft_prompt_module_on_seq2seq(tiny_t5_path):
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.model import CrossPTModel
+    from crosspt.tasks import resolve_tasks
+
+    bb = load_backbone(str(tiny_t5_path), resolve_tasks(["rte"]), max_length=32)
+    for kind in ("pt", "mpt"):
+        prompt, bb2 = B.attach_peft(bb, kind, 3, n_tasks=1)
+        model = CrossPTModel(prompt, bb2)
+        loss = model(_one_batch(bb2))
+        loss.backward()
+        assert all(p.grad is not None for p in prompt.encoder.parameters())
+        assert prompt.collapsed(0)[0].shape == (3, 64)
+
+
+# ---- GPU check, CPU mode ------------------------------------------------------------------------------
+def test_gpu_check_tiny_runs_on_cpu(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "jobs" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name in ("ray", "mlflow", "optuna", "datasets"):
+        assert name not in getattr(mod, "__dict__", {})
+    res = mod.main(["--tiny", "--steps", "2", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "step time ratio" in out and res["pt"]["examples_per_s"] > 0
+    assert res["crosspt"]["composed_len"] == res["pt"]["composed_len"]
