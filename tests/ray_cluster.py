@@ -68,7 +68,11 @@ class RayHead:
         self.proc = subprocess.Popen(
             ["ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
              f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
-             "--include-dashboard=true", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
+             "--include-dashboard=true", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+             # own ports for the agents, so another Ray on this machine cannot take them first
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(f"{self.dashboard}/api/version", timeout=180, proc=self.proc)
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,11 @@ def test_ray_job_submit_smoke(ray_head, data_dir, tmp_path):
            "--set", "budget.num_samples=2", "--set", "budget.max_epochs=2", "--set", "base.tasks=[sst2]",
            "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray_results"),
            "--data-dir", str(data_dir), "--summary-json", str(tmp_path / "summary.json")]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(12):      # a fresh head's job agent registers a few seconds after the dashboard answers
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(10)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
     summary = json.loads((tmp_path / "summary.json").read_text())
