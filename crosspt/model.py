@@ -58,7 +58,7 @@ class CrossPTModel(nn.Module):
         keep |= {n for n, _ in self.prompt.named_buffers(prefix="prompt")}
         state = self.state_dict()
         # the source bank is part of the prompt state even when frozen (needed to rebuild the prompt)
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()
+        return {k: v.detach().cpu().clone() for k, v in state.items()
                 if k in keep or k.startswith("prompt.")}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:

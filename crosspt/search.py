@@ -189,18 +189,6 @@ def _read_error(trial) -> str:
         return "trial failed"
 
 
-def init_ray(runtime_env: dict | None = None) -> None:
-    """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
-
-
 def derive_concurrency(space: SearchSpace, cfg: RunConfig) -> int:
     """Trials that fit at once: Train V2 worker groups sit outside Tune's accounting, so a higher value
     than the cluster can place deadlocks the search."""
@@ -248,7 +236,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from crosspt.trainer import preflight
+    from crosspt.trainer import init_ray, preflight
 
     t0 = time.time()
     base = space.base_config()

@@ -282,7 +282,7 @@ def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None
             if o.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], o.grad_clip)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             global_step += 1
         model.prompt.set_step(global_step)
         val = evaluate(model, val_by_task, session, cfg.train.eval_batch_size, cfg.backbone.dtype)
@@ -322,6 +322,7 @@ def _final_result(model, best_state, test_by_task, val, session, cfg, tasks, his
                   trainable, total, t0, chash) -> dict:
     if best_state is not None:
         model.load_trainable_state(best_state)
+    digests = _gather(state_digest(model), session.world_size)   # DDP must leave every rank identical
     test = evaluate(model, test_by_task, session, cfg.train.eval_batch_size, cfg.backbone.dtype)
     val_best = {t.name: {k[len(f"val_{t.name}_"):]: v for k, v in history[best_epoch - history[0]["epoch"]].items()
                          if k.startswith(f"val_{t.name}_")} for t in tasks} if history else (val or {})
@@ -331,7 +332,19 @@ def _final_result(model, best_state, test_by_task, val, session, cfg, tasks, his
         "best_epoch": best_epoch, "epochs_run": len(history), "trainable_params": trainable,
         "total_params": total, "wall_s": time.time() - t0, "config_hash": chash, "seed": cfg.seed,
         "router_weights": model.prompt.task_weights().tolist(), "history": history,
+        "world_size": session.world_size, "rank_state_digests": digests,
     }
+
+
+def state_digest(model: CrossPTModel) -> str:
+    """sha256 of every learned tensor (bit-exact comparison of ranks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.trainable_state().items()):
+        h.update(k.encode())
+        h.update(v.float().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -31,6 +31,18 @@ def preflight(cfg: RunConfig) -> None:
     prepare_data(cfg)
 
 
+def init_ray(runtime_env: dict | None = None) -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+
+
 def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | None = None,
           on_report=None, max_failures: int = 0, callbacks=None) -> dict:
     """Run one configuration to the end; returns the loop's final result dict."""
@@ -53,9 +65,7 @@ def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures:
 
     from crosspt.train_loop import ray_worker_loop
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+    init_ray()
     s = cfg.scaling
     trainer = TorchTrainer(
         ray_worker_loop,
