@@ -1,0 +1,176 @@
+"""Source-prompt pre-training: one vanilla prompt per source task, trained in parallel as Ray tasks,
+collected into a bank (`crosspt.artifacts.save_bank`), logged to MLflow and registered as a versioned
+model that searches name as `models:/NAME@current`.
+
+Each source task is a single-task run of the one config schema with the CrossPT parts switched off
+(`prompt.n_sources=0`, `prompt.private_len = prompt.source_len`, task router, no bank): its learned
+private prompt `[L_s, d]` IS the source prompt. The run loop is the same `run_loop` the trainer uses,
+in-process inside each Ray task with a `LocalSession` (its checkpoints go to `<output>/<task>/`).
+Ray asks `scaling.cpus_per_worker` CPUs (and one GPU with `scaling.use_gpu`) per task, so the tasks
+run side by side as far as the cluster allows.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crosspt.config import RunConfig, build_config, config_hash, config_to_dict, config_to_yaml, flatten
+
+BANK_FILE = "sources.safetensors"
+
+
+def source_config(cfg: RunConfig, task: str) -> RunConfig:
+    """The single-task vanilla prompt-tuning config that trains `task`'s source prompt."""
+    tree = config_to_dict(cfg)
+    tree["name"] = f"{cfg.name}-source-{task}"
+    tree["tasks"] = [task]
+    p = tree["prompt"]
+    p.update(n_sources=0, private_len=p["source_len"], top_k=None, source_bank=None, learn_sources=False,
+             router="task", composition="cat")
+    if p["init"] == "source":
+        p["init"] = "vocab"
+    tree["scaling"].update(num_workers=1, in_process=True)
+    return build_config(tree, f"source config for '{task}'")
+
+
+def train_source(cfg_tree: dict, output_dir: str) -> dict:
+    """Body of one Ray task: train one source prompt in-process; return it with the run's metrics."""
+    from crosspt.artifacts import load_prompt_artifact
+    from crosspt.train_loop import BEST_FILE, LocalSession, run_loop
+
+    cfg = RunConfig.model_validate(cfg_tree)
+    task = cfg.tasks[0]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    session = LocalSession(out, use_gpu=cfg.scaling.use_gpu, keep=1)
+    result = run_loop(cfg, session)
+    final = session.checkpoints[-1] / BEST_FILE          # the last checkpoint holds the best epoch's prompts
+    tensors, meta = load_prompt_artifact(final)
+    prompt = tensors["prompt.private.prompts"][0].float().contiguous()      # [L, d]
+    (out / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str))
+    return {"task": task, "prompt": prompt.numpy(), "result": {k: v for k, v in result.items() if k != "history"},
+            "history": result.get("history", []), "output_dir": str(out)}
+
+
+def pretrain_sources(cfg: RunConfig, *, tasks: list[str] | None = None, data_dir: str | None = None,
+                     output_dir: str | Path | None = None, tracking_uri: str | None = None,
+                     experiment: str | None = None, model_name: str | None = "glue-sources",
+                     alias: str = "current", on_task_done=None) -> dict:
+    """Train one source prompt per task in parallel (Ray), save the bank, log it, register it.
+
+    Returns {"bank_path", "tasks", "metrics", "run_id", "experiment_id", "tracking_uri", "model_name",
+    "version", "model_uri", "wall_s"}; `model_name=None` skips registration."""
+    import ray
+
+    from crosspt import tracking as T
+    from crosspt.artifacts import load_bank, save_bank
+    from crosspt.registry import _check_alias_name, register_bank
+    from crosspt.trainer import preflight, resolve_data_dir
+    try:
+        from crosspt.trainer import init_ray
+    except ImportError:                       # older layout: the search driver owns it
+        from crosspt.search import init_ray
+
+    t0 = time.time()
+    if tasks:
+        cfg = cfg.model_copy(update={"tasks": list(tasks)}, deep=True)
+        cfg = build_config(config_to_dict(cfg), "config")
+    if data_dir:
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.data_dir = str(Path(data_dir).expanduser().resolve())
+    cfg = resolve_data_dir(cfg)
+    if model_name:
+        _check_alias_name(alias)
+    names = list(cfg.tasks)
+    configs = {t: source_config(cfg, t) for t in names}
+    for t, c in configs.items():                       # unknown task/backbone/missing data: fail now
+        preflight(c)
+    uri = T.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    T.check_reachable(uri)
+    exp_name = experiment or (cfg.tracking.experiment if cfg.tracking.experiment != "crosspt" else "crosspt-sources")
+    out = Path(output_dir or Path("crosspt_runs") / f"{cfg.name}-sources-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    exp_id = T.ensure_experiment(uri, exp_name)
+    c = T.client(uri)
+    parent = c.create_run(exp_id, run_name=f"sources-{'-'.join(names)}",
+                          tags={"crosspt.kind": "source-pretraining", "crosspt.source_tasks": ",".join(names)})
+    run_id = parent.info.run_id
+    try:
+        T.log_params(c, run_id, {**flatten(config_to_dict(cfg)), "sources.tasks": ",".join(names),
+                                 "config_hash": config_hash(cfg)})
+        c.log_text(run_id, config_to_yaml(cfg), "config.yaml")
+        init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
+                                           **({"CROSSPT_DATA_DIR": cfg.data.data_dir} if cfg.data.data_dir else {})}})
+        s = cfg.scaling
+        remote = ray.remote(train_source)
+        refs = {remote.options(num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0,
+                               name=f"pretrain-source-{t}").remote(configs[t].model_dump(mode="json"), str(out / t)): t
+                for t in names}
+        done: dict[str, dict] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            res = ray.get(ready[0])
+            done[res["task"]] = res
+            if on_task_done:
+                on_task_done(res)
+        bank = torch.stack([torch.tensor(np.array(done[t]["prompt"], dtype=np.float32)) for t in names])  # [n, L, d]
+        metrics = {t: {"best_val_score": done[t]["result"]["best_val_score"],
+                       "test_score": done[t]["result"]["test_score"],
+                       "best_epoch": done[t]["result"]["best_epoch"],
+                       **{f"val_{k}": v for k, v in done[t]["result"]["metrics"][t]["val"].items()},
+                       **{f"test_{k}": v for k, v in done[t]["result"]["metrics"][t]["test"].items()}}
+                   for t in names}
+        bank_path = save_bank(out / BANK_FILE, bank, backbone=cfg.backbone.name, tasks=names, metrics=metrics,
+                              extra={"config_hash": config_hash(cfg), "seed": cfg.seed, "shots": cfg.data.shots,
+                                     "label_semantics": cfg.prompt.label_semantics, "prefix": cfg.prompt.prefix,
+                                     "run_id": run_id})
+        load_bank(bank_path)                                                        # round-trip check
+        flat = {f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()}
+        flat["mean_test_score"] = sum(m["test_score"] for m in metrics.values()) / len(metrics)
+        flat["wall_s"] = time.time() - t0
+        T.log_metrics(c, run_id, flat)
+        for t in names:
+            for h in done[t]["history"]:
+                T.log_metrics(c, run_id, {f"{t}_val_score": h["val_score"], f"{t}_train_loss": h["train_loss"]},
+                              step=int(h["epoch"]))
+            c.log_artifact(run_id, str(Path(done[t]["output_dir"]) / "result.json"), f"results/{t}")
+        c.log_artifact(run_id, str(bank_path), "bank")
+        summary = {"bank_path": str(bank_path), "tasks": names, "metrics": metrics, "run_id": run_id,
+                   "experiment": exp_name, "experiment_id": exp_id, "tracking_uri": uri,
+                   "source_len": int(bank.shape[1]), "dim": int(bank.shape[2]), "backbone": cfg.backbone.name,
+                   "model_name": None, "version": None, "model_uri": None}
+        if model_name:
+            mv = register_bank(uri, run_id, model_name, alias=alias,
+                               tags={"backbone": cfg.backbone.name, "tasks": ",".join(names),
+                                     "source_len": str(bank.shape[1]), "dim": str(bank.shape[2]),
+                                     "config_hash": config_hash(cfg)},
+                               description=f"source prompts for {', '.join(names)} on {cfg.backbone.name}")
+            summary.update(model_name=model_name, version=str(mv.version), model_uri=f"models:/{model_name}@{alias}")
+            c.set_tag(run_id, "crosspt.registered", f"{model_name}/{mv.version}")
+        summary["wall_s"] = time.time() - t0
+        c.set_terminated(run_id, "FINISHED")
+        return summary
+    except BaseException as e:
+        c.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+        c.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'source task':<14}{'best val':>10}{'test':>10}"]
+    for t, m in summary["metrics"].items():
+        lines.append(f"{t:<14}{m['best_val_score']:>10.4f}{m['test_score']:>10.4f}")
+    lines.append(f"bank [{len(summary['tasks'])}, {summary['source_len']}, {summary['dim']}] -> {summary['bank_path']}")
+    lines.append(f"MLflow: {summary['tracking_uri']}  experiment '{summary['experiment']}'  run {summary['run_id']}")
+    if summary.get("model_uri"):
+        lines.append(f"registered {summary['model_name']} version {summary['version']}: {summary['model_uri']}")
+    lines.append(f"wall {summary['wall_s']:.1f}s")
+    return "\n".join(lines)
