@@ -163,7 +163,7 @@ class CrossPTPrompt(nn.Module):
         if tuple(bank.shape) != (spec.n_sources, spec.source_len, spec.dim):
             raise ValueError(f"source bank has shape {tuple(bank.shape)}, config expects "
                              f"({spec.n_sources}, {spec.source_len}, {spec.dim})")
-        self.bank = SourceBank(bank, learn=spec.learn_sources)
+        self.bank = SourceBank(bank, learn=spec.learn_sources and spec.n_sources > 0)
         source_for_init = bank.mean(0) if spec.n_sources else None
         private = init_prompt((spec.n_tasks, spec.private_len, spec.dim), spec.init,
                               word_embeddings=word_embeddings, text_ids=init_text_ids,

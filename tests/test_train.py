@@ -67,17 +67,18 @@ def test_resume_from_mid_run_checkpoint_continues_that_run(tiny_t5_path, data_di
 
 
 @pytest.mark.slow
-def test_two_worker_ddp_matches_one_worker(ray_head, tiny_t5_path, data_dir, tmp_path):
+def test_two_worker_ddp_matches_one_worker(ray_head, minilm_path, data_dir, tmp_path):
     """Same global batch: 2 DDP workers (gloo) end with identical prompts on both ranks and reach the
-    1-worker run's validation metric within 2 points."""
-    one = train(tiny_cfg(tiny_t5_path, data_dir, **{"scaling.num_workers": 1, "scaling.in_process": False}),
-                output_dir=tmp_path / "w1")
-    two = train(tiny_cfg(tiny_t5_path, data_dir, **{"scaling.num_workers": 2, "scaling.in_process": False}),
-                output_dir=tmp_path / "w2")
-    assert two["world_size"] == 2 and len(set(two["rank_state_digests"])) == 1
-    assert abs(two["best_val_score"] - one["best_val_score"]) <= 0.02
+    1-worker run's validation metric within 2 points (real MiniLM, real SST-2/RTE rows)."""
+    common = {"backbone.name": "minilm", "data.val_shots": 32, "train.epochs": 3, "prompt.n_sources": 0,
+              "prompt.private_len": 8, "optim.prompt_lr": 0.01, "scaling.in_process": False}
+    one = train(tiny_cfg(minilm_path, data_dir, **common, **{"scaling.num_workers": 1}), output_dir=tmp_path / "w1")
+    two = train(tiny_cfg(minilm_path, data_dir, **common, **{"scaling.num_workers": 2}), output_dir=tmp_path / "w2")
     hist1 = [h["val_score"] for h in one["history"]]
     hist2 = [h["val_score"] for h in two["history"]]
+    print("val per epoch, 1 worker:", hist1, "2 workers:", hist2)
+    assert two["world_size"] == 2 and len(set(two["rank_state_digests"])) == 1
+    assert abs(two["best_val_score"] - one["best_val_score"]) <= 0.02
     assert max(abs(a - b) for a, b in zip(hist1, hist2)) <= 0.02
 
 
