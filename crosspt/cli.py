@@ -48,6 +48,10 @@ def cmd_train(args) -> int:
     from crosspt.trainer import preflight, resolve_data_dir, train
 
     cfg = resolve_data_dir(load_config(args.config, flag_overrides(args)))
+    if cfg.prompt.source_bank and cfg.prompt.source_bank.startswith("models:/"):
+        from crosspt.registry import resolve_bank   # a registered bank: download it once, train from the file
+
+        cfg.prompt.source_bank = resolve_bank(cfg.prompt.source_bank, cfg.tracking.tracking_uri)
     preflight(cfg)
     out_dir = Path(args.output_dir or Path("crosspt_runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
