@@ -12,7 +12,7 @@ install:
 
 # the main job: a small search on the embedded default (local Ray, sqlite MLflow, offline MiniLM)
 demo: install
-	$(PY) jobs/search_glue.py --space search_spaces/smoke.yaml
+	$(PY) jobs/search_glue.py --space search_spaces/smoke.yaml --overwrite
 
 # one configuration, one Ray Train run, real few-shot GLUE rows
 train-demo: install
