@@ -319,10 +319,10 @@ def build_bench_model(job: dict, cfg, tasks):
 def _spot_choose(job: dict, s: BenchSettings) -> tuple[torch.Tensor, str, dict]:
     """SPoT's source choice: each source prompt, used as the target's prompt untrained, scored on the
     target's validation split; the best one wins (ties: bank order)."""
-    from crosspt.train_loop import LocalSession, evaluate, prepare_data, score_of
+    from crosspt.train_loop import LocalSession, evaluate, score_of
 
     cfg = run_config(s, "pt", [job["task"]], job["k"], job["seed"], job["lr"])
-    tasks, splits = prepare_data(cfg)
+    tasks, splits = _prepare_cached(cfg)
     from crosspt.model import build_model
 
     model = build_model(cfg, tasks, backbone=_load_backbone(cfg, tasks))
@@ -336,9 +336,28 @@ def _spot_choose(job: dict, s: BenchSettings) -> tuple[torch.Tensor, str, dict]:
     return job["bank"][job["bank_tasks"].index(best)], best, scores
 
 
+_SPLITS: dict[str, tuple] = {}
+_ORIG_PREPARE: dict[str, Any] = {}
+
+
+def _prepare_cached(cfg):
+    """prepare_data, memoised per process on what determines the splits (the k-shot samples are a pure
+    function of task, k, seed, data dir and max_test; run_loop still draws its own, identical, copy)."""
+    from crosspt.train_loop import prepare_data
+
+    if prepare_data is _prepare_cached:           # called by run_loop while execute_job has patched it in
+        prepare_data = _ORIG_PREPARE["f"]
+    key = json.dumps([cfg.tasks, cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
+    if key not in _SPLITS:
+        if len(_SPLITS) > 64:
+            _SPLITS.clear()
+        _SPLITS[key] = prepare_data(cfg)
+    return _SPLITS[key]
+
+
 def execute_job(job: dict) -> dict:
     """Run one benchmark job (a method on a task, k, seed and lr); returns a plain result record."""
-    from crosspt.train_loop import LocalSession, evaluate, prepare_data, run_loop, score_of
+    from crosspt.train_loop import LocalSession, evaluate, run_loop, score_of
 
     s = BenchSettings(**job["settings"])
     if s.threads:
@@ -355,7 +374,7 @@ def execute_job(job: dict) -> dict:
     if job.get("bank_tasks") and method != "spot":
         extra["sources"] = list(job["bank_tasks"])
     cfg = run_config(s, method, tasks_names, job["k"], job["seed"], job.get("lr") or s.lrs[0], n_sources=n_src)
-    tasks, splits = prepare_data(cfg)
+    tasks, splits = _prepare_cached(cfg)
     model = build_bench_model(job, cfg, tasks)
     out = Path(tempfile.mkdtemp(prefix="crosspt_bench_"))
     try:
@@ -367,7 +386,17 @@ def execute_job(job: dict) -> dict:
                    "best_val_score": score_of(val, tasks), "test_score": score_of(test, tasks),
                    "epochs_run": 0, "best_epoch": -1, "trainable_params": 0, "history": []}
         else:
-            res = run_loop(cfg, LocalSession(out, keep=1), model=model)
+            # run_loop draws its k-shot splits itself; hand it the memoised (identical) ones: reading and
+            # sampling SST-2's 67k rows costs more than a few-shot run
+            import crosspt.train_loop as TL
+
+            orig = TL.prepare_data
+            _ORIG_PREPARE.setdefault("f", orig)
+            TL.prepare_data = _prepare_cached
+            try:
+                res = run_loop(cfg, LocalSession(out, keep=1), model=model)
+            finally:
+                TL.prepare_data = orig
     finally:
         shutil.rmtree(out, ignore_errors=True)
     rec = {"method": method, "task": "+".join(tasks_names), "k": job["k"], "seed": job["seed"],
@@ -678,6 +707,9 @@ def bar_chart(table: dict, path: str | Path, title: str = "few-shot benchmark: a
             if c:
                 ax.text(x, c["mean"] * 100 + 0.5, f"{c['mean'] * 100:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(methods)), [LABELS.get(m, m) for m in methods], rotation=25, ha="right", fontsize=8)
+    lows = [c["mean"] * 100 - c["std"] * 100 for c in table["avg"].values()]
+    if lows:
+        ax.set_ylim(bottom=max(0.0, min(lows) - 10))
     ax.set_ylabel("avg test score (x100)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -717,7 +749,8 @@ def log_to_mlflow(summary: dict, text: str, files: dict[str, Path], *, tracking_
         c.log_artifact(pid, str(path))
     for r in summary["selected"]:
         ch = c.create_run(exp_id, run_name=f"{r['method']}-{r['task']}-k{r['k']}-s{r['seed']}",
-                          tags={"mlflow.parentRunId": pid, "crosspt.method": r["method"]})
+                          tags={"mlflow.parentRunId": pid, "crosspt.method": r["method"],
+                                "crosspt.role": "target" if r["task"] in s["tasks"] else "source"})
         T.log_params(c, ch.info.run_id, {"method": r["method"], "task": r["task"], "k": r["k"], "seed": r["seed"],
                                          "lr": r["lr"], **({"spot_source": r["spot_source"]} if "spot_source" in r else {})})
         T.log_metrics(c, ch.info.run_id, {"val_score": r["val"], "test_score": r["test"], "epochs_run": r["epochs_run"],
@@ -823,4 +856,378 @@ def render_report(summary: dict, name: str) -> str:
                   f"epoch-cost x{est['epoch_ratio']:.1f} vs this run)"]
     lines += ["", "Notes:", ""] + [f"- {n}" for n in summary["notes"]]
     del src
+    return "\n".join(lines) + "\n"
+
+
+# ---- speed / memory / Ray overhead ------------------------------------------------------------------
+class FixedPrompt(EmptyPrompt):
+    """A promoted prompt: one stored tensor `[L, d]` fed as a PT prompt (no router, no composition)."""
+
+    def __init__(self, prompt: torch.Tensor, n_tasks: int = 1):
+        super().__init__(n_tasks, prompt.shape[-1])
+        self.register_buffer("prompt", prompt.detach().clone())
+
+    def forward(self, task_ids, input_embeds=None, input_mask=None):
+        b = task_ids.shape[0]
+        p = self.prompt.unsqueeze(0).expand(b, -1, -1)
+        return p, torch.ones(p.shape[:2], dtype=torch.long, device=p.device), torch.ones(b, 1, device=p.device)
+
+
+def _speed_cfg(s: BenchSettings, task: str, method: str, n_sources: int, *, epochs: int = 1, max_test: int | None = 200,
+               private_len: int | None = None):
+    s2 = BenchSettings(**{**asdict(s), "epochs": epochs, "patience": None, "max_test": max_test})
+    cfg = run_config(s2, method, [task], 16, 0, 0.1, n_sources=n_sources)
+    if private_len is not None:
+        cfg.prompt.private_len = private_len
+    return cfg
+
+
+def _timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def measure_step_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, rounds: int = 6,
+                       steps: int = 8, log=print) -> dict:
+    """Training step (compose + forward + backward + AdamW step) of CrossPT cat vs PT at equal composed
+    length, same process, same batches, alternating blocks; median seconds per step."""
+    from crosspt.data import multitask_batches
+    from crosspt.model import build_model
+
+    L = s.prompt_len
+    composed = (n_sources + 1) * L
+    variants = {"pt": ("pt", 0, composed), "crosspt_cat": ("crosspt_cat", n_sources, L),
+                "attempt_wavg": ("attempt", n_sources, L), "crosspt_wavg": ("crosspt_wavg", n_sources, L)}
+    models, opts = {}, {}
+    for name, (method, ns, pl) in variants.items():
+        cfg = _speed_cfg(s, task, method, ns, private_len=pl)
+        tasks, splits = _prepare_cached(cfg)
+        models[name] = build_model(cfg, tasks, backbone=_load_backbone(cfg, tasks))
+        models[name].train()
+        opts[name] = torch.optim.AdamW(models[name].param_groups(0.1, 0.01))
+    batches = [models["pt"].backbone.collate(b, train=True)
+               for b in multitask_batches({t: sp["train"] for t, sp in splits.items()}, s.batch_size, seed=0)]
+
+    def step(name, batch):
+        m, o = models[name], opts[name]
+        loss = m(batch)
+        o.zero_grad(set_to_none=True)
+        loss.backward()
+        o.step()
+
+    times = {k: [] for k in models}
+    for name in models:                                    # warm-up
+        for b in batches[:2]:
+            step(name, b)
+    order = list(models)
+    for r in range(rounds):                                # interleaved per batch, rotating order: load
+        for i in range(steps):                             # from other processes hits every variant alike
+            b = batches[i % len(batches)]
+            k = (r * steps + i) % len(order)
+            for name in order[k:] + order[:k]:
+                times[name] += _timed(lambda: step(name, b), 1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"task": task, "batch_size": s.batch_size, "composed_len": {k: models[k].prompt.spec.composed_len
+                                                                      for k in models},
+           "median_step_s": med, "steps_each": len(times["pt"]), "threads": torch.get_num_threads(),
+           "ratio_crosspt_cat_vs_pt": med["crosspt_cat"] / med["pt"],
+           "ratio_attempt_wavg_vs_pt": med["attempt_wavg"] / med["pt"],
+           "ratio_crosspt_wavg_vs_pt": med["crosspt_wavg"] / med["pt"]}
+    log(f"step time: PT {med['pt'] * 1e3:.1f} ms, CrossPT cat {med['crosspt_cat'] * 1e3:.1f} ms "
+        f"(ratio {res['ratio_crosspt_cat_vs_pt']:.3f})")
+    return res
+
+
+@torch.no_grad()
+def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, rounds: int = 6,
+                            log=print) -> dict:
+    """Forward latency (predict) of a promoted CrossPT prompt (collapsed to one tensor [L, d], fed as a PT
+    prompt) vs a PT model of the same length, same batches; the uncollapsed CrossPT model for reference,
+    and whether the promoted prompt predicts exactly what the uncollapsed model predicts."""
+    from crosspt.data import eval_batches
+    from crosspt.model import CrossPTModel, build_model
+
+    L = s.prompt_len
+    composed = (n_sources + 1) * L
+    cfg_c = _speed_cfg(s, task, "crosspt_cat", n_sources, private_len=L)
+    tasks, splits = _prepare_cached(cfg_c)
+    cross = build_model(cfg_c, tasks, backbone=_load_backbone(cfg_c, tasks))
+    with torch.no_grad():                                  # a trained-looking router: non-uniform weights
+        cross.prompt.router.logits.copy_(torch.linspace(-1, 1, cross.prompt.spec.n_candidates).unsqueeze(0))
+    cfg_p = _speed_cfg(s, task, "pt", 0, private_len=composed)
+    pt = build_model(cfg_p, tasks, backbone=_load_backbone(cfg_p, tasks))
+    collapsed, _ = cross.prompt.collapsed(0)
+    promoted = CrossPTModel(FixedPrompt(collapsed), cross.backbone)
+    for m in (cross, pt, promoted):
+        m.eval()
+    batches = [pt.backbone.collate(b, train=False) for b in eval_batches(splits[task]["test"], s.eval_batch_size)]
+    models = {"pt": pt, "promoted": promoted, "crosspt_uncollapsed": cross}
+    times = {k: [] for k in models}
+    for m in models.values():
+        m.predict(batches[0])
+    order = list(models)
+    for r in range(rounds):
+        for i, b in enumerate(batches):
+            k = (r * len(batches) + i) % len(order)
+            for name in order[k:] + order[:k]:
+                times[name] += _timed(lambda: models[name].predict(b), 1)
+    same = all(torch.equal(promoted.predict(b), cross.predict(b)) for b in batches)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"task": task, "batch_size": s.eval_batch_size, "batches": len(batches), "composed_len": composed,
+           "collapsed_shape": list(collapsed.shape), "median_batch_s": med,
+           "ratio_promoted_vs_pt": med["promoted"] / med["pt"],
+           "ratio_uncollapsed_vs_pt": med["crosspt_uncollapsed"] / med["pt"],
+           "promoted_predictions_identical": same}
+    log(f"inference: PT {med['pt'] * 1e3:.1f} ms/batch, promoted {med['promoted'] * 1e3:.1f} ms/batch "
+        f"(ratio {res['ratio_promoted_vs_pt']:.3f}), identical predictions: {same}")
+    return res
+
+
+def _rss_child(spec_json: str) -> None:
+    """Runs in a fresh interpreter: do one thing, print the peak RSS (MiB) as JSON."""
+    import resource
+
+    spec = json.loads(spec_json)
+    s = BenchSettings(**spec["settings"])
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    what = spec["what"]
+    out: dict[str, Any] = {"what": what}
+    if what != "import":
+        cfg = _speed_cfg(s, spec["task"], spec.get("method", "pt"), spec.get("n_sources", 0),
+                         epochs=spec.get("epochs", 2), max_test=spec.get("max_test", 200),
+                         private_len=spec.get("private_len"))
+        from crosspt.tasks import resolve_tasks
+
+        tasks = resolve_tasks(cfg.tasks)
+        if what in ("backbone", "backbone_data"):
+            from crosspt.data import Example
+            from crosspt.model import CrossPTModel
+
+            bb = _load_backbone(cfg, tasks)
+            if what == "backbone_data":
+                _prepare_cached(cfg)
+            model = CrossPTModel(EmptyPrompt(1, bb.embed_dim), bb).eval()
+            exs = [Example(tasks[0].name, f"x/{i}", ("a short sentence about nothing much",) * len(tasks[0].text_fields),
+                           0) for i in range(s.eval_batch_size)]
+            with torch.no_grad():
+                model.predict(bb.collate(exs, train=False))
+        else:                                                    # a whole trial
+            from crosspt.train_loop import LocalSession, run_loop
+
+            with tempfile.TemporaryDirectory() as d:
+                r = run_loop(cfg, LocalSession(d))
+            out["test_score"] = r["test_score"]
+    out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        status = Path("/proc/self/status").read_text()
+        out["vmhwm_mib"] = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024.0
+    except (OSError, StopIteration):
+        out["vmhwm_mib"] = None
+    print("RSS_JSON " + json.dumps(out))
+
+
+def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epochs: int = 2, log=print) -> dict:
+    """Peak RSS (getrusage maxrss) of fresh subprocesses: interpreter+imports, frozen backbone alone (load +
+    one no-grad batch), backbone + the task's data, a PT trial and a CrossPT cat trial."""
+    import subprocess
+    import sys
+
+    L = s.prompt_len
+    specs = {
+        "import": {"what": "import"},
+        "backbone": {"what": "backbone"},
+        "backbone_data": {"what": "backbone_data"},
+        "trial_pt": {"what": "trial", "method": "pt", "private_len": (n_sources + 1) * L},
+        "trial_crosspt_cat": {"what": "trial", "method": "crosspt_cat", "n_sources": n_sources, "private_len": L},
+    }
+    out, hwm = {}, {}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # Linux carries ru_maxrss across execve from the process that forked the child (here: this big
+    # process), so each measured child is started by a tiny launcher interpreter instead
+    launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    for name, spec in specs.items():
+        spec = {**spec, "settings": asdict(s), "task": task, "epochs": epochs}
+        code = ("import crosspt, torch, transformers\n" if spec["what"] == "import" else "") + \
+            f"from crosspt.benchmark import _rss_child; _rss_child({json.dumps(json.dumps(spec))})"
+        p = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", code], capture_output=True,
+                           text=True, env=env, timeout=900)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RSS_JSON ")]
+        if p.returncode or not line:
+            raise RuntimeError(f"RSS child '{name}' failed: {p.stderr[-2000:]}")
+        got = json.loads(line[-1][len("RSS_JSON "):])
+        out[name], hwm[name] = got["maxrss_mib"], got.get("vmhwm_mib")
+        log(f"peak RSS {name}: getrusage maxrss {out[name]:.0f} MiB, VmHWM {hwm[name]} MiB")
+    return {"maxrss_mib": out, "vmhwm_mib": hwm, "task": task, "epochs": epochs,
+            "ratio_trial_vs_backbone": out["trial_crosspt_cat"] / out["backbone"],
+            "ratio_trial_vs_backbone_data": out["trial_crosspt_cat"] / out["backbone_data"],
+            "ratio_crosspt_trial_vs_pt_trial": out["trial_crosspt_cat"] / out["trial_pt"]}
+
+
+def _init_ray_local() -> float:
+    """Join $RAY_ADDRESS, else start a private local Ray (never attach to someone else's); seconds taken."""
+    import ray
+
+    t = time.time()
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     configure_logging=False)
+    return time.time() - t
+
+
+def measure_ray_overhead(s: BenchSettings, out_dir: Path, *, task: str = "rte", n_trials: int = 3,
+                         epochs: int = 12, lrs: Sequence[float] = (0.3, 0.1, 0.03, 0.01, 0.003), log=print) -> dict:
+    """N short trials through crosspt.search.run_search (random searcher, FIFO, one trial at a time) vs the
+    same configurations through run_loop in a plain loop; in_process true and false."""
+    from crosspt.search import run_search
+    from crosspt.search_space import SearchSpace
+    from crosspt.train_loop import LocalSession, run_loop
+
+    cpus = s.threads or os.cpu_count() or 1          # Ray gives a trial OMP_NUM_THREADS = its CPUs
+    torch.set_num_threads(cpus)
+    points = [{"optim.prompt_lr": float(lrs[i % len(lrs)])} for i in range(n_trials)]
+
+    def space(in_process: bool, name: str) -> SearchSpace:
+        return SearchSpace.model_validate({
+            "name": name,
+            "base": {"tasks": [task], "seed": 0, "backbone": {"name": s.backbone, "max_length": s.max_length},
+                     "data": {"shots": 16, "max_test": 200, "data_dir": s.data_dir},
+                     "prompt": {"n_sources": 0, "private_len": s.prompt_len},
+                     "train": {"epochs": epochs, "batch_size": s.batch_size, "patience": None,
+                               "checkpoint_every": epochs},
+                     "scaling": {"num_workers": 1, "cpus_per_worker": cpus, "in_process": in_process}},
+            "space": {"optim.prompt_lr": {"type": "choice", "values": sorted({p["optim.prompt_lr"] for p in points})}},
+            "objective": {"metric": "best_val_score", "mode": "max"},
+            "budget": {"num_samples": n_trials},
+            "scheduler": {"type": "fifo"},
+            "search": {"algorithm": "random", "seed": 0, "points": points},
+            "resources": {"max_concurrent_trials": 1},
+        })
+
+    # plain loop
+    sp = space(True, "plain")
+    t = time.time()
+    plain = []
+    for p in points:
+        cfg = sp.config_for(p)
+        with tempfile.TemporaryDirectory() as d:
+            tt = time.time()
+            r = run_loop(cfg, LocalSession(d))
+        plain.append({"lr": p["optim.prompt_lr"], "best_val_score": r["best_val_score"], "test_score": r["test_score"],
+                      "wall_s": time.time() - tt})
+    plain_s = time.time() - t
+    per_trial = ", ".join(f"{x['wall_s']:.1f}s" for x in plain)
+    log(f"plain loop: {n_trials} trials in {plain_s:.1f}s ({per_trial}), "
+        f"torch threads {torch.get_num_threads()}")
+    init_s = _init_ray_local()
+    log(f"ray init: {init_s:.1f}s")
+    root = Path(out_dir) / "ray_overhead"
+    uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    root.mkdir(parents=True, exist_ok=True)
+    res = {"task": task, "trials": n_trials, "epochs": epochs, "cpus_per_trial": cpus, "plain_s": plain_s,
+           "plain": plain, "ray_init_s": init_s, "concurrency": 1}
+    for in_process in (False, True):
+        key = "in_process" if in_process else "worker_group"
+        t = time.time()
+        summ = run_search(space(in_process, f"overhead-{key}"), data_dir=s.data_dir, tracking_uri=uri,
+                          storage_path=str(root / "ray_results"), overwrite=True, verbose=0)
+        wall = time.time() - t
+        rows = sorted(summ["trials"], key=lambda x: x["params"].get("optim.prompt_lr", 0))
+        res[key] = {"wall_s": wall, "ratio_vs_plain": wall / plain_s, "failed": summ["num_failed"],
+                    "trials": [{"lr": x["params"].get("optim.prompt_lr"), "best_val_score": x.get("best_val_score"),
+                                "test_score": x.get("test_score")} for x in rows]}
+        log(f"run_search in_process={in_process}: {wall:.1f}s, ratio vs plain {wall / plain_s:.3f}")
+    ps = sorted(plain, key=lambda x: x["lr"])
+
+    def same(a, b):
+        return [(x["lr"], x["best_val_score"], x["test_score"]) for x in a] == \
+            [(x["lr"], x["best_val_score"], x["test_score"]) for x in b]
+
+    res["identical_in_process_vs_worker_group"] = same(res["in_process"]["trials"], res["worker_group"]["trials"])
+    res["identical_in_process_vs_plain"] = same(res["in_process"]["trials"], ps)
+    res["identical_worker_group_vs_plain"] = same(res["worker_group"]["trials"], ps)
+    import ray
+
+    ray.shutdown()
+    return res
+
+
+def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray_epochs: int = 12,
+              skip_ray: bool = False, log=print) -> dict:
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    res: dict[str, Any] = {"settings": asdict(s), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    res["step"] = measure_step_ratio(s, log=log)
+    res["inference"] = measure_inference_ratio(s, log=log)
+    res["rss"] = measure_rss(s, log=log)
+    if not skip_ray:
+        res["ray"] = measure_ray_overhead(s, out_dir, n_trials=ray_trials, epochs=ray_epochs, log=log)
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def render_speed(res: dict) -> str:
+    st, inf, rss = res["step"], res["inference"], res["rss"]
+    ms = st["median_step_s"]
+    cl = st["composed_len"]
+    lines = ["# Speed and memory (same process, same batches)", "",
+             f"machine: {res['cpus']} CPUs, torch threads {res['torch_threads']}; backbone {res['settings']['backbone']}, "
+             f"task {st['task']}, batch {st['batch_size']}", "",
+             "| measurement | value | target |", "|---|---|---|",
+             f"| train step PT (L={cl['pt']}) | {ms['pt'] * 1e3:.1f} ms | |",
+             f"| train step CrossPT cat (4x{res['settings']['prompt_len']} + {res['settings']['prompt_len']} = "
+             f"{cl['crosspt_cat']}) | {ms['crosspt_cat'] * 1e3:.1f} ms | |",
+             f"| **step ratio CrossPT cat / PT (equal composed length)** | **{st['ratio_crosspt_cat_vs_pt']:.3f}** | <= 1.10 |",
+             f"| step ratio ATTEMPT-style wavg (L={cl['attempt_wavg']}) / PT (L={cl['pt']}) | "
+             f"{st['ratio_attempt_wavg_vs_pt']:.3f} | (info: shorter prompt) |",
+             f"| step ratio CrossPT wavg (L={cl['crosspt_wavg']}) / PT (L={cl['pt']}) | "
+             f"{st['ratio_crosspt_wavg_vs_pt']:.3f} | (info: shorter prompt) |",
+             f"| predict PT (L={inf['composed_len']}, batch {inf['batch_size']}) | {inf['median_batch_s']['pt'] * 1e3:.1f} ms | |",
+             f"| predict promoted (collapsed {inf['collapsed_shape']}) | {inf['median_batch_s']['promoted'] * 1e3:.1f} ms | |",
+             f"| **inference ratio promoted / PT** | **{inf['ratio_promoted_vs_pt']:.3f}** | <= 1.02 |",
+             f"| inference ratio uncollapsed CrossPT / PT | {inf['ratio_uncollapsed_vs_pt']:.3f} | (info) |",
+             f"| promoted predictions identical to uncollapsed | {inf['promoted_predictions_identical']} | True |"]
+    m, h = rss["maxrss_mib"], rss.get("vmhwm_mib") or {}
+
+    def both(k):
+        return f"{m[k]:.0f} MiB" + (f" (VmHWM {h[k]:.0f})" if h.get(k) else "")
+
+    lines += [f"| peak RSS interpreter + imports | {both('import')} | |",
+              f"| peak RSS frozen backbone alone (load + 1 no-grad batch) | {both('backbone')} | |",
+              f"| peak RSS backbone + {rss['task']} data | {both('backbone_data')} | |",
+              f"| peak RSS PT trial ({rss['epochs']} epochs) | {both('trial_pt')} | |",
+              f"| peak RSS CrossPT cat trial ({rss['epochs']} epochs) | {both('trial_crosspt_cat')} | |",
+              f"| **RSS ratio trial / backbone alone** | **{rss['ratio_trial_vs_backbone']:.3f}** | <= 1.20 |",
+              f"| RSS ratio trial / backbone + data | {rss['ratio_trial_vs_backbone_data']:.3f} | (info) |",
+              f"| RSS ratio CrossPT trial / PT trial | {rss['ratio_crosspt_trial_vs_pt_trial']:.3f} | (info) |"]
+    ray = res.get("ray")
+    if ray:
+        per_trial = ", ".join(f"{x['wall_s']:.1f}" for x in ray["plain"])
+        lines += [f"| plain loop: {ray['trials']} trials x {ray['epochs']} epochs ({ray['task']}) | {ray['plain_s']:.1f} s "
+                  f"(per trial {per_trial} s) | trials >= 30 s |",
+                  f"| ray.init (not counted below) | {ray['ray_init_s']:.1f} s | |",
+                  f"| run_search, in_process=false (worker group per trial) — before | {ray['worker_group']['wall_s']:.1f} s | |",
+                  f"| **Ray overhead ratio, in_process=false** | **{ray['worker_group']['ratio_vs_plain']:.3f}** | <= 1.15 |",
+                  f"| run_search, in_process=true (loop inside the Tune trial) — after | {ray['in_process']['wall_s']:.1f} s | |",
+                  f"| **Ray overhead ratio, in_process=true** | **{ray['in_process']['ratio_vs_plain']:.3f}** | <= 1.15 |",
+                  f"| identical val/test scores in-process vs worker group | {ray['identical_in_process_vs_worker_group']} | True |",
+                  f"| identical val/test scores in-process vs plain loop | {ray['identical_in_process_vs_plain']} | (info) |"]
+        lines += ["", "Per-trial scores (lr: best val / test):", ""]
+        for key in ("plain", "in_process", "worker_group"):
+            rows = ray[key] if key == "plain" else ray[key]["trials"]
+            lines.append(f"- {key}: " + "; ".join(f"{x['lr']}: {x['best_val_score']:.4f} / {x['test_score']:.4f}"
+                                                 for x in sorted(rows, key=lambda x: x["lr"])))
+        lines += ["", "run_search includes its MLflow logging (sqlite) and Tune bookkeeping; trials run one at a "
+                  f"time with {ray['cpus_per_trial']} CPUs each (the plain loop uses the same threads)."]
+    lines += ["", f"wall {res['wall_s']:.0f}s"]
     return "\n".join(lines) + "\n"

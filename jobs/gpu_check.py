@@ -46,13 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="alternating PT / CrossPT blocks")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
+                   help="frozen weights kept in fp32 (bf16 autocast casts them each step) or stored in bf16")
+    p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa | eager)")
     a = p.parse_args(argv)
     if a.tiny:
         a.batch, a.seq, a.target_len, a.sources, a.source_len, a.private_len = 4, 16, 2, 2, 3, 3
     return a
 
 
-def build_model(tiny: bool):
+def build_model(tiny: bool, attn: str = "sdpa"):
     from transformers import T5Config, T5ForConditionalGeneration
 
     if tiny:
@@ -62,6 +65,7 @@ def build_model(tiny: bool):
         cfg = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12,
                        num_heads=12, dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
                        decoder_start_token_id=0, tie_word_embeddings=True)
+    cfg._attn_implementation = attn
     torch.manual_seed(0)
     return T5ForConditionalGeneration(cfg)
 
@@ -99,7 +103,9 @@ def main(argv=None) -> dict:
     use_gpu = torch.cuda.is_available() and not a.cpu
     device = torch.device("cuda" if use_gpu else "cpu")
     t0 = time.time()
-    model = build_model(a.tiny)
+    model = build_model(a.tiny, a.attn)
+    if a.weights == "bf16":
+        model = model.to(torch.bfloat16)
     pc = param_counts(model)
     backbone = Seq2SeqBackbone(model, None, [get_task("sst2")], name="t5-base-shaped-random").to(device)
     d = model.config.d_model
@@ -157,7 +163,8 @@ def main(argv=None) -> dict:
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
     enc_tokens, dec_tokens = composed + a.seq, a.target_len
     flops = step_flops(pc, a.batch, enc_tokens, dec_tokens)
-    res = {"device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "dtype": "bf16 autocast" if use_gpu else "fp32",
+    dtype = ("bf16 autocast" if use_gpu else "fp32") + f", {a.weights} weights, attention {model.config._attn_implementation}"
+    res = {"device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "dtype": dtype,
            "params": pc, "batch": a.batch, "seq": a.seq, "target_len": a.target_len, "build_s": build_s,
            "flops_per_step": flops, "weights_bytes": weights_mem}
     for name in prompts:
