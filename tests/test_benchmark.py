@@ -214,3 +214,15 @@ def test_gpu_check_tiny_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "step time ratio" in out and res["pt"]["examples_per_s"] > 0
     assert res["crosspt"]["composed_len"] == res["pt"]["composed_len"]
+
+
+# ---- speed mode pieces ---------------------------------------------------------------------------------
+def test_promoted_prompt_predicts_like_the_composed_model_and_step_timing_runs(data_dir, tiny_t5_path):
+    s = _settings(data_dir, backbone=tiny_t5_path, max_test=8, eval_batch_size=4)
+    inf = B.measure_inference_ratio(s, rounds=1, log=lambda m: None)
+    assert inf["promoted_predictions_identical"] is True
+    assert inf["collapsed_shape"] == [5 * s.prompt_len, 64]
+    assert inf["ratio_promoted_vs_pt"] > 0
+    st = B.measure_step_ratio(s, rounds=1, steps=1, log=lambda m: None)
+    assert st["composed_len"]["pt"] == st["composed_len"]["crosspt_cat"] == 5 * s.prompt_len
+    assert st["ratio_crosspt_cat_vs_pt"] > 0
