@@ -55,13 +55,26 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, meta
 
 
+def same_backbone(a: Any, b: Any) -> bool:
+    """Backbone names as written in a config: equal, the same local folder, or a hub id and a local
+    folder of the same name (`google/t5-base-lm-adapt` vs `/models/t5-base-lm-adapt`)."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str) or not a or not b:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.is_dir() and pb.is_dir():
+        return pa.resolve() == pb.resolve()
+    return (pa.is_dir() or pb.is_dir()) and pa.name == pb.name
+
+
 def check_meta(meta: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
     """Refuse an artifact whose metadata disagrees with the config that loads it."""
     for key, want in expected.items():
         if want is None:
             continue
         have = meta.get(key)
-        if have != want:
+        if have != want and not (key == "backbone" and same_backbone(have, want)):
             raise ArtifactError(f"{path}: {key} is {have!r} in the artifact but {want!r} in the config")
 
 

@@ -941,7 +941,7 @@ def measure_step_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int =
 
 
 @torch.no_grad()
-def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, rounds: int = 6,
+def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, rounds: int = 20,
                             log=print) -> dict:
     """Forward latency (predict) of a promoted CrossPT prompt (collapsed to one tensor [L, d], fed as a PT
     prompt) vs a PT model of the same length, same batches; the uncollapsed CrossPT model for reference,
@@ -979,7 +979,7 @@ def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: 
            "collapsed_shape": list(collapsed.shape), "median_batch_s": med,
            "ratio_promoted_vs_pt": med["promoted"] / med["pt"],
            "ratio_uncollapsed_vs_pt": med["crosspt_uncollapsed"] / med["pt"],
-           "promoted_predictions_identical": same}
+           "promoted_predictions_identical": same, "samples_each": len(times["pt"])}
     log(f"inference: PT {med['pt'] * 1e3:.1f} ms/batch, promoted {med['promoted'] * 1e3:.1f} ms/batch "
         f"(ratio {res['ratio_promoted_vs_pt']:.3f}), identical predictions: {same}")
     return res
@@ -1181,31 +1181,38 @@ def measure_ray_overhead(s: BenchSettings, out_dir: Path, *, task: str = "rte", 
     return res
 
 
+SPEED_PARTS = ("step", "inference", "rss", "ray")
+
+
 def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray_epochs: int = 12,
-              skip_ray: bool = False, log=print) -> dict:
+              skip_ray: bool = False, parts: Sequence[str] = SPEED_PARTS, log=print) -> dict:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if s.threads:
         torch.set_num_threads(int(s.threads))
     res: dict[str, Any] = {"settings": asdict(s), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    res["step"] = measure_step_ratio(s, log=log)
-    res["inference"] = measure_inference_ratio(s, log=log)
-    res["rss"] = measure_rss(s, log=log)
-    if not skip_ray:
+    if "step" in parts:
+        res["step"] = measure_step_ratio(s, log=log)
+    if "inference" in parts:
+        res["inference"] = measure_inference_ratio(s, log=log)
+    if "rss" in parts:
+        res["rss"] = measure_rss(s, log=log)
+    if "ray" in parts and not skip_ray:
         res["ray"] = measure_ray_overhead(s, out_dir, n_trials=ray_trials, epochs=ray_epochs, log=log)
     res["wall_s"] = time.time() - t0
     return res
 
 
 def render_speed(res: dict) -> str:
-    st, inf, rss = res["step"], res["inference"], res["rss"]
-    ms = st["median_step_s"]
-    cl = st["composed_len"]
+    st, inf, rss = res.get("step"), res.get("inference"), res.get("rss")
     lines = ["# Speed and memory (same process, same batches)", "",
              f"machine: {res['cpus']} CPUs, torch threads {res['torch_threads']}; backbone {res['settings']['backbone']}, "
-             f"task {st['task']}, batch {st['batch_size']}", "",
-             "| measurement | value | target |", "|---|---|---|",
+             f"batch {res['settings']['batch_size']} (train) / {res['settings']['eval_batch_size']} (predict)", "",
+             "| measurement | value | target |", "|---|---|---|"]
+    if st:
+        ms, cl = st["median_step_s"], st["composed_len"]
+        lines += [
              f"| train step PT (L={cl['pt']}) | {ms['pt'] * 1e3:.1f} ms | |",
              f"| train step CrossPT cat (4x{res['settings']['prompt_len']} + {res['settings']['prompt_len']} = "
              f"{cl['crosspt_cat']}) | {ms['crosspt_cat'] * 1e3:.1f} ms | |",
@@ -1213,18 +1220,22 @@ def render_speed(res: dict) -> str:
              f"| step ratio ATTEMPT-style wavg (L={cl['attempt_wavg']}) / PT (L={cl['pt']}) | "
              f"{st['ratio_attempt_wavg_vs_pt']:.3f} | (info: shorter prompt) |",
              f"| step ratio CrossPT wavg (L={cl['crosspt_wavg']}) / PT (L={cl['pt']}) | "
-             f"{st['ratio_crosspt_wavg_vs_pt']:.3f} | (info: shorter prompt) |",
+             f"{st['ratio_crosspt_wavg_vs_pt']:.3f} | (info: shorter prompt) |"]
+    if inf:
+        lines += [
              f"| predict PT (L={inf['composed_len']}, batch {inf['batch_size']}) | {inf['median_batch_s']['pt'] * 1e3:.1f} ms | |",
              f"| predict promoted (collapsed {inf['collapsed_shape']}) | {inf['median_batch_s']['promoted'] * 1e3:.1f} ms | |",
              f"| **inference ratio promoted / PT** | **{inf['ratio_promoted_vs_pt']:.3f}** | <= 1.02 |",
              f"| inference ratio uncollapsed CrossPT / PT | {inf['ratio_uncollapsed_vs_pt']:.3f} | (info) |",
-             f"| promoted predictions identical to uncollapsed | {inf['promoted_predictions_identical']} | True |"]
-    m, h = rss["maxrss_mib"], rss.get("vmhwm_mib") or {}
+             f"| promoted predictions identical to uncollapsed | {inf['promoted_predictions_identical']} | True |",
+             f"| (timed samples per variant: train {st['steps_each'] if st else '-'}, predict "
+             f"{inf['samples_each']}) | | |"]
+    m, h = (rss or {}).get("maxrss_mib", {}), (rss or {}).get("vmhwm_mib") or {}
 
     def both(k):
         return f"{m[k]:.0f} MiB" + (f" (VmHWM {h[k]:.0f})" if h.get(k) else "")
 
-    lines += [f"| peak RSS interpreter + imports | {both('import')} | |",
+    lines += [] if not rss else [f"| peak RSS interpreter + imports | {both('import')} | |",
               f"| peak RSS frozen backbone alone (load + 1 no-grad batch of {res['settings']['eval_batch_size']} x "
               f"{res['settings']['max_length']} tokens) | {both('backbone')} | |",
               f"| peak RSS backbone + {rss['task']} data + zero-shot inference over the test split | "

@@ -98,6 +98,7 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(64, ge=1)
     patience: int | None = Field(5, ge=1)      # early stopping on the validation metric (epochs)
     checkpoint_every: int = Field(1, ge=1)     # epochs
+    eval_initial: bool = True                  # validate the untrained prompt too (best epoch may be -1)
 
 
 class ScalingConfig(Strict):

@@ -23,12 +23,17 @@ from typing import Any
 import yaml
 
 from crosspt.config import RunConfig, config_hash, config_to_yaml, flatten
-from crosspt.errors import ConfigError
+from crosspt.errors import ConfigError, CrossPTError
 from crosspt.search_space import OptunaDefineByRun, SearchSpace, SpaceSearcher
-from crosspt.train_loop import Session
+from crosspt.train_loop import FAULT_ENV, Session, TrainingDiverged, parse_faults
 from crosspt import tracking as T
 
 STATE_FILE = "crosspt_search.json"
+RETRYABLE_TAG = "crosspt.retryable"
+
+
+class TrialNotRetried(RuntimeError):
+    """A retry of a trial whose earlier attempt failed deterministically (divergence, bad input)."""
 
 
 # ---- inside a trial --------------------------------------------------------------------------------
@@ -74,6 +79,34 @@ def _train_callback(logger: T.TrialLogger):
     return MlflowReport()
 
 
+def _resumable_optuna_search():
+    """`OptunaSearch` that survives a restore after a driver crash: Optuna's sqlite study is written at once,
+    Tune's experiment state only every few seconds, so a restored trial may already be finished in the
+    study (its driver told Optuna, then died before Tune saved). Results for such a trial are dropped
+    instead of failing the whole search with UpdateFinishedTrialError."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ResumableOptunaSearch(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict):
+            try:
+                super().on_trial_result(trial_id, result)
+            except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+                self._completed_trials.add(trial_id)      # its value is in the study already
+
+    ResumableOptunaSearch.__module__, ResumableOptunaSearch.__qualname__ = __name__, "ResumableOptunaSearch"
+    return ResumableOptunaSearch
+
+
+def __getattr__(name: str):
+    # built on first use (this module does not import Ray at import time) and found here by name, so the
+    # pickled searcher in Tune's experiment state restores as this class
+    if name == "ResumableOptunaSearch":
+        cls = globals()[name] = _resumable_optuna_search()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def trial_number_of(trial_dirname: str, trial_id: str) -> int:
     """Tune names a trial's folder `<trainable>_<trial_id>_<index>_<params>_<date>`: the index."""
     m = re.search(re.escape(trial_id) + r"_(\d+)", trial_dirname)
@@ -96,15 +129,22 @@ def run_trial(params: dict, ctx: dict) -> None:
     if ctx.get("tracking_uri"):
         logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
                                run_name=f"trial-{number:03d}")
+        prior = logger.find()             # an earlier attempt: a Tune retry, or a search restored after a crash
+        if prior is not None and prior.info.status == "FINISHED":
+            _replay_finished(prior)       # it completed, but the dead driver had not recorded that: no rerun
+            return
+        if prior is not None and prior.info.status == "FAILED" and prior.data.tags.get(RETRYABLE_TAG) == "false":
+            raise TrialNotRetried(f"{prior.data.tags.get('error', 'failed')} [not retried: this configuration "
+                                  f"fails the same way every time]")
         all_params = {**flatten(cfg.model_dump(mode="json")), "search.name": space.name,
                       "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
         logger.start(all_params, config_to_yaml(cfg),
-                     tags={"crosspt.sampled": json.dumps(params, default=str)[:5000]})
+                     tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000]}, found=prior)
     try:
         if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
             from crosspt.train_loop import run_loop
 
-            run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu))
+            run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
         else:
             _fit_trainer_in_trial(cfg, trial_id, ctx, logger)
     except SystemExit as e:
@@ -119,10 +159,38 @@ def run_trial(params: dict, ctx: dict) -> None:
         raise
     except BaseException as e:
         if logger:
-            logger.finish("FAILED", error=f"{type(e).__name__}: {e}")
+            logger.finish("FAILED", error=f"{type(e).__name__}: {e}",
+                          tags={RETRYABLE_TAG: "false"} if deterministic_failure(e) else None)
         raise
     if logger:
         logger.finish("FINISHED")
+
+
+def deterministic_failure(exc: BaseException) -> bool:
+    """Divergence and user errors (bad config/data/artifact) repeat on a retry: retrying them is pointless."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (TrainingDiverged, CrossPTError)):
+            return True
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += list(getattr(e, "exceptions", []) or [])
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    return False
+
+
+def _replay_finished(run) -> None:
+    """Report a completed trial's final metrics (from its child run) again instead of training it again."""
+    from ray import tune
+
+    m: dict[str, Any] = dict(run.data.metrics)
+    m.update({"final_epoch": True, "replayed": True})
+    if "epoch" in m:
+        m["training_iteration"] = int(m["epoch"]) + 1      # as many iterations as epochs, as in the first run
+    tune.report(m)
 
 
 def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger) -> None:
@@ -136,7 +204,7 @@ def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger) -> N
     callbacks = [TuneReportCallback()] + ([_train_callback(logger)] if logger else [])
     trainer = TorchTrainer(
         ray_worker_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "fault": ctx.get("fault")},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=ctx["train_storage"],
@@ -247,6 +315,11 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     preflight(base)                                       # unknown task/backbone/missing data: fail now
     uri = T.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
     T.check_reachable(uri)
+    fault = os.environ.get(FAULT_ENV) or None             # testing hook, forwarded to every trial
+    try:
+        parse_faults(fault)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     exp_name = experiment or (base.tracking.experiment if base.tracking.experiment != "crosspt" else space.name)
     search_name = space.name
     paths = search_paths(space, storage_path, uri, search_name)
@@ -271,6 +344,10 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
         state = json.loads(paths.state.read_text())
         parent_run_id = state["parent_run_id"]
         c.update_run(parent_run_id, status="RUNNING")
+        c.set_tag(parent_run_id, "crosspt.resumes", str(int(c.get_run(parent_run_id).data.tags.get("crosspt.resumes", "0")) + 1))
+        # child runs a killed driver left RUNNING: trials Tune never recorded are orphans (closed now);
+        # trials it recorded as unfinished are resumed below and continue their own child run
+        reconcile_child_runs(uri, experiment_id, parent_run_id, tune_trials(paths.root))
     else:
         parent = c.create_run(experiment_id, run_name=f"search-{search_name}",
                               tags={T.SEARCH_TAG: search_name, "crosspt.storage": str(paths.root)})
@@ -282,7 +359,8 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                                         "objective.metric": space.objective.metric,
                                         "objective.mode": space.objective.mode,
                                         "space.keys": ",".join(space.space)})
-        c.log_text(parent_run_id, yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), "search_space.yaml")
+        c.log_text(parent_run_id, T.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
+                   "search_space.yaml")
         paths.root.mkdir(parents=True, exist_ok=True)
     paths.state.parent.mkdir(parents=True, exist_ok=True)
     paths.state.write_text(json.dumps({"parent_run_id": parent_run_id, "experiment_id": experiment_id,
@@ -292,7 +370,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                                        **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
     try:
         summary = _tune(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
-                        tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch)
+                        tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch, fault)
     except BaseException as e:
         c.set_tag(parent_run_id, "error", f"{type(e).__name__}: {e}"[:5000])
         c.set_terminated(parent_run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
@@ -306,9 +384,9 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
 
 
 def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
-          tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch) -> dict:
+          tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch, fault=None) -> dict:
     ctx = {"space": space.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
-           "parent_run_id": parent_run_id, "data_dir": data_dir,
+           "parent_run_id": parent_run_id, "data_dir": data_dir, "fault": fault,
            "train_storage": str(paths.root / "_train"), "train_max_failures": space.resources.max_retries}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(base))
     callbacks = [_status_callback(uri, experiment_id, parent_run_id)]
@@ -321,9 +399,11 @@ def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resum
             sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=space.search.constant_liar,
                                                  n_startup_trials=space.search.n_startup_trials)
             storage = optuna.storages.RDBStorage(paths.optuna_url)
-            searcher = OptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode,
-                                    sampler=sampler, storage=storage, study_name=space.name,
-                                    points_to_evaluate=[dict(p) for p in space.search.points] or None)
+            import crosspt.search as this
+
+            searcher = this.ResumableOptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode,
+                                                  sampler=sampler, storage=storage, study_name=space.name,
+                                                  points_to_evaluate=[dict(p) for p in space.search.points] or None)
         else:
             searcher = SpaceSearcher.create(space, obj.metric, obj.mode)
         epochs = base.train.epochs
@@ -341,23 +421,117 @@ def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resum
                                       verbose=verbose),
         )
     results = tuner.fit()
-    return summarize(results, space)
+    trials = tune_trials(paths.root)
+    reconcile_child_runs(uri, experiment_id, parent_run_id, trials, search_ended=True)
+    if space.search.algorithm == "optuna":
+        _fail_stale_optuna_trials(paths.optuna_url, space.name)
+    return summarize(results, space, trials)
 
 
-def summarize(results, space: SearchSpace) -> dict:
+# ---- after a crash: make MLflow and Optuna agree with Tune's record ---------------------------------
+def tune_trials(root: Path) -> list:
+    """The trials in a Tune experiment's saved state (id, status, last result, error file)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return list(ExperimentAnalysis(str(root)).trials)
+    except Exception:          # no state saved yet (the driver died at once): every child run is an orphan
+        return []
+
+
+def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trials: list,
+                         search_ended: bool = False) -> dict[str, int]:
+    """Close child runs left RUNNING by a driver that died.
+
+    A child of a trial Tune never recorded (created after the last experiment-state save) is an orphan:
+    the restored search replaces that trial, so its run ends KILLED, tagged `crosspt.orphaned`, and is
+    soft-deleted (`mlflow runs restore` brings it back). A child of a trial Tune recorded as ended is
+    closed with that trial's status. A child of an unfinished trial is left alone (the trial resumes and
+    continues it) unless the search has ended."""
+    c = T.client(uri)
+    by_id = {t.trial_id: t for t in trials}
+    counts = {"orphaned": 0, "closed": 0}
+    for run in T.child_runs(uri, experiment_id, parent_run_id):
+        if run.info.status != "RUNNING":
+            continue
+        rid, t = run.info.run_id, by_id.get(run.data.tags.get(T.TRIAL_TAG, ""))
+        if t is None:
+            c.set_tag(rid, "crosspt.orphaned", "true")
+            c.set_tag(rid, "error", "orphaned: the search driver died before Tune recorded this trial; "
+                                    "the resumed search ran a replacement")
+            c.set_terminated(rid, "KILLED")
+            c.delete_run(rid)
+            counts["orphaned"] += 1
+            continue
+        status = getattr(t, "status", "")
+        if status == "TERMINATED":
+            if (t.last_result or {}).get("final_epoch"):
+                c.set_terminated(rid, "FINISHED")
+            else:
+                c.set_tag(rid, "pruned", "true")
+                c.set_terminated(rid, "KILLED")
+        elif status == "ERROR":
+            c.set_tag(rid, "error", _read_error(t)[:5000])
+            c.set_terminated(rid, "FAILED")
+        elif search_ended:
+            c.set_tag(rid, "error", f"the search ended with this trial {status or 'unfinished'}")
+            c.set_terminated(rid, "KILLED")
+        else:
+            continue
+        counts["closed"] += 1
+    return counts
+
+
+def _fail_stale_optuna_trials(optuna_url: str, study_name: str) -> None:
+    """Optuna trials still RUNNING once the search is over were asked for by a driver that died."""
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(optuna_url)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            storage.set_trial_state_values(
+                storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), t.number),
+                optuna.trial.TrialState.FAIL)
+    except Exception:      # bookkeeping only: never fails a finished search
+        pass
+
+
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?([A-Z]\w*(?:Error|Exception|Diverged|Fault|NotRetried|Exit)\b.*)$")
+
+
+def error_line(err: Any) -> str:
+    """The line of a (Ray-wrapped) trial error that names the exception: `TrainingDiverged: loss ...`."""
+    text = str(err or "").strip()
+    if not text:
+        return ""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for line in reversed(lines):
+        m = _ERROR_LINE.match(line)
+        if m and not m.group(1).startswith(("RayTaskError", "TuneError", "RayActorError(")):
+            return m.group(1)[:300]
+    return lines[-1][:300]
+
+
+def _trial_id_of(path: str | None, trials: list) -> str:
+    name = Path(path or "").name
+    return next((t.trial_id for t in trials if t.trial_id and f"_{t.trial_id}_" in f"_{name}_"), "")
+
+
+def summarize(results, space: SearchSpace, trials: list | None = None) -> dict:
     """Every trial (status, params, metrics) and the best one by the objective."""
     obj = space.objective
     rows = []
     for r in results:
         m = r.metrics or {}
         rows.append({
-            "trial_id": m.get("trial_id", ""),
+            "trial_id": m.get("trial_id") or _trial_id_of(getattr(r, "path", None), trials or []),
             "status": "ERROR" if r.error else ("FINISHED" if m.get("final_epoch") else "STOPPED"),
             "epochs": m.get("training_iteration", 0),
             obj.metric: m.get(obj.metric),
             "test_score": m.get("test_score"),
             "params": {k: v for k, v in (r.config or {}).items()},
-            "error": (str(r.error).splitlines()[0][:300] if r.error else ""),
+            "error": error_line(r.error) if r.error else "",
         })
     scored = [x for x in rows if isinstance(x[obj.metric], (int, float)) and not math.isnan(x[obj.metric])]
     best = (max if obj.mode == "max" else min)(scored, key=lambda x: x[obj.metric]) if scored else None

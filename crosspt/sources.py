@@ -139,6 +139,8 @@ def pretrain_sources(cfg: RunConfig, *, tasks: list[str] | None = None, data_dir
         T.log_metrics(c, run_id, flat)
         for t in names:
             for h in done[t]["history"]:
+                if h["epoch"] < 0:          # the untrained start (eval_initial) has no training loss
+                    continue
                 T.log_metrics(c, run_id, {f"{t}_val_score": h["val_score"], f"{t}_train_loss": h["train_loss"]},
                               step=int(h["epoch"]))
             c.log_artifact(run_id, str(Path(done[t]["output_dir"]) / "result.json"), f"results/{t}")

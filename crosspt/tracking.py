@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -75,10 +76,18 @@ def ensure_experiment(uri: str, name: str) -> str:
     return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<secret>[^/@\s]+)@")
+
+
+def redact(text: str) -> str:
+    """Hide the password of `scheme://user:password@host` URLs (a tracking URI in a config, say)."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
 def flat_params(params: dict[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in params.items():
-        s = "" if v is None else str(v)
+        s = "" if v is None else redact(str(v))
         out[k[:MAX_KEY_LEN]] = s[:MAX_PARAM_LEN]
     return out
 
@@ -142,22 +151,28 @@ class TrialLogger:
         self.last_metrics: dict | None = None
         self._logged_best_epoch = None
 
-    def start(self, params: dict[str, Any], config_yaml: str, tags: dict[str, str] | None = None) -> str:
+    def find(self):
+        """This trial's child run from an earlier attempt (a retry, or a restored search), or None."""
+        return find_trial_run(self.uri, self.experiment_id, self.parent_run_id, self.trial_id)
+
+    def start(self, params: dict[str, Any], config_yaml: str, tags: dict[str, str] | None = None,
+              found=None) -> str:
         c = client(self.uri)
-        found = c.search_runs([self.experiment_id],
-                              filter_string=f"tags.`{TRIAL_TAG}` = '{self.trial_id}' and "
-                                            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'")
+        found = found if found is not None else self.find()
         if found:
-            self.run_id = found[0].info.run_id
+            self.run_id = found.info.run_id
             c.update_run(self.run_id, status="RUNNING")
-            c.set_tag(self.run_id, "crosspt.restarts", str(int(found[0].data.tags.get("crosspt.restarts", "0")) + 1))
+            c.set_tag(self.run_id, "crosspt.restarts", str(int(found.data.tags.get("crosspt.restarts", "0")) + 1))
+            if "error" in found.data.tags:        # a retry: the earlier attempt's error is history now
+                c.set_tag(self.run_id, "crosspt.previous_error", found.data.tags["error"][:5000])
+                c.delete_tag(self.run_id, "error")
             return self.run_id
         run = c.create_run(self.experiment_id, run_name=self.run_name,
                            tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: self.trial_id,
                                  "crosspt.trial_number": str(self.trial_number), **(tags or {})})
         self.run_id = run.info.run_id
         log_params(c, self.run_id, {**params, "trial_number": self.trial_number})
-        c.log_text(self.run_id, config_yaml, "config.yaml")
+        c.log_text(self.run_id, redact(config_yaml), "config.yaml")
         return self.run_id
 
     def log_epoch(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None) -> None:

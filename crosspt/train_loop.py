@@ -36,6 +36,66 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite: the trial is stopped at once."""
 
 
+# ---- fault injection (a testing hook) ------------------------------------------------------------
+FAULT_ENV = "CROSSPT_FAULT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the `CROSSPT_FAULT` testing hook (`raise@...`)."""
+
+
+def parse_faults(spec: str | None) -> list[dict]:
+    """`CROSSPT_FAULT`: `KIND@epoch=N[,rank=R][,run=SUBSTR][,once=PATH]`, several joined by `;`.
+
+    KIND: `raise` (InjectedFault at the start of epoch N), `nan` (the first loss of epoch N becomes NaN,
+    so the real divergence check stops the run), `exit` (the process dies at the start of epoch N, like a
+    killed worker). `rank` limits it to one Ray Train rank, `run` to runs whose config name contains
+    SUBSTR (search trials are named `<space>-trialNNN`), `once` fires only while PATH does not exist and
+    then creates it (a transient fault: a retry succeeds). For tests and drills only."""
+    faults = []
+    for part in (spec or "").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        kind, _, conds = part.partition("@")
+        if kind not in ("raise", "nan", "exit"):
+            raise ValueError(f"{FAULT_ENV}: unknown fault kind {kind!r} in {part!r} (raise, nan or exit)")
+        f: dict[str, Any] = {"kind": kind, "epoch": 0}
+        for cond in filter(None, (c.strip() for c in conds.split(","))):
+            key, _, value = cond.partition("=")
+            if key in ("epoch", "rank"):
+                f[key] = int(value)
+            elif key in ("run", "once"):
+                f[key] = value
+            else:
+                raise ValueError(f"{FAULT_ENV}: unknown condition {key!r} in {part!r}")
+        faults.append(f)
+    return faults
+
+
+def _fault(faults: list[dict], kind: str, cfg: RunConfig, session: "Session", epoch: int) -> bool:
+    for f in faults:
+        if f["kind"] != kind or f["epoch"] != epoch or f.get("rank", session.rank) != session.rank:
+            continue
+        if f.get("run") and f["run"] not in cfg.name:
+            continue
+        if f.get("once"):
+            marker = Path(f["once"])
+            if marker.exists():
+                continue
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{cfg.name} epoch {epoch} rank {session.rank}\n")
+        return True
+    return False
+
+
+def _inject_at_epoch_start(faults: list[dict], cfg: RunConfig, session: "Session", epoch: int) -> None:
+    if _fault(faults, "raise", cfg, session, epoch):
+        raise InjectedFault(f"injected fault ({FAULT_ENV}) at epoch {epoch} of {cfg.name}")
+    if _fault(faults, "exit", cfg, session, epoch):
+        os._exit(17)
+
+
 # ---- sessions ---------------------------------------------------------------------------------------
 class Session:
     rank = 0
@@ -205,16 +265,21 @@ def load_source_bank(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
         return None                      # a random (untrained) bank: ablations and tests
     from crosspt.artifacts import select_sources
 
-    bank, meta = load_bank(cfg.prompt.source_bank, dim=dim, source_len=cfg.prompt.source_len)
+    bank, meta = load_bank(cfg.prompt.source_bank, backbone=cfg.backbone.name, dim=dim,
+                           source_len=cfg.prompt.source_len)
     chosen, _ = select_sources(bank, meta, cfg.prompt.n_sources, rule=cfg.prompt.source_selection,
                                target_tasks=[t.name for t in tasks])
     return chosen
 
 
 # ---- the loop ------------------------------------------------------------------------------------
-def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None) -> dict:
-    """Train, validate each epoch, checkpoint, stop early; returns the final result dict."""
+def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
+             fault: str | None = None) -> dict:
+    """Train, validate each epoch, checkpoint, stop early; returns the final result dict.
+
+    `fault`: a `CROSSPT_FAULT` spec (testing hook, see `parse_faults`); default: that env var."""
     t0 = time.time()
+    faults = parse_faults(fault if fault is not None else os.environ.get(FAULT_ENV))
     torch.manual_seed(cfg.seed)
     tasks, splits = prepare_data(cfg)
     device = session.device()
@@ -262,9 +327,18 @@ def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None
     val_by_task = {t: s["val"] for t, s in splits.items()}
     test_by_task = {t: s["test"] for t, s in splits.items()}
     last_epoch = start_epoch - 1
+    if resume is None and cfg.train.eval_initial:
+        # the untrained prompt is a candidate too: a run never returns a state worse on validation
+        # than where it started (few-shot training can hurt a strong zero-shot prior)
+        initial = evaluate(model, val_by_task, session, cfg.train.eval_batch_size, cfg.backbone.dtype)
+        best, best_state, best_epoch = score_of(initial, tasks), model.trainable_state(), -1
+        history.append({"epoch": -1, "val_score": best, **flat_metrics("val", initial)})
     for epoch in range(start_epoch, cfg.train.epochs):
         te = time.time()
         losses = []
+        if faults:
+            _inject_at_epoch_start(faults, cfg, session, epoch)
+        nan_now = bool(faults) and _fault(faults, "nan", cfg, session, epoch)
         for batch_examples in multitask_batches(train_by_task, per_worker_bs, seed=cfg.seed, epoch=epoch,
                                                 shard=(session.rank, session.world_size)):
             batch = _to_device(model.backbone.collate(batch_examples, train=True), device)
@@ -275,6 +349,8 @@ def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None
                     g["lr"] = lr * scale
             with _autocast(device, cfg.backbone.dtype):
                 loss = ddp(batch)
+            if nan_now:
+                loss, nan_now = loss * float("nan"), False
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {float(loss)} at epoch {epoch}, step {global_step}")
             opt.zero_grad(set_to_none=True)
@@ -324,12 +400,13 @@ def _final_result(model, best_state, test_by_task, val, session, cfg, tasks, his
         model.load_trainable_state(best_state)
     digests = _gather(state_digest(model), session.world_size)   # DDP must leave every rank identical
     test = evaluate(model, test_by_task, session, cfg.train.eval_batch_size, cfg.backbone.dtype)
-    val_best = {t.name: {k[len(f"val_{t.name}_"):]: v for k, v in history[best_epoch - history[0]["epoch"]].items()
-                         if k.startswith(f"val_{t.name}_")} for t in tasks} if history else (val or {})
+    at_best = next((h for h in history if h["epoch"] == best_epoch), None)
+    val_best = {t.name: {k[len(f"val_{t.name}_"):]: v for k, v in at_best.items() if k.startswith(f"val_{t.name}_")}
+                for t in tasks} if at_best else (val or {})
     return {
         "metrics": {t.name: {"val": val_best.get(t.name, {}), "test": test[t.name]} for t in tasks},
         "metrics_test": test, "test_score": score_of(test, tasks), "best_val_score": best,
-        "best_epoch": best_epoch, "epochs_run": len(history), "trainable_params": trainable,
+        "best_epoch": best_epoch, "epochs_run": sum(h["epoch"] >= 0 for h in history), "trainable_params": trainable,
         "total_params": total, "wall_s": time.time() - t0, "config_hash": chash, "seed": cfg.seed,
         "router_weights": model.prompt.task_weights().tolist(), "history": history,
         "world_size": session.world_size, "rank_state_digests": digests,
@@ -398,4 +475,4 @@ def ray_worker_loop(loop_config: dict) -> None:
     """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker)."""
     cfg = RunConfig.model_validate(loop_config["config"])
     session = RaySession(resume_from=loop_config.get("resume_from"))
-    run_loop(cfg, session)
+    run_loop(cfg, session, fault=loop_config.get("fault"))

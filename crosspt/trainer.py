@@ -31,16 +31,35 @@ def preflight(cfg: RunConfig) -> None:
     prepare_data(cfg)
 
 
+# Ray's switch for single-machine clusters (its default on Windows/macOS): with it off, Ray takes 127.0.0.1 as
+# the node address, so GCS, raylet, workers and agents listen on loopback only. On Linux Ray otherwise
+# replaces a loopback `_node_ip_address` by the machine's routable address and listens on every interface.
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def init_ray(runtime_env: dict | None = None) -> None:
-    """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback."""
+    """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback only
+    (every Ray port binds 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out)."""
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
+        return
+    from ray._private import ray_constants
+
+    user_set = _SINGLE_NODE_ENV in os.environ
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    if not user_set:
+        os.environ[_SINGLE_NODE_ENV] = "0"               # inherited by the processes ray.init starts
+        ray_constants.ENABLE_RAY_CLUSTER = False         # read by this process when it picks the node address
+    try:
         ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    finally:
+        if not user_set:
+            os.environ.pop(_SINGLE_NODE_ENV, None)
+            ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | None = None,
@@ -70,7 +89,8 @@ def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures:
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"),
-                           "resume_from": str(Path(resume_from).resolve()) if resume_from else None},
+                           "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
+                           "fault": os.environ.get("CROSSPT_FAULT")},          # testing hook, see README
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=ray.train.RunConfig(

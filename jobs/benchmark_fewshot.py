@@ -7,6 +7,17 @@ on the same frozen backbone, k-shot samples, seeds, step budget and learning-rat
     ray job submit --working-dir . -- python jobs/benchmark_fewshot.py --parallel 16
     python jobs/benchmark_fewshot.py --speed                  # speed / memory / Ray-overhead ratios
 
+Quick mode (measured, see benchmarks/quick.md): 72 runs, 23.6 min wall on this 2-core machine while other
+engineers' jobs kept the load average at 4-6; 15.0 min of CPU time (one torch thread), i.e. about 15 min when
+the machine is free. Settings: targets sst2+rte, source pool sst2/rte/mrpc, k=16, seeds 0,1, lrs 0.3/0.03,
+5 epochs (patience 2), max_length 48, prompt length 8, test capped at 100 dev examples.
+
+Full mode (the defaults): 6 targets x k=16/32 x seeds 0,1,2 x lrs 0.3/0.1/0.03, 20 epochs (patience 5),
+max_length 128, prompt length 10, test capped at 1000 dev examples (QNLI's 5463; the others are whole):
+846 runs. Estimated from the quick run's per-run times scaled to 20 epochs, max_length 128 and the test
+sizes: about 43 h sequential on this 2-core machine (an upper bound: early stopping usually ends runs
+sooner), so run it with --parallel N on a Ray cluster: roughly 43/N h on N free cores (~3 h on 16).
+
 Writes <out>/<name>.md (table), <name>.json (every run), <name>_avg.png (bar chart) and logs one MLflow
 experiment (tracking URI: --tracking-uri, $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the cwd).
 Data: --data-dir or $CROSSPT_DATA_DIR (a folder with glue_data/).
@@ -60,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--ray-trials", type=int, default=3)
     p.add_argument("--ray-epochs", type=int, default=12)
     p.add_argument("--skip-ray", action="store_true", help="speed mode without the Ray-overhead part")
+    p.add_argument("--speed-parts", nargs="+", default=["step", "inference", "rss", "ray"],
+                   choices=["step", "inference", "rss", "ray"], help="which speed measurements to run")
+    p.add_argument("--speed-name", default="speed", help="output file stem of the speed mode")
     return p.parse_args(argv)
 
 
@@ -116,12 +130,13 @@ def main_speed(args) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     res = B.run_speed(s, out / "speed_artifacts", ray_trials=args.ray_trials, ray_epochs=args.ray_epochs,
-                      skip_ray=args.skip_ray, log=lambda m: print(m, flush=True))
+                      skip_ray=args.skip_ray, parts=args.speed_parts, log=lambda m: print(m, flush=True))
     text = B.render_speed(res)
-    (out / "speed.md").write_text(text)
-    (out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
+    md, js = out / f"{args.speed_name}.md", out / f"{args.speed_name}.json"
+    md.write_text(text)
+    js.write_text(json.dumps(res, indent=1, default=str))
     print(text)
-    print(f"wrote {out / 'speed.md'}, {out / 'speed.json'}")
+    print(f"wrote {md}, {js}")
     return 0
 
 

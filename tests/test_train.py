@@ -33,7 +33,9 @@ def test_in_process_run_reports_every_epoch_and_final_metrics(tiny_t5_path, data
     assert all(c is not None and (c / "prompts.safetensors").is_file() for _, c in reports[-2:])
     assert set(result["metrics"]) == {"sst2", "rte"}
     assert 0.0 <= result["metrics"]["rte"]["test"]["accuracy"] <= 1.0
-    assert result["best_val_score"] == max(m["val_score"] for m, _ in reports)
+    # the best epoch is the best validation score seen, the untrained start (epoch -1) included
+    assert result["best_val_score"] == max(h["val_score"] for h in result["history"])
+    assert result["history"][0]["epoch"] == -1 and result["epochs_run"] == 4
     assert 0 < result["trainable_params"] < result["total_params"]
     # the kept checkpoint holds the best epoch's prompts, not the last epoch's
     from crosspt.artifacts import load_prompt_artifact
