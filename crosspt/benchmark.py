@@ -944,8 +944,9 @@ def measure_step_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int =
 def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, rounds: int = 20,
                             log=print) -> dict:
     """Forward latency (predict) of a promoted CrossPT prompt (collapsed to one tensor [L, d], fed as a PT
-    prompt) vs a PT model of the same length, same batches; the uncollapsed CrossPT model for reference,
-    and whether the promoted prompt predicts exactly what the uncollapsed model predicts."""
+    prompt) vs a PT model of the same length holding the same values, same backbone object, same batches;
+    the uncollapsed CrossPT model for reference, and whether the promoted prompt predicts exactly what the
+    uncollapsed model predicts."""
     from crosspt.data import eval_batches
     from crosspt.model import CrossPTModel, build_model
 
@@ -957,8 +958,11 @@ def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: 
     with torch.no_grad():                                  # a trained-looking router: non-uniform weights
         cross.prompt.router.logits.copy_(torch.linspace(-1, 1, cross.prompt.spec.n_candidates).unsqueeze(0))
     cfg_p = _speed_cfg(s, task, "pt", 0, private_len=composed)
-    pt = build_model(cfg_p, tasks, backbone=_load_backbone(cfg_p, tasks))
+    pt = build_model(cfg_p, tasks, backbone=cross.backbone)        # the same frozen backbone object
     collapsed, _ = cross.prompt.collapsed(0)
+    # PT carries the same values as its own parameter: the two paths differ only in how the prompt is
+    # produced (PT's composition of one private prompt vs a stored tensor), not in what the model computes
+    pt.prompt.private.prompts.copy_(collapsed.unsqueeze(0))
     promoted = CrossPTModel(FixedPrompt(collapsed), cross.backbone)
     for m in (cross, pt, promoted):
         m.eval()
