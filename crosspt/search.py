@@ -131,7 +131,7 @@ def run_trial(params: dict, ctx: dict) -> None:
                                run_name=f"trial-{number:03d}")
         prior = logger.find()             # an earlier attempt: a Tune retry, or a search restored after a crash
         if prior is not None and prior.info.status == "FINISHED":
-            _replay_finished(prior)       # it completed, but the dead driver had not recorded that: no rerun
+            _replay_finished(prior, logger)   # it completed, but the dead driver had not recorded that: no rerun
             return
         if prior is not None and prior.info.status == "FAILED" and prior.data.tags.get(RETRYABLE_TAG) == "false":
             raise TrialNotRetried(f"{prior.data.tags.get('error', 'failed')} [not retried: this configuration "
@@ -182,10 +182,13 @@ def deterministic_failure(exc: BaseException) -> bool:
     return False
 
 
-def _replay_finished(run) -> None:
-    """Report a completed trial's final metrics (from its child run) again instead of training it again."""
+def _replay_finished(run, logger: T.TrialLogger) -> None:
+    """Report a completed trial's final metrics (from its child run) again instead of training it again;
+    the run keeps its status and end time and gets a `crosspt.replayed` count."""
     from ray import tune
 
+    T.client(logger.uri).set_tag(run.info.run_id, "crosspt.replayed",
+                                 str(int(run.data.tags.get("crosspt.replayed", "0")) + 1))
     m: dict[str, Any] = dict(run.data.metrics)
     m.update({"final_epoch": True, "replayed": True})
     if "epoch" in m:

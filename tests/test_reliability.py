@@ -232,6 +232,8 @@ def test_killed_driver_resumes_without_rerun_or_duplicates(ray_head, tiny_t5_pat
         if by_tid[tid][1] != before[tid][1] or "crosspt.restarts" in run_.data.tags or sorted(steps) != list(range(epochs)):
             rerun.append((tid, steps, run_.data.tags.get("crosspt.restarts")))
     assert not rerun, rerun
+    replayed = [tid for tid in finished_before if "crosspt.replayed" in
+                T.find_trial_run(f"sqlite:///{db}", summary["experiment_id"], summary["parent_run_id"], tid).data.tags]
     # the trials that were RUNNING continued in their own child run
     continued = [tid for tid in running_before if tid in by_tid]
     parent = c.get_run(summary["parent_run_id"])
@@ -242,7 +244,8 @@ def test_killed_driver_resumes_without_rerun_or_duplicates(ray_head, tiny_t5_pat
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     print(f"\nkilled driver at {killed_at:.0f}s: {len(finished_before)} trial(s) FINISHED, {len(running_before)} "
           f"RUNNING, {len(actors)} trial actor(s) (all exited); resume took {resume_s:.0f}s: {samples} trials, "
-          f"{len(rerun)} rerun, {duplicated} duplicated, {len(lost)} lost, {len(continued)} continued, "
+          f"{len(rerun)} rerun, {len(replayed)} finished-but-unrecorded reported from MLflow, {duplicated} "
+          f"duplicated, {len(lost)} lost, {len(continued)} continued, "
           f"{len(orphans)} orphaned run(s) closed, "
           f"{sum(t.state.name == 'FAIL' for t in study.trials)} stale Optuna trial(s) marked FAIL")
 
@@ -354,6 +357,7 @@ def test_failing_trials_end_failed_and_the_search_goes_on(faulty_search):
     r1 = _child(faulty_search, 1)
     assert r1.info.status == "FAILED" and r1.data.tags["error"].startswith("InjectedFault")
     assert r1.data.tags.get("crosspt.restarts") == "1" and "crosspt.retryable" not in r1.data.tags
+    assert r1.data.tags["crosspt.previous_error"].startswith("InjectedFault")     # the first attempt's
     assert [m.step for m in c.get_metric_history(r1.info.run_id, "epoch")] == [0]
     # trial002 diverged: stopped at the first non-finite loss, marked not retryable, and its retry refused
     # at once (no epoch trained again)
