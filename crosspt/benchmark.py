@@ -1078,16 +1078,15 @@ def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epo
 
 
 def _init_ray_local() -> float:
-    """Join $RAY_ADDRESS, else start a private local Ray (never attach to someone else's); seconds taken."""
-    import ray
+    """Join $RAY_ADDRESS, else start a private local Ray on loopback only (never attach to someone
+    else's); seconds taken."""
+    from crosspt.trainer import init_ray
 
     t = time.time()
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        else:
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                     configure_logging=False)
+    if os.environ.get("RAY_ADDRESS"):
+        init_ray(log_to_driver=False)
+    else:
+        init_ray(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     return time.time() - t
 
 

@@ -19,6 +19,7 @@ must validate, and errors name the key.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import re
 from pathlib import Path
@@ -61,6 +62,13 @@ class Param(Strict):
             if self.values is not None:
                 raise ValueError(f"a '{self.type}' takes 'low'/'high', not 'values'")
             lo, hi = self.low, self.high
+            for name, b in (("low", lo), ("high", hi)):
+                if isinstance(b, float) and not math.isfinite(b):
+                    raise ValueError(f"{name} must be a finite number (got {b})")
+            if self.type == "int" and self.log and (self.step or 1) != 1:
+                raise ValueError("an int with log: true cannot take a step other than 1 (Optuna refuses it)")
+            if self.type != "int" and self.step is not None:
+                raise ValueError(f"'step' applies to int factors only, not '{self.type}'")
             if not isinstance(lo, str) and not isinstance(hi, str):
                 if lo > hi:
                     raise ValueError(f"low ({lo}) is greater than high ({hi})")
@@ -144,8 +152,14 @@ def _resolve_bound(value, sampled: dict, base: dict, key: str):
         if v is _MISSING:
             raise ConfigError(f"space key '{key}': bound refers to '{ref}', which is neither an earlier "
                               f"space key nor set in base")
+    if not _is_number(v):
+        raise ConfigError(f"space key '{key}': bound refers to '{ref}', whose value {v!r} is not a number")
     off = int(num) if num else 0
     return v + off if sign == "+" else v - off if sign == "-" else v
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 _MISSING = object()
@@ -160,23 +174,44 @@ def _lookup(tree: dict, dotted: str):
     return node
 
 
-def _holds(cond: Any, value: Any) -> bool:
+def parse_condition(cond: Any, where: str) -> tuple[str, Any]:
+    """A `when:` condition as (operator, operand): a list means membership, `">1"` a comparison,
+    anything else equality. Ordering comparisons need a number (YAML-parsed) on the right."""
     if isinstance(cond, list):
-        return value in cond
+        return "in", cond
     if isinstance(cond, str):
         m = _COND.match(cond)
         if m:
             op, rhs = m.groups()
             import yaml
 
-            return bool(_OPS[op](value, yaml.safe_load(rhs)))
-    return value == cond
+            try:
+                operand = yaml.safe_load(rhs)
+            except yaml.YAMLError:
+                raise ConfigError(f"{where}: condition {cond!r} is not '<op> <value>' with a YAML value") from None
+            if op in ("==", "!="):
+                return op, operand
+            if not _is_number(operand):
+                raise ConfigError(f"{where}: condition {cond!r} compares with {operand!r}, which is not a number")
+            return op, operand
+    return "==", cond
 
 
-def active(param: Param, sampled: dict, base: dict) -> bool:
+def _holds(cond: Any, value: Any, where: str) -> bool:
+    op, operand = parse_condition(cond, where)
+    if op == "in":
+        return value in operand
+    if op in ("==", "!="):
+        return bool(_OPS[op](value, operand))
+    if not _is_number(value):
+        raise ConfigError(f"{where}: condition {cond!r} needs a number but the value is {value!r}")
+    return bool(_OPS[op](value, operand))
+
+
+def active(param: Param, sampled: dict, base: dict, key: str = "?") -> bool:
     for ref, cond in (param.when or {}).items():
         v = sampled[ref] if ref in sampled else _lookup(base, ref)
-        if v is _MISSING or not _holds(cond, v):
+        if v is _MISSING or not _holds(cond, v, f"space key '{key}': when '{ref}'"):
             return False
     return True
 
@@ -186,7 +221,7 @@ def sample(space: SearchSpace, suggest) -> dict[str, Any]:
     base = space.base_tree()
     sampled: dict[str, Any] = {}
     for key, p in space.space.items():
-        if not active(p, sampled, base):
+        if not active(p, sampled, base, key):
             continue
         if p.type == "choice":
             sampled[key] = suggest("choice", key, values=p.values)
@@ -293,6 +328,25 @@ def _schema_keys(model=RunConfig, prefix="") -> set[str]:
     return keys
 
 
+def _check_numeric_refs(space: SearchSpace, key: str, p: Param) -> None:
+    """Bounds and ordering conditions need numbers: refuse a reference to a choice with a
+    non-numeric value up front, whichever values the validation samples happen to draw."""
+    def non_numbers(ref: str) -> list:
+        other = space.space.get(ref)
+        return [v for v in other.values if not _is_number(v)] if other is not None and other.type == "choice" else []
+
+    for bound in (p.low, p.high):
+        m = _REF.match(bound) if isinstance(bound, str) else None
+        if m and non_numbers(m.group(1)):
+            raise ConfigError(f"space key '{key}': bound refers to '{m.group(1)}', whose values include "
+                              f"{non_numbers(m.group(1))[0]!r}, not a number")
+    for ref, cond in (p.when or {}).items():
+        op, _ = parse_condition(cond, f"space key '{key}': when '{ref}'")
+        if op not in ("in", "==", "!=") and non_numbers(ref):
+            raise ConfigError(f"space key '{key}': when '{ref}': condition {cond!r} orders values, but "
+                              f"'{ref}' can be {non_numbers(ref)[0]!r}")
+
+
 def validate_space(space: SearchSpace, n_random: int = 64) -> None:
     """Reject an impossible or malformed space before any trial starts (errors name the key)."""
     known = _schema_keys()
@@ -308,6 +362,7 @@ def validate_space(space: SearchSpace, n_random: int = 64) -> None:
                                   f"(list it before '{key}')")
             if name not in space.space and name not in known:
                 raise ConfigError(f"space key '{key}': refers to unknown key '{name}'")
+        _check_numeric_refs(space, key, p)
     space.base_config()
     samplers = [extremes_sampler("low"), extremes_sampler("high")] + \
         [random_sampler(space.search.seed + i) for i in range(n_random)]

@@ -37,7 +37,7 @@ def preflight(cfg: RunConfig) -> None:
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def init_ray(runtime_env: dict | None = None) -> None:
+def init_ray(runtime_env: dict | None = None, **init_kwargs) -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback only
     (every Ray port binds 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out)."""
     import ray
@@ -45,7 +45,7 @@ def init_ray(runtime_env: dict | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], **{"log_to_driver": True, **init_kwargs})
         return
     from ray._private import ray_constants
 
@@ -55,7 +55,7 @@ def init_ray(runtime_env: dict | None = None) -> None:
         os.environ[_SINGLE_NODE_ENV] = "0"               # inherited by the processes ray.init starts
         ray_constants.ENABLE_RAY_CLUSTER = False         # read by this process when it picks the node address
     try:
-        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **init_kwargs)
     finally:
         if not user_set:
             os.environ.pop(_SINGLE_NODE_ENV, None)

@@ -64,7 +64,10 @@ class RayHead:
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         self.log = open(workdir / "ray_head.log", "w")
         self.temp_dir = Path("/tmp") / f"ray_t{self.port}"     # short: Ray's socket paths are length-limited
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: single-node mode, so Linux Ray keeps GCS/raylet on 127.0.0.1
+        # instead of turning --node-ip-address into the routable address and listening on every interface
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         self.proc = subprocess.Popen(
             ["ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
              f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
