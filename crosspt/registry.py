@@ -354,8 +354,9 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
     import yaml
 
     from crosspt.config import build_config, config_hash
-    from crosspt.pyfunc_model import (BUNDLE_ARTIFACT, CrossPTPyfunc, model_signature, pip_requirements,
-                                      write_bundle)
+    from importlib.util import find_spec
+
+    from crosspt.pyfunc_model import BUNDLE_ARTIFACT, model_signature, pip_requirements, write_bundle
     from crosspt.tracking import log_metrics, log_params
 
     if mode not in ("max", "min"):
@@ -432,7 +433,7 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
                 with warnings.catch_warnings():       # "no input example": loading the backbone to
                     warnings.simplefilter("ignore", UserWarning)   # validate one is not worth it here
                     info = mlflow.pyfunc.log_model(
-                        name=MODEL_ARTIFACT, python_model=CrossPTPyfunc(),
+                        name=MODEL_ARTIFACT, python_model=find_spec("crosspt.pyfunc_entry").origin,   # code, not pickle
                         artifacts={BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=pip_requirements(),
                         signature=model_signature(), metadata={"crosspt_bundle": BUNDLE_ARTIFACT,
                                                                CONFIG_HASH_TAG: chash, SOURCE_RUN_TAG: rid})

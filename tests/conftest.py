@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Folder holding `glue_data/` (and `superglue/`): $CROSSPT_DATA_DIR or ../shared/data."""
-    d = Path(os.environ.get("CROSSPT_DATA_DIR") or REPO.parent / "shared" / "data")
+    d = Path(os.environ.get("CROSSPT_DATA_DIR") or REPO.parent / "shared" / "data").resolve()   # tests chdir
     if not (d / "glue_data").is_dir():
         pytest.skip(f"no data folder with glue_data/ at {d} (set CROSSPT_DATA_DIR)")
     return d

@@ -307,6 +307,9 @@ def test_promote_then_predict_and_evaluate_reproduce_the_trial(world, capsys, tm
     # the MLflow pyfunc flavour gives the same predictions
     mlflow.set_tracking_uri(uri)
     try:
+        # logged as a model from code: loading it runs stored code and unpickles nothing
+        local = Path(mlflow.artifacts.download_artifacts("models:/glue-crosspt@champion"))
+        assert not list(local.rglob("*.pkl")) and (local / "MLmodel").read_text().count("model_code_path")
         pyfunc = mlflow.pyfunc.load_model("models:/glue-crosspt@champion")
         got = pyfunc.predict(pd.DataFrame({"task": ["sst2", "rte", "sst2"],
                                            "text": ["a gripping film", "A man sleeps.", "dull and long"],
