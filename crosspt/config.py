@@ -57,7 +57,8 @@ class PromptConfig(Strict):
     top_k: int | None = Field(None, ge=1)
     router: Literal["task", "attention"] = "task"
     temperature: TemperatureConfig = TemperatureConfig()
-    init: Literal["random", "vocab", "text", "source"] = "vocab"
+    # auto: the backbone family's choice (encoder: neutral; seq2seq/decoder: vocab, Lester et al.)
+    init: Literal["auto", "random", "vocab", "neutral", "text", "source"] = "auto"
     init_text: str | None = None
     learn_sources: bool = False
     source_bank: str | None = None      # safetensors file or models:/NAME@alias; None: random bank

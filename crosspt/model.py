@@ -75,12 +75,17 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def prompt_spec(cfg: RunConfig, n_tasks: int, dim: int) -> PromptSpec:
+def prompt_spec(cfg: RunConfig, n_tasks: int, dim: int, init: str | None = None) -> PromptSpec:
     p = cfg.prompt
     return PromptSpec(n_tasks=n_tasks, dim=dim, n_sources=p.n_sources, source_len=p.source_len,
                       private_len=p.private_len, composition=p.composition, top_k=p.top_k, router=p.router,
                       temp_start=p.temperature.start, temp_floor=p.temperature.floor,
-                      temp_rate=p.temperature.rate, learn_sources=p.learn_sources, init=p.init)
+                      temp_rate=p.temperature.rate, learn_sources=p.learn_sources, init=init or p.init)
+
+
+def resolve_init(cfg: RunConfig, backbone: Backbone) -> str:
+    """`prompt.init`, with "auto" replaced by the backbone family's choice (`Backbone.default_init`)."""
+    return backbone.default_init if cfg.prompt.init == "auto" else cfg.prompt.init
 
 
 def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor | None = None,
@@ -94,10 +99,14 @@ def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor
                                  with_prefix=cfg.prompt.prefix, max_length=b.max_length,
                                  pair_encoding=b.pair_encoding)
     emb = backbone.word_embeddings().weight.detach()
+    init = resolve_init(cfg, backbone)
     text_ids = None
-    if cfg.prompt.init == "text":
+    if init == "text":
         text_ids = backbone.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
+    elif init == "neutral":
+        text_ids = backbone.neutral_init_ids()
     torch.manual_seed(cfg.seed)
-    prompt = CrossPTPrompt(prompt_spec(cfg, len(tasks), backbone.embed_dim), bank=bank,
-                           word_embeddings=emb, init_text_ids=text_ids, seed=cfg.seed)
+    prompt = CrossPTPrompt(prompt_spec(cfg, len(tasks), backbone.embed_dim, init=init), bank=bank,
+                           word_embeddings=emb, init_text_ids=text_ids, seed=cfg.seed,
+                           init_vocab_ids=backbone.init_vocab_ids() if init == "vocab" else None)
     return CrossPTModel(prompt, backbone)

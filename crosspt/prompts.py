@@ -13,7 +13,7 @@ from torch import nn
 
 from crosspt import composition as C
 
-INITS = ("random", "vocab", "text", "source")
+INITS = ("random", "vocab", "neutral", "text", "source")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class PromptSpec:
     temp_floor: float = 0.1
     temp_rate: float = 1e-3
     learn_sources: bool = False
-    init: str = "random"              # random | vocab | text | source
+    init: str = "random"              # random | vocab | neutral | text | source
     router_init: float = 0.0          # initial logit of every candidate (private gets +private_bias)
     private_bias: float = 0.0
     attn_hidden: int = 64
@@ -47,12 +47,14 @@ class PromptSpec:
 
 def init_prompt(shape: tuple[int, ...], how: str, *, word_embeddings: torch.Tensor | None = None,
                 text_ids: list[int] | None = None, source: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Initial values for a prompt tensor `[..., L, d]`.
 
     random: normal with the vocabulary's embedding std (keeps the prompt on the scale the frozen model
-    expects); vocab: rows sampled from the 5000 first word embeddings (Lester et al.); text: the
-    embedding of a text, tiled to length; source: a copy of a (source) prompt, tiled/truncated."""
+    expects); vocab: rows sampled from `vocab_ids` (the backbone's 5000 first ordinary word tokens,
+    `Backbone.init_vocab_ids`), else the 5000 first rows (Lester et al.); text: the
+    embedding of a text, tiled to length; neutral: the same with the backbone's neutral token ids
+    (`Backbone.neutral_init_ids`); source: a copy of a (source) prompt, tiled/truncated."""
     length, dim = shape[-2], shape[-1]
     n = 1
     for s in shape[:-2]:
@@ -63,12 +65,13 @@ def init_prompt(shape: tuple[int, ...], how: str, *, word_embeddings: torch.Tens
     if how == "vocab":
         if word_embeddings is None:
             raise ValueError("init 'vocab' needs the backbone's word embeddings")
-        top = min(5000, word_embeddings.shape[0])
-        idx = torch.randint(0, top, (n * length,), generator=generator)
+        pool = vocab_ids if vocab_ids is not None and len(vocab_ids) else \
+            torch.arange(min(5000, word_embeddings.shape[0]))
+        idx = pool[torch.randint(0, len(pool), (n * length,), generator=generator)]
         return word_embeddings[idx].detach().float().reshape(shape).clone()
-    if how == "text":
+    if how in ("text", "neutral"):
         if word_embeddings is None or not text_ids:
-            raise ValueError("init 'text' needs init_text and the backbone's word embeddings")
+            raise ValueError(f"init '{how}' needs token ids (init_text) and the backbone's word embeddings")
         ids = torch.tensor(text_ids)
         rows = word_embeddings[ids.repeat(length // len(ids) + 1)[:length]].detach().float()
         return rows.expand(*shape[:-2], length, dim).clone()
@@ -146,7 +149,7 @@ class CrossPTPrompt(nn.Module):
 
     def __init__(self, spec: PromptSpec, *, bank: torch.Tensor | None = None,
                  word_embeddings: torch.Tensor | None = None, init_text_ids: list[int] | None = None,
-                 seed: int = 0):
+                 init_vocab_ids: torch.Tensor | None = None, seed: int = 0):
         super().__init__()
         if spec.n_candidates == 0:
             raise ValueError("a prompt needs at least one candidate: n_sources > 0 or private_len > 0")
@@ -167,7 +170,8 @@ class CrossPTPrompt(nn.Module):
         source_for_init = bank.mean(0) if spec.n_sources else None
         private = init_prompt((spec.n_tasks, spec.private_len, spec.dim), spec.init,
                               word_embeddings=word_embeddings, text_ids=init_text_ids,
-                              source=source_for_init, generator=gen) if spec.private_len else \
+                              source=source_for_init, generator=gen, vocab_ids=init_vocab_ids) \
+            if spec.private_len else \
             torch.zeros(spec.n_tasks, 0, spec.dim)
         self.private = PrivatePrompts(private)
         if not spec.private_len:

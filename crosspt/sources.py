@@ -32,7 +32,7 @@ def source_config(cfg: RunConfig, task: str) -> RunConfig:
     p.update(n_sources=0, private_len=p["source_len"], top_k=None, source_bank=None, learn_sources=False,
              router="task", composition="cat")
     if p["init"] == "source":
-        p["init"] = "vocab"
+        p["init"] = "auto"
     tree["scaling"].update(num_workers=1, in_process=True)
     return build_config(tree, f"source config for '{task}'")
 

@@ -104,22 +104,26 @@ def test_frozen_backbone_gets_no_gradient(backbone):
         p.grad = None
 
 
-def test_encoder_prompt_follows_cls_and_pooling_skips_it(minilm):
+def test_encoder_prompt_follows_the_input_and_pooling_skips_it(minilm):
+    """In a padded batch, each row encodes as `[CLS] tokens [SEP] [prompt]` alone would (no padding,
+    natural positions), pooled over the input tokens only."""
     bb = minilm
     b = bb.collate(mixed_examples()[:1] + mixed_examples()[4:], train=False)
-    ids, am, tt = b["input_ids"], b["attention_mask"], b["token_type_ids"]
+    ids, am = b["input_ids"], b["attention_mask"]
+    assert am.sum(1).min() < am.shape[1]                   # rows of different lengths: padding in play
     torch.manual_seed(3)
     prompt = 0.5 * torch.randn(2, 3, bb.embed_dim)
     with torch.no_grad():
-        got = bb.encode(prompt, torch.ones(2, 3), ids, am, tt)
-        emb = bb.word_embeddings()(ids)
-        x = torch.cat([emb[:, :1], prompt, emb[:, 1:]], 1)
-        m = torch.cat([am[:, :1], torch.ones(2, 3, dtype=am.dtype), am[:, 1:]], 1)
-        h = bb.model(inputs_embeds=x, attention_mask=m,
-                     token_type_ids=torch.zeros_like(m)).last_hidden_state
-        keep = torch.cat([am[:, :1], torch.zeros(2, 3, dtype=am.dtype), am[:, 1:]], 1).unsqueeze(-1).float()
-        ref = torch.nn.functional.normalize((h * keep).sum(1) / keep.sum(1), dim=-1)
-    assert torch.allclose(got, ref, atol=1e-5)
+        got = bb.encode(prompt, torch.ones(2, 3), ids, am, b["token_type_ids"])
+        for i in range(2):
+            n = int(am[i].sum())
+            x = torch.cat([bb.word_embeddings()(ids[i:i + 1, :n]), prompt[i:i + 1]], 1)
+            h = bb.model(inputs_embeds=x, token_type_ids=torch.zeros(1, n + 3, dtype=torch.long)).last_hidden_state
+            ref = torch.nn.functional.normalize(h[0, :n].mean(0), dim=-1)
+            assert torch.allclose(got[i], ref, atol=1e-5)
+        # an all-zero prompt mask is no prompt at all
+        bare = bb.encode(prompt[:, :0], torch.ones(2, 0), ids, am, b["token_type_ids"])
+        assert torch.allclose(bb.encode(prompt, torch.zeros(2, 3), ids, am, b["token_type_ids"]), bare, atol=1e-5)
 
 
 # -- learning a toy task through the prompt alone -------------------------------------------------

@@ -27,7 +27,6 @@ from crosspt import tasks as _tasks
 from crosspt.backbones.base import Backbone, pad_sequences, positions_from_mask
 from crosspt.errors import DataError
 
-_SCORE_BUDGET = 64_000_000
 _ANCHOR = "answer:"
 
 
@@ -128,40 +127,30 @@ class DecoderBackbone(Backbone):
         """Per example: summed log-likelihood `[C]` of each candidate string of its task."""
         batch = self._to_device(batch)
         prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
-        tids = batch["task_ids"].tolist()
-        scores: list[torch.Tensor | None] = [None] * len(tids)
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        for t in sorted(set(tids)):
-            rows = [i for i, x in enumerate(tids) if x == t]
+
+        def score_rows(t: int, r: torch.Tensor) -> torch.Tensor:
             cand, cmask = self._candidates(t)
-            C, Tc = cand.shape
-            chunk = max(1, _SCORE_BUDGET // max(1, C * (Tc + 1) * vocab))
-            for s in range(0, len(rows), chunk):
-                r = torch.tensor(rows[s:s + chunk], device=self.device)
-                n = len(r)
-                ids, im = batch["input_ids"][r], batch["attention_mask"][r]
-                # drop columns that are padding in every row of this chunk
-                keep = im.any(0)
-                ids, im = ids[:, keep], im[:, keep]
-                tok = self._label_logprobs(
-                    prompt[r].repeat_interleave(C, 0), prompt_mask[r].repeat_interleave(C, 0),
-                    ids.repeat_interleave(C, 0), im.repeat_interleave(C, 0),
-                    cand.repeat(n, 1), cmask.repeat(n, 1))
-                per = tok.sum(-1).view(n, C)
-                for k, i in enumerate(rows[s:s + chunk]):
-                    scores[i] = per[k]
-        return scores  # type: ignore[return-value]
+            C, n = cand.shape[0], len(r)
+            ids, im = batch["input_ids"][r], batch["attention_mask"][r]
+            keep = im.any(0)                             # drop columns that are padding in every row
+            ids, im = ids[:, keep], im[:, keep]
+            tok = self._label_logprobs(
+                prompt[r].repeat_interleave(C, 0), prompt_mask[r].repeat_interleave(C, 0),
+                ids.repeat_interleave(C, 0), im.repeat_interleave(C, 0), cand.repeat(n, 1), cmask.repeat(n, 1))
+            return tok.sum(-1).view(n, C)
+
+        def floats_per_row(t: int) -> int:
+            C, Tc = self._candidates(t)[0].shape
+            return C * (Tc + 1) * vocab
+
+        return self._scores_by_task(batch["task_ids"].tolist(), floats_per_row, score_rows)
 
     @torch.no_grad()
     def predict(self, prompt, prompt_mask, batch, *, generate: bool = False) -> torch.Tensor:
         if generate:
             return self._generate(prompt, prompt_mask, batch)
-        values = []
-        for t, sc in zip(batch["task_ids"].tolist(), self.candidate_scores(prompt, prompt_mask, batch)):
-            task = self.tasks[t]
-            best = int(sc.argmax())
-            values.append(float(self.candidates(task)[best]) if task.is_regression else best)
-        return self._predictions_tensor(values, batch["task_ids"])
+        return self._rank_predictions(batch["task_ids"], self.candidate_scores(prompt, prompt_mask, batch))
 
     def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
         batch = self._to_device(batch)

@@ -25,10 +25,6 @@ from crosspt import tasks as _tasks
 from crosspt.backbones.base import Backbone
 from crosspt.errors import DataError
 
-# rows * candidates * target length * vocab floats per scoring chunk (~256 MB in fp32)
-_SCORE_BUDGET = 64_000_000
-
-
 class Seq2SeqBackbone(Backbone):
     family = "seq2seq"
 
@@ -98,40 +94,27 @@ class Seq2SeqBackbone(Backbone):
         batch = self._to_device(batch)
         x, m = self._prompted(prompt, prompt_mask, batch)
         hidden = self.model.get_encoder()(inputs_embeds=x, attention_mask=m).last_hidden_state
-        tids = batch["task_ids"].tolist()
-        scores: list[torch.Tensor | None] = [None] * len(tids)
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        for t in sorted(set(tids)):                      # group rows by task: one candidate set each
-            rows = [i for i, x_ in enumerate(tids) if x_ == t]
+
+        def score_rows(t: int, r: torch.Tensor) -> torch.Tensor:
             cand, _ = self._candidate_ids(t)             # [C, Tc], pad = -100
-            C, Tc = cand.shape
-            chunk = max(1, _SCORE_BUDGET // max(1, C * Tc * vocab))
-            for s in range(0, len(rows), chunk):
-                r = torch.tensor(rows[s:s + chunk], device=self.device)
-                n = len(r)
-                enc = BaseModelOutput(last_hidden_state=hidden[r].repeat_interleave(C, dim=0))
-                labels = cand.repeat(n, 1)               # row k*C + c = candidate c of example k
-                out = self.model(encoder_outputs=enc, attention_mask=m[r].repeat_interleave(C, dim=0),
-                                 decoder_input_ids=self._decoder_inputs(labels))
-                logp = F.log_softmax(out.logits.float(), dim=-1)
-                tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                tok = tok.masked_fill(labels == -100, 0.0)
-                per = tok.sum(-1).view(n, C)
-                for k, i in enumerate(rows[s:s + chunk]):
-                    scores[i] = per[k]
-        return scores  # type: ignore[return-value]
+            C, n = cand.shape[0], len(r)
+            enc = BaseModelOutput(last_hidden_state=hidden[r].repeat_interleave(C, dim=0))
+            labels = cand.repeat(n, 1)                   # row k*C + c = candidate c of example k
+            out = self.model(encoder_outputs=enc, attention_mask=m[r].repeat_interleave(C, dim=0),
+                             decoder_input_ids=self._decoder_inputs(labels))
+            logp = F.log_softmax(out.logits.float(), dim=-1)
+            tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return tok.masked_fill(labels == -100, 0.0).sum(-1).view(n, C)
+
+        return self._scores_by_task(batch["task_ids"].tolist(),
+                                    lambda t: self._candidate_ids(t)[0].numel() * vocab, score_rows)
 
     @torch.no_grad()
     def predict(self, prompt, prompt_mask, batch, *, generate: bool = False) -> torch.Tensor:
-        tids = batch["task_ids"].tolist()
         if generate:
             return self._generate(prompt, prompt_mask, batch)
-        values = []
-        for t, sc in zip(tids, self.candidate_scores(prompt, prompt_mask, batch)):
-            task = self.tasks[t]
-            best = int(sc.argmax())
-            values.append(float(self.candidates(task)[best]) if task.is_regression else best)
-        return self._predictions_tensor(values, batch["task_ids"])
+        return self._rank_predictions(batch["task_ids"], self.candidate_scores(prompt, prompt_mask, batch))
 
     def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
         batch = self._to_device(batch)
