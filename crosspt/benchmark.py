@@ -28,7 +28,6 @@ Nothing here imports Ray or MLflow at module import.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import statistics

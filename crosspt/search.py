@@ -119,7 +119,7 @@ def run_trial(params: dict, ctx: dict) -> None:
 
     space = SearchSpace.model_validate(ctx["space"])
     tctx = tune.get_context()
-    trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
+    trial_id = tctx.get_trial_id()
     number = trial_number_of(Path(tctx.get_trial_dir()).name, trial_id)
     cfg = space.config_for(params)
     cfg = cfg.model_copy(update={"name": f"{space.name}-trial{number:03d}"})
@@ -147,7 +147,7 @@ def run_trial(params: dict, ctx: dict) -> None:
             run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
         else:
             _fit_trainer_in_trial(cfg, trial_id, ctx, logger)
-    except SystemExit as e:
+    except SystemExit:
         # Tune ends a function trainable it has stopped (ASHA, or after the last epoch) with SystemExit(0)
         if logger:
             last = logger.last_metrics or {}

@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest

@@ -247,7 +247,7 @@ def test_promote_then_predict_and_evaluate_reproduce_the_trial(world, capsys, tm
     from crosspt.registry import _client, load_predictor
     from crosspt.tasks import get_task
 
-    uri, search = world["uri"], world["search"]
+    uri = world["uri"]
     code, out, err = run_cli(["promote", "--experiment", "regsearch", "--metric", "best_val_score",
                               "--model-name", "glue-crosspt", "--alias", "champion", "--tracking-uri", uri,
                               "--json"], capsys)

@@ -136,7 +136,8 @@ class Backbone(nn.Module, ABC):
     def neutral_init_ids(self) -> list[int]:
         """The token whose embedding starts a "neutral" prompt: the pad token (else end-of-text).
         Inserted where the model is used to seeing nothing, it changes a frozen encoder's outputs least
-        (MiniLM STS-B dev Spearman 0.874 with 16 such tokens vs 0.874 without a prompt)."""
+        (MiniLM STS-B dev Spearman, 16 such tokens after the input: 0.8615 vs 0.8672 without a prompt
+        and 0.8276 with 16 sampled words)."""
         tok = self.tokenizer
         for i in (tok.pad_token_id, tok.eos_token_id, tok.sep_token_id, tok.unk_token_id):
             if i is not None:
