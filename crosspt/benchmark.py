@@ -681,7 +681,7 @@ def notes(s: BenchSettings) -> list[str]:
         "get_prompt(task_ids) and concatenates before [CLS] exactly as that forward does",
         "PEFT PT (encoder): PeftModelForFeatureExtraction (SAMPLE_VOCAB init) forward, virtual tokens before "
         "[CLS], mean-pooled over the real tokens and scored like our encoder family (our PT puts its prompt "
-        "after [CLS] with mask-derived position ids)",
+        "after the input with mask-derived position ids)",
         "mean ± std over seeds (sample std, ddof=1); avg row: mean over tasks per seed, then mean ± std over seeds",
     ]
 

@@ -18,7 +18,7 @@ does with a fully attended prompt:
   * decoder: PEFT drops `position_ids` and the model counts positions from 0 over the whole row,
     crosspt derives them from the mask. They agree whenever a row has no LEFT padding (unpadded or
     right-padded inputs, e.g. one example at a time); crosspt itself left-pads batches.
-  * encoder: refused. crosspt puts the prompt after [CLS], pools the outputs with the prompt positions
+  * encoder: refused. crosspt puts the prompt after the input, pools the outputs with the prompt positions
     excluded and scores classes with its own head (class representations / pair heads that live in
     crosspt); PEFT's FEATURE_EXTRACTION prompt tuning prepends before [CLS] and has no such head, so no
     PEFT adapter reproduces the model.
@@ -41,7 +41,7 @@ class ExportError(CrossPTError):
 
 
 TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM"}
-ENCODER_REFUSAL = ("cannot export an encoder-family model to PEFT: crosspt inserts the prompt after [CLS], pools "
+ENCODER_REFUSAL = ("cannot export an encoder-family model to PEFT: crosspt inserts the prompt after the input, pools "
                    "without the prompt positions and scores classes with its own head, while PEFT's "
                    "FEATURE_EXTRACTION prompt tuning prepends before [CLS] and has no class head")
 ATTENTION_REFUSAL = ("this model routes per input (attention router): its prompt depends on the input, "

@@ -5,6 +5,7 @@ on a small machine) and run the identical loop in the calling process.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -39,27 +40,45 @@ _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 def init_ray(runtime_env: dict | None = None, **init_kwargs) -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback only
-    (every Ray port binds 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out)."""
+    (every Ray port binds 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out).
+
+    A RAY_ADDRESS on loopback can only be a single-machine head; it is joined in the same single-node
+    mode (a client in cluster mode looks for its raylet on the routable address and never connects
+    to a head started with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **{"log_to_driver": True, **init_kwargs})
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        with _single_node_mode(enabled=_is_loopback(address)):
+            ray.init(address=address, **{"log_to_driver": True, **init_kwargs})
         return
+    with _single_node_mode():
+        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **init_kwargs)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@contextlib.contextmanager
+def _single_node_mode(enabled: bool = True):
+    """Ray's single-machine switch for this process and what it starts, unless the user set it."""
     from ray._private import ray_constants
 
-    user_set = _SINGLE_NODE_ENV in os.environ
+    if not enabled or _SINGLE_NODE_ENV in os.environ:
+        yield
+        return
     saved = ray_constants.ENABLE_RAY_CLUSTER
-    if not user_set:
-        os.environ[_SINGLE_NODE_ENV] = "0"               # inherited by the processes ray.init starts
-        ray_constants.ENABLE_RAY_CLUSTER = False         # read by this process when it picks the node address
+    os.environ[_SINGLE_NODE_ENV] = "0"               # inherited by the processes ray.init starts
+    ray_constants.ENABLE_RAY_CLUSTER = False         # read by this process when it picks the node address
     try:
-        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **init_kwargs)
+        yield
     finally:
-        if not user_set:
-            os.environ.pop(_SINGLE_NODE_ENV, None)
-            ray_constants.ENABLE_RAY_CLUSTER = saved
+        os.environ.pop(_SINGLE_NODE_ENV, None)
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | None = None,
