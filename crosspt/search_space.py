@@ -126,6 +126,9 @@ class SearchSpace(Strict):
     def base_tree(self) -> dict:
         tree = copy.deepcopy(self.base)
         if self.budget.max_epochs:
+            if not isinstance(tree.get("train", {}), dict):
+                raise ConfigError(f"space '{self.name}': base.train must be a section (a mapping of training "
+                                  f"settings), not {type(tree['train']).__name__}")
             tree.setdefault("train", {})["epochs"] = self.budget.max_epochs
         return tree
 

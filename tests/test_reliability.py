@@ -496,6 +496,7 @@ def _schema(model=None) -> dict:
 
 
 SCHEMA = _schema()
+FUZZ_EXAMPLES = int(os.environ.get("CROSSPT_FUZZ_EXAMPLES", "0"))   # more examples for a local fuzzing run
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[str]:
@@ -565,7 +566,7 @@ def _load_or_config_error(loader, tree: dict, tmp: Path, names: set[str]):
     # any other exception type fails the property
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=FUZZ_EXAMPLES or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(tree=config_trees(), overrides=st.lists(st.tuples(st.sampled_from(LEAVES + ["prompt.bogus", "tasks.x"]),
                                                          st.text("ab01.[],:- ", max_size=8)), max_size=2))
 def test_config_files_fail_only_with_a_config_error_naming_the_key(tree, overrides, tmp_path_factory):
@@ -647,7 +648,7 @@ def space_trees(draw):
 # Shapes that once leaked a Python error (TypeError/OverflowError/YAMLError) instead of a ConfigError:
 # a numeric bound resolving to a non-number or infinity, an ordering `when` on a categorical factor, a
 # `when` condition that is not YAML, an int with log+step (Optuna refused it at the first trial).
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+@settings(max_examples=FUZZ_EXAMPLES or 200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                    HealthCheck.filter_too_much])
 @given(tree=space_trees())
 def test_space_files_fail_only_with_a_config_error_naming_the_key(tree, tmp_path_factory):
@@ -664,7 +665,7 @@ def test_space_files_fail_only_with_a_config_error_naming_the_key(tree, tmp_path
 
 
 @pytest.mark.parametrize("case", ["bound-is-a-list", "bound-is-none", "when-str-vs-int", "int-bound-inf",
-                                  "when-not-yaml", "int-log-with-step"])
+                                  "when-not-yaml", "int-log-with-step", "base-section-is-null"])
 def test_space_shapes_that_once_leaked_errors(case, tmp_path):
     from crosspt.search_space import load_space
 
@@ -683,10 +684,13 @@ def test_space_shapes_that_once_leaked_errors(case, tmp_path):
         # validates, then Optuna refuses it when the search asks for the first trial
         "int-log-with-step": {"space": {"prompt.private_len": {"type": "int", "low": 1, "high": 8, "step": 2,
                                                                "log": True}}},
+        # found by CI's run of the property test: `train:` left empty while the budget sets train.epochs
+        "base-section-is-null": {"base": {"train": None}, "budget": {"max_epochs": 2},
+                                 "space": {"prompt.private_len": {"type": "int", "low": 1, "high": 8}}},
     }
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(spaces[case], sort_keys=False))
-    with pytest.raises(ConfigError, match=r"prompt\.(private_len|top_k)"):     # names the key
+    with pytest.raises(ConfigError, match=r"prompt\.(private_len|top_k)|base\.train"):     # names the key
         load_space(f)
 
 
