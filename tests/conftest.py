@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# Property tests: `make test` (and CI) draw a fixed, repeatable sample, so a red run reproduces anywhere;
+# CROSSPT_FUZZ_EXAMPLES=N draws N fresh random examples per property for a local fuzzing session.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+_hypothesis_settings.register_profile("fuzz", derandomize=False, print_blob=True)
+_hypothesis_settings.load_profile("fuzz" if os.environ.get("CROSSPT_FUZZ_EXAMPLES") else "repeatable")
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
