@@ -19,9 +19,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # CROSSPT_FUZZ_EXAMPLES=N draws N fresh random examples per property for a local fuzzing session.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
-_hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
-_hypothesis_settings.register_profile("fuzz", derandomize=False, print_blob=True)
-_hypothesis_settings.load_profile("fuzz" if os.environ.get("CROSSPT_FUZZ_EXAMPLES") else "repeatable")
+_fuzz_examples = int(os.environ.get("CROSSPT_FUZZ_EXAMPLES") or 0)
+_hypothesis_settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True, max_examples=200)
+_hypothesis_settings.register_profile("fuzz", derandomize=False, print_blob=True, max_examples=_fuzz_examples or 200)
+_hypothesis_settings.load_profile("fuzz" if _fuzz_examples else "repeatable")
 
 
 @pytest.fixture(scope="session")

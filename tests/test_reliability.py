@@ -496,7 +496,6 @@ def _schema(model=None) -> dict:
 
 
 SCHEMA = _schema()
-FUZZ_EXAMPLES = int(os.environ.get("CROSSPT_FUZZ_EXAMPLES", "0"))   # more examples for a local fuzzing run
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[str]:
@@ -566,7 +565,7 @@ def _load_or_config_error(loader, tree: dict, tmp: Path, names: set[str]):
     # any other exception type fails the property
 
 
-@settings(max_examples=FUZZ_EXAMPLES or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(tree=config_trees(), overrides=st.lists(st.tuples(st.sampled_from(LEAVES + ["prompt.bogus", "tasks.x"]),
                                                          st.text("ab01.[],:- ", max_size=8)), max_size=2))
 def test_config_files_fail_only_with_a_config_error_naming_the_key(tree, overrides, tmp_path_factory):
@@ -648,8 +647,8 @@ def space_trees(draw):
 # Shapes that once leaked a Python error (TypeError/OverflowError/YAMLError) instead of a ConfigError:
 # a numeric bound resolving to a non-number or infinity, an ordering `when` on a categorical factor, a
 # `when` condition that is not YAML, an int with log+step (Optuna refused it at the first trial).
-@settings(max_examples=FUZZ_EXAMPLES or 200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                                   HealthCheck.filter_too_much])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                HealthCheck.filter_too_much])  # examples: conftest profile
 @given(tree=space_trees())
 def test_space_files_fail_only_with_a_config_error_naming_the_key(tree, tmp_path_factory):
     from crosspt.search_space import load_space
