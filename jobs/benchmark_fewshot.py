@@ -77,7 +77,7 @@ def parse_args(argv=None):
 
 
 def settings_from(args):
-    from crosspt.benchmark import BenchSettings
+    from crosspt.bench.harness import BenchSettings
 
     base = dict(QUICK if args.quick else FULL)
     for key in ("tasks", "source_tasks", "shots", "seeds", "lrs", "methods", "epochs", "patience", "max_length",
@@ -94,7 +94,7 @@ def settings_from(args):
 
 
 def main_benchmark(args) -> int:
-    from crosspt import benchmark as B
+    from crosspt.bench import harness as B
 
     s = settings_from(args)
     name = args.name or ("quick" if args.quick else "fewshot")
@@ -123,7 +123,7 @@ def main_benchmark(args) -> int:
 
 
 def main_speed(args) -> int:
-    from crosspt import benchmark as B
+    from crosspt.bench import harness as B
 
     s = settings_from(args)
     out = Path(args.out).resolve()
@@ -141,7 +141,7 @@ def main_speed(args) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from crosspt.cli import run_cli
+    from crosspt.cli.main import run_cli
 
     a = parse_args()
     sys.exit(run_cli(main_speed if a.speed else main_benchmark, a))

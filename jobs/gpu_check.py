@@ -97,8 +97,8 @@ def make_batches(n: int, batch: int, seq: int, tlen: int, vocab: int, device) ->
 def main(argv=None) -> dict:
     a = parse_args(argv)
     from crosspt.backbones.seq2seq import Seq2SeqBackbone
-    from crosspt.prompts import CrossPTPrompt, PromptSpec
-    from crosspt.tasks import get_task
+    from crosspt.method.prompts import CrossPTPrompt, PromptSpec
+    from crosspt.tasks.specs import get_task
 
     use_gpu = torch.cuda.is_available() and not a.cpu
     device = torch.device("cuda" if use_gpu else "cpu")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, also on a cluster node
 
-from crosspt.cli import run_cli
-from crosspt.registry_cli import add_pretrain_flags, cmd_pretrain_sources
+from crosspt.cli.main import run_cli
+from crosspt.cli.registry import add_pretrain_flags, cmd_pretrain_sources
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

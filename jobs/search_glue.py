@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, also on a cluster node
 
-from crosspt.cli import run_cli
-from crosspt.search_cli import add_search_flags, cmd_search
+from crosspt.cli.main import run_cli
+from crosspt.cli.search import add_search_flags, cmd_search
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

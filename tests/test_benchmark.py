@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosspt import benchmark as B
+from crosspt.bench import harness as B
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def _settings(data_dir, backbone="minilm", **kw) -> B.BenchSettings:
 
 # ---- same k-shot samples for every method ------------------------------------------------------------
 def test_every_method_sees_the_same_samples(data_dir):
-    from crosspt.train_loop import prepare_data
+    from crosspt.run.loop import prepare_data
 
     s = _settings(data_dir)
     for seed in (0, 1):
@@ -110,7 +110,7 @@ def test_orchestration_leave_one_out_and_selection(data_dir, tmp_path, monkeypat
 
 
 def test_bank_helper_excludes_target(tmp_path):
-    from crosspt.artifacts import load_bank, save_bank
+    from crosspt.run.artifacts import load_bank, save_bank
 
     path = save_bank(tmp_path / "b.safetensors", torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3).clone(),
                      backbone="x", tasks=["sst2", "rte", "mrpc", "cola"])
@@ -158,7 +158,7 @@ def test_bar_chart_writes_png(tmp_path):
 
 # ---- PEFT reference paths ------------------------------------------------------------------------------
 def _one_batch(backbone, task="rte", n=4):
-    from crosspt.data import Example
+    from crosspt.tasks.data import Example
 
     exs = [Example(task, f"{task}/train/{i}", ("a cat sat on the mat", "a cat sat"), i % 2) for i in range(n)]
     return backbone.collate(exs, train=True)
@@ -167,8 +167,8 @@ def _one_batch(backbone, task="rte", n=4):
 @pytest.mark.parametrize("kind", ["pt", "mpt"])
 def test_peft_encoder_path_trains_only_peft_prompt_and_heads(minilm_path, kind):
     from crosspt.backbones.loader import load_backbone
-    from crosspt.model import CrossPTModel
-    from crosspt.tasks import resolve_tasks
+    from crosspt.run.model import CrossPTModel
+    from crosspt.tasks.specs import resolve_tasks
 
     bb = load_backbone("minilm", resolve_tasks(["rte"]), max_length=32)
     reprs = None if not hasattr(bb, "class_reprs") else bb.class_reprs.clone()
@@ -189,8 +189,8 @@ def test_peft_encoder_path_trains_only_peft_prompt_and_heads(minilm_path, kind):
 
 def test_peft_prompt_module_on_seq2seq(tiny_t5_path):
     from crosspt.backbones.loader import load_backbone
-    from crosspt.model import CrossPTModel
-    from crosspt.tasks import resolve_tasks
+    from crosspt.run.model import CrossPTModel
+    from crosspt.tasks.specs import resolve_tasks
 
     bb = load_backbone(str(tiny_t5_path), resolve_tasks(["rte"]), max_length=32)
     for kind in ("pt", "mpt"):

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from crosspt import composition as C
-from crosspt.prompts import CrossPTPrompt, PromptSpec, init_prompt
+from crosspt.method import composition as C
+from crosspt.method.prompts import CrossPTPrompt, PromptSpec, init_prompt
 
 
 def test_annealing_decays_to_floor():

@@ -1,7 +1,7 @@
 """The run schema: defaults validate, bad input names the key."""
 import pytest
 
-from crosspt.config import config_hash, flatten, load_config, config_to_dict
+from crosspt.config.schema import config_hash, flatten, load_config, config_to_dict
 from crosspt.errors import ConfigError
 
 

@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from crosspt.metrics import average_primary, compute_metrics, primary_metric, rankdata
-from crosspt.tasks import get_task
+from crosspt.tasks.metrics import average_primary, compute_metrics, primary_metric, rankdata
+from crosspt.tasks.specs import get_task
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 stats = pytest.importorskip("scipy.stats")
@@ -33,7 +33,7 @@ def test_multiclass_mcc_and_accuracy(seed):
     rng = np.random.default_rng(100 + seed)
     gold = rng.integers(0, 3, size=150)
     pred = rng.integers(0, 3, size=150)
-    from crosspt.metrics import matthews
+    from crosspt.tasks.metrics import matthews
     assert matthews(pred, gold) == pytest.approx(sklearn_metrics.matthews_corrcoef(gold, pred))
     assert compute_metrics("cb", pred, gold)["accuracy"] == pytest.approx(
         sklearn_metrics.accuracy_score(gold, pred))

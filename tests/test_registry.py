@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosspt.config import config_hash, load_config
+from crosspt.config.schema import config_hash, load_config
 from crosspt.errors import ArtifactError, CrossPTError, UnknownTaskError
 
 
@@ -17,10 +17,10 @@ from crosspt.errors import ArtifactError, CrossPTError, UnknownTaskError
 def hand_built_bundle(tmp_path: Path, backbone: Path, **prompt) -> Path:
     """A bundle from a freshly built model (random bank, perturbed router): no training needed to
     compare crosspt's logits with PEFT's."""
-    from crosspt.artifacts import save_prompt_artifact
-    from crosspt.model import build_model
-    from crosspt.pyfunc_model import write_bundle
-    from crosspt.tasks import resolve_tasks
+    from crosspt.run.artifacts import save_prompt_artifact
+    from crosspt.run.model import build_model
+    from crosspt.registry.pyfunc import write_bundle
+    from crosspt.tasks.specs import resolve_tasks
 
     over = {"tasks": ["sst2", "rte"], "backbone.name": str(backbone), "backbone.max_length": 48, "seed": 3,
             **{f"prompt.{k}": v for k, v in prompt.items()}}
@@ -39,8 +39,8 @@ def peft_logits_match(predictor, out_dir: Path, task: str, texts: list[tuple[str
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from crosspt.data import Example
-    from crosspt.peft_export import crosspt_logits
+    from crosspt.tasks.data import Example
+    from crosspt.registry.peft_export import crosspt_logits
 
     bb = predictor.backbone
     auto = AutoModelForSeq2SeqLM if bb.family == "seq2seq" else AutoModelForCausalLM
@@ -68,7 +68,7 @@ def peft_logits_match(predictor, out_dir: Path, task: str, texts: list[tuple[str
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from crosspt.cli import main
+    from crosspt.cli.main import main
 
     capsys.readouterr()                      # drop what earlier steps printed
     code = main(argv)
@@ -83,8 +83,8 @@ TEXTS = [("a gripping, beautifully made film",), ("dull and far too long",), ("i
 def test_peft_round_trip_t5_identical_logits(tiny_t5_path, tmp_path):
     """cat of 2 sources (len 3) + private (len 5): padding positions are masked in crosspt's composed
     prompt; the collapsed (fully attended) prompt in PEFT gives the same logits, padded batch included."""
-    from crosspt.peft_export import export_peft
-    from crosspt.pyfunc_model import CrossPTPredictor
+    from crosspt.registry.peft_export import export_peft
+    from crosspt.registry.pyfunc import CrossPTPredictor
 
     bundle = hand_built_bundle(tmp_path, tiny_t5_path, n_sources=2, source_len=3, private_len=5, composition="cat")
     predictor = CrossPTPredictor(bundle, device="cpu")
@@ -96,8 +96,8 @@ def test_peft_round_trip_t5_identical_logits(tiny_t5_path, tmp_path):
 
 
 def test_peft_round_trip_decoder_identical_logits(tiny_decoder_path, tmp_path):
-    from crosspt.peft_export import export_peft
-    from crosspt.pyfunc_model import CrossPTPredictor
+    from crosspt.registry.peft_export import export_peft
+    from crosspt.registry.pyfunc import CrossPTPredictor
 
     bundle = hand_built_bundle(tmp_path, tiny_decoder_path, n_sources=2, source_len=4, private_len=2, composition="cat")
     predictor = CrossPTPredictor(bundle, device="cpu")
@@ -109,8 +109,8 @@ def test_peft_round_trip_decoder_identical_logits(tiny_decoder_path, tmp_path):
 
 
 def test_peft_export_refuses_encoder(minilm_path, tmp_path, capsys):
-    from crosspt.peft_export import ExportError, check_exportable, export_peft
-    from crosspt.pyfunc_model import CrossPTPredictor
+    from crosspt.registry.peft_export import ExportError, check_exportable, export_peft
+    from crosspt.registry.pyfunc import CrossPTPredictor
 
     bundle = hand_built_bundle(tmp_path, minilm_path, n_sources=0, private_len=2)
     with pytest.raises(ExportError, match="encoder.*CLS"):
@@ -129,7 +129,7 @@ def test_peft_export_refuses_encoder(minilm_path, tmp_path, capsys):
 
 
 def test_bank_and_model_references_fail_clearly(tmp_path):
-    from crosspt.registry import RegistryError, parse_model_uri, resolve_bank
+    from crosspt.registry.models import RegistryError, parse_model_uri, resolve_bank
 
     assert parse_model_uri("models:/glue-sources@current") == ("glue-sources", "current", None)
     assert parse_model_uri("models:/glue-sources/3") == ("glue-sources", None, "3")
@@ -149,9 +149,9 @@ def world(tmp_path_factory, tiny_t5_path, data_dir):
     the bank `models:/glue-sources@current`. Ray is shut down before the tests run."""
     import ray
 
-    from crosspt.search import run_search
-    from crosspt.search_space import SearchSpace
-    from crosspt.sources import pretrain_sources
+    from crosspt.search.driver import run_search
+    from crosspt.config.space import SearchSpace
+    from crosspt.registry.sources import pretrain_sources
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -187,22 +187,22 @@ def world(tmp_path_factory, tiny_t5_path, data_dir):
 
 
 def _children(world):
-    from crosspt import tracking as T
+    from crosspt.registry import tracking as T
 
     s = world["search"]
     return T.child_runs(world["uri"], s["experiment_id"], s["parent_run_id"])
 
 
 def _versions(uri: str, name: str) -> int:
-    from crosspt.registry import count_versions
+    from crosspt.registry.models import count_versions
 
     return count_versions(uri, name)
 
 
 @pytest.mark.slow
 def test_pretrained_bank_is_registered_and_used_by_the_search(world):
-    from crosspt.artifacts import load_bank, load_prompt_artifact
-    from crosspt.registry import _client, resolve_bank
+    from crosspt.run.artifacts import load_bank, load_prompt_artifact
+    from crosspt.registry.models import _client, resolve_bank
 
     uri, src = world["uri"], world["sources"]
     assert src["model_uri"] == "models:/glue-sources@current" and src["version"] == "1"
@@ -242,10 +242,10 @@ def test_promote_then_predict_and_evaluate_reproduce_the_trial(world, capsys, tm
     import mlflow
     import pandas as pd
 
-    from crosspt.data import make_splits
-    from crosspt.pyfunc_model import select_test_examples
-    from crosspt.registry import _client, load_predictor
-    from crosspt.tasks import get_task
+    from crosspt.tasks.data import make_splits
+    from crosspt.registry.pyfunc import select_test_examples
+    from crosspt.registry.models import _client, load_predictor
+    from crosspt.tasks.specs import get_task
 
     uri = world["uri"]
     code, out, err = run_cli(["promote", "--experiment", "regsearch", "--metric", "best_val_score",
@@ -274,7 +274,7 @@ def test_promote_then_predict_and_evaluate_reproduce_the_trial(world, capsys, tm
         result = json.loads(out)
         assert result["n_examples"] == 16 and result["version"] == "1"
         assert result["metrics"]["accuracy"] == pytest.approx(best.data.metrics[f"test_{task}_accuracy"], abs=1e-9)
-        from crosspt.data import load_split
+        from crosspt.tasks.data import load_split
 
         chosen = select_test_examples(load_split(get_task(task), "dev", str(world["data_dir"])), task, 16)
         trial_test = make_splits(task, str(world["data_dir"]), shots=4, seed=0, max_test=16)["test"]
@@ -336,7 +336,7 @@ def test_alias_conflict_is_refused_unless_forced(world, capsys):
                               "--alias", "champion", "--tracking-uri", uri], capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "points to version 1" in err and "--force" in err
-    from crosspt.registry import _client
+    from crosspt.registry.models import _client
 
     c = _client(uri)
     assert _versions(uri, "glue-conflict") == 1
@@ -354,7 +354,7 @@ def test_alias_conflict_is_refused_unless_forced(world, capsys):
 
 @pytest.mark.slow
 def test_bad_inputs_are_one_line_errors_and_change_nothing(world, capsys):
-    from crosspt.registry import _client
+    from crosspt.registry.models import _client
 
     uri = world["uri"]
     c = _client(uri)
@@ -385,4 +385,4 @@ def test_bad_inputs_are_one_line_errors_and_change_nothing(world, capsys):
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
     assert {n: _versions(uri, n) for n in names} == before
     assert sorted(m.name for m in c.search_registered_models()) == models
-    assert issubclass(__import__("crosspt.registry", fromlist=["RegistryError"]).RegistryError, CrossPTError)
+    assert issubclass(__import__("crosspt.registry.models", fromlist=["RegistryError"]).RegistryError, CrossPTError)

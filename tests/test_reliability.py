@@ -35,8 +35,8 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from crosspt import tracking as T
-from crosspt.config import load_config
+from crosspt.registry import tracking as T
+from crosspt.config.schema import load_config
 from crosspt.errors import ArtifactError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,8 +251,8 @@ def test_killed_driver_resumes_without_rerun_or_duplicates(ray_head, tiny_t5_pat
 
     # overwrite (`--overwrite`, here in-process to spare a CLI start) discards the saved search and starts
     # it again under a new parent run
-    from crosspt.search import run_search
-    from crosspt.search_space import load_space
+    from crosspt.search.driver import run_search
+    from crosspt.config.space import load_space
 
     again = run_search(load_space(space, ["budget.num_samples=1", "budget.max_epochs=1"]), data_dir=str(data_dir),
                        tracking_uri=f"sqlite:///{db}", storage_path=str(storage), overwrite=True, verbose=0)
@@ -266,7 +266,7 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     """The bookkeeping `--resume` does first, on a real sqlite MLflow store: children of trials Tune never
     recorded are orphans (KILLED, tagged, soft-deleted); children of trials Tune recorded as ended get
     that status; children of unfinished trials stay RUNNING for the resumed trial to continue."""
-    from crosspt.search import reconcile_child_runs
+    from crosspt.search.driver import reconcile_child_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = T.client(uri)
@@ -303,8 +303,8 @@ def faulty_search(ray_head, tiny_t5_path, data_dir, tmp_path_factory):
     """One search, max_retries=1, three trials with injected faults at epoch 1 (after a checkpoint):
     trial001 raises every time, trial002's loss becomes NaN, trial003's process dies once (exit).
     The driver's environment holds a fake secret, and the space's base a tracking URI with a password."""
-    from crosspt.search import run_search
-    from crosspt.search_space import SearchSpace
+    from crosspt.search.driver import run_search
+    from crosspt.config.space import SearchSpace
 
     tmp = tmp_path_factory.mktemp("faulty")
     marker = tmp / "exit-once"
@@ -344,7 +344,7 @@ def test_failing_trials_end_failed_and_the_search_goes_on(faulty_search):
     errors = sorted(t["error"] for t in by_status["ERROR"])
     assert any("InjectedFault" in e and "epoch 1" in e for e in errors), errors
     assert any("TrainingDiverged" in e and "nan" in e for e in errors), errors
-    from crosspt.search import format_summary
+    from crosspt.search.driver import format_summary
 
     text = format_summary(s, "best_val_score")
     assert "2 failed" in text
@@ -395,7 +395,7 @@ def test_no_secret_reaches_mlflow_params_or_tags(faulty_search):
 
 
 def test_fault_hook_is_parsed_strictly():
-    from crosspt.train_loop import parse_faults
+    from crosspt.run.loop import parse_faults
 
     assert parse_faults("raise@epoch=1,run=t1;nan@epoch=0,rank=1") == [
         {"kind": "raise", "epoch": 1, "run": "t1"}, {"kind": "nan", "epoch": 0, "rank": 1}]
@@ -486,7 +486,7 @@ def test_unreachable_mlflow_fails_before_anything_starts(tiny_t5_path, data_dir,
 def _schema(model=None) -> dict:
     from pydantic import BaseModel
 
-    from crosspt.config import RunConfig
+    from crosspt.config.schema import RunConfig
 
     out = {}
     for name, f in (model or RunConfig).model_fields.items():
@@ -518,7 +518,7 @@ unknown = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
 
 
 def _defaults() -> dict:
-    from crosspt.config import RunConfig
+    from crosspt.config.schema import RunConfig
 
     return RunConfig().model_dump(mode="json")
 
@@ -651,7 +651,7 @@ def space_trees(draw):
                                                 HealthCheck.filter_too_much])  # examples: conftest profile
 @given(tree=space_trees())
 def test_space_files_fail_only_with_a_config_error_naming_the_key(tree, tmp_path_factory):
-    from crosspt.search_space import load_space
+    from crosspt.config.space import load_space
 
     tmp = tmp_path_factory.mktemp("space", numbered=True)
     names = _paths(tree) | {"(top level)"}
@@ -666,7 +666,7 @@ def test_space_files_fail_only_with_a_config_error_naming_the_key(tree, tmp_path
 @pytest.mark.parametrize("case", ["bound-is-a-list", "bound-is-none", "when-str-vs-int", "int-bound-inf",
                                   "when-not-yaml", "int-log-with-step", "base-section-is-null"])
 def test_space_shapes_that_once_leaked_errors(case, tmp_path):
-    from crosspt.search_space import load_space
+    from crosspt.config.space import load_space
 
     spaces = {
         "bound-is-a-list": {"base": {"tasks": ["rte"]},
@@ -695,12 +695,12 @@ def test_space_shapes_that_once_leaked_errors(case, tmp_path):
 
 # ---- 6. artifacts -------------------------------------------------------------------------------
 def test_artifacts_are_checked_against_the_config(tiny_t5_path, tiny_decoder_path, data_dir, tmp_path):
-    from crosspt.artifacts import load_bank, load_prompt_artifact, save_bank, save_prompt_artifact
+    from crosspt.run.artifacts import load_bank, load_prompt_artifact, save_bank, save_prompt_artifact
     from crosspt.backbones.loader import load_backbone
-    from crosspt.config import config_hash
-    from crosspt.model import build_model
-    from crosspt.tasks import resolve_tasks
-    from crosspt.train_loop import load_source_bank
+    from crosspt.config.schema import config_hash
+    from crosspt.run.model import build_model
+    from crosspt.tasks.specs import resolve_tasks
+    from crosspt.run.loop import load_source_bank
 
     cfg = load_config(None, {"tasks": ["rte"], "backbone.name": str(tiny_t5_path), "prompt.n_sources": 2,
                              "prompt.source_len": 4, "prompt.private_len": 4, "data.data_dir": str(data_dir)})
@@ -741,7 +741,7 @@ def test_artifacts_are_checked_against_the_config(tiny_t5_path, tiny_decoder_pat
 
 
 def test_a_pickle_posing_as_an_artifact_is_refused_unopened(tmp_path):
-    from crosspt.artifacts import load_bank, load_prompt_artifact, load_tensors
+    from crosspt.run.artifacts import load_bank, load_prompt_artifact, load_tensors
 
     marker = tmp_path / "pwned"
 
@@ -759,7 +759,7 @@ def test_a_pickle_posing_as_an_artifact_is_refused_unopened(tmp_path):
 
 @pytest.mark.slow
 def test_cli_refuses_a_bank_of_another_backbone(tiny_t5_path, tiny_decoder_path, data_dir, tmp_path):
-    from crosspt.artifacts import save_bank
+    from crosspt.run.artifacts import save_bank
 
     bank = save_bank(tmp_path / "bank.safetensors", torch.randn(2, 4, 64), backbone=str(tiny_decoder_path),
                      tasks=["sst2", "cb"])
@@ -809,7 +809,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     starts (GCS, raylet, workers, agents), listen on loopback only."""
     script = textwrap.dedent("""
         import json, time, psutil, ray
-        from crosspt.trainer import init_ray
+        from crosspt.run.trainer import init_ray
         init_ray()
         node_ip = ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote())
         time.sleep(2)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from crosspt.search import run_search
-from crosspt.search_space import SearchSpace, load_space
-from crosspt import tracking as T
+from crosspt.search.driver import run_search
+from crosspt.config.space import SearchSpace, load_space
+from crosspt.registry import tracking as T
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def check_children(uri: str, summary: dict, n: int) -> list:
         assert "prompts/prompts.safetensors" in arts and "plots/router_heatmap.png" in arts
         # the artifact is a real safetensors prompt file with the run's metadata
         local = c.download_artifacts(r.info.run_id, "prompts/prompts.safetensors")
-        from crosspt.artifacts import load_prompt_artifact
+        from crosspt.run.artifacts import load_prompt_artifact
 
         tensors, meta = load_prompt_artifact(local)
         assert meta["tasks"] == ["sst2", "rte"] and "router_weights" in tensors

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from crosspt import data as D
-from crosspt import tasks as T
-from crosspt.data import (Example, data_dir_default, eval_batches, kshot_sample, load_split, make_splits,
+from crosspt.tasks import data as D
+from crosspt.tasks import specs as T
+from crosspt.tasks.data import (Example, data_dir_default, eval_batches, kshot_sample, load_split, make_splits,
                           multitask_batches)
 from crosspt.errors import ConfigError, DataError, UnknownTaskError
-from crosspt.tasks import (LABEL_SEMANTICS, OPAQUE_WORDS, TaskSpec, format_input, get_task, label_text,
+from crosspt.tasks.specs import (LABEL_SEMANTICS, OPAQUE_WORDS, TaskSpec, format_input, get_task, label_text,
                            list_tasks, parse_label_text, register_task, regression_grid, resolve_tasks)
 
 DATA = Path(os.environ.get("CROSSPT_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "data")

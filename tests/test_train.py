@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from crosspt.config import load_config
-from crosspt.trainer import train
+from crosspt.config.schema import load_config
+from crosspt.run.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_in_process_run_reports_every_epoch_and_final_metrics(tiny_t5_path, data
     assert result["history"][0]["epoch"] == -1 and result["epochs_run"] == 4
     assert 0 < result["trainable_params"] < result["total_params"]
     # the kept checkpoint holds the best epoch's prompts, not the last epoch's
-    from crosspt.artifacts import load_prompt_artifact
+    from crosspt.run.artifacts import load_prompt_artifact
 
     _, meta = load_prompt_artifact(reports[-1][1] / "prompts.safetensors")
     assert meta["epoch"] == result["best_epoch"]

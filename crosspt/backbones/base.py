@@ -31,9 +31,9 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from crosspt import tasks as _tasks
+from crosspt.tasks import specs as _tasks
 from crosspt.errors import ConfigError, DataError, UnknownTaskError
-from crosspt.tasks import LABEL_SEMANTICS, TaskSpec
+from crosspt.tasks.specs import LABEL_SEMANTICS, TaskSpec
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

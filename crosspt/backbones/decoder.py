@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from crosspt import tasks as _tasks
+from crosspt.tasks import specs as _tasks
 from crosspt.backbones.base import Backbone, pad_sequences, positions_from_mask
 from crosspt.errors import DataError
 

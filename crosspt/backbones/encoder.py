@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosspt import tasks as _tasks
+from crosspt.tasks import specs as _tasks
 from crosspt.backbones.base import Backbone, pad_sequences, positions_from_mask
 from crosspt.errors import ConfigError
 

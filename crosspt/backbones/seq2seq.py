@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-from crosspt import tasks as _tasks
+from crosspt.tasks import specs as _tasks
 from crosspt.backbones.base import Backbone
 from crosspt.errors import DataError
 

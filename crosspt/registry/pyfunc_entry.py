@@ -5,6 +5,6 @@ stores the code and, on load, runs it instead of unpickling a `python_model.pkl`
 registered crosspt model unpickles nothing."""
 import mlflow.models
 
-from crosspt.pyfunc_model import CrossPTPyfunc
+from crosspt.registry.pyfunc import CrossPTPyfunc
 
 mlflow.models.set_model(CrossPTPyfunc())

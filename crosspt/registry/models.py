@@ -47,7 +47,7 @@ class RegistryError(CrossPTError):
 
 # ---- small helpers -----------------------------------------------------------------------------------
 def tracking_uri_of(uri: str | None) -> str:
-    from crosspt.tracking import resolve_tracking_uri
+    from crosspt.registry.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(uri)
 
@@ -189,7 +189,7 @@ def resolve_bank(uri_or_path: str, tracking_uri: str | None = None, *, dest_dir:
     `models:/NAME@alias` / `models:/NAME/VERSION` / `models:/NAME/latest`: the registered bank version's
     file, downloaded once into `dest_dir` (default: the crosspt cache, `$CROSSPT_CACHE_DIR`); a plain
     path: the path itself (absolute). The file is checked to be a crosspt source-prompt bank."""
-    from crosspt.artifacts import load_bank
+    from crosspt.run.artifacts import load_bank
 
     if not is_model_uri(uri_or_path):
         path = Path(str(uri_or_path)).expanduser().resolve()
@@ -266,7 +266,7 @@ def fetch_model(model_ref: str, tracking_uri: str | None = None, *, dest_dir: st
                 ) -> tuple[Path, dict]:
     """A model reference -> (local bundle folder, info). `models:/...` are downloaded (cached per
     version); a local folder (bundle, or MLflow model folder holding one) is used as is."""
-    from crosspt.pyfunc_model import find_bundle
+    from crosspt.registry.pyfunc import find_bundle
 
     if not is_model_uri(model_ref):
         p = Path(str(model_ref)).expanduser()
@@ -292,7 +292,7 @@ def load_predictor(model_ref: str, tracking_uri: str | None = None, *, device: s
     """The CrossPTPredictor of a registered model (`models:/NAME@alias`) or a local model folder.
 
     `tasks`: names the caller will use; a task the model was not trained on fails before any weights load."""
-    from crosspt.pyfunc_model import CrossPTPredictor, match_task, stored_tasks
+    from crosspt.registry.pyfunc import CrossPTPredictor, match_task, stored_tasks
 
     bundle, info = fetch_model(model_ref, tracking_uri)
     if tasks:
@@ -353,11 +353,11 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
     import mlflow
     import yaml
 
-    from crosspt.config import build_config, config_hash
+    from crosspt.config.schema import build_config, config_hash
     from importlib.util import find_spec
 
-    from crosspt.pyfunc_model import BUNDLE_ARTIFACT, model_signature, pip_requirements, write_bundle
-    from crosspt.tracking import log_metrics, log_params
+    from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, model_signature, pip_requirements, write_bundle
+    from crosspt.registry.tracking import log_metrics, log_params
 
     if mode not in ("max", "min"):
         raise RegistryError(f"mode must be 'max' or 'min', got '{mode}'")
@@ -433,7 +433,7 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
                 with warnings.catch_warnings():       # "no input example": loading the backbone to
                     warnings.simplefilter("ignore", UserWarning)   # validate one is not worth it here
                     info = mlflow.pyfunc.log_model(
-                        name=MODEL_ARTIFACT, python_model=find_spec("crosspt.pyfunc_entry").origin,   # code, not pickle
+                        name=MODEL_ARTIFACT, python_model=find_spec("crosspt.registry.pyfunc_entry").origin,   # code, not pickle
                         artifacts={BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=pip_requirements(),
                         signature=model_signature(), metadata={"crosspt_bundle": BUNDLE_ARTIFACT,
                                                                CONFIG_HASH_TAG: chash, SOURCE_RUN_TAG: rid})

@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from crosspt.config import RunConfig, config_hash, config_to_yaml, flatten
+from crosspt.config.schema import RunConfig, config_hash, config_to_yaml, flatten
 from crosspt.errors import ConfigError, CrossPTError
-from crosspt.search_space import OptunaDefineByRun, SearchSpace, SpaceSearcher
-from crosspt.train_loop import FAULT_ENV, Session, TrainingDiverged, parse_faults
-from crosspt import tracking as T
+from crosspt.config.space import OptunaDefineByRun, SearchSpace, SpaceSearcher
+from crosspt.run.loop import FAULT_ENV, Session, TrainingDiverged, parse_faults
+from crosspt.registry import tracking as T
 
 STATE_FILE = "crosspt_search.json"
 RETRYABLE_TAG = "crosspt.retryable"
@@ -142,7 +142,7 @@ def run_trial(params: dict, ctx: dict) -> None:
                      tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000]}, found=prior)
     try:
         if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
-            from crosspt.train_loop import run_loop
+            from crosspt.run.loop import run_loop
 
             run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
         else:
@@ -201,7 +201,7 @@ def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger) -> N
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from crosspt.train_loop import ray_worker_loop
+    from crosspt.run.loop import ray_worker_loop
 
     s = cfg.scaling
     callbacks = [TuneReportCallback()] + ([_train_callback(logger)] if logger else [])
@@ -307,7 +307,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from crosspt.trainer import init_ray, preflight
+    from crosspt.run.trainer import init_ray, preflight
 
     t0 = time.time()
     base = space.base_config()
@@ -338,7 +338,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
             pass
     if resume and not paths.state.is_file():
         raise ConfigError(f"nothing to resume: no search '{search_name}' in {paths.root.parent}")
-    from crosspt.registry import resolve_space_banks     # models:/ source banks -> local files, once, here
+    from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
     trial_space = resolve_space_banks(space, uri, dest_dir=paths.root.parent / "_source_banks")
 
     experiment_id = T.ensure_experiment(uri, exp_name)
@@ -402,7 +402,7 @@ def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resum
             sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=space.search.constant_liar,
                                                  n_startup_trials=space.search.n_startup_trials)
             storage = optuna.storages.RDBStorage(paths.optuna_url)
-            import crosspt.search as this
+            import crosspt.search.driver as this
 
             searcher = this.ResumableOptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode,
                                                   sampler=sampler, storage=storage, study_name=space.name,

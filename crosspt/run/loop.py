@@ -19,12 +19,12 @@ from typing import Any, Callable
 
 import torch
 
-from crosspt.artifacts import load_bank, load_tensors, save_prompt_artifact, save_tensors
-from crosspt.config import RunConfig, config_hash
-from crosspt.data import eval_batches, make_splits, multitask_batches
-from crosspt.metrics import compute_metrics, primary_metric
-from crosspt.model import CrossPTModel, build_model, count_parameters
-from crosspt.tasks import register_task_file, resolve_tasks
+from crosspt.run.artifacts import load_bank, load_tensors, save_prompt_artifact, save_tensors
+from crosspt.config.schema import RunConfig, config_hash
+from crosspt.tasks.data import eval_batches, make_splits, multitask_batches
+from crosspt.tasks.metrics import compute_metrics, primary_metric
+from crosspt.run.model import CrossPTModel, build_model, count_parameters
+from crosspt.tasks.specs import register_task_file, resolve_tasks
 
 STATE_FILE = "state.safetensors"        # current trainable state (resume)
 BEST_FILE = "prompts.safetensors"       # best epoch's prompts, the artifact a search keeps
@@ -263,7 +263,7 @@ def load_source_bank(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
         return None
     if not cfg.prompt.source_bank:
         return None                      # a random (untrained) bank: ablations and tests
-    from crosspt.artifacts import select_sources
+    from crosspt.run.artifacts import select_sources
 
     bank, meta = load_bank(cfg.prompt.source_bank, backbone=cfg.backbone.name, dim=dim,
                            source_len=cfg.prompt.source_len)

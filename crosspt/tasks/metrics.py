@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from crosspt.tasks import TaskSpec, get_task
+from crosspt.tasks.specs import TaskSpec, get_task
 
 _PRIMARY = {"accuracy": "accuracy", "f1_acc": "combined", "mcc": "mcc", "pearson_spearman": "combined"}
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from crosspt.backbones.base import Backbone
-from crosspt.config import RunConfig
-from crosspt.prompts import CrossPTPrompt, PromptSpec
-from crosspt.tasks import TaskSpec
+from crosspt.config.schema import RunConfig
+from crosspt.method.prompts import CrossPTPrompt, PromptSpec
+from crosspt.tasks.specs import TaskSpec
 
 
 class CrossPTModel(nn.Module):

@@ -76,7 +76,7 @@ class BenchSettings:
 
     def check(self) -> None:
         from crosspt.errors import ConfigError
-        from crosspt.tasks import resolve_tasks
+        from crosspt.tasks.specs import resolve_tasks
 
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
@@ -98,7 +98,7 @@ class EmptyPrompt(nn.Module):
 
     def __init__(self, n_tasks: int, dim: int):
         super().__init__()
-        from crosspt.prompts import PromptSpec
+        from crosspt.method.prompts import PromptSpec
 
         self.spec = PromptSpec(n_tasks=n_tasks, dim=dim, n_sources=0, private_len=0)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -260,7 +260,7 @@ def prompt_tree(method: str, s: BenchSettings, n_sources: int) -> dict:
 
 def run_config(s: BenchSettings, method: str, tasks: Sequence[str], k: int, seed: int, lr: float,
                n_sources: int = 0):
-    from crosspt.config import build_config
+    from crosspt.config.schema import build_config
 
     tree = {"name": f"bench-{method}-{'+'.join(tasks)}-k{k}-s{seed}", "seed": seed, "tasks": list(tasks),
             "backbone": {"name": s.backbone, "max_length": s.max_length},
@@ -282,8 +282,8 @@ def _load_backbone(cfg, tasks):
 
 def build_bench_model(job: dict, cfg, tasks):
     """The model a job trains (or evaluates), from its method."""
-    from crosspt.model import CrossPTModel, build_model
-    from crosspt.prompts import init_prompt
+    from crosspt.run.model import CrossPTModel, build_model
+    from crosspt.method.prompts import init_prompt
 
     method = job["method"]
     torch.manual_seed(cfg.seed)
@@ -318,11 +318,11 @@ def build_bench_model(job: dict, cfg, tasks):
 def _spot_choose(job: dict, s: BenchSettings) -> tuple[torch.Tensor, str, dict]:
     """SPoT's source choice: each source prompt, used as the target's prompt untrained, scored on the
     target's validation split; the best one wins (ties: bank order)."""
-    from crosspt.train_loop import LocalSession, evaluate, score_of
+    from crosspt.run.loop import LocalSession, evaluate, score_of
 
     cfg = run_config(s, "pt", [job["task"]], job["k"], job["seed"], job["lr"])
     tasks, splits = _prepare_cached(cfg)
-    from crosspt.model import build_model
+    from crosspt.run.model import build_model
 
     model = build_model(cfg, tasks, backbone=_load_backbone(cfg, tasks))
     val = {t: sp["val"] for t, sp in splits.items()}
@@ -342,7 +342,7 @@ _ORIG_PREPARE: dict[str, Any] = {}
 def _prepare_cached(cfg):
     """prepare_data, memoised per process on what determines the splits (the k-shot samples are a pure
     function of task, k, seed, data dir and max_test; run_loop still draws its own, identical, copy)."""
-    from crosspt.train_loop import prepare_data
+    from crosspt.run.loop import prepare_data
 
     if prepare_data is _prepare_cached:           # called by run_loop while execute_job has patched it in
         prepare_data = _ORIG_PREPARE["f"]
@@ -356,7 +356,7 @@ def _prepare_cached(cfg):
 
 def execute_job(job: dict) -> dict:
     """Run one benchmark job (a method on a task, k, seed and lr); returns a plain result record."""
-    from crosspt.train_loop import LocalSession, evaluate, run_loop, score_of
+    from crosspt.run.loop import LocalSession, evaluate, run_loop, score_of
 
     s = BenchSettings(**job["settings"])
     if s.threads:
@@ -387,7 +387,7 @@ def execute_job(job: dict) -> dict:
         else:
             # run_loop draws its k-shot splits itself; hand it the memoised (identical) ones: reading and
             # sampling SST-2's 67k rows costs more than a few-shot run
-            import crosspt.train_loop as TL
+            import crosspt.run.loop as TL
 
             orig = TL.prepare_data
             _ORIG_PREPARE.setdefault("f", orig)
@@ -464,7 +464,7 @@ def select_best(records: Iterable[dict]) -> dict[tuple, dict]:
 
 def leave_one_out_bank(bank: torch.Tensor, meta: dict, target: str) -> tuple[torch.Tensor, list[str]]:
     """Every source prompt of the bank except the target's own."""
-    from crosspt.artifacts import select_sources
+    from crosspt.run.artifacts import select_sources
 
     n = sum(1 for t in meta["tasks"] if t != target)
     return select_sources(bank, meta, n, rule="order", exclude=[target])
@@ -473,7 +473,7 @@ def leave_one_out_bank(bank: torch.Tensor, meta: dict, target: str) -> tuple[tor
 def run_benchmark(s: BenchSettings, out_dir: str | Path, *, parallel: int = 1, cpus_per_job: float = 1.0,
                   log: Callable[[str], None] = print) -> dict:
     """All phases; returns the summary (settings, every run, the selected runs, the table)."""
-    from crosspt.artifacts import load_bank, save_bank
+    from crosspt.run.artifacts import load_bank, save_bank
 
     s.check()
     out_dir = Path(out_dir).resolve()
@@ -653,7 +653,7 @@ def format_compact(table: dict) -> str:
 
 
 def notes(s: BenchSettings) -> list[str]:
-    from crosspt.metrics import primary_metric
+    from crosspt.tasks.metrics import primary_metric
 
     cap = f"capped at {s.max_test} examples (seeded subset, the same for every seed and method)" \
         if s.max_test else "uncapped"
@@ -721,7 +721,7 @@ def log_to_mlflow(summary: dict, text: str, files: dict[str, Path], *, tracking_
                   experiment: str) -> dict:
     """One experiment: a parent run (params, average metrics, table, JSON, bar chart) and one child run
     per selected (method, task, k, seed)."""
-    from crosspt import tracking as T
+    from crosspt.registry import tracking as T
 
     uri = T.resolve_tracking_uri(tracking_uri)
     T.check_reachable(uri)
@@ -892,8 +892,8 @@ def measure_step_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int =
                        steps: int = 8, log=print) -> dict:
     """Training step (compose + forward + backward + AdamW step) of CrossPT cat vs PT at equal composed
     length, same process, same batches, alternating blocks; median seconds per step."""
-    from crosspt.data import multitask_batches
-    from crosspt.model import build_model
+    from crosspt.tasks.data import multitask_batches
+    from crosspt.run.model import build_model
 
     L = s.prompt_len
     composed = (n_sources + 1) * L
@@ -946,8 +946,8 @@ def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: 
     prompt) vs a PT model of the same length holding the same values, same backbone object, same batches;
     the uncollapsed CrossPT model for reference, and whether the promoted prompt predicts exactly what the
     uncollapsed model predicts."""
-    from crosspt.data import eval_batches
-    from crosspt.model import CrossPTModel, build_model
+    from crosspt.tasks.data import eval_batches
+    from crosspt.run.model import CrossPTModel, build_model
 
     L = s.prompt_len
     composed = (n_sources + 1) * L
@@ -1002,17 +1002,17 @@ def _rss_child(spec_json: str) -> None:
         cfg = _speed_cfg(s, spec["task"], spec.get("method", "pt"), spec.get("n_sources", 0),
                          epochs=spec.get("epochs", 2), max_test=spec.get("max_test", 200),
                          private_len=spec.get("private_len"))
-        from crosspt.tasks import resolve_tasks
+        from crosspt.tasks.specs import resolve_tasks
 
         tasks = resolve_tasks(cfg.tasks)
         if what in ("backbone", "backbone_data"):
-            from crosspt.data import Example
-            from crosspt.model import CrossPTModel
+            from crosspt.tasks.data import Example
+            from crosspt.run.model import CrossPTModel
 
             bb = _load_backbone(cfg, tasks)
             model = CrossPTModel(EmptyPrompt(1, bb.embed_dim), bb).eval()
             if what == "backbone_data":                      # zero-shot inference over the real test split
-                from crosspt.train_loop import LocalSession, evaluate
+                from crosspt.run.loop import LocalSession, evaluate
 
                 _, splits = _prepare_cached(cfg)
                 with tempfile.TemporaryDirectory() as d:
@@ -1024,7 +1024,7 @@ def _rss_child(spec_json: str) -> None:
                 with torch.no_grad():
                     model.predict(bb.collate(exs, train=False))
         else:                                                    # a whole trial
-            from crosspt.train_loop import LocalSession, run_loop
+            from crosspt.run.loop import LocalSession, run_loop
 
             with tempfile.TemporaryDirectory() as d:
                 r = run_loop(cfg, LocalSession(d))
@@ -1079,7 +1079,7 @@ def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epo
 def _init_ray_local() -> float:
     """Join $RAY_ADDRESS, else start a private local Ray on loopback only (never attach to someone
     else's); seconds taken."""
-    from crosspt.trainer import init_ray
+    from crosspt.run.trainer import init_ray
 
     t = time.time()
     if os.environ.get("RAY_ADDRESS"):
@@ -1093,9 +1093,9 @@ def measure_ray_overhead(s: BenchSettings, out_dir: Path, *, task: str = "rte", 
                          epochs: int = 12, lrs: Sequence[float] = (0.3, 0.1, 0.03, 0.01, 0.003), log=print) -> dict:
     """N short trials through crosspt.search.run_search (random searcher, FIFO, one trial at a time) vs the
     same configurations through run_loop in a plain loop; in_process true and false."""
-    from crosspt.search import run_search
-    from crosspt.search_space import SearchSpace
-    from crosspt.train_loop import LocalSession, run_loop
+    from crosspt.search.driver import run_search
+    from crosspt.config.space import SearchSpace
+    from crosspt.run.loop import LocalSession, run_loop
 
     cpus = s.threads or os.cpu_count() or 1          # Ray gives a trial OMP_NUM_THREADS = its CPUs
     torch.set_num_threads(cpus)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from crosspt.config import RunConfig, apply_overrides, build_config, read_yaml
+from crosspt.config.schema import RunConfig, apply_overrides, build_config, read_yaml
 from crosspt.errors import ConfigError
 
 _REF = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:([+-])\s*(\d+))?\s*$")

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from crosspt.config import RunConfig
+from crosspt.config.schema import RunConfig
 from crosspt.errors import CrossPTError
 
 
@@ -26,7 +26,7 @@ def resolve_data_dir(cfg: RunConfig) -> RunConfig:
 def preflight(cfg: RunConfig) -> None:
     """Fail fast in the driver on bad tasks/backbones/data rather than inside a worker."""
     from crosspt.backbones.loader import resolve_backbone
-    from crosspt.train_loop import prepare_data
+    from crosspt.run.loop import prepare_data
 
     resolve_backbone(cfg.backbone.name, family=cfg.backbone.family)
     prepare_data(cfg)
@@ -88,7 +88,7 @@ def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | N
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
-        from crosspt.train_loop import LocalSession, run_loop
+        from crosspt.run.loop import LocalSession, run_loop
 
         session = LocalSession(output_dir, use_gpu=cfg.scaling.use_gpu, on_report=on_report,
                                resume_from=resume_from)
@@ -101,7 +101,7 @@ def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from crosspt.train_loop import ray_worker_loop
+    from crosspt.run.loop import ray_worker_loop
 
     init_ray()
     s = cfg.scaling

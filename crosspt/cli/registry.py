@@ -15,7 +15,7 @@ from crosspt.errors import DataError
 
 # ---- pretrain-sources ----------------------------------------------------------------------------------
 def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
-    from crosspt.cli import _common_run_flags
+    from crosspt.cli.main import _common_run_flags
 
     _common_run_flags(p)      # --config --set --backbone --tasks (the SOURCE tasks) --shots --seed --data-dir
     p.add_argument("--model-name", default="glue-sources",
@@ -30,9 +30,9 @@ def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain_sources(args) -> int:
-    from crosspt.cli import flag_overrides
-    from crosspt.config import load_config
-    from crosspt.sources import format_summary, pretrain_sources
+    from crosspt.cli.main import flag_overrides
+    from crosspt.config.schema import load_config
+    from crosspt.registry.sources import format_summary, pretrain_sources
 
     cfg = load_config(args.config, flag_overrides(args))
 
@@ -64,7 +64,7 @@ def add_promote_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args) -> int:
-    from crosspt.registry import describe, promote
+    from crosspt.registry.models import describe, promote
 
     result = promote(model_name=args.model_name, alias=args.alias, experiment=args.experiment, metric=args.metric,
                      mode=args.mode, run_id=args.run_id, parent_run_id=args.parent_run_id,
@@ -132,7 +132,7 @@ def _row_texts(row: dict, spec, where: str) -> tuple[str | None, str | None]:
 
 
 def cmd_predict(args) -> int:
-    from crosspt.registry import load_predictor
+    from crosspt.registry.models import load_predictor
 
     if bool(args.text) == bool(args.input):
         raise DataError("give either --text (with --text-b for pair tasks) or --input FILE")
@@ -214,7 +214,7 @@ def _max_examples(text: str):
 def cmd_evaluate(args) -> int:
     import os
 
-    from crosspt.registry import load_predictor
+    from crosspt.registry.models import load_predictor
 
     limit = _max_examples(args.max_examples)
     predictor = load_predictor(args.model, args.tracking_uri, device=args.device, tasks=[args.task])
@@ -236,9 +236,9 @@ def add_export_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export_peft(args) -> int:
-    from crosspt.peft_export import check_exportable, export_peft
-    from crosspt.pyfunc_model import CrossPTPredictor, match_task, stored_tasks
-    from crosspt.registry import fetch_model
+    from crosspt.registry.peft_export import check_exportable, export_peft
+    from crosspt.registry.pyfunc import CrossPTPredictor, match_task, stored_tasks
+    from crosspt.registry.models import fetch_model
 
     bundle, _ = fetch_model(args.model, args.tracking_uri)
     match_task(stored_tasks(bundle), args.task)

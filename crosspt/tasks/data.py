@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from crosspt.errors import DataError, UnknownTaskError
-from crosspt.tasks import TaskSpec, get_task
+from crosspt.tasks.specs import TaskSpec, get_task
 
 SPLITS = ("train", "dev")
 ENV_DATA_DIR = "CROSSPT_DATA_DIR"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crosspt import composition as C
+from crosspt.method import composition as C
 
 INITS = ("random", "vocab", "neutral", "text", "source")
 

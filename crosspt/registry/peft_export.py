@@ -53,8 +53,8 @@ def check_exportable(bundle) -> str:
     import yaml
 
     from crosspt.backbones.loader import resolve_backbone
-    from crosspt.config import build_config
-    from crosspt.pyfunc_model import CONFIG, find_bundle
+    from crosspt.config.schema import build_config
+    from crosspt.registry.pyfunc import CONFIG, find_bundle
 
     path = find_bundle(bundle) / CONFIG
     cfg = build_config(yaml.safe_load(path.read_text()) or {}, str(path))
@@ -75,7 +75,7 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
     from safetensors.torch import save_file
 
-    from crosspt import tasks as _tasks
+    from crosspt.tasks import specs as _tasks
 
     family = predictor.backbone.family
     spec = predictor.task(task)

@@ -21,8 +21,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args) -> int:
-    from crosspt.search import format_summary, run_search
-    from crosspt.search_space import load_space
+    from crosspt.search.driver import format_summary, run_search
+    from crosspt.config.space import load_space
 
     space = load_space(args.space, args.overrides)
     summary = run_search(space, experiment=args.experiment, data_dir=args.data_dir,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crosspt.config import RunConfig, build_config, config_hash, config_to_dict, config_to_yaml, flatten
+from crosspt.config.schema import RunConfig, build_config, config_hash, config_to_dict, config_to_yaml, flatten
 
 BANK_FILE = "sources.safetensors"
 
@@ -39,8 +39,8 @@ def source_config(cfg: RunConfig, task: str) -> RunConfig:
 
 def train_source(cfg_tree: dict, output_dir: str) -> dict:
     """Body of one Ray task: train one source prompt in-process; return it with the run's metrics."""
-    from crosspt.artifacts import load_prompt_artifact
-    from crosspt.train_loop import BEST_FILE, LocalSession, run_loop
+    from crosspt.run.artifacts import load_prompt_artifact
+    from crosspt.run.loop import BEST_FILE, LocalSession, run_loop
 
     cfg = RunConfig.model_validate(cfg_tree)
     task = cfg.tasks[0]
@@ -67,14 +67,14 @@ def pretrain_sources(cfg: RunConfig, *, tasks: list[str] | None = None, data_dir
     "version", "model_uri", "wall_s"}; `model_name=None` skips registration."""
     import ray
 
-    from crosspt import tracking as T
-    from crosspt.artifacts import load_bank, save_bank
-    from crosspt.registry import _check_alias_name, register_bank
-    from crosspt.trainer import preflight, resolve_data_dir
+    from crosspt.registry import tracking as T
+    from crosspt.run.artifacts import load_bank, save_bank
+    from crosspt.registry.models import _check_alias_name, register_bank
+    from crosspt.run.trainer import preflight, resolve_data_dir
     try:
-        from crosspt.trainer import init_ray
+        from crosspt.run.trainer import init_ray
     except ImportError:                       # older layout: the search driver owns it
-        from crosspt.search import init_ray
+        from crosspt.search.driver import init_ray
 
     t0 = time.time()
     if tasks:

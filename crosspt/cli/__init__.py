@@ -1,0 +1,4 @@
+"""The `crosspt` command."""
+from crosspt.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,5 @@
+import sys
+
+from crosspt.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The one typed run schema (`schema.py`) and the search-space schema (`space.py`)."""

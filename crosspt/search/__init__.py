@@ -1,0 +1,1 @@
+"""The Tune + Optuna + ASHA driver, its MLflow trial logging, resume/reconcile."""
