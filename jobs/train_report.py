@@ -28,11 +28,10 @@ from crosspt.run.loop import prepare_data  # noqa: E402
 
 def untrained(cfg, task_name: str) -> tuple[dict, float]:
     """Empty prompt, no training: label scoring / bi-encoder cosine of the frozen backbone alone."""
-    from crosspt.backbones.loader import load_backbone
+    from crosspt.backbones.loader import load_for_config
 
     tasks, splits = prepare_data(cfg)
-    bb = load_backbone(cfg.backbone.name, tasks, label_semantics=cfg.prompt.label_semantics,
-                       with_prefix=cfg.prompt.prefix, max_length=cfg.backbone.max_length)
+    bb = load_for_config(cfg, tasks)
     test = splits[task_name]["test"]
     preds = []
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 
 from crosspt.backbones.base import count_parameters
 from crosspt.backbones.encoder import EncoderBackbone
-from crosspt.backbones.loader import backbone_summary, load_backbone, resolve_backbone
+from crosspt.backbones.loader import FAMILY_TABLE, backbone_summary, load_backbone, resolve_backbone
 from crosspt.tasks.data import Example
 from crosspt.errors import DataError, UnknownBackboneError
 from crosspt.tasks.specs import TaskSpec, get_task
@@ -68,7 +68,7 @@ def backbone(request, tiny_t5_path, tiny_decoder_path, minilm):
     return minilm
 
 
-FAMILIES = ["seq2seq", "decoder", "encoder"]
+FAMILIES = list(FAMILY_TABLE)      # every family the loader dispatches to
 
 
 # -- frozen backbone / gradients ------------------------------------------------------------------

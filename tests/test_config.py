@@ -1,7 +1,7 @@
 """The run schema: defaults validate, bad input names the key."""
 import pytest
 
-from crosspt.config.schema import config_hash, flatten, load_config, config_to_dict
+from crosspt.config.schema import RunConfig, config_hash, config_to_yaml, flatten, load_config, config_to_dict
 from crosspt.errors import ConfigError
 
 
@@ -49,3 +49,35 @@ def test_flatten_is_scalar_only():
     flat = flatten(config_to_dict(load_config(None, {"tasks": ["sst2", "rte"]})))
     assert flat["tasks"] == "sst2,rte"
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
+
+
+# config_hash identifies a configuration across versions (MLflow params, stored bundles): these values
+# were computed before the options became Enums and must not move.
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, "84dbd5497af3acb9"),
+    ({"prompt.composition": "wavg", "prompt.router": "attention", "backbone.family": "encoder",
+      "backbone.dtype": "bfloat16", "prompt.init": "vocab", "prompt.label_semantics": "opaque",
+      "backbone.pair_encoding": "joint", "data.shots_per": "task", "prompt.source_selection": "similar",
+      "prompt.n_sources": 2}, "90fb804bb97a4ef5"),
+])
+def test_config_hash_is_stable(overrides, expected):
+    assert config_hash(load_config(None, overrides)) == expected
+
+
+def test_options_are_plain_strings_in_config_and_dump():
+    cfg = load_config(None, {"prompt.composition": "wavg"})
+    for c in (cfg, RunConfig()):
+        for section in (c.backbone, c.data, c.prompt):
+            for key, value in section.__dict__.items():
+                assert type(value) in (str, int, float, bool, list, type(None)) or hasattr(value, "model_dump"), key
+    assert f"{cfg.prompt.composition}/{RunConfig().prompt.router}" == "wavg/task"
+    assert "composition: wavg\n" in config_to_yaml(cfg) and "family: auto\n" in config_to_yaml(cfg)
+
+
+@pytest.mark.parametrize("key,bad", [("backbone.family", "lstm"), ("backbone.pair_encoding", "cross"),
+                                     ("prompt.router", "mlp"), ("prompt.init", "zeros"),
+                                     ("prompt.label_semantics", "emoji"), ("data.shots_per", "epoch")])
+def test_bad_option_names_the_key_and_the_choices(key, bad):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {key: bad})
+    assert f"'{key}'" in str(e.value) and "Input should be" in str(e.value)

@@ -365,6 +365,26 @@ def test_make_splits_disjoint_and_deterministic():
     assert len(full["test"]) == 56
 
 
+@pytest.mark.parametrize("max_test,test_seed", [(7, 0), (100, 3), (277, 0), (None, 0)])
+def test_test_subset_is_one_rule_for_runs_and_the_predictor(max_test, test_seed):
+    """make_splits' test split and the pyfunc predictor's evaluate subset are the same examples."""
+    import random
+
+    from crosspt.registry import pyfunc
+
+    assert pyfunc.select_test_examples is D.select_test_examples
+    dev = load_split("rte", "dev", DATA)
+    run = make_splits("rte", DATA, shots=4, seed=5, max_test=max_test, test_seed=test_seed)["test"]
+    predictor = pyfunc.select_test_examples(dev, "rte", max_test, test_seed=test_seed)
+    assert [e.uid for e in run] == [e.uid for e in predictor]
+    idx = list(range(len(dev)))                   # the rule itself: a seeded shuffle, kept in file order
+    random.Random(f"{test_seed}/rte/test").shuffle(idx)
+    expected = sorted(idx[:max_test]) if max_test is not None else list(range(len(dev)))
+    assert [e.uid for e in run] == [dev[i].uid for i in expected]
+    with pytest.raises(DataError, match="max_test must be positive"):
+        D.select_test_examples(dev, "rte", 0)
+
+
 def test_make_splits_errors():
     with pytest.raises(DataError, match=r"class 'neutral' has 8 examples.*val sample"):
         make_splits("cb", DATA, shots=8, val_shots=9, seed=0)

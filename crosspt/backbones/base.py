@@ -1,8 +1,9 @@
 """The interface every backbone family implements.
 
 A backbone owns a frozen HF model and its tokenizer. It never knows how prompts are composed:
-it receives an already-composed soft prompt `[B, L, d]` with its mask `[B, L]`, prepends it to the
-input embeddings and extends the attention mask. Trainable per-task pieces a family needs (encoder
+it receives an already-composed soft prompt `[B, L, d]` with its mask `[B, L]`, places it beside the
+input embeddings (`RankBackbone` families prepend it; the encoder puts it after the input, see
+crosspt.backbones.encoder) and extends the attention mask. Trainable per-task pieces a family needs (encoder
 class vectors, regression heads) live here as one tensor indexed by task id; `head_parameters()`
 lists them (they are parameters of the backbone, never of `self.model`).
 
@@ -26,14 +27,25 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from enum import Enum
 from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from crosspt.tasks import specs as _tasks
 from crosspt.errors import ConfigError, DataError, UnknownTaskError
-from crosspt.tasks.specs import LABEL_SEMANTICS, TaskSpec
+from crosspt.method.prompts import PromptInit
+from crosspt.tasks import specs as _tasks
+from crosspt.tasks.specs import LabelSemantics, TaskSpec
+
+
+class Family(str, Enum):
+    """A backbone family (config `backbone.family`); `crosspt.backbones.loader.FAMILY_TABLE` maps each
+    concrete one to its adapter."""
+    AUTO = "auto"          # chosen from the model's config (see crosspt.backbones.loader)
+    SEQ2SEQ = "seq2seq"
+    ENCODER = "encoder"
+    DECODER = "decoder"
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -52,7 +64,7 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right",
                   pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad lists of token ids to `[N, T]` ids and a `[N, T]` 0/1 mask (`side` "left" or "right")."""
+    """Pad N lists of token ids to ids `[N, T]` and a 0/1 mask `[N, T]` (`side` "left" or "right")."""
     width = max([len(s) for s in seqs] + [pad_to or 0, 0])
     ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -69,12 +81,14 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "ri
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.LongTensor:
-    """Position ids that skip masked-out tokens: 0, 1, 2, ... over the attended tokens only."""
+    """Position ids `[N, S]` for a mask `[N, S]` that skip masked-out tokens: 0, 1, 2, ... over the attended
+    tokens only."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def compact_prompt(prompt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move masked-out prompt tokens to the front, keeping the kept tokens' order (differentiable)."""
+    """Move masked-out tokens of `prompt` `[B, L, d]` (mask `[B, L]`) to the front, keeping the kept tokens'
+    order (differentiable): -> (prompt `[B, L, d]`, mask `[B, L]`)."""
     if prompt.shape[1] == 0 or bool(mask.bool().all()):
         return prompt, mask
     order = torch.sort(mask.long(), dim=1, stable=True).indices          # zeros first
@@ -83,16 +97,14 @@ def compact_prompt(prompt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 
 class Backbone(nn.Module, ABC):
-    family: ClassVar[str]          # "seq2seq" | "encoder" | "decoder"
-    default_init: ClassVar[str] = "vocab"     # what prompt.init "auto" means for this family
+    family: ClassVar[str]                                   # a concrete `Family` value
+    default_init: ClassVar[str] = PromptInit.VOCAB.value    # what prompt.init "auto" means for this family
 
     def __init__(self, model: nn.Module, tokenizer, tasks: Sequence[TaskSpec], *,
-                 label_semantics: str = "natural", with_prefix: bool = True, max_length: int = 128,
+                 label_semantics: str = LabelSemantics.NATURAL.value, with_prefix: bool = True, max_length: int = 128,
                  name: str = ""):
         super().__init__()
-        if label_semantics not in LABEL_SEMANTICS:
-            raise ConfigError(f"unknown label semantics '{label_semantics}'; "
-                              f"choose from {', '.join(LABEL_SEMANTICS)}")
+        _tasks.check_label_semantics(label_semantics)
         if not tasks:
             raise ConfigError("a backbone needs at least one task")
         self.model = model
@@ -240,7 +252,88 @@ class Backbone(nn.Module, ABC):
         dtype = torch.float32 if any_reg else torch.long
         return torch.tensor(vals, dtype=dtype), ok
 
-    # -- rank classification (seq2seq and decoder families) -------------------------------------
+    def _predictions_tensor(self, values: list, tids: torch.Tensor) -> torch.Tensor:
+        any_reg = any(self.tasks[int(t)].is_regression for t in tids)
+        return torch.tensor(values, dtype=torch.float32 if any_reg else torch.long)
+
+    # -- prompt plumbing --------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.device
+        return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _check_prompt(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
+                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate the prompt `[B, L, d]` and mask `[B, L]`, cast to the model's dtype/device and compact
+        (`compact_prompt`); a missing mask means all ones."""
+        if prompt.dim() != 3 or prompt.shape[0] != batch_size or prompt.shape[2] != self.embed_dim:
+            raise ValueError(f"prompt must be [B={batch_size}, L, d={self.embed_dim}], got {tuple(prompt.shape)}")
+        prompt = prompt.to(device=self.device, dtype=self.dtype)
+        if prompt_mask is None:
+            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device)
+        if tuple(prompt_mask.shape) != tuple(prompt.shape[:2]):
+            raise ValueError(f"prompt_mask must be {tuple(prompt.shape[:2])}, got {tuple(prompt_mask.shape)}")
+        return compact_prompt(prompt, prompt_mask.to(device=self.device).long())
+
+    # -- data -------------------------------------------------------------------------------
+    @abstractmethod
+    def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
+        """Tokenise `crosspt.data.Example`s (mixed tasks allowed) into tensors.
+
+        Always includes "task_ids" (LongTensor[B]) and "labels" (LongTensor class index, or
+        FloatTensor for regression tasks)."""
+
+    def input_embeds(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded main input `[B, T, d]` and its mask `[B, T]` (pooled by input-conditioned routers):
+        the word embeddings of the collated "input_ids" (the encoder's first text of a bi-encoded pair)."""
+        batch = self._to_device(batch)
+        return self.word_embeddings()(batch["input_ids"]), batch["attention_mask"]
+
+    # -- scoring ----------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean training loss (a scalar) of the batch with the soft prompt `[B, L, d]` (mask `[B, L]`) in place."""
+
+    @abstractmethod
+    def predict(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Predictions `[B]` with the prompt `[B, L, d]` (mask `[B, L]`) in place: class index (long) per
+        example, or a float for regression tasks."""
+
+
+class RankBackbone(Backbone):
+    """A generative family (seq2seq, decoder): the soft prompt is PREPENDED to the embedded input, and
+    classification ranks the candidate strings of a task by their log-likelihood (`candidate_scores`),
+    or, with `generate=True`, decodes greedily and parses the text (`_generate`)."""
+
+    def _prompted(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
+                  batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt `[B, L, d]` (mask `[B, L]`) prepended to the embedded input `[B, T, d]`: embeddings
+        `[B, L + T, d]` and mask `[B, L + T]`."""
+        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
+        embeds = self.word_embeddings()(batch["input_ids"])
+        return torch.cat([prompt, embeds], dim=1), torch.cat([prompt_mask, batch["attention_mask"].long()], dim=1)
+
+    @abstractmethod
+    def prompted_logits(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None, batch: dict,
+                        **model_kw) -> torch.Tensor:
+        """The frozen model's logits with the prompt `[B, L, d]` prepended (comparisons, PEFT export)."""
+
+    @abstractmethod
+    def candidate_scores(self, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                         batch: dict) -> list[torch.Tensor]:
+        """Per example: summed log-likelihood `[C]` of each candidate string of its task."""
+
+    @abstractmethod
+    def _generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Greedily decoded and parsed predictions `[B]` (see `Backbone.parse_generated`)."""
+
+    @torch.no_grad()
+    def predict(self, prompt, prompt_mask, batch, *, generate: bool = False) -> torch.Tensor:
+        """Predictions `[B]` for a prompt `[B, L, d]` (mask `[B, L]`): rank classification, or greedy
+        decoding with `generate=True`."""
+        if generate:
+            return self._generate(prompt, prompt_mask, batch)
+        return self._rank_predictions(batch["task_ids"], self.candidate_scores(prompt, prompt_mask, batch))
+
     # rows * candidates * target length * vocab floats per scoring chunk (~256 MB in fp32)
     SCORE_BUDGET = 64_000_000
 
@@ -260,57 +353,11 @@ class Backbone(nn.Module, ABC):
         return scores  # type: ignore[return-value]
 
     def _rank_predictions(self, task_ids: torch.Tensor, scores: list[torch.Tensor]) -> torch.Tensor:
-        """The best-scoring candidate: a class index, or the grid value for regression."""
+        """Predictions `[B]` from per-example candidate scores (`[C]` each): the best-scoring candidate's class
+        index, or its grid value for regression."""
         values = []
         for t, sc in zip(task_ids.tolist(), scores):
             task = self.tasks[t]
             best = int(sc.argmax())
             values.append(float(self.candidates(task)[best]) if task.is_regression else best)
         return self._predictions_tensor(values, task_ids)
-
-    def _predictions_tensor(self, values: list, tids: torch.Tensor) -> torch.Tensor:
-        any_reg = any(self.tasks[int(t)].is_regression for t in tids)
-        return torch.tensor(values, dtype=torch.float32 if any_reg else torch.long)
-
-    # -- prompt plumbing --------------------------------------------------------------------
-    def _to_device(self, batch: dict) -> dict:
-        dev = self.device
-        return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-    def _check_prompt(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
-                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate shapes, cast to the model's dtype/device; a missing mask means all ones."""
-        if prompt.dim() != 3 or prompt.shape[0] != batch_size or prompt.shape[2] != self.embed_dim:
-            raise ValueError(f"prompt must be [B={batch_size}, L, d={self.embed_dim}], got {tuple(prompt.shape)}")
-        prompt = prompt.to(device=self.device, dtype=self.dtype)
-        if prompt_mask is None:
-            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device)
-        if tuple(prompt_mask.shape) != tuple(prompt.shape[:2]):
-            raise ValueError(f"prompt_mask must be {tuple(prompt.shape[:2])}, got {tuple(prompt_mask.shape)}")
-        return compact_prompt(prompt, prompt_mask.to(device=self.device).long())
-
-    @staticmethod
-    def _prepend(prompt: torch.Tensor, prompt_mask: torch.Tensor, embeds: torch.Tensor,
-                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([prompt, embeds], dim=1), torch.cat([prompt_mask, mask.long()], dim=1)
-
-    # -- data -------------------------------------------------------------------------------
-    @abstractmethod
-    def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
-        """Tokenise `crosspt.data.Example`s (mixed tasks allowed) into tensors.
-
-        Always includes "task_ids" (LongTensor[B]) and "labels" (LongTensor class index, or
-        FloatTensor for regression tasks)."""
-
-    @abstractmethod
-    def input_embeds(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedded main input `[B, T, d]` and its mask `[B, T]` (pooled by input-conditioned routers)."""
-
-    # -- scoring ----------------------------------------------------------------------------
-    @abstractmethod
-    def loss(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean training loss of the batch with the soft prompt prepended."""
-
-    @abstractmethod
-    def predict(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Predictions `[B]`: class index (long) per example, or a float for regression tasks."""

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import Backbone, pad_sequences, positions_from_mask
+from crosspt.backbones.base import Family, RankBackbone, pad_sequences, positions_from_mask
 from crosspt.errors import DataError
 
 _ANCHOR = "answer:"
 
 
-class DecoderBackbone(Backbone):
-    family = "decoder"
+class DecoderBackbone(RankBackbone):
+    family = Family.DECODER.value
 
     def __init__(self, model, tokenizer, tasks, **kw):
         super().__init__(model, tokenizer, tasks, **kw)
@@ -79,20 +79,22 @@ class DecoderBackbone(Backbone):
             batch["target_ids"], batch["target_mask"] = pad_sequences(tgt, self.pad_id, side="right")
         return batch
 
-    def input_embeds(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._to_device(batch)
-        return self.word_embeddings()(batch["input_ids"]), batch["attention_mask"]
-
     # -- core -------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, m: torch.Tensor, keep: int) -> torch.Tensor:
-        """Logits of the last `keep` positions of `[N, S, d]` embeddings."""
-        kw = {"inputs_embeds": x, "attention_mask": m, "use_cache": False}
+    def _forward(self, x: torch.Tensor, m: torch.Tensor, keep: int, **model_kw) -> torch.Tensor:
+        """Logits `[N, keep, V]` of the last `keep` positions of embeddings `x` `[N, S, d]` (mask `m` `[N, S]`)."""
+        kw = {"inputs_embeds": x, "attention_mask": m, "use_cache": False, **model_kw}
         if self._takes_positions:
             kw["position_ids"] = positions_from_mask(m)
         if self._takes_keep:
             kw["logits_to_keep"] = keep
         logits = self.model(**kw).logits
         return logits[:, -keep:]
+
+    def prompted_logits(self, prompt, prompt_mask, batch, **model_kw) -> torch.Tensor:
+        """Logits `[B, T, V]` over the input positions, with the prompt `[B, L, d]` prepended."""
+        batch = self._to_device(batch)
+        x, m = self._prompted(prompt, prompt_mask, batch)
+        return self._forward(x, m, batch["input_ids"].shape[1], **model_kw)
 
     def _label_logprobs(self, prompt, prompt_mask, input_ids, input_mask, label_ids, label_mask):
         """Token log-probs `[N, T_l]` (0 at padding) of right-padded labels after the inputs."""
@@ -146,20 +148,12 @@ class DecoderBackbone(Backbone):
 
         return self._scores_by_task(batch["task_ids"].tolist(), floats_per_row, score_rows)
 
-    @torch.no_grad()
-    def predict(self, prompt, prompt_mask, batch, *, generate: bool = False) -> torch.Tensor:
-        if generate:
-            return self._generate(prompt, prompt_mask, batch)
-        return self._rank_predictions(batch["task_ids"], self.candidate_scores(prompt, prompt_mask, batch))
-
     def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
         batch = self._to_device(batch)
-        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
         tids = batch["task_ids"].tolist()
         longest = max(self._candidates(t)[0].shape[1] for t in set(tids))
         emb = self.word_embeddings()
-        x = torch.cat([prompt, emb(batch["input_ids"])], dim=1)
-        m = torch.cat([prompt_mask, batch["attention_mask"].long()], dim=1)
+        x, m = self._prompted(prompt, prompt_mask, batch)
         B = x.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         out = []

@@ -42,17 +42,27 @@ from __future__ import annotations
 
 import inspect
 import math
+from enum import Enum
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import Backbone, pad_sequences, positions_from_mask
+from crosspt.backbones.base import Backbone, Family, pad_sequences, positions_from_mask
 from crosspt.errors import ConfigError
+from crosspt.method.prompts import PromptInit
+from crosspt.tasks import specs as _tasks
+from crosspt.tasks.specs import LabelSemantics
 
-PAIR_ENCODINGS = ("auto", "bi", "joint")
+
+class PairEncoding(str, Enum):
+    """How a classification pair task is encoded (config `backbone.pair_encoding`), see the module doc."""
+    AUTO = "auto"      # = bi
+    BI = "bi"          # each side prompted and encoded on its own, scored by their cosine
+    JOINT = "joint"    # `[CLS] a [SEP] b [SEP]` in one sequence, scored against the class representations
+
+
 KIND_LABEL, KIND_PAIR, KIND_REG = 0, 1, 2
 # models whose absolute positions start at padding_idx + 1
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer",
@@ -61,15 +71,16 @@ _NEG = -1e4
 
 
 class EncoderBackbone(Backbone):
-    family = "encoder"
-    default_init = "neutral"
+    family = Family.ENCODER.value
+    default_init = PromptInit.NEUTRAL.value      # why: see "Prompt placement" above
 
-    def __init__(self, model, tokenizer, tasks, *, pair_encoding: str = "auto",
+    def __init__(self, model, tokenizer, tasks, *, pair_encoding: str = PairEncoding.AUTO.value,
                  logit_scale_init: float = 20.0, pair_threshold_init: float = 0.65, **kw):
         super().__init__(model, tokenizer, tasks, **kw)
-        if pair_encoding not in PAIR_ENCODINGS:
-            raise ConfigError(f"unknown pair_encoding '{pair_encoding}'; choose from {', '.join(PAIR_ENCODINGS)}")
-        self.pair_encoding = "bi" if pair_encoding == "auto" else pair_encoding
+        choices = [e.value for e in PairEncoding]
+        if pair_encoding not in choices:
+            raise ConfigError(f"unknown pair_encoding '{pair_encoding}'; choose from {', '.join(choices)}")
+        self.pair_encoding = PairEncoding.BI.value if pair_encoding == PairEncoding.AUTO else pair_encoding
         kinds = []
         for t in self.tasks:
             if t.is_regression:
@@ -77,7 +88,7 @@ class EncoderBackbone(Backbone):
                     raise ConfigError(f"task '{t.name}': the encoder backbone supports regression only "
                                       f"for sentence-pair tasks")
                 kinds.append(KIND_REG)
-            elif t.is_pair and self.pair_encoding == "bi":
+            elif t.is_pair and self.pair_encoding == PairEncoding.BI:
                 kinds.append(KIND_PAIR)
             else:
                 kinds.append(KIND_LABEL)
@@ -95,7 +106,7 @@ class EncoderBackbone(Backbone):
         self._heads: list[str] = []
         if KIND_LABEL in kinds:
             self._add_head("logit_scale", torch.full((n,), math.log(logit_scale_init)))
-            if self.label_semantics == "index":
+            if self.label_semantics == LabelSemantics.INDEX:
                 self._add_head("class_vectors", torch.randn(n, K, d))
             else:
                 self.register_buffer("class_reprs", self._class_representations(), persistent=False)
@@ -165,17 +176,16 @@ class EncoderBackbone(Backbone):
         batch["labels"] = labels
         return batch
 
-    def input_embeds(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._to_device(batch)
-        return self.word_embeddings()(batch["input_ids"]), batch["attention_mask"]
-
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, input_ids: torch.Tensor,
                attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised mean-pooled encodings `[N, d]`; the prompt goes after the (padded) input."""
+        """L2-normalised mean-pooled encodings `[N, d]` of `input_ids` `[N, T]` (masks `[N, T]`) with the
+        prompt `[N, L, d]` (mask `[N, L]`) after the (padded) input."""
         emb = self.word_embeddings()(input_ids)
         N, L = emb.shape[0], prompt.shape[1]
         am = attention_mask.long()
+        # After the input, not before [CLS]: the input tokens keep their prompt-free positions and the
+        # untrained prompt perturbs the frozen encoder least (measurements in the module docstring).
         x = torch.cat([emb, prompt.to(emb.dtype)], dim=1)
         m = torch.cat([am, prompt_mask.long()], dim=1)
         kw = {"inputs_embeds": x, "attention_mask": m}
@@ -206,7 +216,7 @@ class EncoderBackbone(Backbone):
         for i, t in enumerate(self.tasks):
             if int(self.task_kind[i]) != KIND_LABEL:
                 continue
-            if self.label_semantics == "natural" and t.label_sentences:
+            if self.label_semantics == LabelSemantics.NATURAL and t.label_sentences:
                 texts = list(t.label_sentences)
             else:
                 texts = [_tasks.label_text(t, k, self.label_semantics) for k in range(t.num_classes)]
@@ -243,7 +253,7 @@ class EncoderBackbone(Backbone):
         label_rows = (kind == KIND_LABEL).nonzero().squeeze(-1)
         if label_rows.numel():
             t = tids[label_rows]
-            if self.label_semantics == "index":
+            if self.label_semantics == LabelSemantics.INDEX:
                 cls = F.normalize(self.class_vectors[t], dim=-1)
             else:
                 cls = self.class_reprs[t]

@@ -14,16 +14,36 @@ a model type with a causal-LM head -> decoder; anything else -> UnknownBackboneE
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from crosspt.backbones.base import Backbone, count_parameters
+from crosspt.backbones.base import Backbone, Family, count_parameters
+from crosspt.backbones.decoder import DecoderBackbone
+from crosspt.backbones.encoder import EncoderBackbone
+from crosspt.backbones.seq2seq import Seq2SeqBackbone
 from crosspt.errors import ConfigError, UnknownBackboneError
-from crosspt.tasks.specs import TaskSpec
+from crosspt.tasks.specs import LabelSemantics, TaskSpec
 
-FAMILIES = ("auto", "seq2seq", "encoder", "decoder")
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """What a concrete family is made of: the transformers Auto class that loads its model, its
+    adapter, and the PEFT task type its prompt exports to (None: no PEFT export, see
+    crosspt.registry.peft_export)."""
+    auto_model: str
+    adapter: type[Backbone]
+    peft_task_type: str | None
+
+
+# the one family dispatch: loading, adapters and PEFT export all read this table
+FAMILY_TABLE: dict[str, FamilyInfo] = {
+    Family.SEQ2SEQ.value: FamilyInfo("AutoModelForSeq2SeqLM", Seq2SeqBackbone, "SEQ_2_SEQ_LM"),
+    Family.ENCODER.value: FamilyInfo("AutoModel", EncoderBackbone, None),
+    Family.DECODER.value: FamilyInfo("AutoModelForCausalLM", DecoderBackbone, "CAUSAL_LM"),
+}
 ENCODER_MODEL_TYPES = frozenset({
     "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "deberta", "deberta-v2",
     "electra", "mpnet", "camembert", "albert", "modernbert", "data2vec-text", "ernie", "nomic_bert",
@@ -98,29 +118,35 @@ def _resolve(name: str) -> tuple[str, bool, object]:
                                    f"from the hub ({_short(e)})") from None
 
 
-def _family(name: str, config) -> str:
+def _auto_family(name: str, config) -> str:
     if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
+        return Family.SEQ2SEQ.value
     model_type = getattr(config, "model_type", "")
     if model_type in ENCODER_MODEL_TYPES:
-        return "encoder"
+        return Family.ENCODER.value
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "decoder"
+        return Family.DECODER.value
     raise UnknownBackboneError(f"unknown backbone '{name}': model type '{model_type}' is not a supported "
                                f"family (seq2seq, BERT-family encoder, causal LM)")
 
 
-def resolve_backbone(name_or_path: str, *, family: str = "auto") -> dict:
+def _resolve_family(name: str, family: str) -> tuple[str, bool, object, str]:
+    """(source, local_files_only, AutoConfig, concrete family) of a backbone, or one clear error."""
+    choices = [f.value for f in Family]
+    if family not in choices:
+        raise ConfigError(f"unknown backbone family '{family}'; choose from {', '.join(choices)}")
+    src, local_only, config = _resolve(name)
+    return src, local_only, config, _auto_family(name, config) if family == Family.AUTO else Family(family).value
+
+
+def resolve_backbone(name_or_path: str, *, family: str = Family.AUTO.value) -> dict:
     """Check that a backbone resolves, without loading weights (driver-side preflight).
 
     Returns {"name", "source", "family", "model_type", "local"}; raises UnknownBackboneError /
     ConfigError with one clear line otherwise."""
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown backbone family '{family}'; choose from {', '.join(FAMILIES)}")
     name = str(name_or_path)
-    src, local_only, config = _resolve(name)
-    fam = _family(name, config) if family == "auto" else family
+    src, local_only, config, fam = _resolve_family(name, family)
     return {"name": name, "source": src, "family": fam,
             "model_type": getattr(config, "model_type", ""), "local": local_only}
 
@@ -136,38 +162,44 @@ def _dtype(torch_dtype):
     return value
 
 
-def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str = "auto",
-                  label_semantics: str = "natural", with_prefix: bool = True, max_length: int = 128,
-                  pair_encoding: str = "auto", torch_dtype=None, **family_kwargs) -> Backbone:
+def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str = Family.AUTO.value,
+                  label_semantics: str = LabelSemantics.NATURAL.value, with_prefix: bool = True,
+                  max_length: int = 128, pair_encoding: str | None = None, torch_dtype=None,
+                  **family_kwargs) -> Backbone:
     """A frozen backbone adapter for `name_or_path` ("minilm", a local folder or a hub id).
 
-    `family_kwargs` go to the family constructor (e.g. `pair_threshold_init` for the encoder)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    `pair_encoding` (encoder family only; None: the encoder's default) and `family_kwargs` (e.g.
+    `pair_threshold_init` for the encoder) go to the family constructor."""
+    import transformers
 
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown backbone family '{family}'; choose from {', '.join(FAMILIES)}")
     name = str(name_or_path)
-    src, local_only, config = _resolve(name)
-    fam = _family(name, config) if family == "auto" else family
+    src, local_only, _, fam = _resolve_family(name, family)
+    info = FAMILY_TABLE[fam]
     load_kw = {"local_files_only": local_only}
     dtype = _dtype(torch_dtype)
     if dtype is not None:
         load_kw["dtype"] = dtype
-    auto = {"seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel, "decoder": AutoModelForCausalLM}[fam]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
-        model = auto.from_pretrained(src, **load_kw)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+        model = getattr(transformers, info.auto_model).from_pretrained(src, **load_kw)
     except Exception as e:  # noqa: BLE001
         raise UnknownBackboneError(f"backbone '{name}' could not be loaded as a {fam} model ({_short(e)})") from None
-    common = dict(label_semantics=label_semantics, with_prefix=with_prefix, max_length=max_length, name=name)
-    if fam == "seq2seq":
-        from crosspt.backbones.seq2seq import Seq2SeqBackbone
-        return Seq2SeqBackbone(model, tokenizer, tasks, **common, **family_kwargs)
-    if fam == "decoder":
-        from crosspt.backbones.decoder import DecoderBackbone
-        return DecoderBackbone(model, tokenizer, tasks, **common, **family_kwargs)
-    from crosspt.backbones.encoder import EncoderBackbone
-    return EncoderBackbone(model, tokenizer, tasks, pair_encoding=pair_encoding, **common, **family_kwargs)
+    if fam == Family.ENCODER and pair_encoding is not None:
+        family_kwargs["pair_encoding"] = pair_encoding
+    return info.adapter(model, tokenizer, tasks, label_semantics=label_semantics, with_prefix=with_prefix,
+                        max_length=max_length, name=name, **family_kwargs)
+
+
+def load_for_config(cfg, tasks: Sequence[TaskSpec], **family_kwargs) -> Backbone:
+    """`load_backbone` with everything a run config says about the backbone.
+
+    `cfg` is duck-typed (backbones/ sits below config/ and never imports it): any object shaped like
+    `crosspt.config.schema.RunConfig` with `cfg.backbone.{name, family, max_length, pair_encoding}` and
+    `cfg.prompt.{label_semantics, prefix}`."""
+    b, p = cfg.backbone, cfg.prompt
+    return load_backbone(b.name, list(tasks), family=b.family, label_semantics=p.label_semantics,
+                         with_prefix=p.prefix, max_length=b.max_length, pair_encoding=b.pair_encoding,
+                         **family_kwargs)
 
 
 def backbone_summary(backbone: Backbone) -> dict:

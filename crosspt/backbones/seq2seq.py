@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import Backbone
+from crosspt.backbones.base import Family, RankBackbone
 from crosspt.errors import DataError
 
-class Seq2SeqBackbone(Backbone):
-    family = "seq2seq"
+
+class Seq2SeqBackbone(RankBackbone):
+    family = Family.SEQ2SEQ.value
 
     def __init__(self, model, tokenizer, tasks, **kw):
         super().__init__(model, tokenizer, tasks, **kw)
@@ -54,15 +55,6 @@ class Seq2SeqBackbone(Backbone):
                  for ex, t in zip(examples, tids)])
         return batch
 
-    def input_embeds(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._to_device(batch)
-        return self.word_embeddings()(batch["input_ids"]), batch["attention_mask"]
-
-    def _prompted(self, prompt, prompt_mask, batch):
-        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
-        embeds = self.word_embeddings()(batch["input_ids"])
-        return self._prepend(prompt, prompt_mask, embeds, batch["attention_mask"])
-
     # -- scoring ----------------------------------------------------------------------------
     def loss(self, prompt, prompt_mask, batch) -> torch.Tensor:
         batch = self._to_device(batch)
@@ -71,6 +63,13 @@ class Seq2SeqBackbone(Backbone):
         x, m = self._prompted(prompt, prompt_mask, batch)
         out = self.model(inputs_embeds=x, attention_mask=m, labels=batch["target_ids"])
         return out.loss + self._head_zero()
+
+    def prompted_logits(self, prompt, prompt_mask, batch, **model_kw) -> torch.Tensor:
+        """Decoder logits `[B, T_dec, V]` with the prompt `[B, L, d]` prepended to the encoder input;
+        `model_kw` carries the decoder side (`decoder_input_ids` `[B, T_dec]`)."""
+        batch = self._to_device(batch)
+        x, m = self._prompted(prompt, prompt_mask, batch)
+        return self.model(inputs_embeds=x, attention_mask=m, **model_kw).logits
 
     def _candidate_ids(self, task_id: int) -> tuple[torch.Tensor, list[str]]:
         if task_id not in self._cand_cache:
@@ -109,12 +108,6 @@ class Seq2SeqBackbone(Backbone):
 
         return self._scores_by_task(batch["task_ids"].tolist(),
                                     lambda t: self._candidate_ids(t)[0].numel() * vocab, score_rows)
-
-    @torch.no_grad()
-    def predict(self, prompt, prompt_mask, batch, *, generate: bool = False) -> torch.Tensor:
-        if generate:
-            return self._generate(prompt, prompt_mask, batch)
-        return self._rank_predictions(batch["task_ids"], self.candidate_scores(prompt, prompt_mask, batch))
 
     def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
         batch = self._to_device(batch)

@@ -13,25 +13,36 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from crosspt.backbones.base import Family
+from crosspt.backbones.encoder import PairEncoding
 from crosspt.errors import ConfigError
+from crosspt.method.composition import Composition
+from crosspt.method.prompts import PromptInit, RouterKind
+from crosspt.tasks.data import ShotsPer
+from crosspt.tasks.specs import LabelSemantics
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config model (run schema and search space): unknown keys are errors, assignments
+    are validated, and an option (an Enum of the module that implements it) is stored, defaults included,
+    as its plain string value, so dumps, hashes and MLflow params read exactly as the YAML does."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
+                              use_enum_values=True)
 
 
 class BackboneConfig(Strict):
     name: str = "minilm"                # hub id, local path, or "minilm" (offline all-MiniLM-L6-v2)
-    family: Literal["auto", "seq2seq", "encoder", "decoder"] = "auto"
-    pair_encoding: Literal["auto", "joint", "bi"] = "auto"   # encoder family only
+    family: Family = Family.AUTO
+    pair_encoding: PairEncoding = PairEncoding.AUTO     # encoder family only
     max_length: int = Field(128, ge=8, le=4096)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast on GPU, fp32 on CPU (applied in run/ and registry/, above config: defined here)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class DataConfig(Strict):
     data_dir: str | None = None         # local folder with glue_data/ and superglue/; None: env or hub
     shots: int = Field(16, ge=1)        # k examples per class (or per task, see shots_per)
-    shots_per: Literal["class", "task"] = "class"
+    shots_per: ShotsPer = ShotsPer.CLASS
     val_shots: int | None = Field(None, ge=1)   # validation carved from train; default = shots
     max_test: int | None = Field(None, ge=1)    # cap on the official dev split used as test
     task_files: list[str] = []          # user task definitions (YAML), registered before use
@@ -53,18 +64,19 @@ class PromptConfig(Strict):
     n_sources: int = Field(0, ge=0)
     source_len: int = Field(16, ge=1)
     private_len: int = Field(16, ge=0)
-    composition: Literal["cat", "wavg"] = "cat"
+    composition: Composition = Composition.CAT
     top_k: int | None = Field(None, ge=1)
-    router: Literal["task", "attention"] = "task"
+    router: RouterKind = RouterKind.TASK
     temperature: TemperatureConfig = TemperatureConfig()
     # auto: the backbone family's choice (encoder: neutral; seq2seq/decoder: vocab, Lester et al.)
-    init: Literal["auto", "random", "vocab", "neutral", "text", "source"] = "auto"
+    init: PromptInit = PromptInit.AUTO
     init_text: str | None = None
     learn_sources: bool = False
     source_bank: str | None = None      # safetensors file or models:/NAME@alias; None: random bank
+    # implemented by crosspt.run.artifacts.select_sources (a layer above config: defined here)
     source_selection: Literal["order", "similar"] = "order"
     prefix: bool = True                 # prepend "task: " to inputs
-    label_semantics: Literal["natural", "opaque", "index"] = "natural"
+    label_semantics: LabelSemantics = LabelSemantics.NATURAL
 
     @property
     def n_candidates(self) -> int:
@@ -77,9 +89,9 @@ class PromptConfig(Strict):
         if self.top_k is not None and self.top_k > self.n_candidates:
             raise ValueError(f"prompt.top_k ({self.top_k}) exceeds the number of candidate prompts "
                              f"({self.n_candidates} = n_sources + private)")
-        if self.init == "text" and not self.init_text:
+        if self.init == PromptInit.TEXT and not self.init_text:
             raise ValueError("prompt.init is 'text' but prompt.init_text is empty")
-        if self.init == "source" and self.n_sources == 0:
+        if self.init == PromptInit.SOURCE and self.n_sources == 0:
             raise ValueError("prompt.init is 'source' but prompt.n_sources is 0")
         return self
 

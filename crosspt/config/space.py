@@ -25,19 +25,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from crosspt.config.schema import RunConfig, apply_overrides, build_config, read_yaml
+from crosspt.config.schema import RunConfig, Strict, apply_overrides, build_config, read_yaml
 from crosspt.errors import ConfigError
 
 _REF = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:([+-])\s*(\d+))?\s*$")
 _COND = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq,
         "!=": operator.ne}
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Param(Strict):

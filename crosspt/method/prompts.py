@@ -2,18 +2,36 @@
 
 Per-task parameters live in ONE tensor indexed by task id (private prompts `[n_tasks, L_p, d]`,
 router logits `[n_tasks, n_cand]`), so every batch touches the same parameters and DDP needs no
-`find_unused_parameters`. The maths is in `crosspt.composition`; these modules only own state.
+`find_unused_parameters`. The maths is in `crosspt.method.composition`; these modules only own state.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import nn
 
 from crosspt.method import composition as C
 
-INITS = ("random", "vocab", "neutral", "text", "source")
+
+class PromptInit(str, Enum):
+    """How a private prompt starts (config `prompt.init`); see `init_prompt`."""
+    AUTO = "auto"          # the backbone family's choice (`Backbone.default_init`), resolved before init_prompt
+    RANDOM = "random"
+    VOCAB = "vocab"
+    NEUTRAL = "neutral"
+    TEXT = "text"
+    SOURCE = "source"
+
+
+class RouterKind(str, Enum):
+    """Which router scores the candidates (config `prompt.router`)."""
+    TASK = "task"              # `TaskRouter`: one logit vector per task
+    ATTENTION = "attention"    # `AttentionRouter`: conditioned on the input (ATTEMPT)
+
+
+_ATTENTION_HIDDEN = 64     # bottleneck width of the attention router
 
 
 @dataclass(frozen=True)
@@ -24,17 +42,14 @@ class PromptSpec:
     n_sources: int = 0
     source_len: int = 16
     private_len: int = 16
-    composition: str = "cat"          # cat | wavg
+    composition: str = C.Composition.CAT.value     # a `Composition` value
     top_k: int | None = None
-    router: str = "task"              # task | attention
+    router: str = RouterKind.TASK.value             # a `RouterKind` value
     temp_start: float = 5.0
     temp_floor: float = 0.1
     temp_rate: float = 1e-3
     learn_sources: bool = False
-    init: str = "random"              # random | vocab | neutral | text | source
-    router_init: float = 0.0          # initial logit of every candidate (private gets +private_bias)
-    private_bias: float = 0.0
-    attn_hidden: int = 64
+    init: str = PromptInit.RANDOM.value             # a `PromptInit` value other than "auto"
 
     @property
     def n_candidates(self) -> int:
@@ -59,29 +74,30 @@ def init_prompt(shape: tuple[int, ...], how: str, *, word_embeddings: torch.Tens
     n = 1
     for s in shape[:-2]:
         n *= s
-    if how == "random":
+    if how == PromptInit.RANDOM:
         std = float(word_embeddings.float().std()) if word_embeddings is not None else 0.5
         return torch.randn(shape, generator=generator) * std
-    if how == "vocab":
+    if how == PromptInit.VOCAB:
         if word_embeddings is None:
             raise ValueError("init 'vocab' needs the backbone's word embeddings")
         pool = vocab_ids if vocab_ids is not None and len(vocab_ids) else \
             torch.arange(min(5000, word_embeddings.shape[0]))
         idx = pool[torch.randint(0, len(pool), (n * length,), generator=generator)]
         return word_embeddings[idx].detach().float().reshape(shape).clone()
-    if how in ("text", "neutral"):
+    if how in (PromptInit.TEXT, PromptInit.NEUTRAL):
         if word_embeddings is None or not text_ids:
             raise ValueError(f"init '{how}' needs token ids (init_text) and the backbone's word embeddings")
         ids = torch.tensor(text_ids)
         rows = word_embeddings[ids.repeat(length // len(ids) + 1)[:length]].detach().float()
         return rows.expand(*shape[:-2], length, dim).clone()
-    if how == "source":
+    if how == PromptInit.SOURCE:
         if source is None or source.numel() == 0:
             raise ValueError("init 'source' needs a non-empty source-prompt bank")
         src = source.detach().float()
         rows = src.repeat(length // src.shape[0] + 1, 1)[:length]
         return rows.expand(*shape[:-2], length, dim).clone()
-    raise ValueError(f"unknown prompt init '{how}' (choose from {', '.join(INITS)})")
+    choices = ", ".join(i.value for i in PromptInit if i is not PromptInit.AUTO)
+    raise ValueError(f"unknown prompt init '{how}' (choose from {choices})")
 
 
 class SourceBank(nn.Module):
@@ -103,15 +119,12 @@ class PrivatePrompts(nn.Module):
 class TaskRouter(nn.Module):
     """Per-task logits over the candidates `[n_tasks, n_cand]` (sources first, private last)."""
 
-    def __init__(self, n_tasks: int, n_cand: int, init: float = 0.0, private_bias: float = 0.0,
-                 has_private: bool = True):
+    def __init__(self, n_tasks: int, n_cand: int):
         super().__init__()
-        logits = torch.full((n_tasks, n_cand), float(init))
-        if has_private and n_cand:
-            logits[:, -1] += private_bias
-        self.logits = nn.Parameter(logits)
+        self.logits = nn.Parameter(torch.zeros(n_tasks, n_cand))   # uniform weights at step 0
 
-    def forward(self, task_ids, cand_keys=None, pooled=None) -> torch.Tensor:
+    def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, n_cand]` of the tasks `task_ids` `[B]`."""
         return self.logits[task_ids]
 
 
@@ -121,7 +134,7 @@ class AttentionRouter(nn.Module):
     Scores each candidate by the dot product of the projected input with the candidate's max-pooled
     prompt; a per-task bias (one tensor) keeps the task identity in the decision."""
 
-    def __init__(self, n_tasks: int, n_cand: int, dim: int, hidden: int):
+    def __init__(self, n_tasks: int, n_cand: int, dim: int, hidden: int = _ATTENTION_HIDDEN):
         super().__init__()
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
@@ -130,7 +143,9 @@ class AttentionRouter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, task_ids, cand_keys: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def forward(self, task_ids: torch.Tensor, cand_keys: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, n_cand]` from task ids `[B]`, candidate keys `[B, n_cand, d]` and the pooled input
+        `[B, d]`."""
         h = self.norm(pooled + self.up(torch.relu(self.down(pooled))))       # [B, d]
         keys = self.norm(cand_keys)                                          # [B, n_cand, d]
         scores = torch.einsum("bd,bnd->bn", h, keys) / keys.shape[-1] ** 0.5
@@ -138,6 +153,7 @@ class AttentionRouter(nn.Module):
 
 
 def masked_mean(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `embeds` `[B, T, d]` over the positions `mask` `[B, T]` keeps: `[B, d]`."""
     m = mask.unsqueeze(-1).to(embeds.dtype)
     return (embeds * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -154,7 +170,8 @@ class CrossPTPrompt(nn.Module):
         if spec.n_candidates == 0:
             raise ValueError("a prompt needs at least one candidate: n_sources > 0 or private_len > 0")
         if spec.composition not in C.COMPOSERS:
-            raise ValueError(f"unknown composition '{spec.composition}' (cat or wavg)")
+            raise ValueError(f"unknown composition '{spec.composition}' "
+                             f"({' or '.join(c.value for c in C.Composition)})")
         if spec.top_k is not None and not 1 <= spec.top_k <= spec.n_candidates:
             raise ValueError(f"top_k={spec.top_k} must be between 1 and the number of candidates "
                              f"({spec.n_candidates})")
@@ -176,13 +193,12 @@ class CrossPTPrompt(nn.Module):
         self.private = PrivatePrompts(private)
         if not spec.private_len:
             self.private.prompts.requires_grad_(False)
-        if spec.router == "task":
-            self.router = TaskRouter(spec.n_tasks, spec.n_candidates, spec.router_init, spec.private_bias,
-                                     has_private=spec.private_len > 0)
-        elif spec.router == "attention":
-            self.router = AttentionRouter(spec.n_tasks, spec.n_candidates, spec.dim, spec.attn_hidden)
+        if spec.router == RouterKind.TASK:
+            self.router = TaskRouter(spec.n_tasks, spec.n_candidates)
+        elif spec.router == RouterKind.ATTENTION:
+            self.router = AttentionRouter(spec.n_tasks, spec.n_candidates, spec.dim)
         else:
-            raise ValueError(f"unknown router '{spec.router}' (task or attention)")
+            raise ValueError(f"unknown router '{spec.router}' ({' or '.join(r.value for r in RouterKind)})")
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------------------------------
@@ -205,7 +221,8 @@ class CrossPTPrompt(nn.Module):
 
     def route(self, task_ids: torch.Tensor, input_embeds: torch.Tensor | None = None,
               input_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Router logits per example `[B, n_cand]`."""
+        """Router logits per example `[B, n_cand]` for task ids `[B]`; the attention router also reads the
+        input embeddings `[B, T, d]` and their mask `[B, T]`."""
         if isinstance(self.router, AttentionRouter):
             if input_embeds is None:
                 raise ValueError("the attention router needs the input embeddings")

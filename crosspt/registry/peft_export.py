@@ -40,7 +40,6 @@ class ExportError(CrossPTError):
     """The model (or task) cannot be expressed as the requested export format."""
 
 
-TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM"}
 ENCODER_REFUSAL = ("cannot export an encoder-family model to PEFT: crosspt inserts the prompt after the input, pools "
                    "without the prompt positions and scores classes with its own head, while PEFT's "
                    "FEATURE_EXTRACTION prompt tuning prepends before [CLS] and has no class head")
@@ -48,24 +47,35 @@ ATTENTION_REFUSAL = ("this model routes per input (attention router): its prompt
                      "a fixed PEFT prompt cannot reproduce it")
 
 
+def peft_task_type(family: str) -> str:
+    """The PEFT task type a family's prompt exports to (`FAMILY_TABLE`), or ExportError."""
+    from crosspt.backbones.base import Family
+    from crosspt.backbones.loader import FAMILY_TABLE
+
+    task_type = getattr(FAMILY_TABLE.get(family), "peft_task_type", None)
+    if task_type is None:
+        raise ExportError(ENCODER_REFUSAL if family == Family.ENCODER else
+                          f"no PEFT export for backbone family '{family}'")
+    return task_type
+
+
 def check_exportable(bundle) -> str:
     """Refuse what PEFT cannot express, from the bundle's config alone (no weights loaded); -> family."""
     import yaml
 
+    from crosspt.backbones.base import Family
     from crosspt.backbones.loader import resolve_backbone
     from crosspt.config.schema import build_config
+    from crosspt.method.prompts import RouterKind
     from crosspt.registry.pyfunc import CONFIG, find_bundle
 
     path = find_bundle(bundle) / CONFIG
     cfg = build_config(yaml.safe_load(path.read_text()) or {}, str(path))
     family = cfg.backbone.family
-    if family == "auto":
+    if family == Family.AUTO:
         family = resolve_backbone(cfg.backbone.name)["family"]
-    if family == "encoder":
-        raise ExportError(ENCODER_REFUSAL)
-    if family not in TASK_TYPES:
-        raise ExportError(f"no PEFT export for backbone family '{family}'")
-    if cfg.prompt.router == "attention":
+    peft_task_type(family)
+    if cfg.prompt.router == RouterKind.ATTENTION:
         raise ExportError(ATTENTION_REFUSAL)
     return family
 
@@ -79,10 +89,7 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
 
     family = predictor.backbone.family
     spec = predictor.task(task)
-    if family == "encoder":
-        raise ExportError(ENCODER_REFUSAL)
-    if family not in TASK_TYPES:
-        raise ExportError(f"no PEFT export for backbone family '{family}'")
+    task_type = peft_task_type(family)
     if predictor.model.prompt.needs_input():
         raise ExportError(ATTENTION_REFUSAL)
     prompt = predictor.collapsed_prompt(spec.name).float().contiguous()       # [L, d], all attended
@@ -91,7 +98,7 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     backbone_name = predictor.config.backbone.name
-    cfg = PromptTuningConfig(task_type=TaskType[TASK_TYPES[family]], num_virtual_tokens=int(prompt.shape[0]),
+    cfg = PromptTuningConfig(task_type=TaskType[task_type], num_virtual_tokens=int(prompt.shape[0]),
                              token_dim=int(prompt.shape[1]), num_transformer_submodules=1,
                              prompt_tuning_init=PromptTuningInit.RANDOM, base_model_name_or_path=backbone_name,
                              inference_mode=True)
@@ -119,7 +126,7 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
     (out / TASK_FILE).write_text(json.dumps(info, indent=1, default=str))
     return {"out_dir": str(out), **{k: info[k] for k in ("task", "family", "backbone", "num_virtual_tokens",
                                                        "token_dim")},
-            "task_type": TASK_TYPES[family]}
+            "task_type": task_type}
 
 
 @torch.no_grad()
@@ -127,21 +134,13 @@ def crosspt_logits(predictor, batch: dict, decoder_input_ids: torch.Tensor | Non
     """Logits of the frozen backbone with crosspt's own composed prompt prepended (for comparisons).
 
     seq2seq: decoder logits for `decoder_input_ids`; decoder: logits over the prompted input positions."""
-    from crosspt.backbones.base import positions_from_mask
+    from crosspt.backbones.base import RankBackbone
 
     model = predictor.model
     bb = model.backbone
+    if not isinstance(bb, RankBackbone):
+        raise ExportError(f"no logits comparison for family '{bb.family}'")
     batch = {k: v.to(predictor.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     prompt, mask, _ = model.compose(batch)
-    if bb.family == "seq2seq":
-        x, m = bb._prompted(prompt, mask, batch)
-        return bb.model(inputs_embeds=x, attention_mask=m, decoder_input_ids=decoder_input_ids).logits
-    if bb.family == "decoder":
-        prompt, mask = bb._check_prompt(prompt, mask, batch["input_ids"].shape[0])
-        x = torch.cat([prompt, bb.word_embeddings()(batch["input_ids"])], dim=1)
-        m = torch.cat([mask, batch["attention_mask"].long()], dim=1)
-        kw = {"inputs_embeds": x, "attention_mask": m, "use_cache": False}
-        if bb._takes_positions:
-            kw["position_ids"] = positions_from_mask(m)
-        return bb.model(**kw).logits[:, prompt.shape[1]:]
-    raise ExportError(f"no logits comparison for family '{bb.family}'")
+    extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
+    return bb.prompted_logits(prompt, mask, batch, **extra)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +38,7 @@ import yaml
 from crosspt.run.artifacts import load_prompt_artifact
 from crosspt.config.schema import RunConfig, build_config, config_hash, config_to_yaml
 from crosspt.errors import ArtifactError, DataError, UnknownTaskError
+from crosspt.tasks.data import select_test_examples
 from crosspt.tasks.specs import TaskSpec, get_task, task_from_dict
 
 BUNDLE_FORMAT = "crosspt-model/1"
@@ -149,19 +149,6 @@ def read_manifest(bundle: str | Path) -> dict:
     return manifest
 
 
-def select_test_examples(examples: list, task_name: str, max_examples: int | None, test_seed: int = 0) -> list:
-    """The evaluation subset a run scores as "test": the same rule as `crosspt.data.make_splits`
-    (`max_test` examples drawn with `test_seed`, kept in file order), so that evaluating a promoted
-    model with the run's `data.max_test` scores exactly the examples the trial scored."""
-    if max_examples is None or max_examples >= len(examples):
-        return list(examples)
-    if max_examples <= 0:
-        raise DataError(f"task '{task_name}': max examples must be positive, got {max_examples}")
-    idx = list(range(len(examples)))
-    random.Random(f"{test_seed}/{task_name}/test").shuffle(idx)
-    return [examples[i] for i in sorted(idx[:max_examples])]
-
-
 def stored_tasks(bundle: str | Path) -> list[TaskSpec]:
     """The TaskSpecs a bundle was trained on (read without loading any weights)."""
     return [task_from_stored(d) for d in json.loads((find_bundle(bundle) / TASKS).read_text())]
@@ -189,7 +176,7 @@ class CrossPTPredictor:
     """A loaded bundle: frozen backbone + CrossPT model with the run's learned state, in eval mode."""
 
     def __init__(self, bundle: str | Path, *, device: str | None = None):
-        from crosspt.backbones.loader import load_backbone
+        from crosspt.backbones.loader import load_for_config
         from crosspt.run.model import build_model
 
         self.bundle = find_bundle(bundle)
@@ -202,12 +189,9 @@ class CrossPTPredictor:
         self.composed = {k[len("composed."):]: v for k, v in tensors.items() if k.startswith("composed.")}
         state = {k: v for k, v in tensors.items() if not k.startswith("composed.") and k != "router_weights"}
         cfg = self.config
-        b = cfg.backbone
-        backbone = load_backbone(b.name, self.tasks, family=b.family, label_semantics=cfg.prompt.label_semantics,
-                                 with_prefix=cfg.prompt.prefix, max_length=b.max_length,
-                                 pair_encoding=b.pair_encoding)
+        backbone = load_for_config(cfg, self.tasks)
         if backbone.embed_dim != meta.get("dim"):
-            raise ArtifactError(f"backbone '{b.name}' has embedding width {backbone.embed_dim}, the stored "
+            raise ArtifactError(f"backbone '{cfg.backbone.name}' has embedding width {backbone.embed_dim}, the stored "
                                 f"prompts {meta.get('dim')}: not the backbone this model was trained on")
         self.model = build_model(cfg, self.tasks, backbone=backbone)
         try:
@@ -303,7 +287,7 @@ class CrossPTPredictor:
         spec = self.task(task)
         examples = load_split(spec, split, data_dir)
         limit = self.config.data.max_test if max_examples == "config" else max_examples
-        examples = select_test_examples(examples, spec.name, limit)
+        examples = select_test_examples(examples, spec.name, limit)    # the trial's `make_splits` test rule
         values = self.predict_values(examples, batch_size)
         labels = [e.label for e in examples]
         if not spec.is_regression:

@@ -6,7 +6,6 @@ absolute artifact location (Ray workers change directory).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -227,7 +226,3 @@ def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: s
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
     return client(uri).search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                                    max_results=10000)
-
-
-def log_json(c, run_id: str, obj: Any, name: str) -> None:
-    c.log_text(run_id, json.dumps(obj, indent=2, default=str), name)

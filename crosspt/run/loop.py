@@ -284,12 +284,9 @@ def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None
     tasks, splits = prepare_data(cfg)
     device = session.device()
     if model is None:
-        from crosspt.backbones.loader import load_backbone
+        from crosspt.backbones.loader import load_for_config
 
-        b = cfg.backbone
-        backbone = load_backbone(b.name, tasks, family=b.family, label_semantics=cfg.prompt.label_semantics,
-                                 with_prefix=cfg.prompt.prefix, max_length=b.max_length,
-                                 pair_encoding=b.pair_encoding)
+        backbone = load_for_config(cfg, tasks)
         bank = load_source_bank(cfg, backbone.embed_dim, tasks)
         model = build_model(cfg, tasks, bank=bank, backbone=backbone)
     model.to(device)

@@ -91,13 +91,10 @@ def resolve_init(cfg: RunConfig, backbone: Backbone) -> str:
 def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor | None = None,
                 backbone: Backbone | None = None) -> CrossPTModel:
     """Backbone (loaded unless given) + a freshly initialised prompt module, seeded by cfg.seed."""
-    from crosspt.backbones.loader import load_backbone
+    from crosspt.backbones.loader import load_for_config
 
     if backbone is None:
-        b = cfg.backbone
-        backbone = load_backbone(b.name, list(tasks), family=b.family, label_semantics=cfg.prompt.label_semantics,
-                                 with_prefix=cfg.prompt.prefix, max_length=b.max_length,
-                                 pair_encoding=b.pair_encoding)
+        backbone = load_for_config(cfg, tasks)
     emb = backbone.word_embeddings().weight.detach()
     init = resolve_init(cfg, backbone)
     text_ids = None

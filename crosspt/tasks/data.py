@@ -15,6 +15,7 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,12 @@ from crosspt.tasks.specs import TaskSpec, get_task
 
 SPLITS = ("train", "dev")
 ENV_DATA_DIR = "CROSSPT_DATA_DIR"
+
+
+class ShotsPer(str, Enum):
+    """What k counts in a k-shot sample (config `data.shots_per`); see `kshot_sample`."""
+    CLASS = "class"    # k examples of every class (2k uniformly drawn for regression tasks)
+    TASK = "task"      # k examples in total
 
 
 @dataclass(frozen=True)
@@ -294,8 +301,8 @@ def _spec_of(examples: Sequence[Example]) -> TaskSpec | None:
         return None
 
 
-def kshot_sample(examples: Sequence[Example], k: int, *, per: str = "class", seed: int | str = 0,
-                 spec: TaskSpec | None = None) -> list[Example]:
+def kshot_sample(examples: Sequence[Example], k: int, *, per: str = ShotsPer.CLASS.value,
+                 seed: int | str = 0, spec: TaskSpec | None = None) -> list[Example]:
     """k examples per class (per="class") or k in total (per="task"), in the input's order.
 
     Regression tasks have no classes: per="class" there means 2*k examples drawn uniformly.
@@ -308,8 +315,9 @@ def kshot_sample(examples: Sequence[Example], k: int, *, per: str = "class", see
     name = examples[0].task
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise DataError(f"task '{name}': shots must be a positive integer, got {k!r}")
-    if per not in ("class", "task"):
-        raise DataError(f"task '{name}': per must be 'class' or 'task', got {per!r}")
+    choices = [p.value for p in ShotsPer]
+    if per not in choices:
+        raise DataError(f"task '{name}': per must be {' or '.join(map(repr, choices))}, got {per!r}")
     spec = spec or _spec_of(examples)
     uids = [e.uid for e in examples]
     if len(set(uids)) != len(uids):
@@ -317,8 +325,8 @@ def kshot_sample(examples: Sequence[Example], k: int, *, per: str = "class", see
     ordered = sorted(examples, key=lambda e: _uid_key(e.uid))
     regression = spec.is_regression if spec is not None else isinstance(examples[0].label, float)
 
-    if per == "task" or regression:
-        n = k if per == "task" else 2 * k
+    if per == ShotsPer.TASK or regression:
+        n = k if per == ShotsPer.TASK else 2 * k
         if n > len(ordered):
             raise DataError(f"task '{name}': {n} examples requested but only {len(ordered)} available")
         chosen = random.Random(f"{seed}/{name}/all").sample(ordered, n)
@@ -350,7 +358,7 @@ def _check_all_classes(spec: TaskSpec, examples: Sequence[Example], what: str) -
 
 
 def make_splits(task: TaskSpec | str, data_dir: str | os.PathLike | None, *, shots: int | None,
-                per: str = "class", val_shots: int | None = None, seed: int = 0,
+                per: str = ShotsPer.CLASS.value, val_shots: int | None = None, seed: int = 0,
                 max_test: int | None = None, test_seed: int = 0) -> dict[str, list[Example]]:
     """{"train", "val", "test"}: disjoint k-shot train/val carved from the train split; test is the
     official dev split. shots=None trains on all train examples not drawn for val (val_shots needed).
@@ -380,15 +388,24 @@ def make_splits(task: TaskSpec | str, data_dir: str | os.PathLike | None, *, sho
     _check_all_classes(task, train, "train")
     _check_all_classes(task, val, "val")
 
-    test = load_split(task, "dev", data_dir)
-    if max_test is not None:
-        if max_test <= 0:
-            raise DataError(f"task '{task.name}': max_test must be positive, got {max_test}")
-        if max_test < len(test):
-            idx = list(range(len(test)))
-            random.Random(f"{test_seed}/{task.name}/test").shuffle(idx)
-            test = [test[i] for i in sorted(idx[:max_test])]
+    test = select_test_examples(load_split(task, "dev", data_dir), task.name, max_test, test_seed=test_seed)
     return {"train": train, "val": val, "test": test}
+
+
+def select_test_examples(examples: Sequence[Example], task_name: str, max_test: int | None, *,
+                         test_seed: int = 0) -> list[Example]:
+    """The evaluation subset a run scores as "test": `max_test` examples drawn with `test_seed`, kept in
+    file order (all when `max_test` is None or covers them). `make_splits` and the pyfunc predictor's
+    `evaluate` both call this, so a promoted model is scored on exactly the examples its trial scored."""
+    if max_test is None:
+        return list(examples)
+    if max_test <= 0:
+        raise DataError(f"task '{task_name}': max_test must be positive, got {max_test}")
+    if max_test >= len(examples):
+        return list(examples)
+    idx = list(range(len(examples)))
+    random.Random(f"{test_seed}/{task_name}/test").shuffle(idx)
+    return [examples[i] for i in sorted(idx[:max_test])]
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from crosspt.tasks.specs import TaskSpec, get_task
+from crosspt.tasks.specs import Metric, TaskSpec, get_task
 
-_PRIMARY = {"accuracy": "accuracy", "f1_acc": "combined", "mcc": "mcc", "pearson_spearman": "combined"}
+# the key of compute_metrics' result that model selection reads, per metric
+_PRIMARY = {Metric.ACCURACY: "accuracy", Metric.F1_ACC: "combined", Metric.MCC: "mcc",
+            Metric.PEARSON_SPEARMAN: "combined"}
 
 
 def primary_metric(task: TaskSpec | str) -> str:
@@ -91,17 +93,17 @@ def compute_metrics(task: TaskSpec | str, predictions: Sequence, labels: Sequenc
                          f"must be 1-D and the same length")
     if len(gold) == 0:
         raise ValueError(f"task '{task.name}': no predictions to score")
-    if task.metric == "pearson_spearman":
+    if task.metric == Metric.PEARSON_SPEARMAN:
         p, s = pearson(pred, gold), spearman(pred, gold)
         return {"pearson": p, "spearman": s, "combined": (p + s) / 2}
     pred = pred.astype(np.int64)
     gold = gold.astype(np.int64)
-    if task.metric == "accuracy":
+    if task.metric == Metric.ACCURACY:
         return {"accuracy": accuracy(pred, gold)}
-    if task.metric == "f1_acc":
+    if task.metric == Metric.F1_ACC:
         f1, acc = f1_binary(pred, gold), accuracy(pred, gold)
         return {"f1": f1, "accuracy": acc, "combined": (f1 + acc) / 2}
-    if task.metric == "mcc":
+    if task.metric == Metric.MCC:
         return {"mcc": matthews(pred, gold)}
     raise ValueError(f"task '{task.name}': unknown metric '{task.metric}'")
 

@@ -28,13 +28,30 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from pathlib import Path
 from typing import Iterable
 
 from crosspt.errors import ConfigError, UnknownTaskError
 
-LABEL_SEMANTICS = ("natural", "opaque", "index")
-METRICS = ("accuracy", "f1_acc", "mcc", "pearson_spearman")
+
+class LabelSemantics(str, Enum):
+    """How labels are worded (config `prompt.label_semantics`)."""
+    NATURAL = "natural"    # the task's own label words ("positive", "entailment")
+    OPAQUE = "opaque"      # meaningless but real words (OPAQUE_WORDS): does the prompt learn the task?
+    INDEX = "index"        # no words at all (encoder: learned class vectors)
+
+
+class Metric(str, Enum):
+    """How a task is scored (`TaskSpec.metric`); `crosspt.tasks.metrics` implements each."""
+    ACCURACY = "accuracy"
+    F1_ACC = "f1_acc"                        # mean of binary F1 and accuracy (MRPC, QQP)
+    MCC = "mcc"                              # Matthews correlation (CoLA)
+    PEARSON_SPEARMAN = "pearson_spearman"    # mean of both correlations (STS-B, regression)
+
+
+LABEL_SEMANTICS = tuple(m.value for m in LabelSemantics)
+METRICS = tuple(m.value for m in Metric)
 
 # Real but meaningless words, by class index, identical for every task: the "opaque" mode tests
 # whether a prompt learns the task rather than borrowing the label words' meaning.
@@ -50,7 +67,7 @@ class TaskSpec:
     label_words: dict[str, tuple[str, ...]] = field(default_factory=dict)  # semantics mode -> word per class
     label_sentences: tuple[str, ...] = ()  # natural-language sentence per class (encoder label scoring)
     prefix: str = ""                       # task prefix, e.g. "rte"
-    metric: str = "accuracy"               # accuracy | f1_acc | mcc | pearson_spearman
+    metric: str = Metric.ACCURACY.value    # a `Metric` value
     is_regression: bool = False
     similar_class: int | None = None       # for pair tasks: the class meaning "the two texts match"
     # where the data lives (filled by the registry; see crosspt.data)
@@ -224,7 +241,7 @@ def _validate(spec: TaskSpec) -> TaskSpec:
     text_fields = tuple(str(f) for f in spec.text_fields)
     label_names = tuple(str(x) for x in spec.label_names)
     if spec.is_regression:
-        if spec.metric != "pearson_spearman":
+        if spec.metric != Metric.PEARSON_SPEARMAN:
             raise ConfigError(f"{where}: a regression task needs metric 'pearson_spearman'")
         low, high = spec.label_range or (0.0, 5.0)
         if not low < high:
@@ -234,9 +251,9 @@ def _validate(spec: TaskSpec) -> TaskSpec:
                        label_range=(float(low), float(high)), label_sentences=())
     if len(label_names) < 2:
         raise ConfigError(f"{where}: a classification task needs at least two 'label_names'")
-    if spec.metric == "pearson_spearman":
+    if spec.metric == Metric.PEARSON_SPEARMAN:
         raise ConfigError(f"{where}: metric 'pearson_spearman' needs is_regression: true")
-    if spec.metric == "f1_acc" and len(label_names) != 2:
+    if spec.metric == Metric.F1_ACC and len(label_names) != 2:
         raise ConfigError(f"{where}: metric 'f1_acc' needs exactly two classes")
     given = dict(spec.label_words or {})
     unknown = set(given) - set(LABEL_SEMANTICS)
@@ -366,7 +383,8 @@ def resolve_tasks(names: list[str] | str) -> list[TaskSpec]:
 # --------------------------------------------------------------------------------------------
 # label words and input text
 
-def _check_semantics(semantics: str) -> None:
+def check_label_semantics(semantics: str) -> None:
+    """ConfigError unless `semantics` is a `LabelSemantics` value."""
     if semantics not in LABEL_SEMANTICS:
         raise ConfigError(f"unknown label semantics '{semantics}'; choose from {', '.join(LABEL_SEMANTICS)}")
 
@@ -380,7 +398,7 @@ def regression_grid(task: TaskSpec) -> list[str]:
 
 def label_words(task: TaskSpec, semantics: str) -> tuple[str, ...]:
     """The candidate target strings of a task: its label words, or the score grid for regression."""
-    _check_semantics(semantics)
+    check_label_semantics(semantics)
     if task.is_regression:
         return tuple(regression_grid(task))
     return tuple(task.label_words[semantics])
@@ -388,7 +406,7 @@ def label_words(task: TaskSpec, semantics: str) -> tuple[str, ...]:
 
 def label_text(task: TaskSpec, label: int | float, semantics: str) -> str:
     """Target text of a label: the class word, or for regression the score on the 0.2 grid."""
-    _check_semantics(semantics)
+    check_label_semantics(semantics)
     if task.is_regression:
         low, high = task.label_range or (0.0, 5.0)
         x = min(max(float(label), low), high)
@@ -402,7 +420,7 @@ def label_text(task: TaskSpec, label: int | float, semantics: str) -> str:
 
 def parse_label_text(task: TaskSpec, text: str, semantics: str) -> int | float | None:
     """Inverse of label_text: class index (or float score); None when the text matches nothing."""
-    _check_semantics(semantics)
+    check_label_semantics(semantics)
     t = (text or "").strip()
     if task.is_regression:
         try:
