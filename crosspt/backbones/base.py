@@ -187,7 +187,7 @@ class Backbone(nn.Module, ABC):
         return []
 
     def _head_zero(self) -> torch.Tensor:
-        """0 * sum of every head parameter: keeps all of them in the autograd graph (DDP)."""
+        """0 * sum of every head parameter, a scalar `[]`: keeps all of them in the autograd graph (DDP)."""
         z = torch.zeros((), device=self.device)
         for p in self.head_parameters():
             z = z + 0.0 * p.sum()
@@ -236,7 +236,8 @@ class Backbone(nn.Module, ABC):
         return 0 <= int(label) < task.num_classes
 
     def _labels_tensor(self, examples: Sequence, tids: list[int], *, train: bool) -> tuple[torch.Tensor, list[bool]]:
-        """("labels" tensor, per-example validity); raises DataError for unlabelled training rows."""
+        """("labels" `[B]` (long, or float with a regression task), per-example validity); raises DataError
+        for unlabelled training rows."""
         ok = [self._label_ok(self.tasks[t], ex.label) for ex, t in zip(examples, tids)]
         if train and not all(ok):
             bad = next(ex for ex, good in zip(examples, ok) if not good)
@@ -253,6 +254,7 @@ class Backbone(nn.Module, ABC):
         return torch.tensor(vals, dtype=dtype), ok
 
     def _predictions_tensor(self, values: list, tids: torch.Tensor) -> torch.Tensor:
+        """B predictions -> `[B]` (long, or float when any of the tasks `tids` `[B]` is a regression task)."""
         any_reg = any(self.tasks[int(t)].is_regression for t in tids)
         return torch.tensor(values, dtype=torch.float32 if any_reg else torch.long)
 
@@ -279,8 +281,8 @@ class Backbone(nn.Module, ABC):
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         """Tokenise `crosspt.data.Example`s (mixed tasks allowed) into tensors.
 
-        Always includes "task_ids" (LongTensor[B]) and "labels" (LongTensor class index, or
-        FloatTensor for regression tasks)."""
+        Always includes "task_ids" `[B]` (long) and "labels" `[B]` (long class index, or float for
+        regression tasks)."""
 
     def input_embeds(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded main input `[B, T, d]` and its mask `[B, T]` (pooled by input-conditioned routers):

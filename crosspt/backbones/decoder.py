@@ -108,6 +108,7 @@ class DecoderBackbone(RankBackbone):
         return tok * label_mask.to(tok.dtype)
 
     def loss(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        """Token-mean cross entropy (a scalar) over the label tokens, prompt `[B, L, d]` prepended."""
         batch = self._to_device(batch)
         if "target_ids" not in batch:
             raise DataError("batch has no targets (unlabelled examples?): collate labelled examples for the loss")
@@ -118,6 +119,7 @@ class DecoderBackbone(RankBackbone):
         return -tok.sum() / n + self._head_zero()
 
     def _candidates(self, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A task's right-padded candidate label ids `[C, T_c]` and mask `[C, T_c]` (cached)."""
         if task_id not in self._cand_cache:
             ids = [self.label_ids(c) for c in self.candidates(self.tasks[task_id])]
             self._cand_cache[task_id] = pad_sequences(ids, self.pad_id, side="right")
@@ -149,6 +151,7 @@ class DecoderBackbone(RankBackbone):
         return self._scores_by_task(batch["task_ids"].tolist(), floats_per_row, score_rows)
 
     def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        """Greedy decoding after the prompted input `[B, L + T, d]`, up to eos; parsed predictions `[B]`."""
         batch = self._to_device(batch)
         tids = batch["task_ids"].tolist()
         longest = max(self._candidates(t)[0].shape[1] for t in set(tids))

@@ -148,6 +148,7 @@ class EncoderBackbone(Backbone):
         return ids, types
 
     def _pad(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """(ids, token types) rows -> right-padded "input_ids", "attention_mask", "token_type_ids" `[N, T]`."""
         ids, mask = pad_sequences([r[0] for r in rows], self.pad_id)
         types, _ = pad_sequences([r[1] for r in rows], 0)
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
@@ -212,6 +213,7 @@ class EncoderBackbone(Backbone):
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
 
     def _class_representations(self) -> torch.Tensor:
+        """Frozen prompt-free encodings `[n_tasks, K, d]` of each label-kind task's class texts (0 elsewhere)."""
         reprs = torch.zeros(self.num_tasks, self.max_classes, self.embed_dim)
         for i, t in enumerate(self.tasks):
             if int(self.task_kind[i]) != KIND_LABEL:
@@ -284,6 +286,7 @@ class EncoderBackbone(Backbone):
         return logits, reg
 
     def loss(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        """Mean over the batch (a scalar) of cross entropy (classification) or squared error (regression)."""
         batch = self._to_device(batch)
         logits, reg = self._outputs(prompt, prompt_mask, batch)
         is_reg = self.task_kind[batch["task_ids"]] == KIND_REG
@@ -298,6 +301,7 @@ class EncoderBackbone(Backbone):
 
     @torch.no_grad()
     def predict(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        """Predictions `[B]`: argmax class (long), or float when the batch holds a regression task."""
         batch = self._to_device(batch)
         logits, reg = self._outputs(prompt, prompt_mask, batch)
         is_reg = self.task_kind[batch["task_ids"]] == KIND_REG

@@ -35,6 +35,7 @@ class Seq2SeqBackbone(RankBackbone):
 
     # -- data -------------------------------------------------------------------------------
     def _targets(self, texts: list[str]) -> torch.Tensor:
+        """Target token ids `[N, T_t]` of N texts (with eos), padding -> -100 (ignored by the loss)."""
         enc = self.tokenizer(texts, padding=True, return_tensors="pt")
         ids = enc["input_ids"].clone()
         ids[enc["attention_mask"] == 0] = -100
@@ -57,6 +58,7 @@ class Seq2SeqBackbone(RankBackbone):
 
     # -- scoring ----------------------------------------------------------------------------
     def loss(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        """Teacher-forced token-mean cross entropy (a scalar) with the prompt `[B, L, d]` prepended."""
         batch = self._to_device(batch)
         if "target_ids" not in batch:
             raise DataError("batch has no targets (unlabelled examples?): collate labelled examples for the loss")
@@ -72,6 +74,7 @@ class Seq2SeqBackbone(RankBackbone):
         return self.model(inputs_embeds=x, attention_mask=m, **model_kw).logits
 
     def _candidate_ids(self, task_id: int) -> tuple[torch.Tensor, list[str]]:
+        """A task's candidate target ids `[C, T_c]` (pad -100, cached) and the candidate strings."""
         if task_id not in self._cand_cache:
             cands = self.candidates(self.tasks[task_id])
             self._cand_cache[task_id] = (self._targets(cands), cands)
@@ -79,6 +82,7 @@ class Seq2SeqBackbone(RankBackbone):
         return ids.to(self.device), cands
 
     def _decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder input ids `[N, T]` for labels `[N, T]`: shifted right behind the start token, -100 -> pad."""
         if hasattr(self.model, "prepare_decoder_input_ids_from_labels"):
             return self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         start = self.model.config.decoder_start_token_id
@@ -110,6 +114,7 @@ class Seq2SeqBackbone(RankBackbone):
                                     lambda t: self._candidate_ids(t)[0].numel() * vocab, score_rows)
 
     def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        """Greedy `generate` from the prompted encoder input; parsed predictions `[B]`."""
         batch = self._to_device(batch)
         x, m = self._prompted(prompt, prompt_mask, batch)
         tids = batch["task_ids"].tolist()
