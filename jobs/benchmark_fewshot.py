@@ -78,6 +78,7 @@ def parse_args(argv=None):
 
 def settings_from(args):
     from crosspt.bench.harness import BenchSettings
+    from crosspt.tasks.data import resolve_data_dir
 
     base = dict(QUICK if args.quick else FULL)
     for key in ("tasks", "source_tasks", "shots", "seeds", "lrs", "methods", "epochs", "patience", "max_length",
@@ -87,7 +88,7 @@ def settings_from(args):
             base[key] = v
     if args.max_test is not None:
         base["max_test"] = args.max_test or None
-    data_dir = args.data_dir or os.environ.get("CROSSPT_DATA_DIR")
+    data_dir = resolve_data_dir(args.data_dir)
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
     return BenchSettings(backbone=args.backbone, data_dir=data_dir, **base)

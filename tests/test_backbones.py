@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from crosspt.backbones.base import count_parameters
+from crosspt.backbones.base import trainable_and_total
 from crosspt.backbones.encoder import EncoderBackbone
 from crosspt.backbones.loader import FAMILY_TABLE, backbone_summary, load_backbone, resolve_backbone
 from crosspt.tasks.data import Example
@@ -87,9 +87,9 @@ def test_frozen_backbone_gets_no_gradient(backbone):
     assert prompt.grad is not None and torch.isfinite(prompt.grad).all() and prompt.grad.abs().sum() > 0
     heads = bb.head_parameters()
     assert all(p.grad is not None for p in heads)     # every head is in the graph (DDP-safe)
-    trainable, total = count_parameters(bb)
+    trainable, total = trainable_and_total(bb)
     assert trainable == sum(p.numel() for p in heads)
-    assert total == count_parameters(bb.model)[1] + trainable
+    assert total == trainable_and_total(bb.model)[1] + trainable
     if bb.family == "encoder":
         assert {n for n, _ in bb.named_parameters() if not n.startswith("model.")} == \
             {"logit_scale", "pair_log_scale", "pair_threshold", "pair_class_scale", "pair_class_bias",

@@ -68,6 +68,26 @@ def test_resume_from_mid_run_checkpoint_continues_that_run(tiny_t5_path, data_di
         train(other, output_dir=tmp_path / "other", resume_from=mid)
 
 
+def test_run_loop_trains_on_precomputed_splits(tiny_t5_path, data_dir, tmp_path, monkeypatch):
+    """`splits=`: the loop takes the k-shot splits it is handed and reads no data; splits of other
+    tasks are refused."""
+    from crosspt.errors import ConfigError
+    from crosspt.run import loop
+
+    cfg = tiny_cfg(tiny_t5_path, data_dir, **{"train.epochs": 1, "prompt.n_sources": 0})
+    _, splits = loop.prepare_data(cfg)
+    fewer = {t: {**s, "train": s["train"][:3]} for t, s in splits.items()}     # 6 examples: one batch of 8
+
+    def no_reading(*a, **k):
+        raise AssertionError("make_splits called although splits were given")
+
+    monkeypatch.setattr(loop, "make_splits", no_reading)
+    result = loop.run_loop(cfg, loop.LocalSession(tmp_path), splits=fewer)
+    assert result["history"][-1]["global_step"] == 1
+    with pytest.raises(ConfigError, match="precomputed splits"):
+        loop.prepare_data(cfg, splits={"sst2": splits["sst2"]})
+
+
 @pytest.mark.slow
 def test_two_worker_ddp_matches_one_worker(ray_head, minilm_path, data_dir, tmp_path):
     """Same global batch: 2 DDP workers (gloo) end with identical prompts on both ranks and reach the

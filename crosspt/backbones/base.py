@@ -48,14 +48,11 @@ class Family(str, Enum):
     DECODER = "decoder"
 
 
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts of `module` (shared tensors counted once)."""
-    seen: set[int] = set()
+def trainable_and_total(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameter elements of `module`; a tensor shared by several
+    submodules (tied embeddings) counts once, as `module.parameters()` yields it once."""
     trainable = total = 0
     for p in module.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()

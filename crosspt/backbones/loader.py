@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from crosspt.backbones.base import Backbone, Family, count_parameters
+from crosspt.backbones.base import Backbone, Family, trainable_and_total
 from crosspt.backbones.decoder import DecoderBackbone
 from crosspt.backbones.encoder import EncoderBackbone
 from crosspt.backbones.seq2seq import Seq2SeqBackbone
@@ -204,14 +204,14 @@ def load_for_config(cfg, tasks: Sequence[TaskSpec], **family_kwargs) -> Backbone
 
 def backbone_summary(backbone: Backbone) -> dict:
     """Family, name, model type, embedding width and parameter counts (frozen model vs heads)."""
-    trainable, total = count_parameters(backbone)
+    trainable, total = trainable_and_total(backbone)
     return {
         "family": backbone.family,
         "name": backbone.name,
         "model_type": getattr(backbone.model.config, "model_type", ""),
         "embed_dim": backbone.embed_dim,
         "total_params": total,
-        "model_params": count_parameters(backbone.model)[1],
+        "model_params": trainable_and_total(backbone.model)[1],
         "head_params": sum(p.numel() for p in backbone.head_parameters()),
         "trainable_params": trainable,
         "dtype": str(backbone.dtype).replace("torch.", ""),

@@ -45,9 +45,9 @@ def flag_overrides(args) -> list[str]:
 
 def cmd_train(args) -> int:
     from crosspt.config.schema import config_to_yaml, load_config
-    from crosspt.run.trainer import preflight, resolve_data_dir, train
+    from crosspt.run.trainer import pin_data_dir, preflight, train
 
-    cfg = resolve_data_dir(load_config(args.config, flag_overrides(args)))
+    cfg = pin_data_dir(load_config(args.config, flag_overrides(args)))
     if cfg.prompt.source_bank and cfg.prompt.source_bank.startswith("models:/"):
         from crosspt.registry.models import resolve_bank   # a registered bank: download it once, train from the file
 

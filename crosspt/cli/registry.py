@@ -212,13 +212,12 @@ def _max_examples(text: str):
 
 
 def cmd_evaluate(args) -> int:
-    import os
-
     from crosspt.registry.models import load_predictor
+    from crosspt.tasks.data import resolve_data_dir
 
     limit = _max_examples(args.max_examples)
     predictor = load_predictor(args.model, args.tracking_uri, device=args.device, tasks=[args.task])
-    data_dir = args.data_dir or os.environ.get("CROSSPT_DATA_DIR") or None
+    data_dir = resolve_data_dir(args.data_dir)
     result = predictor.evaluate(args.task, data_dir, split=args.split, max_examples=limit,
                                 batch_size=args.batch_size)
     result = {"model": args.model, **{k: v for k, v in getattr(predictor, "info", {}).items()

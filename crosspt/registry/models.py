@@ -350,14 +350,7 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
     Idempotent: a run already registered (version tag `source_run_id`) gets no second version. Safe:
     when `alias` points to a different version, nothing changes unless `force`. Every check runs
     before anything is written, so a refused promotion leaves the registry as it was."""
-    import mlflow
-    import yaml
-
-    from crosspt.config.schema import build_config, config_hash
-    from importlib.util import find_spec
-
-    from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, model_signature, pip_requirements, write_bundle
-    from crosspt.registry.tracking import log_metrics, log_params
+    from crosspt.config.schema import config_hash
 
     if mode not in ("max", "min"):
         raise RegistryError(f"mode must be 'max' or 'min', got '{mode}'")
@@ -367,13 +360,48 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
     run = _pick_run(c, uri, experiment=experiment, metric=metric, mode=mode, run_id=run_id,
                     parent_run_id=parent_run_id)
     rid = run.info.run_id
+    has_result = _check_promotable(c, run)
+    rm = _model_registered_as(c, model_name)
+    existing, current = _version_of_run_and_alias(c, rm, model_name, alias, rid, force)
+    target = str(existing.version) if existing else None
+    value = run.data.metrics.get(metric)
+    result = {"model_name": model_name, "alias": alias, "run_id": rid, "run_name": run.info.run_name,
+              "metric": metric, "value": value, "moved_alias_from": current if current != target else None,
+              "tracking_uri": uri, "model_uri": f"models:/{model_name}@{alias}"}
+    if existing is not None:
+        if current != target:
+            c.set_registered_model_alias(model_name, alias, target)
+        return {**result, "version": target, "created": False}
+    # every check has passed: from here on the promotion writes
+    with tempfile.TemporaryDirectory(prefix="crosspt_promote_") as tmp:
+        source = {"tracking_uri": uri, "run_id": rid, "run_name": run.info.run_name,
+                  "experiment_id": run.info.experiment_id,
+                  "parent_run_id": run.data.tags.get("mlflow.parentRunId"), "selected_by": metric, "mode": mode}
+        cfg, bundle = _write_run_bundle(c, run, Path(tmp), source, has_result)
+        chash = config_hash(cfg)
+        model_uri, promotion_run_id = _log_promotion_run(c, uri, run, bundle, chash, model_name)
+        tags = {KIND_TAG: KIND_MODEL, SOURCE_RUN_TAG: rid, CONFIG_HASH_TAG: chash,
+                "backbone": cfg.backbone.name, "tasks": ",".join(cfg.tasks), f"metric.{metric}": str(value)}
+        version = _register_version(c, uri, rm, model_name, model_uri, tags,
+                                    description=f"run {rid} ({run.info.run_name}), {metric}={value}, config {chash}")
+        c.set_registered_model_alias(model_name, alias, version)
+    return {**result, "version": version, "created": True, "promotion_run_id": promotion_run_id}
+
+
+def _check_promotable(c, run) -> bool:
+    """Refuses a run without the artifacts a model is built from; whether it has a `result.json`."""
+    rid = run.info.run_id
     files = _run_files(c, run)
     if not files["prompts"]:
         raise RegistryError(f"run {rid} ({run.info.run_name}) has no prompt artifact prompts/prompts.safetensors: "
                             f"nothing to promote")
     if not files["config"]:
         raise RegistryError(f"run {rid} ({run.info.run_name}) has no config.yaml artifact: cannot rebuild its model")
+    return files["result"]
 
+
+def _model_registered_as(c, model_name: str):
+    """The registered model `model_name` (None when there is none yet); refuses one holding banks."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -381,9 +409,15 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
     except MlflowException as e:
         if not _not_found(e):
             raise
-        rm = None
-    if rm is not None and _kind(rm) not in (None, KIND_MODEL):
+        return None
+    if _kind(rm) not in (None, KIND_MODEL):
         raise RegistryError(f"registered model '{model_name}' holds crosspt {_kind(rm)}s: choose another --model-name")
+    return rm
+
+
+def _version_of_run_and_alias(c, rm, model_name: str, alias: str, rid: str, force: bool):
+    """(the version already registered from run `rid` or None, the version `alias` points to or None).
+    Refuses to move an alias that points to another version, unless `force`."""
     versions = list(c.search_model_versions(f"name='{model_name}'")) if rm is not None else []
     existing = next((v for v in sorted(versions, key=lambda v: int(v.version))
                      if (v.tags or {}).get(SOURCE_RUN_TAG) == rid), None)
@@ -395,58 +429,72 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
         raise RegistryError(f"alias '{alias}' of '{model_name}' points to version {current}"
                             + (f" (run {held})" if held else "")
                             + f"; promoting run {rid} would move it: pass --force to move it")
-    value = run.data.metrics.get(metric)
-    result = {"model_name": model_name, "alias": alias, "run_id": rid, "run_name": run.info.run_name,
-              "metric": metric, "value": value, "moved_alias_from": current if current != target else None,
-              "tracking_uri": uri, "model_uri": f"models:/{model_name}@{alias}"}
-    if existing is not None:
-        if current != target:
-            c.set_registered_model_alias(model_name, alias, target)
-        return {**result, "version": target, "created": False}
+    return existing, current
 
-    with tempfile.TemporaryDirectory(prefix="crosspt_promote_") as tmp:
-        tmp = Path(tmp)
-        prompts = Path(c.download_artifacts(rid, "prompts/prompts.safetensors", str(tmp)))
-        cfg_path = Path(c.download_artifacts(rid, "config.yaml", str(tmp)))
-        result_path = Path(c.download_artifacts(rid, "result.json", str(tmp))) if files["result"] else None
-        try:
-            tree = yaml.safe_load(cfg_path.read_text())
-        except yaml.YAMLError as e:
-            raise RegistryError(f"run {rid}: config.yaml is not valid YAML ({e})") from None
-        cfg = build_config(tree or {}, f"run {rid} config.yaml")
-        chash = config_hash(cfg)
-        source = {"tracking_uri": uri, "run_id": rid, "run_name": run.info.run_name,
-                  "experiment_id": run.info.experiment_id,
-                  "parent_run_id": run.data.tags.get("mlflow.parentRunId"), "selected_by": metric,
-                  "mode": mode}
-        bundle = write_bundle(tmp / BUNDLE_ARTIFACT, config=cfg, prompts_path=prompts, source=source,
-                              metrics=dict(run.data.metrics), result_path=result_path)
-        tags = {KIND_TAG: KIND_MODEL, SOURCE_RUN_TAG: rid, CONFIG_HASH_TAG: chash,
-                "backbone": cfg.backbone.name, "tasks": ",".join(cfg.tasks), f"metric.{metric}": str(value)}
-        with mlflow_uris(uri):
-            with mlflow.start_run(experiment_id=run.info.experiment_id,
-                                  run_name=f"promote-{run.info.run_name or rid[:8]}",
-                                  tags={"crosspt.promotion_of": rid, KIND_TAG: "promotion",
-                                        "crosspt.registered_model": model_name}) as prun:
-                log_params(c, prun.info.run_id, {**run.data.params, "promote.source_run_id": rid})
-                log_metrics(c, prun.info.run_id, dict(run.data.metrics))
-                with warnings.catch_warnings():       # "no input example": loading the backbone to
-                    warnings.simplefilter("ignore", UserWarning)   # validate one is not worth it here
-                    info = mlflow.pyfunc.log_model(
-                        name=MODEL_ARTIFACT, python_model=find_spec("crosspt.registry.pyfunc_entry").origin,   # code, not pickle
-                        artifacts={BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=pip_requirements(),
-                        signature=model_signature(), metadata={"crosspt_bundle": BUNDLE_ARTIFACT,
-                                                               CONFIG_HASH_TAG: chash, SOURCE_RUN_TAG: rid})
-            if rm is None:
-                c.create_registered_model(model_name, tags={KIND_TAG: KIND_MODEL},
-                                          description="crosspt models (crosspt promote)")
-            elif _kind(rm) is None:
-                c.set_registered_model_tag(model_name, KIND_TAG, KIND_MODEL)
-            mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
-        c.update_model_version(model_name, mv.version,
-                               description=f"run {rid} ({run.info.run_name}), {metric}={value}, config {chash}")
-        c.set_registered_model_alias(model_name, alias, mv.version)
-    return {**result, "version": str(mv.version), "created": True, "promotion_run_id": prun.info.run_id}
+
+def _write_run_bundle(c, run, tmp: Path, source: dict, has_result: bool):
+    """(the run's config, the model bundle folder written under `tmp` from the run's artifacts)."""
+    import yaml
+
+    from crosspt.config.schema import build_config
+    from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, write_bundle
+
+    rid = run.info.run_id
+    prompts = Path(c.download_artifacts(rid, "prompts/prompts.safetensors", str(tmp)))
+    cfg_path = Path(c.download_artifacts(rid, "config.yaml", str(tmp)))
+    result_path = Path(c.download_artifacts(rid, "result.json", str(tmp))) if has_result else None
+    try:
+        tree = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as e:
+        raise RegistryError(f"run {rid}: config.yaml is not valid YAML ({e})") from None
+    cfg = build_config(tree or {}, f"run {rid} config.yaml")
+    bundle = write_bundle(tmp / BUNDLE_ARTIFACT, config=cfg, prompts_path=prompts, source=source,
+                          metrics=dict(run.data.metrics), result_path=result_path)
+    return cfg, bundle
+
+
+def _log_promotion_run(c, uri: str, run, bundle: Path, chash: str, model_name: str) -> tuple[str, str]:
+    """Log the bundle as an MLflow pyfunc model in a new promotion run next to the source run (its
+    params and metrics copied); (the logged model's URI, the promotion run's id)."""
+    import mlflow
+    from importlib.util import find_spec
+
+    from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, model_signature, pip_requirements
+    from crosspt.registry.tracking import log_metrics, log_params
+
+    rid = run.info.run_id
+    with mlflow_uris(uri):
+        with mlflow.start_run(experiment_id=run.info.experiment_id,
+                              run_name=f"promote-{run.info.run_name or rid[:8]}",
+                              tags={"crosspt.promotion_of": rid, KIND_TAG: "promotion",
+                                    "crosspt.registered_model": model_name}) as prun:
+            log_params(c, prun.info.run_id, {**run.data.params, "promote.source_run_id": rid})
+            log_metrics(c, prun.info.run_id, dict(run.data.metrics))
+            with warnings.catch_warnings():       # "no input example": loading the backbone to
+                warnings.simplefilter("ignore", UserWarning)   # validate one is not worth it here
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT, python_model=find_spec("crosspt.registry.pyfunc_entry").origin,   # code, not pickle
+                    artifacts={BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=pip_requirements(),
+                    signature=model_signature(), metadata={"crosspt_bundle": BUNDLE_ARTIFACT,
+                                                           CONFIG_HASH_TAG: chash, SOURCE_RUN_TAG: rid})
+    return info.model_uri, prun.info.run_id
+
+
+def _register_version(c, uri: str, rm, model_name: str, model_uri: str, tags: dict[str, str],
+                      description: str) -> str:
+    """Register the logged model as a new version of `model_name` (created, or tagged as crosspt
+    models, when needed); returns the version."""
+    import mlflow
+
+    with mlflow_uris(uri):
+        if rm is None:
+            c.create_registered_model(model_name, tags={KIND_TAG: KIND_MODEL},
+                                      description="crosspt models (crosspt promote)")
+        elif _kind(rm) is None:
+            c.set_registered_model_tag(model_name, KIND_TAG, KIND_MODEL)
+        mv = mlflow.register_model(model_uri, model_name, tags=tags)
+    c.update_model_version(model_name, mv.version, description=description)
+    return str(mv.version)
 
 
 def count_versions(tracking_uri: str, model_name: str) -> int:

@@ -23,7 +23,6 @@ layer, and nothing below it imports it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -236,10 +235,10 @@ class CrossPTPredictor:
         return out
 
     def _autocast(self):
-        """The run's evaluation precision: bf16 autocast on GPU unless the config says float32."""
-        if self.device.type == "cuda" and self.config.backbone.dtype in ("auto", "bfloat16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The run's evaluation precision (`crosspt.run.precision.autocast`)."""
+        from crosspt.run.precision import autocast
+
+        return autocast(self.device, self.config.backbone.dtype)
 
     @torch.no_grad()
     def predict_values(self, examples: list, batch_size: int | None = None) -> list[float | int]:

@@ -68,13 +68,6 @@ class CrossPTModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return trainable, total
-
-
 def prompt_spec(cfg: RunConfig, n_tasks: int, dim: int, init: str | None = None) -> PromptSpec:
     p = cfg.prompt
     return PromptSpec(n_tasks=n_tasks, dim=dim, n_sources=p.n_sources, source_len=p.source_len,

@@ -12,11 +12,15 @@ from pathlib import Path
 
 from crosspt.config.schema import RunConfig
 from crosspt.errors import CrossPTError
+from crosspt.run.checkpoint import RESULT_FILE
+from crosspt.run.faults import FAULT_ENV
+from crosspt.tasks.data import resolve_data_dir
 
 
-def resolve_data_dir(cfg: RunConfig) -> RunConfig:
-    """Pin the data folder into the config (env vars of the driver don't reach remote workers)."""
-    data_dir = cfg.data.data_dir or os.environ.get("CROSSPT_DATA_DIR")
+def pin_data_dir(cfg: RunConfig) -> RunConfig:
+    """The config with its data folder (`resolve_data_dir`) pinned in as an absolute path: env vars of
+    the driver don't reach remote workers, and their working directory is not the driver's."""
+    data_dir = resolve_data_dir(cfg.data.data_dir)
     if data_dir:
         cfg = cfg.model_copy(deep=True)
         cfg.data.data_dir = str(Path(data_dir).expanduser().resolve())
@@ -84,7 +88,7 @@ def _single_node_mode(enabled: bool = True):
 def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | None = None,
           on_report=None, max_failures: int = 0, callbacks=None) -> dict:
     """Run one configuration to the end; returns the loop's final result dict."""
-    cfg = resolve_data_dir(cfg)
+    cfg = pin_data_dir(cfg)
     output_dir = Path(output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
@@ -109,7 +113,7 @@ def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures:
         ray_worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"),
                            "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
-                           "fault": os.environ.get("CROSSPT_FAULT")},          # testing hook, see README
+                           "fault": os.environ.get(FAULT_ENV)},          # testing hook, see run/faults.py
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -124,4 +128,4 @@ def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures:
         raise result.error
     if result.checkpoint is None:
         raise CrossPTError("training finished without a checkpoint")
-    return json.loads((Path(result.checkpoint.path) / "result.json").read_text())
+    return json.loads((Path(result.checkpoint.path) / RESULT_FILE).read_text())

@@ -25,7 +25,8 @@ import yaml
 from crosspt.config.schema import RunConfig, config_hash, config_to_yaml, flatten
 from crosspt.errors import ConfigError, CrossPTError
 from crosspt.config.space import OptunaDefineByRun, SearchSpace, SpaceSearcher
-from crosspt.run.loop import FAULT_ENV, Session, TrainingDiverged, parse_faults
+from crosspt.run.faults import FAULT_ENV, parse_faults
+from crosspt.run.loop import Session, TrainingDiverged
 from crosspt.registry import tracking as T
 
 STATE_FILE = "crosspt_search.json"
@@ -308,10 +309,11 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     from ray.tune.search.optuna import OptunaSearch
 
     from crosspt.run.trainer import init_ray, preflight
+    from crosspt.tasks.data import resolve_data_dir
 
     t0 = time.time()
     base = space.base_config()
-    data_dir = data_dir or base.data.data_dir or os.environ.get("CROSSPT_DATA_DIR")
+    data_dir = resolve_data_dir(data_dir or base.data.data_dir)
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
         base.data.data_dir = data_dir

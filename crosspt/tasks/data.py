@@ -45,6 +45,12 @@ def data_dir_default() -> str | None:
     return os.environ.get(ENV_DATA_DIR) or None
 
 
+def resolve_data_dir(explicit: str | os.PathLike | None = None) -> str | None:
+    """The data folder to read: `explicit` (a --data-dir flag, `data.data_dir`) when given, else
+    $CROSSPT_DATA_DIR, else None (the hub). Returned as given, not made absolute."""
+    return str(explicit) if explicit else data_dir_default()
+
+
 # --------------------------------------------------------------------------------------------
 # labels
 

@@ -1,0 +1,52 @@
+"""Validation and test metrics over the WHOLE split: each rank predicts its shard, the predictions are
+gathered before scoring, so every rank sees the same numbers."""
+from __future__ import annotations
+
+import torch
+
+from crosspt.run.model import CrossPTModel
+from crosspt.run.precision import autocast
+from crosspt.run.session import Session
+from crosspt.tasks.data import eval_batches
+from crosspt.tasks.metrics import compute_metrics, primary_metric
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors on `device` (other values as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: CrossPTModel, examples_by_task: dict, session: Session, batch_size: int,
+             dtype_cfg: str = "auto") -> dict[str, dict[str, float]]:
+    """Full-split metrics per task: every rank predicts its shard, predictions are gathered."""
+    model.eval()
+    device = session.device()
+    results = {}
+    for task in model.tasks:
+        examples = examples_by_task[task.name]
+        mine: list[tuple[str, float, float]] = []
+        for batch_examples in eval_batches(examples, batch_size, shard=(session.rank, session.world_size)):
+            batch = to_device(model.backbone.collate(batch_examples, train=False), device)
+            with autocast(device, dtype_cfg):
+                preds = model.predict(batch)
+            mine += [(e.uid, float(p), float(e.label)) for e, p in zip(batch_examples, preds.float().cpu())]
+        merged = {uid: (p, y) for part in session.gather(mine) for uid, p, y in part}
+        preds = [merged[u][0] for u in sorted(merged)]
+        labels = [merged[u][1] for u in sorted(merged)]
+        if not task.is_regression:
+            preds = [int(p) for p in preds]
+            labels = [int(y) for y in labels]
+        results[task.name] = compute_metrics(task, preds, labels)
+    model.train()
+    return results
+
+
+def score_of(metrics: dict[str, dict[str, float]], tasks) -> float:
+    """Mean over tasks of each task's primary metric: the number that ranks epochs and trials."""
+    return float(sum(metrics[t.name][primary_metric(t)] for t in tasks) / len(tasks))
+
+
+def flat_metrics(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`{task: {name: value}}` -> `{f"{prefix}_{task}_{name}": value}` (the reported metric names)."""
+    return {f"{prefix}_{task}_{k}": v for task, m in metrics.items() for k, v in m.items()}
