@@ -9,6 +9,13 @@ Prompt placement, initialisation and pooling
     positions excluded, [CLS]/[SEP] included, as sentence-transformers does) and L2-normalised: the
     prompt steers the token states, the pooled vector stays comparable with prompt-free encodings
     (the class representations below).
+    `prompt_position="before_cls"` is the other placement, PEFT's: `[prompt] [CLS] tokens... [SEP]`
+    with position and token-type ids left to the model (PeftModelForFeatureExtraction drops both), so
+    the prompt takes positions 0..L-1 and shifts the input; pooling still covers the real tokens only.
+    It exists so that PEFT's prompt tuning can be scored through this adapter as an outside reference
+    (crosspt.bench); nothing built at construction depends on the placement (the class
+    representations are prompt-free, and an empty prompt encodes the same in both), so it may also be
+    set on a loaded backbone.
     Why there, and why `prompt.init: auto` means "neutral" ([PAD] embeddings) here: a frozen sentence
     encoder is already a strong zero-shot scorer, and a prompt that perturbs it at step 0 starts
     training below it. Measured on MiniLM, 16 prompt tokens, untrained STS-B dev Spearman: all 1500
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from enum import StrEnum
 from typing import Sequence
 
 import torch
@@ -53,6 +61,14 @@ from crosspt.backbones.base import Backbone, pad_sequences, positions_from_mask
 from crosspt.errors import ConfigError
 
 PAIR_ENCODINGS = ("auto", "bi", "joint")
+
+
+class PromptPosition(StrEnum):
+    """Where `encode` puts the soft prompt (see the module docstring)."""
+    AFTER_INPUT = "after_input"      # ours: after the padded input, mask-derived position ids
+    BEFORE_CLS = "before_cls"        # PEFT's: before [CLS], position / token-type ids left to the model
+
+
 KIND_LABEL, KIND_PAIR, KIND_REG = 0, 1, 2
 # models whose absolute positions start at padding_idx + 1
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer",
@@ -65,10 +81,15 @@ class EncoderBackbone(Backbone):
     default_init = "neutral"
 
     def __init__(self, model, tokenizer, tasks, *, pair_encoding: str = "auto",
-                 logit_scale_init: float = 20.0, pair_threshold_init: float = 0.65, **kw):
+                 logit_scale_init: float = 20.0, pair_threshold_init: float = 0.65,
+                 prompt_position: PromptPosition | str = PromptPosition.AFTER_INPUT, **kw):
         super().__init__(model, tokenizer, tasks, **kw)
         if pair_encoding not in PAIR_ENCODINGS:
             raise ConfigError(f"unknown pair_encoding '{pair_encoding}'; choose from {', '.join(PAIR_ENCODINGS)}")
+        if prompt_position not in set(PromptPosition):
+            raise ConfigError(f"unknown prompt_position '{prompt_position}'; "
+                              f"choose from {', '.join(PromptPosition)}")
+        self.prompt_position = PromptPosition(prompt_position)
         self.pair_encoding = "bi" if pair_encoding == "auto" else pair_encoding
         kinds = []
         for t in self.tasks:
@@ -172,10 +193,13 @@ class EncoderBackbone(Backbone):
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, input_ids: torch.Tensor,
                attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised mean-pooled encodings `[N, d]`; the prompt goes after the (padded) input."""
+        """L2-normalised mean-pooled encodings `[N, d]`; the prompt goes after the (padded) input, or
+        before [CLS] with `prompt_position="before_cls"`."""
         emb = self.word_embeddings()(input_ids)
         N, L = emb.shape[0], prompt.shape[1]
         am = attention_mask.long()
+        if self.prompt_position is PromptPosition.BEFORE_CLS:
+            return self._encode_prompt_first(prompt, prompt_mask, emb, am)
         x = torch.cat([emb, prompt.to(emb.dtype)], dim=1)
         m = torch.cat([am, prompt_mask.long()], dim=1)
         kw = {"inputs_embeds": x, "attention_mask": m}
@@ -190,6 +214,16 @@ class EncoderBackbone(Backbone):
         pool = pool.unsqueeze(-1).to(hidden.dtype)
         mean = (hidden * pool).sum(1) / pool.sum(1).clamp(min=1e-6)
         return F.normalize(mean.float(), dim=-1)
+
+    def _encode_prompt_first(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, emb: torch.Tensor,
+                             am: torch.Tensor) -> torch.Tensor:
+        """`encode` with PEFT's placement: prompt `[N, L, d]` before the input embeddings `[N, T, d]`,
+        no position / token-type ids (the model's defaults); mean over the input's real tokens `[N, d]`."""
+        L = prompt.shape[1]
+        hidden = self.model(inputs_embeds=torch.cat([prompt.to(emb.dtype), emb], dim=1),
+                            attention_mask=torch.cat([prompt_mask.long(), am], dim=1)).last_hidden_state
+        pool = am.unsqueeze(-1).to(hidden.dtype)
+        return F.normalize(((hidden[:, L:] * pool).sum(1) / pool.sum(1).clamp(min=1e-6)).float(), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

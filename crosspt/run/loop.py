@@ -274,14 +274,16 @@ def load_source_bank(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
 
 # ---- the loop ------------------------------------------------------------------------------------
 def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
-             fault: str | None = None) -> dict:
+             fault: str | None = None, data: tuple | None = None) -> dict:
     """Train, validate each epoch, checkpoint, stop early; returns the final result dict.
 
-    `fault`: a `CROSSPT_FAULT` spec (testing hook, see `parse_faults`); default: that env var."""
+    `fault`: a `CROSSPT_FAULT` spec (testing hook, see `parse_faults`); default: that env var.
+    `data`: `(tasks, splits)` exactly as `prepare_data(cfg)` returns them, when the caller already drew
+    them (the benchmark reuses one draw across methods); default: drawn here."""
     t0 = time.time()
     faults = parse_faults(fault if fault is not None else os.environ.get(FAULT_ENV))
     torch.manual_seed(cfg.seed)
-    tasks, splits = prepare_data(cfg)
+    tasks, splits = data if data is not None else prepare_data(cfg)
     device = session.device()
     if model is None:
         from crosspt.backbones.loader import load_backbone
