@@ -209,6 +209,68 @@ def test_peft_prompt_module_on_seq2seq(tiny_t5_path):
         assert prompt.collapsed(0)[0].shape == (3, 64)
 
 
+def test_peft_prompt_on_the_encoder_encodes_as_peft_feature_extraction_does(minilm_path):
+    """PEFT's PT through our encoder (its PromptEmbedding as the prompt, placed before [CLS]) gives the
+    token states PeftModelForFeatureExtraction's own forward gives, pooled over the real tokens."""
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.specs import resolve_tasks
+
+    bb = load_backbone("minilm", resolve_tasks(["rte"]), max_length=32)
+    prompt, bb = P.attach_peft(bb, "pt", 3, n_tasks=1)
+    ref = get_peft_model(AutoModel.from_pretrained(str(minilm_path)), P.peft_config("pt", 3, bb.embed_dim)).eval()
+    ref.prompt_encoder["default"].load_state_dict(prompt.prompt_encoder.state_dict())
+    b = _one_batch(bb)
+    ids, am = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        p, m, _ = prompt(b["task_ids"])
+        got = bb.encode(p, m, ids, am, b["token_type_ids"])
+        h = ref(input_ids=ids, attention_mask=am).last_hidden_state[:, 3:]
+    pool = am.unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((h * pool).sum(1) / pool.sum(1), dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_mpt_prompt_module_gives_pefts_task_prompts(minilm_path):
+    """PeftPrompt around MultitaskPromptEmbedding returns what PeftModel.get_prompt returns with task ids."""
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.specs import resolve_tasks
+
+    bb = load_backbone("minilm", resolve_tasks(["rte", "mrpc"]), max_length=32)
+    prompt, bb = P.attach_peft(bb, "mpt", 3, n_tasks=2)
+    with torch.no_grad():
+        prompt.prompt_encoder.prefix_task_cols.normal_()          # two tasks that differ
+    ref = get_peft_model(AutoModel.from_pretrained(str(minilm_path)), P.peft_config("mpt", 3, bb.embed_dim, n_tasks=2))
+    ref.prompt_encoder["default"].load_state_dict(prompt.prompt_encoder.state_dict())
+    tids = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        got, mask, _ = prompt(tids)
+        assert torch.allclose(got, ref.get_prompt(batch_size=4, task_ids=tids), atol=1e-6)
+    assert not torch.allclose(got[0], got[1]) and mask.shape == (4, 3)
+
+
+# ---- the split cache ----------------------------------------------------------------------------------
+def test_jobs_of_one_runner_draw_the_splits_once(data_dir, tiny_t5_path, monkeypatch):
+    """Two methods on the same task, k and seed: one k-shot draw, reused by the run loop too."""
+    import crosspt.run.loop as loop
+
+    calls = []
+    real = loop.prepare_data
+    monkeypatch.setattr(loop, "prepare_data", lambda cfg: calls.append(cfg.name) or real(cfg))
+    st = dataclasses.asdict(_settings(data_dir, backbone=tiny_t5_path, max_test=4))
+    runner = J.JobRunner()
+    recs = [runner.run({"method": m, "task": "rte", "k": 4, "seed": 0, "lr": 0.3, "settings": st})
+            for m in ("zero_shot", "pt")]
+    assert len(calls) == 1 and recs[0]["sample_ids"] == recs[1]["sample_ids"]
+    runner.run({"method": "zero_shot", "task": "rte", "k": 4, "seed": 1, "lr": None, "settings": st})
+    assert len(calls) == 2                                               # another seed: another draw
+
+
 # ---- GPU check, CPU mode ------------------------------------------------------------------------------
 def test_gpu_check_tiny_runs_on_cpu(capsys):
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "jobs" / "gpu_check.py")
