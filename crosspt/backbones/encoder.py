@@ -9,19 +9,19 @@ Prompt placement, initialisation and pooling
     positions excluded, [CLS]/[SEP] included, as sentence-transformers does) and L2-normalised: the
     prompt steers the token states, the pooled vector stays comparable with prompt-free encodings
     (the class representations below).
-    `prompt_position="before_cls"` is the other placement, PEFT's: `[prompt] [CLS] tokens... [SEP]`
-    with position and token-type ids left to the model (PeftModelForFeatureExtraction drops both), so
-    the prompt takes positions 0..L-1 and shifts the input; pooling still covers the real tokens only.
-    It exists so that PEFT's prompt tuning can be scored through this adapter as an outside reference
-    (crosspt.bench); nothing built at construction depends on the placement (the class
-    representations are prompt-free, and an empty prompt encodes the same in both), so it may also be
-    set on a loaded backbone.
     Why there, and why `prompt.init: auto` means "neutral" ([PAD] embeddings) here: a frozen sentence
     encoder is already a strong zero-shot scorer, and a prompt that perturbs it at step 0 starts
     training below it. Measured on MiniLM, 16 prompt tokens, untrained STS-B dev Spearman: all 1500
     rows, prompt after the input: no prompt 0.8672, [PAD] 0.8615, [SEP] 0.8565, "." 0.8579, sampled
     whole words 0.8276; a seeded 500-row subset (no prompt 0.8737): [PAD] after [CLS] 0.8656, after
     the input 0.8740. SST-2/RTE untrained accuracy follows the same order (RTE: 0.5921 vs 0.6137).
+    `prompt_position="before_cls"` is the other placement, PEFT's: `[prompt] [CLS] tokens... [SEP]`
+    with position and token-type ids left to the model (PeftModelForFeatureExtraction drops both;
+    joint-encoded pairs lose their segment ids), so the prompt takes positions 0..L-1 and shifts the
+    input; pooling still covers the real tokens only. It exists so that PEFT's prompt tuning can be
+    scored through this adapter as an outside reference (crosspt.bench). Nothing built at construction
+    depends on the placement (the class representations are prompt-free, and an empty prompt encodes
+    the same in both), so it may also be set on a loaded backbone.
 
 Per-task kinds (chosen at construction, one per task)
     "label"  single-text tasks, and pair tasks with pair_encoding="joint" (`[CLS] a [SEP] b [SEP]`):

@@ -98,7 +98,8 @@ def _spot(job, cfg, tasks, backbone):
     return model
 
 
-def _peft(kind, job, cfg, tasks, backbone, init_state=None):
+def _peft(kind, cfg, tasks, backbone, init_state=None):
+    """PEFT's prompt embedding of `private_len` virtual tokens in front of the backbone."""
     from crosspt.bench.prompts import attach_peft
     from crosspt.run.model import CrossPTModel
 
@@ -111,7 +112,7 @@ def _peft_pt(job, cfg, tasks, backbone):
     """PEFT's PromptTuning (SAMPLE_VOCAB init), an outside reference for the PT row."""
     from crosspt.bench.prompts import PeftKind
 
-    return _peft(PeftKind.PT, job, cfg, tasks, backbone)
+    return _peft(PeftKind.PT, cfg, tasks, backbone)
 
 
 def _mpt_source(job, cfg, tasks, backbone):
@@ -119,7 +120,7 @@ def _mpt_source(job, cfg, tasks, backbone):
     leave-one-out source tasks."""
     from crosspt.bench.prompts import PeftKind
 
-    return _peft(PeftKind.MPT, job, cfg, tasks, backbone)
+    return _peft(PeftKind.MPT, cfg, tasks, backbone)
 
 
 def _mpt_target(job, cfg, tasks, backbone):
@@ -127,7 +128,7 @@ def _mpt_target(job, cfg, tasks, backbone):
     from crosspt.bench.prompts import PeftKind, mpt_state_file
 
     with mpt_state_file(job["mpt_state"]) as path:
-        return _peft(PeftKind.MPT, job, cfg, tasks, backbone, init_state=path)
+        return _peft(PeftKind.MPT, cfg, tasks, backbone, init_state=path)
 
 
 def _keep_prompt(model) -> dict:
