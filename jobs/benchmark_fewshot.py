@@ -41,6 +41,8 @@ FULL = dict(tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"],
 
 
 def parse_args(argv=None):
+    from crosspt.bench.speed import SPEED_PARTS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 tasks, k=16, 2 seeds, small budget (~15 min on 2 CPUs)")
     p.add_argument("--speed", action="store_true", help="speed / memory / Ray-overhead measurements instead")
@@ -70,14 +72,14 @@ def parse_args(argv=None):
     p.add_argument("--ray-trials", type=int, default=3)
     p.add_argument("--ray-epochs", type=int, default=12)
     p.add_argument("--skip-ray", action="store_true", help="speed mode without the Ray-overhead part")
-    p.add_argument("--speed-parts", nargs="+", default=["step", "inference", "rss", "ray"],
-                   choices=["step", "inference", "rss", "ray"], help="which speed measurements to run")
+    p.add_argument("--speed-parts", nargs="+", default=list(SPEED_PARTS), choices=SPEED_PARTS,
+                   help="which speed measurements to run")
     p.add_argument("--speed-name", default="speed", help="output file stem of the speed mode")
     return p.parse_args(argv)
 
 
 def settings_from(args):
-    from crosspt.bench.harness import BenchSettings
+    from crosspt.bench.settings import BenchSettings
     from crosspt.tasks.data import resolve_data_dir
 
     base = dict(QUICK if args.quick else FULL)
@@ -95,7 +97,10 @@ def settings_from(args):
 
 
 def main_benchmark(args) -> int:
-    from crosspt.bench import harness as B
+    from crosspt.bench.harness import run_benchmark
+    from crosspt.bench.report import bar_chart, log_to_mlflow, render_report
+    from crosspt.bench.settings import BenchSettings
+    from crosspt.bench.stats import estimate_full_wall
 
     s = settings_from(args)
     name = args.name or ("quick" if args.quick else "fewshot")
@@ -104,34 +109,34 @@ def main_benchmark(args) -> int:
     print(f"benchmark '{name}': {len(s.tasks)} targets x {len(s.shots)} k x {len(s.seeds)} seeds x "
           f"{len(s.methods)} methods, lrs {s.lrs}, {s.epochs} epochs (patience {s.patience}), "
           f"max_test {s.max_test}, backbone {s.backbone}, parallel {args.parallel}", flush=True)
-    summary = B.run_benchmark(s, out / f"{name}_artifacts", parallel=args.parallel, cpus_per_job=args.cpus_per_job,
-                              log=lambda m: print(m, flush=True))
+    summary = run_benchmark(s, out / f"{name}_artifacts", parallel=args.parallel, cpus_per_job=args.cpus_per_job,
+                            log=lambda m: print(m, flush=True))
     summary["name"] = name
-    full = B.BenchSettings(**FULL)
-    summary["full_estimate"] = B.estimate_full_wall(summary, full)
-    text = B.render_report(summary, name)
+    full = BenchSettings(**FULL)
+    summary["full_estimate"] = estimate_full_wall(summary, full)
+    text = render_report(summary, name)
     md, js, png = out / f"{name}.md", out / f"{name}.json", out / f"{name}_avg.png"
     md.write_text(text)
     js.write_text(json.dumps(summary, indent=1, default=str))
-    B.bar_chart(summary["table"], png, title=f"{name}: average test score per method (x100)")
+    bar_chart(summary["table"], png, title=f"{name}: average test score per method (x100)")
     print(text)
     if not args.no_mlflow:
-        info = B.log_to_mlflow(summary, text, {"results": js, "chart": png}, tracking_uri=args.tracking_uri,
-                               experiment=args.experiment)
+        info = log_to_mlflow(summary, text, {"results": js, "chart": png}, tracking_uri=args.tracking_uri,
+                             experiment=args.experiment)
         print(f"MLflow: {info['tracking_uri']} experiment '{info['experiment']}' run {info['run_id']}")
     print(f"wrote {md}, {js}, {png}; wall {summary['wall_s']:.0f}s")
     return 0
 
 
 def main_speed(args) -> int:
-    from crosspt.bench import harness as B
+    from crosspt.bench.speed import render_speed, run_speed
 
     s = settings_from(args)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    res = B.run_speed(s, out / "speed_artifacts", ray_trials=args.ray_trials, ray_epochs=args.ray_epochs,
-                      skip_ray=args.skip_ray, parts=args.speed_parts, log=lambda m: print(m, flush=True))
-    text = B.render_speed(res)
+    res = run_speed(s, out / "speed_artifacts", ray_trials=args.ray_trials, ray_epochs=args.ray_epochs,
+                    skip_ray=args.skip_ray, parts=args.speed_parts, log=lambda m: print(m, flush=True))
+    text = render_speed(res)
     md, js = out / f"{args.speed_name}.md", out / f"{args.speed_name}.json"
     md.write_text(text)
     js.write_text(json.dumps(res, indent=1, default=str))

@@ -401,3 +401,32 @@ def test_encoder_auto_init_starts_at_the_untrained_score(minilm, data_dir):
     # full dev (1500 rows): untrained 0.8672, neutral 0.8615, vocab 0.8276; on these 300: 0.858/0.839/0.809
     assert scores["neutral"] >= untrained - 0.025, (untrained, scores)
     assert scores["vocab"] < scores["neutral"] - 0.015, (untrained, scores)
+
+
+def test_encoder_prompt_before_cls_is_pefts_placement(minilm):
+    """prompt_position="before_cls": each row encodes as `[prompt] [CLS] tokens [SEP]` alone would with the
+    model's own default positions (PEFT's placement), pooled over the input tokens only; prompt-free
+    encodings (and so the class representations) are the same in both placements."""
+    from crosspt.backbones.encoder import PromptPosition
+    from crosspt.errors import ConfigError
+
+    bb = load_backbone("minilm", real_tasks(), prompt_position="before_cls")
+    assert bb.prompt_position is PromptPosition.BEFORE_CLS and minilm.prompt_position is PromptPosition.AFTER_INPUT
+    b = bb.collate(mixed_examples()[:1] + mixed_examples()[4:], train=False)
+    ids, am, tt = b["input_ids"], b["attention_mask"], b["token_type_ids"]
+    assert am.sum(1).min() < am.shape[1]                   # rows of different lengths: padding in play
+    torch.manual_seed(3)
+    prompt = 0.5 * torch.randn(2, 3, bb.embed_dim)
+    with torch.no_grad():
+        got = bb.encode(prompt, torch.ones(2, 3), ids, am, tt)
+        for i in range(2):
+            n = int(am[i].sum())
+            x = torch.cat([prompt[i:i + 1], bb.word_embeddings()(ids[i:i + 1, :n])], 1)
+            ref = torch.nn.functional.normalize(bb.model(inputs_embeds=x).last_hidden_state[0, 3:].mean(0), dim=-1)
+            assert torch.allclose(got[i], ref, atol=1e-5)
+        assert not torch.allclose(got, minilm.encode(prompt, torch.ones(2, 3), ids, am, tt), atol=1e-3)
+        bare = minilm.encode(prompt[:, :0], torch.ones(2, 0), ids, am, tt)
+        assert torch.allclose(bb.encode(prompt[:, :0], torch.ones(2, 0), ids, am, tt), bare, atol=1e-5)
+    assert torch.allclose(bb.class_reprs, minilm.class_reprs, atol=1e-5)
+    with pytest.raises(ConfigError, match="prompt_position"):
+        EncoderBackbone(minilm.model, minilm.tokenizer, real_tasks(), prompt_position="middle")

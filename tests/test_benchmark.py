@@ -11,17 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosspt.bench import harness as B
+from crosspt.bench import harness as H
+from crosspt.bench import job as J
+from crosspt.bench import methods as M
+from crosspt.bench import prompts as P
+from crosspt.bench import report as R
+from crosspt.bench import speed as S
+from crosspt.bench import stats as ST
+from crosspt.bench.settings import BenchSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _settings(data_dir, backbone="minilm", **kw) -> B.BenchSettings:
+def _settings(data_dir, backbone="minilm", **kw) -> BenchSettings:
     base = dict(tasks=["sst2", "rte"], source_tasks=["sst2", "rte", "mrpc"], shots=[4], seeds=[0, 1],
                 lrs=[0.3, 0.03], epochs=1, patience=None, max_test=8, max_length=32, prompt_len=2,
                 data_dir=str(data_dir), backbone=str(backbone))
     base.update(kw)
-    return B.BenchSettings(**base)
+    return BenchSettings(**base)
 
 
 # ---- same k-shot samples for every method ------------------------------------------------------------
@@ -32,14 +39,14 @@ def test_every_method_sees_the_same_samples(data_dir):
     for seed in (0, 1):
         ids = {}
         for m in ("zero_shot", "pt", "peft_pt", "spot", "attempt", "mpt", "crosspt_cat", "crosspt_wavg"):
-            cfg = B.run_config(s, m, ["rte"], 4, seed, 0.3, n_sources=2)
+            cfg = M.run_config(s, m, ["rte"], 4, seed, 0.3, n_sources=2)
             _, splits = prepare_data(cfg)
             ids[m] = {part: [e.uid for e in splits["rte"][part]] for part in ("train", "val", "test")}
         first = next(iter(ids.values()))
         assert all(v == first for v in ids.values())
         assert len(first["train"]) == 8 and len(first["val"]) == 8 and len(first["test"]) == 8
-    s0 = prepare_data(B.run_config(s, "pt", ["rte"], 4, 0, 0.3))[1]["rte"]
-    s1 = prepare_data(B.run_config(s, "pt", ["rte"], 4, 1, 0.3))[1]["rte"]
+    s0 = prepare_data(M.run_config(s, "pt", ["rte"], 4, 0, 0.3))[1]["rte"]
+    s1 = prepare_data(M.run_config(s, "pt", ["rte"], 4, 1, 0.3))[1]["rte"]
     assert {e.uid for e in s0["train"]} != {e.uid for e in s1["train"]}
     assert [e.uid for e in s0["test"]] == [e.uid for e in s1["test"]]      # test subset fixed across seeds
 
@@ -48,7 +55,7 @@ def test_executed_jobs_record_identical_sample_ids(data_dir, tiny_t5_path):
     s = _settings(data_dir, backbone=tiny_t5_path, max_test=4)
     st = dataclasses.asdict(s)
     bank = torch.randn(2, 2, 64) * 0.1
-    recs = [B.execute_job({"method": m, "task": "sst2", "k": 4, "seed": 1, "lr": 0.3, "settings": st,
+    recs = [J.execute_job({"method": m, "task": "sst2", "k": 4, "seed": 1, "lr": 0.3, "settings": st,
                            **({"bank": bank, "bank_tasks": ["rte", "mrpc"]} if m in ("crosspt_cat", "spot") else {})})
             for m in ("zero_shot", "pt", "peft_pt", "crosspt_cat", "spot")]
     assert all(r["sample_ids"] == recs[0]["sample_ids"] for r in recs)
@@ -60,11 +67,11 @@ def test_executed_jobs_record_identical_sample_ids(data_dir, tiny_t5_path):
 
 # ---- orchestration with fake training: leave-one-out banks, selection, MPT stages ---------------------
 def test_orchestration_leave_one_out_and_selection(data_dir, tmp_path, monkeypatch):
-    s = _settings(data_dir, methods=list(B.METHODS))
+    s = _settings(data_dir, methods=list(M.METHODS))
     pool = s.source_tasks
     seen: list[dict] = []
 
-    def fake(job):
+    def fake(job, splits=None):
         seen.append(job)
         lr, seed = job["lr"], job["seed"]
         val = {0.3: 0.6, 0.03: 0.7, None: 0.5}[lr]
@@ -81,8 +88,8 @@ def test_orchestration_leave_one_out_and_selection(data_dir, tmp_path, monkeypat
             rec["sources"] = list(job["bank_tasks"])
         return rec
 
-    monkeypatch.setattr(B, "execute_job", fake)
-    summary = B.run_benchmark(s, tmp_path, log=lambda m: None)
+    monkeypatch.setattr(J, "execute_job", fake)
+    summary = H.run_benchmark(s, tmp_path, log=lambda m: None)
 
     composed = [j for j in seen if j["method"] in ("spot", "attempt", "crosspt_cat", "crosspt_wavg")]
     assert len(composed) == 4 * 2 * 2 * 2                              # methods x targets x seeds x lrs
@@ -115,9 +122,9 @@ def test_bank_helper_excludes_target(tmp_path):
     path = save_bank(tmp_path / "b.safetensors", torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3).clone(),
                      backbone="x", tasks=["sst2", "rte", "mrpc", "cola"])
     bank, meta = load_bank(path)
-    sub, names = B.leave_one_out_bank(bank, meta, "rte")
+    sub, names = H.leave_one_out_bank(bank, meta, "rte")
     assert names == ["sst2", "mrpc", "cola"] and sub[:, 0, 0].tolist() == [0.0, 2.0, 3.0]
-    sub, names = B.leave_one_out_bank(bank, meta, "qnli")          # not in the bank: everything
+    sub, names = H.leave_one_out_bank(bank, meta, "qnli")          # not in the bank: everything
     assert names == ["sst2", "rte", "mrpc", "cola"]
 
 
@@ -130,7 +137,7 @@ def test_table_mean_std_and_average_row():
     recs = [_rec("pt", "sst2", 16, 0, 0.80), _rec("pt", "sst2", 16, 1, 0.90), _rec("pt", "sst2", 16, 2, 0.70),
             _rec("pt", "rte", 16, 0, 0.50), _rec("pt", "rte", 16, 1, 0.60), _rec("pt", "rte", 16, 2, 0.55),
             _rec("crosspt_cat", "sst2", 16, 0, 0.85), _rec("crosspt_cat", "rte", 16, 0, 0.65)]
-    table = B.summarize(recs, ["pt", "crosspt_cat", "mpt"], ["sst2", "rte"], [16, 32])
+    table = ST.summarize(recs, ["pt", "crosspt_cat", "mpt"], ["sst2", "rte"], [16, 32])
     c = table["cells"]["pt|sst2|16"]
     assert c["mean"] == pytest.approx(0.8) and c["std"] == pytest.approx(0.1) and c["n"] == 3
     avg = table["avg"]["pt|16"]                                        # per seed: .65, .75, .625
@@ -140,19 +147,19 @@ def test_table_mean_std_and_average_row():
     assert table["avg"]["crosspt_cat|16"] == {"mean": pytest.approx(0.75), "std": 0.0, "n": 1,
                                               "seeds": {"0": pytest.approx(0.75)}}
     assert "pt|32" not in table["avg"] and "mpt|16" not in table["avg"]
-    text = B.format_table(table, na={"mpt": "not supported"})
+    text = R.format_table(table, na={"mpt": "not supported"})
     assert "| sst2 | PT (ours) | 80.0 ± 10.0 | n/a |" in text
     assert "| rte | MPT (PEFT) | n/a: not supported | n/a: not supported |" in text
     assert "| **avg** | PT (ours) | **67.5 ± 6.6** | **n/a** |" in text
-    assert B.mean_std([0.5]) == (0.5, 0.0)
-    v = B.verdict(table)
+    assert ST.mean_std([0.5]) == (0.5, 0.0)
+    v = R.verdict(table)
     assert any("CrossPT cat beats PT (ours)" in x for x in v)
 
 
 def test_bar_chart_writes_png(tmp_path):
-    table = B.summarize([_rec("pt", "sst2", 16, 0, 0.8), _rec("crosspt_cat", "sst2", 16, 0, 0.7)],
+    table = ST.summarize([_rec("pt", "sst2", 16, 0, 0.8), _rec("crosspt_cat", "sst2", 16, 0, 0.7)],
                         ["pt", "crosspt_cat"], ["sst2"], [16])
-    p = B.bar_chart(table, tmp_path / "c.png")
+    p = R.bar_chart(table, tmp_path / "c.png")
     assert p.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -172,7 +179,7 @@ def test_peft_encoder_path_trains_only_peft_prompt_and_heads(minilm_path, kind):
 
     bb = load_backbone("minilm", resolve_tasks(["rte"]), max_length=32)
     reprs = None if not hasattr(bb, "class_reprs") else bb.class_reprs.clone()
-    prompt, bb = B.attach_peft(bb, kind, 3, n_tasks=1)
+    prompt, bb = P.attach_peft(bb, kind, 3, n_tasks=1)
     model = CrossPTModel(prompt, bb)
     loss = model(_one_batch(bb))
     loss.backward()
@@ -194,12 +201,80 @@ def test_peft_prompt_module_on_seq2seq(tiny_t5_path):
 
     bb = load_backbone(str(tiny_t5_path), resolve_tasks(["rte"]), max_length=32)
     for kind in ("pt", "mpt"):
-        prompt, bb2 = B.attach_peft(bb, kind, 3, n_tasks=1)
+        prompt, bb2 = P.attach_peft(bb, kind, 3, n_tasks=1)
         model = CrossPTModel(prompt, bb2)
         loss = model(_one_batch(bb2))
         loss.backward()
-        assert all(p.grad is not None for p in prompt.encoder.parameters())
+        assert all(p.grad is not None for p in prompt.prompt_encoder.parameters())
         assert prompt.collapsed(0)[0].shape == (3, 64)
+
+
+def test_peft_prompt_on_the_encoder_encodes_as_peft_feature_extraction_does(minilm_path):
+    """PEFT's PT through our encoder (its PromptEmbedding as the prompt, placed before [CLS]) gives the
+    token states PeftModelForFeatureExtraction's own forward gives, pooled over the real tokens."""
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.specs import resolve_tasks
+
+    bb = load_backbone("minilm", resolve_tasks(["rte"]), max_length=32)
+    prompt, bb = P.attach_peft(bb, "pt", 3, n_tasks=1)
+    ref = get_peft_model(AutoModel.from_pretrained(str(minilm_path)), P.peft_config("pt", 3, bb.embed_dim)).eval()
+    ref.prompt_encoder["default"].load_state_dict(prompt.prompt_encoder.state_dict())
+    b = _one_batch(bb)
+    ids, am = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        p, m, _ = prompt(b["task_ids"])
+        got = bb.encode(p, m, ids, am, b["token_type_ids"])
+        h = ref(input_ids=ids, attention_mask=am).last_hidden_state[:, 3:]
+    pool = am.unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((h * pool).sum(1) / pool.sum(1), dim=-1)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_mpt_prompt_module_gives_pefts_task_prompts(minilm_path):
+    """PeftPrompt around MultitaskPromptEmbedding returns what PeftModel.get_prompt returns with task ids."""
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.specs import resolve_tasks
+
+    bb = load_backbone("minilm", resolve_tasks(["rte", "mrpc"]), max_length=32)
+    prompt, bb = P.attach_peft(bb, "mpt", 3, n_tasks=2)
+    with torch.no_grad():
+        prompt.prompt_encoder.prefix_task_cols.normal_()          # two tasks that differ
+    ref = get_peft_model(AutoModel.from_pretrained(str(minilm_path)), P.peft_config("mpt", 3, bb.embed_dim, n_tasks=2))
+    ref.prompt_encoder["default"].load_state_dict(prompt.prompt_encoder.state_dict())
+    tids = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        got, mask, _ = prompt(tids)
+        assert torch.allclose(got, ref.get_prompt(batch_size=4, task_ids=tids), atol=1e-6)
+    assert not torch.allclose(got[0], got[1]) and mask.shape == (4, 3)
+
+
+# ---- the split cache ----------------------------------------------------------------------------------
+def test_jobs_of_one_runner_draw_the_splits_once(data_dir, tiny_t5_path, monkeypatch):
+    """Two methods on the same task, k and seed: one k-shot draw, reused by the run loop too."""
+    import crosspt.run.loop as loop
+
+    calls = []
+    real = loop.prepare_data
+
+    def counting(cfg, splits=None):                  # a draw is a call without precomputed splits
+        if splits is None:
+            calls.append(cfg.name)
+        return real(cfg, splits=splits)
+
+    monkeypatch.setattr(loop, "prepare_data", counting)
+    st = dataclasses.asdict(_settings(data_dir, backbone=tiny_t5_path, max_test=4))
+    runner = J.JobRunner()
+    recs = [runner.run({"method": m, "task": "rte", "k": 4, "seed": 0, "lr": 0.3, "settings": st})
+            for m in ("zero_shot", "pt")]
+    assert len(calls) == 1 and recs[0]["sample_ids"] == recs[1]["sample_ids"]
+    runner.run({"method": "zero_shot", "task": "rte", "k": 4, "seed": 1, "lr": None, "settings": st})
+    assert len(calls) == 2                                               # another seed: another draw
 
 
 # ---- GPU check, CPU mode ------------------------------------------------------------------------------
@@ -218,10 +293,10 @@ def test_gpu_check_tiny_runs_on_cpu(capsys):
 # ---- speed mode pieces ---------------------------------------------------------------------------------
 def test_promoted_prompt_predicts_like_the_composed_model_and_step_timing_runs(data_dir, tiny_t5_path):
     s = _settings(data_dir, backbone=tiny_t5_path, max_test=8, eval_batch_size=4)
-    inf = B.measure_inference_ratio(s, rounds=1, log=lambda m: None)
+    inf = S.measure_inference_ratio(s, rounds=1, log=lambda m: None)
     assert inf["promoted_predictions_identical"] is True
     assert inf["collapsed_shape"] == [5 * s.prompt_len, 64]
     assert inf["ratio_promoted_vs_pt"] > 0
-    st = B.measure_step_ratio(s, rounds=1, steps=1, log=lambda m: None)
+    st = S.measure_step_ratio(s, rounds=1, steps=1, log=lambda m: None)
     assert st["composed_len"]["pt"] == st["composed_len"]["crosspt_cat"] == 5 * s.prompt_len
     assert st["ratio_crosspt_cat_vs_pt"] > 0

@@ -15,6 +15,13 @@ Prompt placement, initialisation and pooling
     rows, prompt after the input: no prompt 0.8672, [PAD] 0.8615, [SEP] 0.8565, "." 0.8579, sampled
     whole words 0.8276; a seeded 500-row subset (no prompt 0.8737): [PAD] after [CLS] 0.8656, after
     the input 0.8740. SST-2/RTE untrained accuracy follows the same order (RTE: 0.5921 vs 0.6137).
+    `prompt_position="before_cls"` is the other placement, PEFT's: `[prompt] [CLS] tokens... [SEP]`
+    with position and token-type ids left to the model (PeftModelForFeatureExtraction drops both;
+    joint-encoded pairs lose their segment ids), so the prompt takes positions 0..L-1 and shifts the
+    input; pooling still covers the real tokens only. It exists so that PEFT's prompt tuning can be
+    scored through this adapter as an outside reference (crosspt.bench). Nothing built at construction
+    depends on the placement (the class representations are prompt-free, and an empty prompt encodes
+    the same in both), so it may also be set on a loaded backbone.
 
 Per-task kinds (chosen at construction, one per task)
     "label"  single-text tasks, and pair tasks with pair_encoding="joint" (`[CLS] a [SEP] b [SEP]`):
@@ -63,6 +70,12 @@ class PairEncoding(str, Enum):
     JOINT = "joint"    # `[CLS] a [SEP] b [SEP]` in one sequence, scored against the class representations
 
 
+class PromptPosition(str, Enum):
+    """Where `encode` puts the soft prompt (see the module docstring)."""
+    AFTER_INPUT = "after_input"      # ours: after the padded input, mask-derived position ids
+    BEFORE_CLS = "before_cls"        # PEFT's: before [CLS], position / token-type ids left to the model
+
+
 KIND_LABEL, KIND_PAIR, KIND_REG = 0, 1, 2
 # models whose absolute positions start at padding_idx + 1
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer",
@@ -75,11 +88,16 @@ class EncoderBackbone(Backbone):
     default_init = PromptInit.NEUTRAL.value      # why: see "Prompt placement" above
 
     def __init__(self, model, tokenizer, tasks, *, pair_encoding: str = PairEncoding.AUTO.value,
-                 logit_scale_init: float = 20.0, pair_threshold_init: float = 0.65, **kw):
+                 logit_scale_init: float = 20.0, pair_threshold_init: float = 0.65,
+                 prompt_position: str = PromptPosition.AFTER_INPUT.value, **kw):
         super().__init__(model, tokenizer, tasks, **kw)
         choices = [e.value for e in PairEncoding]
         if pair_encoding not in choices:
             raise ConfigError(f"unknown pair_encoding '{pair_encoding}'; choose from {', '.join(choices)}")
+        positions = [e.value for e in PromptPosition]
+        if prompt_position not in positions:
+            raise ConfigError(f"unknown prompt_position '{prompt_position}'; choose from {', '.join(positions)}")
+        self.prompt_position = PromptPosition(prompt_position)
         self.pair_encoding = PairEncoding.BI.value if pair_encoding == PairEncoding.AUTO else pair_encoding
         kinds = []
         for t in self.tasks:
@@ -181,10 +199,13 @@ class EncoderBackbone(Backbone):
     def encode(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, input_ids: torch.Tensor,
                attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised mean-pooled encodings `[N, d]` of `input_ids` `[N, T]` (masks `[N, T]`) with the
-        prompt `[N, L, d]` (mask `[N, L]`) after the (padded) input."""
+        prompt `[N, L, d]` (mask `[N, L]`) after the (padded) input, or before [CLS] with
+        `prompt_position="before_cls"` (PEFT's placement, for the PEFT baselines)."""
         emb = self.word_embeddings()(input_ids)
         N, L = emb.shape[0], prompt.shape[1]
         am = attention_mask.long()
+        if self.prompt_position is PromptPosition.BEFORE_CLS:
+            return self._encode_prompt_first(prompt, prompt_mask, emb, am)
         # After the input, not before [CLS]: the input tokens keep their prompt-free positions and the
         # untrained prompt perturbs the frozen encoder least (measurements in the module docstring).
         x = torch.cat([emb, prompt.to(emb.dtype)], dim=1)
@@ -201,6 +222,16 @@ class EncoderBackbone(Backbone):
         pool = pool.unsqueeze(-1).to(hidden.dtype)
         mean = (hidden * pool).sum(1) / pool.sum(1).clamp(min=1e-6)
         return F.normalize(mean.float(), dim=-1)
+
+    def _encode_prompt_first(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, emb: torch.Tensor,
+                             am: torch.Tensor) -> torch.Tensor:
+        """`encode` with PEFT's placement: prompt `[N, L, d]` before the input embeddings `[N, T, d]`,
+        no position / token-type ids (the model's defaults); mean over the input's real tokens `[N, d]`."""
+        L = prompt.shape[1]
+        hidden = self.model(inputs_embeds=torch.cat([prompt.to(emb.dtype), emb], dim=1),
+                            attention_mask=torch.cat([prompt_mask.long(), am], dim=1)).last_hidden_state
+        pool = am.unsqueeze(-1).to(hidden.dtype)
+        return F.normalize(((hidden[:, L:] * pool).sum(1) / pool.sum(1).clamp(min=1e-6)).float(), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

@@ -131,8 +131,7 @@ def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, fault:
     t0 = time.time()
     faults = active_faults(fault)
     torch.manual_seed(cfg.seed)
-    # bench/harness.py swaps in a one-argument prepare_data while it has no `splits` to hand over
-    tasks, splits = prepare_data(cfg) if splits is None else prepare_data(cfg, splits=splits)
+    tasks, splits = prepare_data(cfg, splits=splits)
     device = session.device()
     if model is None:
         model = _build_model(cfg, tasks)

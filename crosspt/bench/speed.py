@@ -1,0 +1,460 @@
+"""Speed mode: CrossPT's training-step and inference cost against PT, peak memory, and Ray's overhead.
+
+Every comparison is made where only the thing measured differs: same process, same backbone object,
+same batches, timed in interleaved blocks with a rotating order so that load from other processes on a
+shared machine hits every variant alike; medians, not means. Memory is measured in fresh interpreters.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from crosspt.bench.harness import init_ray_local
+from crosspt.bench.job import SplitCache
+from crosspt.bench.methods import Method, load_backbone_for, run_config
+from crosspt.bench.settings import BenchSettings
+
+Log = Callable[[str], None]
+
+
+class SpeedPart(StrEnum):
+    STEP = "step"
+    INFERENCE = "inference"
+    RSS = "rss"
+    RAY = "ray"
+
+
+SPEED_PARTS = tuple(str(p) for p in SpeedPart)
+
+
+def _speed_cfg(s: BenchSettings, task: str, method: str, n_sources: int, *, epochs: int = 1, max_test: int | None = 200,
+               private_len: int | None = None):
+    """One short config (k=16, seed 0, lr 0.1, no early stopping); `private_len` overrides the prompt
+    length so that PT can match CrossPT cat's composed length."""
+    s2 = BenchSettings(**{**asdict(s), "epochs": epochs, "patience": None, "max_test": max_test})
+    cfg = run_config(s2, method, [task], 16, 0, 0.1, n_sources=n_sources)
+    if private_len is not None:
+        cfg.prompt.private_len = private_len
+    return cfg
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int, per_round: int,
+                 arg: Callable[[int], Any]) -> dict[str, list[float]]:
+    """Seconds of each `fns[name](arg(i))` call: every step `i` runs every variant once, the order
+    rotating by one each step."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for i in range(per_round):
+            a = arg(i)
+            k = (r * per_round + i) % len(order)
+            for name in order[k:] + order[:k]:
+                t = time.perf_counter()
+                fns[name](a)
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+def measure_step_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, rounds: int = 6,
+                       steps: int = 8, log: Log = print) -> dict:
+    """Training step (compose + forward + backward + AdamW step) of CrossPT cat vs PT at equal composed
+    length, same process, same batches, alternating blocks; median seconds per step."""
+    from crosspt.run.model import build_model
+    from crosspt.tasks.data import multitask_batches
+
+    L = s.prompt_len
+    composed = (n_sources + 1) * L
+    variants = {"pt": (Method.PT, 0, composed), "crosspt_cat": (Method.CROSSPT_CAT, n_sources, L),
+                "attempt_wavg": (Method.ATTEMPT, n_sources, L), "crosspt_wavg": (Method.CROSSPT_WAVG, n_sources, L)}
+    models, opts, cache = {}, {}, SplitCache()
+    for name, (method, ns, pl) in variants.items():
+        cfg = _speed_cfg(s, task, method, ns, private_len=pl)
+        tasks, splits = cache.get(cfg)
+        models[name] = build_model(cfg, tasks, backbone=load_backbone_for(cfg, tasks))
+        models[name].train()
+        opts[name] = torch.optim.AdamW(models[name].param_groups(0.1, 0.01))
+    batches = [models["pt"].backbone.collate(b, train=True)
+               for b in multitask_batches({t: sp["train"] for t, sp in splits.items()}, s.batch_size, seed=0)]
+
+    def stepper(name):
+        def step(batch):
+            m, o = models[name], opts[name]
+            loss = m(batch)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+        return step
+
+    steps_of = {name: stepper(name) for name in models}
+    for step in steps_of.values():                         # warm-up
+        for b in batches[:2]:
+            step(b)
+    times = _interleaved(steps_of, rounds, steps, lambda i: batches[i % len(batches)])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"task": task, "batch_size": s.batch_size, "composed_len": {k: models[k].prompt.spec.composed_len
+                                                                      for k in models},
+           "median_step_s": med, "steps_each": len(times["pt"]), "threads": torch.get_num_threads(),
+           "ratio_crosspt_cat_vs_pt": med["crosspt_cat"] / med["pt"],
+           "ratio_attempt_wavg_vs_pt": med["attempt_wavg"] / med["pt"],
+           "ratio_crosspt_wavg_vs_pt": med["crosspt_wavg"] / med["pt"]}
+    log(f"step time: PT {med['pt'] * 1e3:.1f} ms, CrossPT cat {med['crosspt_cat'] * 1e3:.1f} ms "
+        f"(ratio {res['ratio_crosspt_cat_vs_pt']:.3f})")
+    return res
+
+
+@torch.no_grad()
+def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, rounds: int = 20,
+                            log: Log = print) -> dict:
+    """Forward latency (predict) of a promoted CrossPT prompt (collapsed to one tensor [L, d], fed as a PT
+    prompt) vs a PT model of the same length holding the same values, same backbone object, same batches;
+    the uncollapsed CrossPT model for reference, and whether the promoted prompt predicts exactly what the
+    uncollapsed model predicts."""
+    from crosspt.bench.prompts import FixedPrompt
+    from crosspt.run.model import CrossPTModel, build_model
+    from crosspt.tasks.data import eval_batches
+
+    L = s.prompt_len
+    composed = (n_sources + 1) * L
+    cfg_c = _speed_cfg(s, task, Method.CROSSPT_CAT, n_sources, private_len=L)
+    tasks, splits = SplitCache().get(cfg_c)
+    cross = build_model(cfg_c, tasks, backbone=load_backbone_for(cfg_c, tasks))
+    # a trained-looking router: non-uniform weights
+    cross.prompt.router.logits.copy_(torch.linspace(-1, 1, cross.prompt.spec.n_candidates).unsqueeze(0))
+    cfg_p = _speed_cfg(s, task, Method.PT, 0, private_len=composed)
+    pt = build_model(cfg_p, tasks, backbone=cross.backbone)        # the same frozen backbone object
+    collapsed, _ = cross.prompt.collapsed(0)
+    # PT carries the same values as its own parameter: the two paths differ only in how the prompt is
+    # produced (PT's composition of one private prompt vs a stored tensor), not in what the model computes
+    pt.prompt.private.prompts.copy_(collapsed.unsqueeze(0))
+    promoted = CrossPTModel(FixedPrompt(collapsed), cross.backbone)
+    models = {"pt": pt, "promoted": promoted, "crosspt_uncollapsed": cross}
+    for m in models.values():
+        m.eval()
+    batches = [pt.backbone.collate(b, train=False) for b in eval_batches(splits[task]["test"], s.eval_batch_size)]
+    for m in models.values():
+        m.predict(batches[0])
+    times = _interleaved({k: m.predict for k, m in models.items()}, rounds, len(batches), batches.__getitem__)
+    same = all(torch.equal(promoted.predict(b), cross.predict(b)) for b in batches)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"task": task, "batch_size": s.eval_batch_size, "batches": len(batches), "composed_len": composed,
+           "collapsed_shape": list(collapsed.shape), "median_batch_s": med,
+           "ratio_promoted_vs_pt": med["promoted"] / med["pt"],
+           "ratio_uncollapsed_vs_pt": med["crosspt_uncollapsed"] / med["pt"],
+           "promoted_predictions_identical": same, "samples_each": len(times["pt"])}
+    log(f"inference: PT {med['pt'] * 1e3:.1f} ms/batch, promoted {med['promoted'] * 1e3:.1f} ms/batch "
+        f"(ratio {res['ratio_promoted_vs_pt']:.3f}), identical predictions: {same}")
+    return res
+
+
+# ---- peak memory, each in a fresh interpreter ------------------------------------------------------
+def _rss_backbone(cfg, tasks, s: BenchSettings, with_data: bool) -> None:
+    """Load the frozen backbone; then zero-shot inference over the test split (`with_data`), or one
+    full-width no-grad eval batch of `max_length` tokens."""
+    from crosspt.bench.prompts import EmptyPrompt
+    from crosspt.run.model import CrossPTModel
+    from crosspt.tasks.data import Example
+
+    bb = load_backbone_for(cfg, tasks)
+    model = CrossPTModel(EmptyPrompt(1, bb.embed_dim), bb).eval()
+    if with_data:
+        from crosspt.run.loop import LocalSession, evaluate, prepare_data
+
+        _, splits = prepare_data(cfg)
+        with tempfile.TemporaryDirectory() as d:
+            evaluate(model, {t: sp["test"] for t, sp in splits.items()}, LocalSession(d), s.eval_batch_size)
+        return
+    long = " ".join(["sentence"] * s.max_length)
+    exs = [Example(tasks[0].name, f"x/{i}", (long,) * len(tasks[0].text_fields), 0) for i in range(s.eval_batch_size)]
+    with torch.no_grad():
+        model.predict(bb.collate(exs, train=False))
+
+
+def _peak_rss() -> dict:
+    """This process's peak RSS in MiB: getrusage's maxrss and /proc's VmHWM (None where unreadable)."""
+    import resource
+
+    out: dict[str, Any] = {"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    try:
+        status = Path("/proc/self/status").read_text()
+        out["vmhwm_mib"] = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024.0
+    except (OSError, StopIteration):
+        out["vmhwm_mib"] = None
+    return out
+
+
+def _rss_child(spec_json: str) -> None:
+    """Runs in a fresh interpreter: do one thing, print the peak RSS (MiB) as JSON."""
+    spec = json.loads(spec_json)
+    s = BenchSettings(**spec["settings"])
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    what = spec["what"]
+    out: dict[str, Any] = {"what": what}
+    if what != "import":
+        from crosspt.tasks.specs import resolve_tasks
+
+        cfg = _speed_cfg(s, spec["task"], spec.get("method", Method.PT), spec.get("n_sources", 0),
+                         epochs=spec.get("epochs", 2), max_test=spec.get("max_test", 200),
+                         private_len=spec.get("private_len"))
+        if what in ("backbone", "backbone_data"):
+            _rss_backbone(cfg, resolve_tasks(cfg.tasks), s, with_data=what == "backbone_data")
+        else:                                                    # a whole trial
+            from crosspt.run.loop import LocalSession, run_loop
+
+            with tempfile.TemporaryDirectory() as d:
+                out["test_score"] = run_loop(cfg, LocalSession(d))["test_score"]
+    print("RSS_JSON " + json.dumps({**out, **_peak_rss()}))
+
+
+def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epochs: int = 2, log: Log = print) -> dict:
+    """Peak RSS (getrusage maxrss) of fresh subprocesses: interpreter+imports, frozen backbone alone (load +
+    one full-width no-grad eval batch), backbone + the task's data + zero-shot inference over its test split,
+    a PT trial and a CrossPT cat trial."""
+    import subprocess
+    import sys
+
+    L = s.prompt_len
+    specs = {
+        "import": {"what": "import"},
+        "backbone": {"what": "backbone"},
+        "backbone_data": {"what": "backbone_data"},
+        "trial_pt": {"what": "trial", "method": Method.PT, "private_len": (n_sources + 1) * L},
+        "trial_crosspt_cat": {"what": "trial", "method": Method.CROSSPT_CAT, "n_sources": n_sources,
+                              "private_len": L},
+    }
+    out, hwm = {}, {}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # Linux carries ru_maxrss across execve from the process that forked the child (here: this big
+    # process), so each measured child is started by a tiny launcher interpreter instead
+    launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    for name, spec in specs.items():
+        spec = {**spec, "settings": asdict(s), "task": task, "epochs": epochs}
+        code = ("import crosspt, torch, transformers\n" if spec["what"] == "import" else "") + \
+            f"from crosspt.bench.speed import _rss_child; _rss_child({json.dumps(json.dumps(spec))})"
+        p = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", code], capture_output=True,
+                           text=True, env=env, timeout=900)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RSS_JSON ")]
+        if p.returncode or not line:
+            raise RuntimeError(f"RSS child '{name}' failed: {p.stderr[-2000:]}")
+        got = json.loads(line[-1][len("RSS_JSON "):])
+        out[name], hwm[name] = got["maxrss_mib"], got.get("vmhwm_mib")
+        log(f"peak RSS {name}: getrusage maxrss {out[name]:.0f} MiB, VmHWM {hwm[name]} MiB")
+    return {"maxrss_mib": out, "vmhwm_mib": hwm, "task": task, "epochs": epochs,
+            "ratio_trial_vs_backbone": out["trial_crosspt_cat"] / out["backbone"],
+            "ratio_trial_vs_backbone_data": out["trial_crosspt_cat"] / out["backbone_data"],
+            "ratio_crosspt_trial_vs_pt_trial": out["trial_crosspt_cat"] / out["trial_pt"]}
+
+
+# ---- Ray overhead ------------------------------------------------------------------------------------
+def _overhead_space(s: BenchSettings, task: str, epochs: int, cpus: int, points: list[dict], in_process: bool,
+                    name: str):
+    """The search space of the overhead runs: the given lr points, random searcher, FIFO, one at a time."""
+    from crosspt.config.space import SearchSpace
+
+    return SearchSpace.model_validate({
+        "name": name,
+        "base": {"tasks": [task], "seed": 0, "backbone": {"name": s.backbone, "max_length": s.max_length},
+                 "data": {"shots": 16, "max_test": 200, "data_dir": s.data_dir},
+                 "prompt": {"n_sources": 0, "private_len": s.prompt_len},
+                 "train": {"epochs": epochs, "batch_size": s.batch_size, "patience": None,
+                           "checkpoint_every": epochs},
+                 "scaling": {"num_workers": 1, "cpus_per_worker": cpus, "in_process": in_process}},
+        "space": {"optim.prompt_lr": {"type": "choice", "values": sorted({p["optim.prompt_lr"] for p in points})}},
+        "objective": {"metric": "best_val_score", "mode": "max"},
+        "budget": {"num_samples": len(points)},
+        "scheduler": {"type": "fifo"},
+        "search": {"algorithm": "random", "seed": 0, "points": points},
+        "resources": {"max_concurrent_trials": 1},
+    })
+
+
+def _plain_loop(space, points: list[dict], tag: str, log: Log) -> tuple[list[dict], float]:
+    """The same configurations through run_loop in a plain loop -> (per-trial rows, wall seconds)."""
+    from crosspt.run.loop import LocalSession, run_loop
+
+    t = time.time()
+    rows = []
+    for p in points:
+        cfg = space.config_for(p)
+        with tempfile.TemporaryDirectory() as d:
+            tt = time.time()
+            r = run_loop(cfg, LocalSession(d))
+        rows.append({"lr": p["optim.prompt_lr"], "best_val_score": r["best_val_score"],
+                     "test_score": r["test_score"], "wall_s": time.time() - tt})
+    wall = time.time() - t
+    per_trial = ", ".join(f"{x['wall_s']:.1f}s" for x in rows)
+    log(f"plain loop ({tag}): {len(points)} trials in {wall:.1f}s ({per_trial}), torch threads {torch.get_num_threads()}")
+    return rows, wall
+
+
+def _search_run(space, s: BenchSettings, root: Path, uri: str) -> dict:
+    """One run_search over `space` -> {wall_s, failed, trials (lr, scores) by lr}."""
+    from crosspt.search.driver import run_search
+
+    t = time.time()
+    summ = run_search(space, data_dir=s.data_dir, tracking_uri=uri, storage_path=str(root / "ray_results"),
+                      overwrite=True, verbose=0)
+    rows = sorted(summ["trials"], key=lambda x: x["params"].get("optim.prompt_lr", 0))
+    return {"wall_s": time.time() - t, "failed": summ["num_failed"],
+            "trials": [{"lr": x["params"].get("optim.prompt_lr"), "best_val_score": x.get("best_val_score"),
+                        "test_score": x.get("test_score")} for x in rows]}
+
+
+def _same_scores(a: list[dict], b: list[dict]) -> bool:
+    return [(x["lr"], x["best_val_score"], x["test_score"]) for x in a] == \
+        [(x["lr"], x["best_val_score"], x["test_score"]) for x in b]
+
+
+def measure_ray_overhead(s: BenchSettings, out_dir: Path, *, task: str = "rte", n_trials: int = 3,
+                         epochs: int = 12, lrs: Sequence[float] = (0.3, 0.1, 0.03, 0.01, 0.003), log: Log = print) -> dict:
+    """N short trials through crosspt.search.run_search (random searcher, FIFO, one trial at a time) vs the
+    same configurations through run_loop in a plain loop; in_process true and false."""
+    cpus = s.threads or os.cpu_count() or 1          # Ray gives a trial OMP_NUM_THREADS = its CPUs
+    torch.set_num_threads(cpus)
+    points = [{"optim.prompt_lr": float(lrs[i % len(lrs)])} for i in range(n_trials)]
+    plain_space = _overhead_space(s, task, epochs, cpus, points, True, "plain")
+    # the plain loop brackets the two searches (before and after) so that a change in the machine's load
+    # from other processes during the measurement shows up instead of biasing the ratio
+    plain, plain_before = _plain_loop(plain_space, points, "before the searches", log)
+    init_s = init_ray_local()
+    log(f"ray init: {init_s:.1f}s")
+    root = Path(out_dir) / "ray_overhead"
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    res = {"task": task, "trials": n_trials, "epochs": epochs, "cpus_per_trial": cpus, "plain": plain,
+           "ray_init_s": init_s, "concurrency": 1}
+    for in_process in (False, True):
+        key = "in_process" if in_process else "worker_group"
+        res[key] = _search_run(_overhead_space(s, task, epochs, cpus, points, in_process, f"overhead-{key}"),
+                               s, root, uri)
+        log(f"run_search in_process={in_process}: {res[key]['wall_s']:.1f}s")
+    plain_after_rows, plain_after = _plain_loop(plain_space, points, "after the searches", log)
+    plain_s = (plain_before + plain_after) / 2
+    res.update({"plain_before_s": plain_before, "plain_after_s": plain_after, "plain_s": plain_s,
+                "plain_after": plain_after_rows})
+    for key in ("worker_group", "in_process"):
+        wall = res[key]["wall_s"]
+        res[key].update({"ratio_vs_plain": wall / plain_s, "ratio_vs_plain_before": wall / plain_before,
+                         "ratio_vs_plain_after": wall / plain_after})
+        log(f"{key}: ratio vs mean plain {wall / plain_s:.3f} (vs before {wall / plain_before:.3f}, "
+            f"vs after {wall / plain_after:.3f})")
+    ps = sorted(plain, key=lambda x: x["lr"])
+    res["identical_in_process_vs_worker_group"] = _same_scores(res["in_process"]["trials"], res["worker_group"]["trials"])
+    res["identical_in_process_vs_plain"] = _same_scores(res["in_process"]["trials"], ps)
+    res["identical_worker_group_vs_plain"] = _same_scores(res["worker_group"]["trials"], ps)
+    import ray
+
+    ray.shutdown()
+    return res
+
+
+# ---- the whole speed mode ------------------------------------------------------------------------------
+def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray_epochs: int = 12,
+              skip_ray: bool = False, parts: Sequence[str] = SPEED_PARTS, log: Log = print) -> dict:
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    res: dict[str, Any] = {"settings": asdict(s), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if SpeedPart.STEP in parts:
+        res["step"] = measure_step_ratio(s, log=log)
+    if SpeedPart.INFERENCE in parts:
+        res["inference"] = measure_inference_ratio(s, log=log)
+    if SpeedPart.RSS in parts:
+        res["rss"] = measure_rss(s, log=log)
+    if SpeedPart.RAY in parts and not skip_ray:
+        res["ray"] = measure_ray_overhead(s, out_dir, n_trials=ray_trials, epochs=ray_epochs, log=log)
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def _step_rows(st: dict, settings: dict) -> list[str]:
+    ms, cl, L = st["median_step_s"], st["composed_len"], settings["prompt_len"]
+    return [
+        f"| train step PT (L={cl['pt']}) | {ms['pt'] * 1e3:.1f} ms | |",
+        f"| train step CrossPT cat (4x{L} + {L} = {cl['crosspt_cat']}) | {ms['crosspt_cat'] * 1e3:.1f} ms | |",
+        f"| **step ratio CrossPT cat / PT (equal composed length)** | **{st['ratio_crosspt_cat_vs_pt']:.3f}** | <= 1.10 |",
+        f"| step ratio ATTEMPT-style wavg (L={cl['attempt_wavg']}) / PT (L={cl['pt']}) | "
+        f"{st['ratio_attempt_wavg_vs_pt']:.3f} | (info: shorter prompt) |",
+        f"| step ratio CrossPT wavg (L={cl['crosspt_wavg']}) / PT (L={cl['pt']}) | "
+        f"{st['ratio_crosspt_wavg_vs_pt']:.3f} | (info: shorter prompt) |"]
+
+
+def _inference_rows(inf: dict, st: dict | None) -> list[str]:
+    mb = inf["median_batch_s"]
+    return [
+        f"| predict PT (L={inf['composed_len']}, batch {inf['batch_size']}) | {mb['pt'] * 1e3:.1f} ms | |",
+        f"| predict promoted (collapsed {inf['collapsed_shape']}) | {mb['promoted'] * 1e3:.1f} ms | |",
+        f"| **inference ratio promoted / PT** | **{inf['ratio_promoted_vs_pt']:.3f}** | <= 1.02 |",
+        f"| inference ratio uncollapsed CrossPT / PT | {inf['ratio_uncollapsed_vs_pt']:.3f} | (info) |",
+        f"| promoted predictions identical to uncollapsed | {inf['promoted_predictions_identical']} | True |",
+        f"| (timed samples per variant: train {st['steps_each'] if st else '-'}, predict "
+        f"{inf['samples_each']}) | | |"]
+
+
+def _rss_rows(rss: dict, settings: dict) -> list[str]:
+    m, h = rss["maxrss_mib"], rss.get("vmhwm_mib") or {}
+
+    def both(k):
+        return f"{m[k]:.0f} MiB" + (f" (VmHWM {h[k]:.0f})" if h.get(k) else "")
+
+    return [f"| peak RSS interpreter + imports | {both('import')} | |",
+            f"| peak RSS frozen backbone alone (load + 1 no-grad batch of {settings['eval_batch_size']} x "
+            f"{settings['max_length']} tokens) | {both('backbone')} | |",
+            f"| peak RSS backbone + {rss['task']} data + zero-shot inference over the test split | "
+            f"{both('backbone_data')} | |",
+            f"| peak RSS PT trial ({rss['epochs']} epochs) | {both('trial_pt')} | |",
+            f"| peak RSS CrossPT cat trial ({rss['epochs']} epochs) | {both('trial_crosspt_cat')} | |",
+            f"| **RSS ratio trial / backbone alone** | **{rss['ratio_trial_vs_backbone']:.3f}** | <= 1.20 |",
+            f"| RSS ratio trial / (backbone + data + zero-shot inference) | {rss['ratio_trial_vs_backbone_data']:.3f} | (info) |",
+            f"| RSS ratio CrossPT trial / PT trial | {rss['ratio_crosspt_trial_vs_pt_trial']:.3f} | (info) |"]
+
+
+def _ray_rows(ray: dict) -> list[str]:
+    per_trial = ", ".join(f"{x['wall_s']:.1f}" for x in ray["plain"])
+    per_after = ", ".join(f"{x['wall_s']:.1f}" for x in ray.get("plain_after", []))
+    wg, ip = ray["worker_group"], ray["in_process"]
+    lines = [f"| plain loop before the searches: {ray['trials']} trials x {ray['epochs']} epochs ({ray['task']}) | "
+             f"{ray['plain_before_s']:.1f} s (per trial {per_trial} s) | trials >= 30 s |",
+             f"| plain loop after the searches | {ray['plain_after_s']:.1f} s (per trial {per_after} s) | |",
+             f"| ray.init (not counted below) | {ray['ray_init_s']:.1f} s | |",
+             f"| run_search, in_process=false (worker group per trial) — before | {wg['wall_s']:.1f} s | |",
+             f"| **Ray overhead ratio, in_process=false** (vs mean plain; vs before / after) | "
+             f"**{wg['ratio_vs_plain']:.3f}** ({wg['ratio_vs_plain_before']:.3f} / {wg['ratio_vs_plain_after']:.3f}) | <= 1.15 |",
+             f"| run_search, in_process=true (loop inside the Tune trial) — after | {ip['wall_s']:.1f} s | |",
+             f"| **Ray overhead ratio, in_process=true** (vs mean plain; vs before / after) | "
+             f"**{ip['ratio_vs_plain']:.3f}** ({ip['ratio_vs_plain_before']:.3f} / {ip['ratio_vs_plain_after']:.3f}) | <= 1.15 |",
+             f"| identical val/test scores in-process vs worker group | {ray['identical_in_process_vs_worker_group']} | True |",
+             f"| identical val/test scores in-process vs plain loop | {ray['identical_in_process_vs_plain']} | (info) |"]
+    lines += ["", "Per-trial scores (lr: best val / test):", ""]
+    for key in ("plain", "plain_after", "in_process", "worker_group"):
+        rows = ray[key] if key.startswith("plain") else ray[key]["trials"]
+        lines.append(f"- {key}: " + "; ".join(f"{x['lr']}: {x['best_val_score']:.4f} / {x['test_score']:.4f}"
+                                             for x in sorted(rows, key=lambda x: x["lr"])))
+    lines += ["", "run_search includes its MLflow logging (sqlite) and Tune bookkeeping; trials run one at a "
+              f"time with {ray['cpus_per_trial']} CPUs each (the plain loop uses the same threads)."]
+    return lines
+
+
+def render_speed(res: dict) -> str:
+    st, inf, rss, ray, settings = res.get("step"), res.get("inference"), res.get("rss"), res.get("ray"), res["settings"]
+    lines = ["# Speed and memory (same process, same batches)", "",
+             f"machine: {res['cpus']} CPUs, torch threads {res['torch_threads']}; backbone {settings['backbone']}, "
+             f"batch {settings['batch_size']} (train) / {settings['eval_batch_size']} (predict)", "",
+             "| measurement | value | target |", "|---|---|---|"]
+    lines += _step_rows(st, settings) if st else []
+    lines += _inference_rows(inf, st) if inf else []
+    lines += _rss_rows(rss, settings) if rss else []
+    lines += _ray_rows(ray) if ray else []
+    lines += ["", f"wall {res['wall_s']:.0f}s"]
+    return "\n".join(lines) + "\n"
