@@ -22,11 +22,12 @@ from typing import Any
 
 import yaml
 
-from crosspt.config.schema import RunConfig, config_hash, config_to_yaml, flatten
+from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.errors import ConfigError, CrossPTError
-from crosspt.config.space import OptunaDefineByRun, SearchSpace, SpaceSearcher
+from crosspt.config.space import OptunaDefineByRun, SearchSpace
 from crosspt.run.loop import FAULT_ENV, Session, TrainingDiverged, parse_faults
 from crosspt.registry import tracking as T
+from crosspt.search.params import trial_params
 
 STATE_FILE = "crosspt_search.json"
 RETRYABLE_TAG = "crosspt.retryable"
@@ -80,19 +81,50 @@ def _train_callback(logger: T.TrialLogger):
 
 
 def _resumable_optuna_search():
-    """`OptunaSearch` that survives a restore after a driver crash: Optuna's sqlite study is written at once,
-    Tune's experiment state only every few seconds, so a restored trial may already be finished in the
-    study (its driver told Optuna, then died before Tune saved). Results for such a trial are dropped
-    instead of failing the whole search with UpdateFinishedTrialError."""
+    """`OptunaSearch` that tells the study how each trial really ended, and survives a restore.
+
+    Tune hands every ending trial's last result to `on_trial_complete`, the ones ASHA stopped too, and
+    Ray's `OptunaSearch` would then mark a stopped trial COMPLETE with its partial value: TPE would learn
+    from it as if it were a full run and the importances would count it. Here only a trial that ran its
+    last epoch (`final_epoch`) is COMPLETE; a stopped one is PRUNED at its last step (TPE ranks pruned
+    trials by how far they got), a failed one FAIL.
+
+    Restores: Optuna's sqlite study is written at once, Tune's experiment state only every few seconds, so
+    a restored trial may already be finished in the study (its driver told Optuna, then died before Tune
+    saved). Results for such a trial are dropped instead of failing the search with UpdateFinishedTrialError."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    finished_already = (optuna.exceptions.UpdateFinishedTrialError, KeyError)
 
     class ResumableOptunaSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict):
             try:
                 super().on_trial_result(trial_id, result)
-            except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+            except finished_already:
                 self._completed_trials.add(trial_id)      # its value is in the study already
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            try:
+                if error or not result or trial_id in self._completed_trials:
+                    super().on_trial_complete(trial_id, None, error)      # FAIL, or PRUNED without a value
+                    return
+                self._report_last(trial_id, result)
+                if result.get("final_epoch"):
+                    super().on_trial_complete(trial_id, result)           # COMPLETE with its value
+                else:
+                    self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            except finished_already:
+                pass
+            self._completed_trials.add(trial_id)
+
+        def _report_last(self, trial_id: str, result: dict) -> None:
+            """The result a trial ended on (the one ASHA stopped it at, or its last epoch) goes to
+            `on_trial_complete`, not to `on_trial_result`: its intermediate value is reported here (a step
+            reported already is ignored by Optuna with a warning)."""
+            value, step = result.get(self.metric), result.get("training_iteration")
+            if isinstance(value, (int, float)) and isinstance(step, int):
+                self._ot_trials[trial_id].report(float(value), step)
 
     ResumableOptunaSearch.__module__, ResumableOptunaSearch.__qualname__ = __name__, "ResumableOptunaSearch"
     return ResumableOptunaSearch
@@ -136,7 +168,7 @@ def run_trial(params: dict, ctx: dict) -> None:
         if prior is not None and prior.info.status == "FAILED" and prior.data.tags.get(RETRYABLE_TAG) == "false":
             raise TrialNotRetried(f"{prior.data.tags.get('error', 'failed')} [not retried: this configuration "
                                   f"fails the same way every time]")
-        all_params = {**flatten(cfg.model_dump(mode="json")), "search.name": space.name,
+        all_params = {**trial_params(cfg, space, params), "search.name": space.name,
                       "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
         logger.start(all_params, config_to_yaml(cfg),
                      tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000]}, found=prior)
@@ -303,9 +335,6 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                overwrite: bool = False, verbose: int = 1) -> dict:
     """Run (or resume) a search to the end; returns a summary with the best trial."""
     import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from crosspt.run.trainer import init_ray, preflight
 
@@ -371,9 +400,9 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
 
     init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                        **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
+    run = SearchRun(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, fault)
     try:
-        summary = _tune(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
-                        tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch, fault)
+        summary = _tune(run, resume, verbose)
     except BaseException as e:
         c.set_tag(parent_run_id, "error", f"{type(e).__name__}: {e}"[:5000])
         c.set_terminated(parent_run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
@@ -386,48 +415,79 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     return summary
 
 
-def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
-          tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch, fault=None) -> dict:
-    ctx = {"space": space.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
-           "parent_run_id": parent_run_id, "data_dir": data_dir, "fault": fault,
-           "train_storage": str(paths.root / "_train"), "train_max_failures": space.resources.max_retries}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(base))
-    callbacks = [_status_callback(uri, experiment_id, parent_run_id)]
+@dataclass
+class SearchRun:
+    """What the driver resolved once for one search, and every trial and the final bookkeeping need."""
+    space: SearchSpace          # source banks resolved to local files
+    base: RunConfig
+    uri: str                    # MLflow tracking URI
+    experiment_id: str
+    parent_run_id: str
+    data_dir: str | None
+    paths: SearchPaths
+    fault: str | None           # CROSSPT_FAULT testing hook, forwarded to every trial
+
+    def trial_context(self) -> dict:
+        """The plain dict `run_trial` gets (Tune pickles it into every trial)."""
+        return {"space": self.space.model_dump(mode="json"), "tracking_uri": self.uri,
+                "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
+                "data_dir": self.data_dir, "fault": self.fault, "train_storage": str(self.paths.root / "_train"),
+                "train_max_failures": self.space.resources.max_retries}
+
+
+def make_searcher(space: SearchSpace, optuna_url: str, study_name: str):
+    """Both algorithms are an Optuna study over the same define-by-run space (TPE, or Optuna's random
+    sampler), persisted in sqlite: PRUNED/FAIL states, resume and the importance plot work for both."""
+    import optuna
+
+    import crosspt.search.driver as this
+
+    s, obj = space.search, space.objective
+    sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.algorithm == "random" else
+               optuna.samplers.TPESampler(seed=s.seed, constant_liar=s.constant_liar,
+                                          n_startup_trials=s.n_startup_trials))
+    return this.ResumableOptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode, sampler=sampler,
+                                      storage=optuna.storages.RDBStorage(optuna_url), study_name=study_name,
+                                      points_to_evaluate=[dict(p) for p in s.points] or None)
+
+
+def make_scheduler(space: SearchSpace, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sch = space.scheduler
+    if sch.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(metric=sch.metric, mode=space.objective.mode, time_attr="training_iteration",
+                         max_t=epochs, grace_period=min(sch.grace_period, epochs),
+                         reduction_factor=sch.reduction_factor)
+
+
+def _tune(run: SearchRun, resume: bool, verbose: int) -> dict:
+    from ray import tune
+
+    space, paths = run.space, run.paths
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=run.trial_context()),
+                                    trial_resources(run.base))
     if resume:
         tuner = tune.Tuner.restore(str(paths.root), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        obj = space.objective
-        if space.search.algorithm == "optuna":
-            sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=space.search.constant_liar,
-                                                 n_startup_trials=space.search.n_startup_trials)
-            storage = optuna.storages.RDBStorage(paths.optuna_url)
-            import crosspt.search.driver as this
-
-            searcher = this.ResumableOptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode,
-                                                  sampler=sampler, storage=storage, study_name=space.name,
-                                                  points_to_evaluate=[dict(p) for p in space.search.points] or None)
-        else:
-            searcher = SpaceSearcher.create(space, obj.metric, obj.mode)
-        epochs = base.train.epochs
-        sched = (ASHAScheduler(metric=space.scheduler.metric, mode=obj.mode, time_attr="training_iteration",
-                               max_t=epochs, grace_period=min(space.scheduler.grace_period, epochs),
-                               reduction_factor=space.scheduler.reduction_factor)
-                 if space.scheduler.type == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=sched, num_samples=space.budget.num_samples,
-                                        max_concurrent_trials=derive_concurrency(space, base),
+            tune_config=tune.TuneConfig(search_alg=make_searcher(space, paths.optuna_url, space.name),
+                                        scheduler=make_scheduler(space, run.base.train.epochs),
+                                        num_samples=space.budget.num_samples,
+                                        max_concurrent_trials=derive_concurrency(space, run.base),
                                         time_budget_s=space.budget.time_budget_s),
-            run_config=tune.RunConfig(name=space.name, storage_path=str(paths.root.parent), callbacks=callbacks,
+            run_config=tune.RunConfig(name=space.name, storage_path=str(paths.root.parent),
+                                      callbacks=[_status_callback(run.uri, run.experiment_id, run.parent_run_id)],
                                       failure_config=tune.FailureConfig(max_failures=space.resources.max_retries),
                                       verbose=verbose),
         )
     results = tuner.fit()
     trials = tune_trials(paths.root)
-    reconcile_child_runs(uri, experiment_id, parent_run_id, trials, search_ended=True)
-    if space.search.algorithm == "optuna":
-        _fail_stale_optuna_trials(paths.optuna_url, space.name)
+    reconcile_child_runs(run.uri, run.experiment_id, run.parent_run_id, trials, search_ended=True)
+    _fail_stale_optuna_trials(paths.optuna_url, space.name)
     return summarize(results, space, trials)
 
 
