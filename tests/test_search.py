@@ -96,6 +96,40 @@ def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, m
     with pytest.raises(ConfigError, match="--resume"):
         run_search(tiny_space(tiny_t5_path, "tiny3"), data_dir=str(data_dir), tracking_uri=uri,
                    storage_path=str(tmp_path / "ray_results"), verbose=0)
+    check_provenance(uri, summary, n_tasks=2)
+    # the same space under another experiment is another search: not refused, its own parent and study
+    other = run_search(tiny_space(tiny_t5_path, "tiny3", num_samples=1), experiment="mine", data_dir=str(data_dir),
+                       tracking_uri=uri, storage_path=str(tmp_path / "ray_results"), verbose=0)
+    assert other["experiment"] == "mine" and other["parent_run_id"] != summary["parent_run_id"]
+    assert other["num_trials"] == 1 and len(study.trials) == 3
+    assert len(optuna.load_study(study_name="tiny3--mine", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 1
+
+
+def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
+    """Experiment kind, parent description, versions/commit/data tags and dataset inputs on every run;
+    the best trial is a FINISHED run; the trials table is an MLflow table too."""
+    c = T.client(uri)
+    exp = c.get_experiment(summary["experiment_id"])
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    parent = c.get_run(summary["parent_run_id"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Budget:" in note and "Best trial" in note and summary["best"]["trial_id"] in note, note
+    assert summary["best"]["status"] == "FINISHED"
+    assert c.get_run(summary["best_run_id"]).info.status == "FINISHED"
+    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    digests = set()
+    for run in [parent, *children]:
+        tags = run.data.tags
+        for pkg in ("crosspt", "torch", "transformers", "ray", "mlflow", "optuna"):
+            assert tags.get(f"crosspt.version.{pkg}"), (pkg, run.info.run_name)
+        assert len(tags.get("mlflow.source.git.commit", "")) == 40 and tags.get("crosspt.data_source")
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) == 3 * n_tasks, [d.dataset.name for d in inputs]
+        assert {t.value for d in inputs for t in d.tags if t.key == "mlflow.data.context"} == {"train", "val", "test"}
+        digests.add(tuple(sorted((d.dataset.name, d.dataset.digest) for d in inputs)))
+    assert len(digests) == 1, digests          # same base data config: the same rows everywhere
+    assert "trials.json" in {a.path for a in c.list_artifacts(summary["parent_run_id"])}
+    print("\nparent description:\n" + note)
 
 
 @pytest.mark.slow
@@ -215,3 +249,25 @@ def test_inactive_factors_are_logged_as_inactive():
     sampled = {"prompt.n_sources": 2, "prompt.top_k": 1, "prompt.composition": "cat", "optim.prompt_lr": 0.01}
     params = trial_params(space.config_for(sampled), space, sampled)
     assert params["optim.router_lr"] == 0.01 and params["prompt.source_len"] == 4 and params["prompt.top_k"] == 1
+
+
+def test_search_identity_is_experiment_and_space_name(tmp_path):
+    """The same space under another experiment is another search (own folder and study); URIs stay URIs."""
+    from crosspt.search.driver import search_paths
+
+    space = tiny_space(Path("minilm"), "smoke")
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    own, mine = search_paths(space, str(tmp_path), db, "smoke"), search_paths(space, str(tmp_path), db, "mine")
+    print("\nsearch folders:", own.root, mine.root, "studies:", own.study_name, mine.study_name)
+    assert own.root == f"{tmp_path}/smoke" and own.study_name == "smoke"
+    assert mine.root != own.root and mine.study_name != own.study_name
+    assert own.optuna_url == mine.optuna_url == f"sqlite:///{tmp_path / 'optuna.db'}"
+    own.write_state({"parent_run_id": "p"})
+    assert own.exists() and own.read_state() == {"parent_run_id": "p"} and not mine.exists()
+    s3 = search_paths(space, "s3://bucket/searches/", db, "smoke")
+    assert s3.root == "s3://bucket/searches/smoke" and s3.storage == "s3://bucket/searches"
+    local = search_paths(space, f"file://{tmp_path}/uri", db, "mine")
+    assert local.root == f"file://{tmp_path}/uri/smoke--mine"
+    local.write_state({"parent_run_id": "q"})
+    assert (tmp_path / "uri" / "smoke--mine" / "crosspt_search.json").is_file() and local.read_state()["parent_run_id"] == "q"
+    assert not local.has_tune_state()
