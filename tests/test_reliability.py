@@ -155,6 +155,14 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
     pytest.fail(f"timed out after {timeout}s waiting for {what}" + (f":\n{log.read_text()[-4000:]}" if log else ""))
 
 
+def killable_search(tmp_path: Path, backbone: Path, name: str, samples: int, epochs: int, ray_head, data_dir):
+    """A space file of `samples` tiny trials, and where its search keeps things: (space, db, storage, env)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_tree(backbone, name, samples=samples, epochs=epochs)))
+    env = cli_env(RAY_ADDRESS=ray_head.address, CROSSPT_DATA_DIR=str(data_dir))
+    return space, tmp_path / "mlflow.db", tmp_path / "ray_results", env
+
+
 # ---- 1. a killed driver, resumed -----------------------------------------------------------------
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerun_or_duplicates(ray_head, tiny_t5_path, data_dir, tmp_path):
@@ -163,10 +171,7 @@ def test_killed_driver_resumes_without_rerun_or_duplicates(ray_head, tiny_t5_pat
     in MLflow, the finished ones not run again, nothing RUNNING. Then the name is taken (exit 2 without
     --resume/--overwrite) and `--overwrite` starts over."""
     samples, epochs = 3, 2
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(tiny_tree(tiny_t5_path, "killed", samples=samples, epochs=epochs)))
-    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
-    env = cli_env(RAY_ADDRESS=ray_head.address, CROSSPT_DATA_DIR=str(data_dir))
+    space, db, storage, env = killable_search(tmp_path, tiny_t5_path, "killed", samples, epochs, ray_head, data_dir)
     log = tmp_path / "driver1.log"
     t0 = time.time()
     with open(log, "w") as out:
@@ -260,6 +265,66 @@ def test_killed_driver_resumes_without_rerun_or_duplicates(ray_head, tiny_t5_pat
     state = json.loads((storage / "killed" / "crosspt_search.json").read_text())
     assert state["parent_run_id"] == again["parent_run_id"]
     assert len(optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 1
+
+
+KILL_TABLE: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def kill_table():
+    yield KILL_TABLE
+    if KILL_TABLE:
+        print("\nkill point      -> outcome of --resume\n" + "\n".join(f"{k:<15} -> {v}" for k, v in KILL_TABLE.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before_ray", "before_tuner", "mid_trial", "reconcile"])
+def test_resume_works_from_every_kill_point(point, kill_table, ray_head, tiny_t5_path, data_dir, tmp_path):
+    """The driver dies (SIGKILL, no cleanup) before Ray starts, after crosspt's state file but before Tune's
+    `tuner.pkl`, mid trial, or at the final reconciliation; `--resume` ends the search: exit 0, no traceback,
+    num_samples trials, none RUNNING, none duplicated, the parent FINISHED (where Tune had saved nothing,
+    the trials start afresh under the same parent run)."""
+    samples, epochs = 2, 2
+    space, db, storage, env = killable_search(tmp_path, tiny_t5_path, "kill", samples, epochs, ray_head, data_dir)
+    log = tmp_path / "driver1.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(search_cmd(space, db, storage), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**env, **({"CROSSPT_DRIVER_KILL": point} if point != "mid_trial" else {})},
+                                  start_new_session=True)
+    try:
+        if point == "mid_trial":
+            wait_for(lambda: sql(db, "select 1 from runs r join metrics m on m.run_uuid = r.run_uuid "
+                                     "where r.status = 'RUNNING' and m.key = 'val_score'"), 420,
+                     "a trial mid-way (an epoch logged, still RUNNING)", driver, log)
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(420)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    had_tune_state = any((storage / "kill").glob("experiment_state*.json"))
+    had_tuner_pkl = (storage / "kill" / "tuner.pkl").is_file()
+    before = trial_runs(db)
+
+    out = run(search_cmd(space, db, storage, "--resume", "--summary-json", str(tmp_path / "resumed.json")),
+              env, tmp_path, 480)
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr[-4000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    summary = json.loads((tmp_path / "resumed.json").read_text())
+    assert summary["num_trials"] == samples and len({t["trial_id"] for t in summary["trials"]}) == samples
+    active = [(tid, s) for tid, s, _, life in trial_runs(db) if life == "active"]
+    assert not [a for a in active if a[1] == "RUNNING"], active
+    assert len(active) == len({tid for tid, _ in active}) == samples, active
+    assert sorted(tid for tid, _ in active) == sorted(t["trial_id"] for t in summary["trials"])
+    c = T.client(f"sqlite:///{db}")
+    parent = c.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("crosspt.resumes") == "1"
+    parents = sql(db, "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid and t.key = ?", T.SEARCH_TAG)
+    assert parents == [(1,)], parents
+    KILL_TABLE[point] = (f"exit 0, {samples} trials {sorted(s for _, s in active)}, 0 RUNNING, 0 duplicated, "
+                         f"parent FINISHED; at the kill: {len(before)} child run(s), tuner.pkl={had_tuner_pkl}, "
+                         f"Tune state={had_tune_state} -> {'restored' if had_tune_state else 'trials started afresh'}")
+    print(f"\n{point} -> {KILL_TABLE[point]}")
 
 
 def test_orphaned_and_ended_child_runs_are_closed(tmp_path):

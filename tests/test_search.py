@@ -15,7 +15,6 @@ from crosspt.search.driver import run_search
 from crosspt.config.space import SearchSpace, load_space
 from crosspt.registry import tracking as T
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 FACTORS = ["prompt.n_sources", "prompt.source_len", "prompt.private_len", "optim.prompt_lr", "optim.router_lr",
            "prompt.init", "prompt.prefix", "prompt.label_semantics", "prompt.composition", "prompt.top_k",
@@ -56,6 +55,8 @@ def check_children(uri: str, summary: dict, n: int) -> list:
         assert r.info.status in ("FINISHED", "KILLED"), (r.info.run_name, r.info.status, r.data.tags.get("error"))
         missing = [f for f in FACTORS if f not in r.data.params]
         assert not missing, missing
+        if r.data.params["prompt.n_sources"] == "0":      # nothing to route: no fake router/source values
+            assert r.data.params["optim.router_lr"] == r.data.params["prompt.source_len"] == "inactive"
         assert "trial_number" in r.data.params and int(r.data.params["trial_number"]) >= 1
         assert "val_score" in r.data.metrics and "best_val_score" in r.data.metrics
         arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
@@ -72,6 +73,7 @@ def check_children(uri: str, summary: dict, n: int) -> list:
     return children
 
 
+@pytest.mark.slow
 def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -94,8 +96,43 @@ def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, m
     with pytest.raises(ConfigError, match="--resume"):
         run_search(tiny_space(tiny_t5_path, "tiny3"), data_dir=str(data_dir), tracking_uri=uri,
                    storage_path=str(tmp_path / "ray_results"), verbose=0)
+    check_provenance(uri, summary, n_tasks=2)
+    # the same space under another experiment is another search: not refused, its own parent and study
+    other = run_search(tiny_space(tiny_t5_path, "tiny3", num_samples=1), experiment="mine", data_dir=str(data_dir),
+                       tracking_uri=uri, storage_path=str(tmp_path / "ray_results"), verbose=0)
+    assert other["experiment"] == "mine" and other["parent_run_id"] != summary["parent_run_id"]
+    assert other["num_trials"] == 1 and len(study.trials) == 3
+    assert len(optuna.load_study(study_name="tiny3--mine", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 1
 
 
+def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
+    """Experiment kind, parent description, versions/commit/data tags and dataset inputs on every run;
+    the best trial is a FINISHED run; the trials table is an MLflow table too."""
+    c = T.client(uri)
+    exp = c.get_experiment(summary["experiment_id"])
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    parent = c.get_run(summary["parent_run_id"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Budget:" in note and "Best trial" in note and summary["best"]["trial_id"] in note, note
+    assert summary["best"]["status"] == "FINISHED"
+    assert c.get_run(summary["best_run_id"]).info.status == "FINISHED"
+    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    digests = set()
+    for run in [parent, *children]:
+        tags = run.data.tags
+        for pkg in ("crosspt", "torch", "transformers", "ray", "mlflow", "optuna"):
+            assert tags.get(f"crosspt.version.{pkg}"), (pkg, run.info.run_name)
+        assert len(tags.get("mlflow.source.git.commit", "")) == 40 and tags.get("crosspt.data_source")
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) == 3 * n_tasks, [d.dataset.name for d in inputs]
+        assert {t.value for d in inputs for t in d.tags if t.key == "mlflow.data.context"} == {"train", "val", "test"}
+        digests.add(tuple(sorted((d.dataset.name, d.dataset.digest) for d in inputs)))
+    assert len(digests) == 1, digests          # same base data config: the same rows everywhere
+    assert "trials.json" in {a.path for a in c.list_artifacts(summary["parent_run_id"])}
+    print("\nparent description:\n" + note)
+
+
+@pytest.mark.slow
 def test_search_through_mlflow_server(ray_head, mlflow_server, tiny_decoder_path, data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     summary = run_search(tiny_space(tiny_decoder_path, "viaserver", num_samples=2), data_dir=str(data_dir),
@@ -107,6 +144,7 @@ def test_search_through_mlflow_server(ray_head, mlflow_server, tiny_decoder_path
     assert len(stored) >= 2
 
 
+@pytest.mark.slow
 def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path, monkeypatch):
     """Sequential trials: a trial that cannot learn (index labels at lr 1e-7) scores below the first
     trial (natural label words) at the first rung, and ASHA stops it before max_epochs."""
@@ -134,8 +172,20 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
     children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
     statuses = sorted((r.info.status, r.data.tags.get("pruned")) for r in children)
     assert statuses == [("FINISHED", None), ("KILLED", "true")]
+    # Optuna (random search goes through it too: the study exists) learns the same: the stopped trial is PRUNED at its last
+    # rung, never COMPLETE with a partial value
+    import optuna
+
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = sorted((t.number, t.state.name, t.value, t.last_step) for t in study.trials)
+    print("\noptuna trial states (number, state, value, last step):", states)
+    assert sorted(s for _, s, _, _ in states) == ["COMPLETE", "PRUNED"], states
+    assert all(last == 4 for _, s, _, last in states if s == "COMPLETE"), states
+    pruned = next(t for t in study.trials if t.state.name == "PRUNED")
+    assert pruned.last_step is not None and pruned.last_step < 4 and pruned.value is not None, states
 
 
+@pytest.mark.slow
 def test_ray_job_submit_smoke(ray_head, data_dir, tmp_path):
     """`ray job submit --working-dir . -- python jobs/search_glue.py --space search_spaces/smoke.yaml`."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -157,12 +207,14 @@ def test_ray_job_submit_smoke(ray_head, data_dir, tmp_path):
     assert len(children) == 2 and all(r.info.status in ("FINISHED", "KILLED") for r in children)
 
 
+@pytest.mark.slow
 def test_shipped_spaces_validate():
     for f in sorted((REPO / "search_spaces").glob("*.yaml")):
         space = load_space(f)
         assert space.space, f
 
 
+@pytest.mark.slow
 def test_impossible_space_rejected_before_any_trial(tmp_path):
     from crosspt.errors import ConfigError
 
@@ -177,3 +229,45 @@ def test_impossible_space_rejected_before_any_trial(tmp_path):
     f.write_text("name: bad\nspace:\n  prompt.private_len: {type: int, low: 8, high: 2}\n")
     with pytest.raises(ConfigError, match="low"):
         load_space(f)
+
+
+def test_inactive_factors_are_logged_as_inactive():
+    """A trial without sources logs source/routing keys as `inactive`, not their base values; what the
+    searcher sampled stays as sampled, and a factor whose `when:` failed is inactive too."""
+    from crosspt.search.params import trial_params
+
+    space = tiny_space(Path("minilm"), "params")
+    sampled = {"prompt.n_sources": 0, "prompt.composition": "wavg", "optim.prompt_lr": 0.01}
+    params = trial_params(space.config_for(sampled), space, sampled)
+    inactive = sorted(k for k, v in params.items() if v == "inactive")
+    print("\ninactive with n_sources=0:", inactive)
+    for key in ("prompt.source_len", "optim.router_lr", "prompt.temperature.start", "prompt.temperature.rate",
+                "prompt.top_k", "prompt.learn_sources"):
+        assert params[key] == "inactive", key
+    assert params["prompt.composition"] == "wavg" and params["optim.prompt_lr"] == 0.01
+    assert params["prompt.n_sources"] == 0 and params["prompt.private_len"] == 4
+    sampled = {"prompt.n_sources": 2, "prompt.top_k": 1, "prompt.composition": "cat", "optim.prompt_lr": 0.01}
+    params = trial_params(space.config_for(sampled), space, sampled)
+    assert params["optim.router_lr"] == 0.01 and params["prompt.source_len"] == 4 and params["prompt.top_k"] == 1
+
+
+def test_search_identity_is_experiment_and_space_name(tmp_path):
+    """The same space under another experiment is another search (own folder and study); URIs stay URIs."""
+    from crosspt.search.driver import search_paths
+
+    space = tiny_space(Path("minilm"), "smoke")
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    own, mine = search_paths(space, str(tmp_path), db, "smoke"), search_paths(space, str(tmp_path), db, "mine")
+    print("\nsearch folders:", own.root, mine.root, "studies:", own.study_name, mine.study_name)
+    assert own.root == f"{tmp_path}/smoke" and own.study_name == "smoke"
+    assert mine.root != own.root and mine.study_name != own.study_name
+    assert own.optuna_url == mine.optuna_url == f"sqlite:///{tmp_path / 'optuna.db'}"
+    own.write_state({"parent_run_id": "p"})
+    assert own.exists() and own.read_state() == {"parent_run_id": "p"} and not mine.exists()
+    s3 = search_paths(space, "s3://bucket/searches/", db, "smoke")
+    assert s3.root == "s3://bucket/searches/smoke" and s3.storage == "s3://bucket/searches"
+    local = search_paths(space, f"file://{tmp_path}/uri", db, "mine")
+    assert local.root == f"file://{tmp_path}/uri/smoke--mine"
+    local.write_state({"parent_run_id": "q"})
+    assert (tmp_path / "uri" / "smoke--mine" / "crosspt_search.json").is_file() and local.read_state()["parent_run_id"] == "q"
+    assert not local.has_tune_state()

@@ -237,7 +237,8 @@ def sample(space: SearchSpace, suggest) -> dict[str, Any]:
 
 
 class OptunaDefineByRun:
-    """A define-by-run function for `OptunaSearch`: conditional factors become conditional suggests.
+    """A define-by-run function for `OptunaSearch` (both algorithms): conditional factors become
+    conditional suggests.
 
     A class (not a closure) because Tune pickles the searcher when it checkpoints the search."""
 
@@ -253,39 +254,6 @@ class OptunaDefineByRun:
             return trial.suggest_float(key, kw["low"], kw["high"], log=kw["log"])
         sample(self.space, suggest)
         return None
-
-
-class SpaceSearcher:
-    """Random search over the space with conditionals (the `random` algorithm), points first.
-
-    Built lazily as a `ray.tune.search.Searcher` subclass so this module does not import Ray."""
-
-    @staticmethod
-    def create(space: SearchSpace, metric: str, mode: str):
-        from ray.tune.search import Searcher
-
-        class _SpaceSearcher(Searcher):
-            def __init__(self):
-                super().__init__(metric=metric, mode=mode)
-                self.count = 0
-
-            def suggest(self, trial_id):
-                i = self.count
-                self.count += 1
-                if i < len(space.search.points):
-                    return dict(space.search.points[i])
-                return sample(space, random_sampler(space.search.seed * 100_003 + i))
-
-            def on_trial_complete(self, trial_id, result=None, error=False):
-                pass
-
-            def save(self, checkpoint_path):
-                Path(checkpoint_path).write_text(str(self.count))
-
-            def restore(self, checkpoint_path):
-                self.count = int(Path(checkpoint_path).read_text())
-
-        return _SpaceSearcher()
 
 
 def random_sampler(seed: int):

@@ -64,26 +64,22 @@ def mlflow_uris(uri: str):
 
     Some MLflow calls (pyfunc.log_model, register_model, models:/ downloads) read the global URIs only."""
     import mlflow
-    from mlflow.tracking._model_registry import utils as reg_utils
-    from mlflow.tracking._tracking_service import utils as track_utils
 
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved_track = getattr(track_utils, "_tracking_uri", None)
-    saved_reg = getattr(reg_utils, "_registry_uri", None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
+        # public setters only: the setters keep the env vars in step with the URIs they set, so the env
+        # vars as they were say what to go back to (None: unset, MLflow's defaults apply again)
+        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        if hasattr(track_utils, "_tracking_uri"):
-            track_utils._tracking_uri = saved_track
-        if hasattr(reg_utils, "_registry_uri"):
-            reg_utils._registry_uri = saved_reg
 
 
 def _not_found(e: Exception) -> bool:
@@ -131,11 +127,13 @@ def get_version(c, model_uri: str, uri: str):
     name, alias, version = parse_model_uri(model_uri)
     rm = get_registered(c, name, uri)
     if alias is not None:
-        aliases = dict(rm.aliases or {})
-        if alias not in aliases:
-            have = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
-            raise RegistryError(f"registered model '{name}' has no alias '{alias}' (aliases: {have})")
-        version = str(aliases[alias])
+        try:
+            return c.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            if not _not_found(e) and getattr(e, "error_code", "") != "INVALID_PARAMETER_VALUE":
+                raise
+        have = ", ".join(f"@{a} -> v{v}" for a, v in sorted(dict(rm.aliases or {}).items())) or "none"
+        raise RegistryError(f"registered model '{name}' has no alias '{alias}' (aliases: {have})")
     versions = [v for v in c.search_model_versions(f"name='{name}'")]
     if version == "latest":
         if not versions:
@@ -322,16 +320,14 @@ def _pick_run(c, uri: str, *, experiment: str | None, metric: str, mode: str, ru
         known = sorted(e.name for e in c.search_experiments(max_results=50))
         raise RegistryError(f"no experiment '{experiment}' in {uri}"
                             + (f" (experiments: {', '.join(known)})" if known else ""))
-    runs = c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
-                and (parent_run_id is None or r.data.tags.get("mlflow.parentRunId") == parent_run_id)]
-    scored = [r for r in children if metric in r.data.metrics and r.data.metrics[metric] == r.data.metrics[metric]]
-    if not scored:
+    from crosspt.registry.tracking import best_finished_child
+
+    best = best_finished_child(c, exp.experiment_id, metric, mode, parent_run_id)
+    if best is None:
         where = f"search {parent_run_id}" if parent_run_id else f"experiment '{experiment}'"
-        raise RegistryError(f"{where} has no FINISHED child run with metric '{metric}' "
-                            f"({len(children)} finished child run(s) in all)")
-    sign = -1.0 if mode == "max" else 1.0
-    return sorted(scored, key=lambda r: (sign * r.data.metrics[metric], r.info.start_time or 0))[0]
+        raise RegistryError(f"{where} has no FINISHED child run with metric '{metric}' (stopped and failed "
+                            f"trials never count)")
+    return best
 
 
 def _run_files(c, run) -> dict[str, bool]:

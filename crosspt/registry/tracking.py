@@ -6,8 +6,12 @@ absolute artifact location (Ray workers change directory).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import re
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -64,15 +68,76 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+# MLflow 3 opens an experiment without this tag on its GenAI overview (traces, prompts); this is a
+# training experiment, so the UI should open on its runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        for k, v in EXPERIMENT_KIND.items():
+            if exp.tags.get(k) is None:             # made by an older crosspt, or by hand
+                c.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     root = artifact_root_for(uri)
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=EXPERIMENT_KIND)
+
+
+# ---- provenance: what code and data a run used ---------------------------------------------------
+VERSIONED = ("crosspt", "torch", "transformers", "ray", "mlflow", "optuna")
+DATA_SOURCE_TAG = "crosspt.data_source"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """`git rev-parse HEAD` of the checkout crosspt runs from; None outside a git repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def provenance_tags(data_dir: str | None) -> dict[str, str]:
+    """Tags every run carries: the git commit (MLflow's own tag, shown in the UI), package versions,
+    and where the task data came from."""
+    tags = {f"crosspt.version.{pkg}": _version(pkg) for pkg in VERSIONED}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    tags[DATA_SOURCE_TAG] = str(data_dir) if data_dir else "huggingface hub"
+    return tags
+
+
+def split_datasets(splits: dict[str, dict[str, list]], data_dir: str | None) -> list:
+    """One MLflow dataset input per task and split (`{task: {split: [Example]}}`), its digest a hash of
+    the sample ids: two runs with the same digest trained and were scored on the same rows."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source_type, source = ("local", {"uri": str(data_dir)}) if data_dir else ("hugging_face", {"path": "glue"})
+    out = []
+    for task, by_split in splits.items():
+        for split, examples in by_split.items():
+            digest = hashlib.sha256("\n".join(e.uid for e in examples).encode()).hexdigest()[:16]
+            ds = Dataset(name=f"{task}-{split}", digest=digest, source_type=source_type, source=json.dumps(source),
+                         profile=json.dumps({"num_rows": len(examples)}))
+            out.append(DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+    return out
 
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<secret>[^/@\s]+)@")
@@ -139,8 +204,8 @@ def router_heatmap(weights, task_names: list[str], cand_names: list[str], path: 
 class TrialLogger:
     """One trial's child run. Picklable: created in the trial, used from Train callbacks too.
 
-    `start` finds the child run of this Tune trial id under the parent (a restored search reuses it,
-    so no duplicates) or creates it."""
+    `find` looks for the child run of this Tune trial id under the parent: a restored search `resume`s
+    it (no duplicates), else `start` creates it."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_number: int,
                  run_name: str):
@@ -154,23 +219,28 @@ class TrialLogger:
         """This trial's child run from an earlier attempt (a retry, or a restored search), or None."""
         return find_trial_run(self.uri, self.experiment_id, self.parent_run_id, self.trial_id)
 
-    def start(self, params: dict[str, Any], config_yaml: str, tags: dict[str, str] | None = None,
-              found=None) -> str:
+    def resume(self, found) -> str:
+        """Continue `found`, this trial's run from an earlier attempt: RUNNING again, restarts counted."""
         c = client(self.uri)
-        found = found if found is not None else self.find()
-        if found:
-            self.run_id = found.info.run_id
-            c.update_run(self.run_id, status="RUNNING")
-            c.set_tag(self.run_id, "crosspt.restarts", str(int(found.data.tags.get("crosspt.restarts", "0")) + 1))
-            if "error" in found.data.tags:        # a retry: the earlier attempt's error is history now
-                c.set_tag(self.run_id, "crosspt.previous_error", found.data.tags["error"][:5000])
-                c.delete_tag(self.run_id, "error")
-            return self.run_id
+        self.run_id = found.info.run_id
+        c.update_run(self.run_id, status="RUNNING")
+        c.set_tag(self.run_id, "crosspt.restarts", str(int(found.data.tags.get("crosspt.restarts", "0")) + 1))
+        if "error" in found.data.tags:        # a retry: the earlier attempt's error is history now
+            c.set_tag(self.run_id, "crosspt.previous_error", found.data.tags["error"][:5000])
+            c.delete_tag(self.run_id, "error")
+        return self.run_id
+
+    def start(self, params: dict[str, Any], config_yaml: str, tags: dict[str, str] | None = None,
+              datasets: list | None = None) -> str:
+        """Create this trial's child run with its params, tags, dataset inputs and config."""
+        c = client(self.uri)
         run = c.create_run(self.experiment_id, run_name=self.run_name,
                            tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: self.trial_id,
                                  "crosspt.trial_number": str(self.trial_number), **(tags or {})})
         self.run_id = run.info.run_id
         log_params(c, self.run_id, {**params, "trial_number": self.trial_number})
+        if datasets:
+            c.log_inputs(self.run_id, datasets=datasets)
         c.log_text(self.run_id, redact(config_yaml), "config.yaml")
         return self.run_id
 
@@ -221,6 +291,21 @@ def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: s
                                     filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
                                                   f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     return found[0] if found else None
+
+
+# The one rule for "the best trial" (the search's parent run, its summary, `crosspt promote`): FINISHED
+# child runs only, by the objective metric, ties to the earliest start. A trial ASHA stopped (KILLED,
+# tagged pruned) scored fewer epochs than a finished one, so its score never competes; failed ones neither.
+def best_finished_child(c, experiment_id: str, metric: str, mode: str, parent_run_id: str | None = None):
+    """The best FINISHED child run (of one parent, or of any search in the experiment), or None."""
+    parent = f"= '{parent_run_id}'" if parent_run_id else "LIKE '%'"
+    found = c.search_runs([experiment_id], max_results=1,
+                          filter_string=f"attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` {parent}",
+                          order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}",
+                                    "attributes.start_time ASC"])
+    run = found[0] if found else None
+    value = run.data.metrics.get(metric) if run else None
+    return run if value is not None and value == value else None      # a NaN or missing score is no best
 
 
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:

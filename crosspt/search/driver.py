@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +22,13 @@ from typing import Any
 
 import yaml
 
-from crosspt.config.schema import RunConfig, config_hash, config_to_yaml, flatten
+from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.errors import ConfigError, CrossPTError
-from crosspt.config.space import OptunaDefineByRun, SearchSpace, SpaceSearcher
+from crosspt.config.space import OptunaDefineByRun, SearchSpace
 from crosspt.run.faults import FAULT_ENV, parse_faults
 from crosspt.run.loop import Session, TrainingDiverged
 from crosspt.registry import tracking as T
+from crosspt.search.params import trial_params
 
 STATE_FILE = "crosspt_search.json"
 RETRYABLE_TAG = "crosspt.retryable"
@@ -81,19 +82,50 @@ def _train_callback(logger: T.TrialLogger):
 
 
 def _resumable_optuna_search():
-    """`OptunaSearch` that survives a restore after a driver crash: Optuna's sqlite study is written at once,
-    Tune's experiment state only every few seconds, so a restored trial may already be finished in the
-    study (its driver told Optuna, then died before Tune saved). Results for such a trial are dropped
-    instead of failing the whole search with UpdateFinishedTrialError."""
+    """`OptunaSearch` that tells the study how each trial really ended, and survives a restore.
+
+    Tune hands every ending trial's last result to `on_trial_complete`, the ones ASHA stopped too, and
+    Ray's `OptunaSearch` would then mark a stopped trial COMPLETE with its partial value: TPE would learn
+    from it as if it were a full run and the importances would count it. Here only a trial that ran its
+    last epoch (`final_epoch`) is COMPLETE; a stopped one is PRUNED at its last step (TPE ranks pruned
+    trials by how far they got), a failed one FAIL.
+
+    Restores: Optuna's sqlite study is written at once, Tune's experiment state only every few seconds, so
+    a restored trial may already be finished in the study (its driver told Optuna, then died before Tune
+    saved). Results for such a trial are dropped instead of failing the search with UpdateFinishedTrialError."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+
+    finished_already = (optuna.exceptions.UpdateFinishedTrialError, KeyError)
 
     class ResumableOptunaSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict):
             try:
                 super().on_trial_result(trial_id, result)
-            except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+            except finished_already:
                 self._completed_trials.add(trial_id)      # its value is in the study already
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            try:
+                if error or not result or trial_id in self._completed_trials:
+                    super().on_trial_complete(trial_id, None, error)      # FAIL, or PRUNED without a value
+                    return
+                self._report_last(trial_id, result)
+                if result.get("final_epoch"):
+                    super().on_trial_complete(trial_id, result)           # COMPLETE with its value
+                else:
+                    self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            except finished_already:
+                pass
+            self._completed_trials.add(trial_id)
+
+        def _report_last(self, trial_id: str, result: dict) -> None:
+            """The result a trial ended on (the one ASHA stopped it at, or its last epoch) goes to
+            `on_trial_complete`, not to `on_trial_result`: its intermediate value is reported here (a step
+            reported already is ignored by Optuna with a warning)."""
+            value, step = result.get(self.metric), result.get("training_iteration")
+            if isinstance(value, (int, float)) and isinstance(step, int):
+                self._ot_trials[trial_id].report(float(value), step)
 
     ResumableOptunaSearch.__module__, ResumableOptunaSearch.__qualname__ = __name__, "ResumableOptunaSearch"
     return ResumableOptunaSearch
@@ -137,10 +169,14 @@ def run_trial(params: dict, ctx: dict) -> None:
         if prior is not None and prior.info.status == "FAILED" and prior.data.tags.get(RETRYABLE_TAG) == "false":
             raise TrialNotRetried(f"{prior.data.tags.get('error', 'failed')} [not retried: this configuration "
                                   f"fails the same way every time]")
-        all_params = {**flatten(cfg.model_dump(mode="json")), "search.name": space.name,
-                      "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
-        logger.start(all_params, config_to_yaml(cfg),
-                     tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000]}, found=prior)
+        if prior is not None:
+            logger.resume(prior)
+        else:
+            all_params = {**trial_params(cfg, space, params), "search.name": space.name,
+                          "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
+            logger.start(all_params, config_to_yaml(cfg), datasets=run_datasets(cfg),
+                         tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
+                               **T.provenance_tags(cfg.data.data_dir)})
     try:
         if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
             from crosspt.run.loop import run_loop
@@ -165,6 +201,14 @@ def run_trial(params: dict, ctx: dict) -> None:
         raise
     if logger:
         logger.finish("FINISHED")
+
+
+def run_datasets(cfg: RunConfig) -> list:
+    """The run's k-shot splits as MLflow dataset inputs (drawn again: deterministic from the config)."""
+    from crosspt.run.loop import prepare_data
+
+    _, splits = prepare_data(cfg)
+    return T.split_datasets(splits, cfg.data.data_dir)
 
 
 def deterministic_failure(exc: BaseException) -> bool:
@@ -284,30 +328,96 @@ def trial_resources(cfg: RunConfig) -> dict:
 
 @dataclass
 class SearchPaths:
-    root: Path          # Tune experiment folder
-    state: Path         # our small state file inside it
+    """Where one search keeps its state. A search is identified by (MLflow experiment, space name): the
+    same space under another experiment is another search, with its own Tune folder and Optuna study.
+
+    `root` is a local folder or a storage URI (`s3://...`, `gs://...`, `file://...`) handed to Tune as it
+    is; the small files crosspt reads itself go through pyarrow's filesystem for that URI."""
+    root: str           # Tune experiment folder
+    study_name: str     # Optuna study (and Tune experiment name)
     optuna_url: str
 
+    def _fs(self):
+        from pyarrow import fs
 
-def search_paths(space: SearchSpace, storage_path: str | None, tracking_uri: str, name: str) -> SearchPaths:
-    storage = Path(storage_path or space.storage_path or "ray_results").expanduser().resolve()
-    root = storage / name
+        return fs.FileSystem.from_uri(self.root) if is_uri(self.root) else (fs.LocalFileSystem(), self.root)
+
+    @property
+    def storage(self) -> str:
+        return self.root.rsplit("/", 1)[0]
+
+    def exists(self) -> bool:
+        from pyarrow import fs
+
+        fsys, path = self._fs()
+        return fsys.get_file_info(path).type != fs.FileType.NotFound
+
+    def read_state(self) -> dict | None:
+        fsys, path = self._fs()
+        try:
+            with fsys.open_input_stream(f"{path}/{STATE_FILE}") as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, OSError):
+            return None
+
+    def write_state(self, state: dict) -> None:
+        fsys, path = self._fs()
+        fsys.create_dir(path, recursive=True)
+        with fsys.open_output_stream(f"{path}/{STATE_FILE}") as f:
+            f.write(json.dumps(state).encode())
+
+    def remove(self) -> None:
+        fsys, path = self._fs()
+        fsys.delete_dir(path)
+
+    def has_tune_state(self) -> bool:
+        """Tune saved its experiment state (trials) at least once: a resume restores it; before that a
+        resume starts the trials afresh."""
+        from pyarrow import fs
+
+        fsys, path = self._fs()
+        infos = fsys.get_file_info(fs.FileSelector(path, allow_not_found=True))
+        return any(Path(i.path).name.startswith("experiment_state") for i in infos)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def search_paths(space: SearchSpace, storage_path: str | None, tracking_uri: str, experiment: str) -> SearchPaths:
+    """The search's folder `<storage>/<space name>` (`<space name>--<experiment>` when the experiment is not
+    the space's own name) and its Optuna study, in `optuna.db` beside a sqlite MLflow store, else in the
+    local storage folder (or the working directory when storage is a URI)."""
+    storage = storage_path or space.storage_path or "ray_results"
+    if is_uri(storage):
+        storage = storage.rstrip("/")
+        local = Path.cwd().resolve()
+    else:
+        storage = str(Path(storage).expanduser().resolve())
+        local = Path(storage)
+    slug = re.sub(r"[^\w.-]+", "_", experiment)
+    name = space.name if experiment == space.name else f"{space.name}--{slug}"
     if tracking_uri.startswith("sqlite:///"):
         optuna_db = Path(tracking_uri[len("sqlite:///"):]).parent / "optuna.db"
     else:
-        optuna_db = storage / "optuna.db"
-    return SearchPaths(root, root / STATE_FILE, f"sqlite:///{optuna_db}")
+        optuna_db = local / "optuna.db"
+    return SearchPaths(f"{storage}/{name}", name, f"sqlite:///{optuna_db}")
+
+
+KILL_ENV = "CROSSPT_DRIVER_KILL"       # testing hook: the driver SIGKILLs itself at one named point
+KILL_POINTS = ("before_ray", "before_tuner", "reconcile")
+
+
+def _kill_point(point: str) -> None:
+    """Resume drills: die here as a crashed driver would (no cleanup, no finally, no atexit)."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: str | None = None,
                tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
                overwrite: bool = False, verbose: int = 1) -> dict:
     """Run (or resume) a search to the end; returns a summary with the best trial."""
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     from crosspt.run.trainer import init_ray, preflight
     from crosspt.tasks.data import resolve_data_dir
 
@@ -325,28 +435,28 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
         parse_faults(fault)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if os.environ.get(KILL_ENV, KILL_POINTS[0]) not in KILL_POINTS:
+        raise ConfigError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: use one of {', '.join(KILL_POINTS)}")
     exp_name = experiment or (base.tracking.experiment if base.tracking.experiment != "crosspt" else space.name)
     search_name = space.name
-    paths = search_paths(space, storage_path, uri, search_name)
+    paths = search_paths(space, storage_path, uri, exp_name)
 
-    if paths.root.exists() and not resume:
+    if paths.exists() and not resume:
         if not overwrite:
-            raise ConfigError(f"search '{search_name}' already has saved state in {paths.root}; pass --resume "
-                              f"to continue it or --overwrite to start it again")
-        shutil.rmtree(paths.root)
-        try:
-            optuna.delete_study(study_name=search_name, storage=paths.optuna_url)
-        except KeyError:
-            pass
-    if resume and not paths.state.is_file():
-        raise ConfigError(f"nothing to resume: no search '{search_name}' in {paths.root.parent}")
+            raise ConfigError(f"search '{search_name}' in experiment '{exp_name}' already has saved state in "
+                              f"{paths.root}; pass --resume to continue it or --overwrite to start it again")
+        paths.remove()
+        _delete_study(paths)
+    state = paths.read_state() if resume else None
+    if resume and state is None:
+        raise ConfigError(f"nothing to resume: no search '{search_name}' in experiment '{exp_name}' "
+                          f"({paths.root})")
     from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
-    trial_space = resolve_space_banks(space, uri, dest_dir=paths.root.parent / "_source_banks")
+    trial_space = resolve_space_banks(space, uri, dest_dir=_banks_dir(paths))
 
     experiment_id = T.ensure_experiment(uri, exp_name)
     c = T.client(uri)
     if resume:
-        state = json.loads(paths.state.read_text())
         parent_run_id = state["parent_run_id"]
         c.update_run(parent_run_id, status="RUNNING")
         c.set_tag(parent_run_id, "crosspt.resumes", str(int(c.get_run(parent_run_id).data.tags.get("crosspt.resumes", "0")) + 1))
@@ -355,8 +465,12 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
         reconcile_child_runs(uri, experiment_id, parent_run_id, tune_trials(paths.root))
     else:
         parent = c.create_run(experiment_id, run_name=f"search-{search_name}",
-                              tags={T.SEARCH_TAG: search_name, "crosspt.storage": str(paths.root)})
+                              tags={T.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
+                                    NOTE_TAG: parent_note(space), **T.provenance_tags(data_dir)})
         parent_run_id = parent.info.run_id
+        # at once: from here on a killed driver leaves a search that --resume can continue
+        paths.write_state({"parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+                           "optuna": paths.optuna_url, "experiment": exp_name})
         T.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
                                         "search.algorithm": space.search.algorithm,
                                         "search.num_samples": space.budget.num_samples,
@@ -366,80 +480,133 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                                         "space.keys": ",".join(space.space)})
         c.log_text(parent_run_id, T.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
                    "search_space.yaml")
-        paths.root.mkdir(parents=True, exist_ok=True)
-    paths.state.parent.mkdir(parents=True, exist_ok=True)
-    paths.state.write_text(json.dumps({"parent_run_id": parent_run_id, "experiment_id": experiment_id,
-                                       "tracking_uri": uri, "optuna": paths.optuna_url, "experiment": exp_name}))
-
+        c.log_inputs(parent_run_id, datasets=run_datasets(base))
+    restore = resume and paths.has_tune_state()
+    if resume and not restore:
+        # the driver died before Tune saved any trial: the trials start afresh under the same parent run,
+        # and the study the dead driver may have asked from starts again with them
+        _delete_study(paths)
+    _kill_point("before_ray")
     init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                        **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
+    run = SearchRun(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, fault)
     try:
-        summary = _tune(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
-                        tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch, fault)
+        summary = _tune(run, restore, verbose)
     except BaseException as e:
         c.set_tag(parent_run_id, "error", f"{type(e).__name__}: {e}"[:5000])
         c.set_terminated(parent_run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
         raise
     summary.update({"wall_s": time.time() - t0, "tracking_uri": uri, "experiment": exp_name,
                     "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                    "storage": str(paths.root)})
-    _log_parent(c, parent_run_id, summary, paths, search_name, space.objective.metric)
+                    "storage": paths.root})
+    _log_parent(c, parent_run_id, summary, paths, space)
     c.set_terminated(parent_run_id, "FINISHED")
     return summary
 
 
-def _tune(space, base, uri, experiment_id, parent_run_id, data_dir, paths, resume, verbose,
-          tune, optuna, ASHAScheduler, FIFOScheduler, OptunaSearch, fault=None) -> dict:
-    ctx = {"space": space.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
-           "parent_run_id": parent_run_id, "data_dir": data_dir, "fault": fault,
-           "train_storage": str(paths.root / "_train"), "train_max_failures": space.resources.max_retries}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(base))
-    callbacks = [_status_callback(uri, experiment_id, parent_run_id)]
-    if resume:
-        tuner = tune.Tuner.restore(str(paths.root), trainable=trainable, resume_unfinished=True,
+@dataclass
+class SearchRun:
+    """What the driver resolved once for one search, and every trial and the final bookkeeping need."""
+    space: SearchSpace          # source banks resolved to local files
+    base: RunConfig
+    uri: str                    # MLflow tracking URI
+    experiment_id: str
+    parent_run_id: str
+    data_dir: str | None
+    paths: SearchPaths
+    fault: str | None           # CROSSPT_FAULT testing hook, forwarded to every trial
+
+    def trial_context(self) -> dict:
+        """The plain dict `run_trial` gets (Tune pickles it into every trial)."""
+        return {"space": self.space.model_dump(mode="json"), "tracking_uri": self.uri,
+                "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
+                "data_dir": self.data_dir, "fault": self.fault, "train_storage": f"{self.paths.root}/_train",
+                "train_max_failures": self.space.resources.max_retries}
+
+
+def make_searcher(space: SearchSpace, optuna_url: str, study_name: str):
+    """Both algorithms are an Optuna study over the same define-by-run space (TPE, or Optuna's random
+    sampler), persisted in sqlite: PRUNED/FAIL states, resume and the importance plot work for both."""
+    import optuna
+
+    import crosspt.search.driver as this
+
+    s, obj = space.search, space.objective
+    sampler = (optuna.samplers.RandomSampler(seed=s.seed) if s.algorithm == "random" else
+               optuna.samplers.TPESampler(seed=s.seed, constant_liar=s.constant_liar,
+                                          n_startup_trials=s.n_startup_trials))
+    return this.ResumableOptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode, sampler=sampler,
+                                      storage=optuna.storages.RDBStorage(optuna_url), study_name=study_name,
+                                      points_to_evaluate=[dict(p) for p in s.points] or None)
+
+
+def make_scheduler(space: SearchSpace, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sch = space.scheduler
+    if sch.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(metric=sch.metric, mode=space.objective.mode, time_attr="training_iteration",
+                         max_t=epochs, grace_period=min(sch.grace_period, epochs),
+                         reduction_factor=sch.reduction_factor)
+
+
+def _delete_study(paths: SearchPaths) -> None:
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=paths.study_name, storage=paths.optuna_url)
+    except KeyError:
+        pass
+
+
+def _banks_dir(paths: SearchPaths) -> Path:
+    """Local folder for source banks fetched from the registry (trials read them as files)."""
+    if is_uri(paths.root):
+        from crosspt.registry.models import cache_dir
+
+        return cache_dir() / "source_banks"
+    return Path(paths.storage) / "_source_banks"
+
+
+def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
+    from ray import tune
+
+    space, paths = run.space, run.paths
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=run.trial_context()),
+                                    trial_resources(run.base))
+    if restore:
+        tuner = tune.Tuner.restore(paths.root, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        obj = space.objective
-        if space.search.algorithm == "optuna":
-            sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=space.search.constant_liar,
-                                                 n_startup_trials=space.search.n_startup_trials)
-            storage = optuna.storages.RDBStorage(paths.optuna_url)
-            import crosspt.search.driver as this
-
-            searcher = this.ResumableOptunaSearch(OptunaDefineByRun(space), metric=obj.metric, mode=obj.mode,
-                                                  sampler=sampler, storage=storage, study_name=space.name,
-                                                  points_to_evaluate=[dict(p) for p in space.search.points] or None)
-        else:
-            searcher = SpaceSearcher.create(space, obj.metric, obj.mode)
-        epochs = base.train.epochs
-        sched = (ASHAScheduler(metric=space.scheduler.metric, mode=obj.mode, time_attr="training_iteration",
-                               max_t=epochs, grace_period=min(space.scheduler.grace_period, epochs),
-                               reduction_factor=space.scheduler.reduction_factor)
-                 if space.scheduler.type == "asha" else FIFOScheduler())
+        _kill_point("before_tuner")
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=sched, num_samples=space.budget.num_samples,
-                                        max_concurrent_trials=derive_concurrency(space, base),
+            tune_config=tune.TuneConfig(search_alg=make_searcher(space, paths.optuna_url, paths.study_name),
+                                        scheduler=make_scheduler(space, run.base.train.epochs),
+                                        num_samples=space.budget.num_samples,
+                                        max_concurrent_trials=derive_concurrency(space, run.base),
                                         time_budget_s=space.budget.time_budget_s),
-            run_config=tune.RunConfig(name=space.name, storage_path=str(paths.root.parent), callbacks=callbacks,
+            run_config=tune.RunConfig(name=paths.study_name, storage_path=paths.storage,
+                                      callbacks=[_status_callback(run.uri, run.experiment_id, run.parent_run_id)],
                                       failure_config=tune.FailureConfig(max_failures=space.resources.max_retries),
                                       verbose=verbose),
         )
     results = tuner.fit()
     trials = tune_trials(paths.root)
-    reconcile_child_runs(uri, experiment_id, parent_run_id, trials, search_ended=True)
-    if space.search.algorithm == "optuna":
-        _fail_stale_optuna_trials(paths.optuna_url, space.name)
+    _kill_point("reconcile")
+    reconcile_child_runs(run.uri, run.experiment_id, run.parent_run_id, trials, search_ended=True)
+    _fail_stale_optuna_trials(paths.optuna_url, paths.study_name)
     return summarize(results, space, trials)
 
 
 # ---- after a crash: make MLflow and Optuna agree with Tune's record ---------------------------------
-def tune_trials(root: Path) -> list:
+def tune_trials(root: str) -> list:
     """The trials in a Tune experiment's saved state (id, status, last result, error file)."""
     from ray.tune import ExperimentAnalysis
 
     try:
-        return list(ExperimentAnalysis(str(root)).trials)
+        return list(ExperimentAnalysis(root).trials)
     except Exception:          # no state saved yet (the driver died at once): every child run is an orphan
         return []
 
@@ -538,25 +705,53 @@ def summarize(results, space: SearchSpace, trials: list | None = None) -> dict:
             "params": {k: v for k, v in (r.config or {}).items()},
             "error": error_line(r.error) if r.error else "",
         })
-    scored = [x for x in rows if isinstance(x[obj.metric], (int, float)) and not math.isnan(x[obj.metric])]
+    # T.BEST_RULE: a stopped trial's score is from fewer epochs, not comparable with a finished one's
+    scored = [x for x in rows if x["status"] == "FINISHED" and isinstance(x[obj.metric], (int, float))
+              and not math.isnan(x[obj.metric])]
     best = (max if obj.mode == "max" else min)(scored, key=lambda x: x[obj.metric]) if scored else None
     return {"trials": rows, "best": best, "num_trials": len(rows),
             "num_failed": sum(x["status"] == "ERROR" for x in rows),
             "num_stopped": sum(x["status"] == "STOPPED" for x in rows)}
 
 
-def _log_parent(c, parent_run_id: str, summary: dict, paths: SearchPaths, study_name: str,
-                metric_key: str) -> None:
-    best = summary["best"]
-    trials = summary["trials"]
-    buf = io.StringIO()
+NOTE_TAG = "mlflow.note.content"         # the run's description in the MLflow UI (markdown)
+
+
+def parent_note(space: SearchSpace, summary: dict | None = None) -> str:
+    """The parent run's description: what was searched, on what budget, and (once known) the best trial."""
+    def factor(key: str, p) -> str:
+        rng = f"{p.values}" if p.type == "choice" else f"[{p.low}, {p.high}]"
+        return f"- `{key}`: {p.type} {rng}" + (f" when {p.when}" if p.when else "")
+
+    b, s = space.budget, space.search
+    lines = [f"**Search `{space.name}`**" + (f" — {space.description}" if space.description else ""), "",
+             "Space:", *[factor(k, p) for k, p in space.space.items()], "",
+             f"Budget: {b.num_samples} trials, {space.base_config().train.epochs} epochs at most"
+             + (f", {b.time_budget_s:g}s" if b.time_budget_s else "")
+             + f"; searcher {s.algorithm} (seed {s.seed}), scheduler {space.scheduler.type}; "
+               f"objective {space.objective.mode} `{space.objective.metric}`"]
+    if summary is not None:
+        best, m = summary.get("best"), space.objective.metric
+        lines += ["", f"Result: {summary['num_trials']} trials, {summary['num_stopped']} stopped early, "
+                      f"{summary['num_failed']} failed"]
+        lines += [f"Best trial (finished trials only): `{best['trial_id']}` {m} = {best[m]:.4f}"
+                  + (f", child run `{summary['best_run_id']}`" if summary.get("best_run_id") else "")
+                  + f"; {json.dumps(best['params'], default=str)}"] if best else ["No trial finished."]
+    return "\n".join(lines)
+
+
+def _log_parent(c, parent_run_id: str, summary: dict, paths: SearchPaths, space: SearchSpace) -> None:
+    best, trials, metric_key = summary["best"], summary["trials"], space.objective.metric
     keys = sorted({k for t in trials for k in t["params"]})
-    w = csv.writer(buf)
-    w.writerow(["trial_id", "status", "epochs", "objective", "test_score", *keys, "error"])
-    for t in trials:
-        w.writerow([t["trial_id"], t["status"], t["epochs"], t.get(metric_key), t["test_score"],
-                    *[t["params"].get(k, "") for k in keys], t["error"]])
-    c.log_text(parent_run_id, buf.getvalue(), "trials.csv")
+    columns = ["trial_id", "status", "epochs", "objective", "test_score", *keys, "error"]
+    rows = [[t["trial_id"], t["status"], t["epochs"], t.get(metric_key), t["test_score"],
+             *[t["params"].get(k, "") for k in keys], t["error"]] for t in trials]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([columns, *rows])
+    c.log_text(parent_run_id, buf.getvalue(), "trials.csv")          # for spreadsheets and scripts
+    # the same rows as an MLflow table: the UI's artifact view shows it as a sortable table
+    c.log_table(parent_run_id, {col: [str(r[i]) if r[i] is not None else "" for r in rows]
+                                for i, col in enumerate(columns)}, "trials.json")
     T.log_metrics(c, parent_run_id, {"num_trials": summary["num_trials"], "num_failed": summary["num_failed"],
                                      "num_stopped": summary["num_stopped"], "wall_s": summary["wall_s"]})
     if best:
@@ -567,13 +762,13 @@ def _log_parent(c, parent_run_id: str, summary: dict, paths: SearchPaths, study_
         if run:
             c.set_tag(parent_run_id, "crosspt.best_run_id", run.info.run_id)
             summary["best_run_id"] = run.info.run_id
-    _importance_plot(c, parent_run_id, paths.optuna_url, study_name)
+    c.set_tag(parent_run_id, NOTE_TAG, parent_note(space, summary))
+    _importance_plot(c, parent_run_id, paths.optuna_url, paths.study_name)
 
 
 def _importance_plot(c, parent_run_id: str, optuna_url: str, study_name: str) -> None:
-    """Optuna's fANOVA parameter importances as a PNG on the parent run (needs >= 2 complete trials)."""
-    import tempfile
-
+    """Optuna's fANOVA parameter importances over the COMPLETE trials (pruned and failed ones carry no
+    final value), as a PNG on the parent run; needs >= 2 of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,13 +781,10 @@ def _importance_plot(c, parent_run_id: str, optuna_url: str, study_name: str) ->
         if len(complete) < 2 or not any(t.params for t in complete):
             return
         ax = optuna.visualization.matplotlib.plot_param_importances(study)
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / "param_importances.png"
-            ax.figure.set_size_inches(8, 4)
-            ax.figure.tight_layout()
-            ax.figure.savefig(p, dpi=100)
-            plt.close(ax.figure)
-            c.log_artifact(parent_run_id, str(p), "plots")
+        ax.figure.set_size_inches(8, 4)
+        ax.figure.tight_layout()
+        c.log_figure(parent_run_id, ax.figure, "plots/param_importances.png")
+        plt.close(ax.figure)
     except Exception as e:  # importance needs variance in params/values; a plot never fails a search
         c.set_tag(parent_run_id, "importance_plot", f"skipped: {type(e).__name__}: {e}"[:500])
 
