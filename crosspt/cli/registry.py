@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from crosspt.errors import DataError
+from crosspt.tasks.data import json_lines
 
 
 # ---- pretrain-sources ----------------------------------------------------------------------------------
@@ -98,16 +99,7 @@ def read_rows(path: str) -> list[dict]:
     suffix = p.suffix.lower()
     rows: list[dict] = []
     if suffix in (".jsonl", ".json"):
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}, line {i}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p}, line {i}: expected a JSON object per line")
-            rows.append(row)
+        rows += [row for _, row in json_lines(p)]
     elif suffix in (".tsv", ".csv"):
         with open(p, newline="", encoding="utf-8-sig") as f:
             rows = [dict(r) for r in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
@@ -257,19 +249,17 @@ def _write_json(path: str | None, obj) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pretrain-sources", help="train one source prompt per task (parallel Ray tasks), "
-                                                "save + register the bank")
-    add_pretrain_flags(p)
-    p.set_defaults(func=cmd_pretrain_sources)
-    p = sub.add_parser("promote", help="register a search's best run (or a run) as a model version with an alias")
-    add_promote_flags(p)
-    p.set_defaults(func=cmd_promote)
-    p = sub.add_parser("predict", help="predict with a registered (or local) crosspt model")
-    add_predict_flags(p)
-    p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("evaluate", help="score a registered (or local) crosspt model on a labelled split")
-    add_evaluate_flags(p)
-    p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("export-peft", help="export one task's prompt as a PEFT prompt-tuning adapter")
-    add_export_flags(p)
-    p.set_defaults(func=cmd_export_peft)
+    commands = [
+        ("pretrain-sources", "train one source prompt per task (parallel Ray tasks), save + register the bank",
+         add_pretrain_flags, cmd_pretrain_sources),
+        ("promote", "register a search's best run (or a run) as a model version with an alias",
+         add_promote_flags, cmd_promote),
+        ("predict", "predict with a registered (or local) crosspt model", add_predict_flags, cmd_predict),
+        ("evaluate", "score a registered (or local) crosspt model on a labelled split", add_evaluate_flags,
+         cmd_evaluate),
+        ("export-peft", "export one task's prompt as a PEFT prompt-tuning adapter", add_export_flags, cmd_export_peft),
+    ]
+    for name, help_, add_flags, func in commands:
+        p = sub.add_parser(name, help=help_)
+        add_flags(p)
+        p.set_defaults(func=func)

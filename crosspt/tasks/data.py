@@ -197,36 +197,45 @@ def _read_tsv(task: TaskSpec, split: str, path: Path, opts: dict) -> list[Exampl
     return out
 
 
+def json_lines(path: Path, where: str = "", encoding: str = "utf-8"):
+    """`(line number, object)` for each non-blank line of a JSON-lines file; a line that is not a JSON object
+    is a DataError naming the file and line (prefixed by `where`)."""
+    with open(path, encoding=encoding) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}malformed JSON in {path} line {line_no}: {e.msg}") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}{path} line {line_no} is not a JSON object")
+            yield line_no, rec
+
+
 def _read_jsonl(task: TaskSpec, split: str, path: Path, opts: dict) -> list[Example]:
     columns = opts.get("columns") or {}
     label_col = opts.get("label_column", "label")
     lmap = _label_map(task, opts)
     out: list[Example] = []
-    with open(path, encoding=opts.get("encoding", "utf-8")) as fh:
-        for line_no, line in enumerate(fh, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"task '{task.name}': malformed JSON in {path} line {line_no}: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"task '{task.name}': {path} line {line_no} is not a JSON object")
-            texts = []
-            for f in task.text_fields + (label_col,):
-                key = f if f == label_col else columns.get(f, f)
-                if key not in rec:
-                    raise DataError(f"task '{task.name}': column '{key}' not found in {path} line {line_no} "
-                                    f"(columns: {', '.join(rec)})")
-                if f != label_col:
-                    texts.append(str(rec[key]).strip())
-            try:
-                label = _parse_label(task, rec[label_col], lmap)
-            except ValueError as e:
-                raise DataError(f"task '{task.name}': {e} in {path} line {line_no}") from None
-            try:
-                composed = _compose(task, texts, rec, (), opts)
-            except (KeyError, IndexError) as e:
-                raise DataError(f"task '{task.name}': compose template needs {e} in {path} line {line_no}") from None
-            out.append(Example(task.name, f"{task.name}/{split}/{len(out)}", composed, label))
+    for line_no, rec in json_lines(Path(path), f"task '{task.name}': ", opts.get("encoding", "utf-8")):
+        texts = []
+        for f in task.text_fields + (label_col,):
+            key = f if f == label_col else columns.get(f, f)
+            if key not in rec:
+                raise DataError(f"task '{task.name}': column '{key}' not found in {path} line {line_no} "
+                                f"(columns: {', '.join(rec)})")
+            if f != label_col:
+                texts.append(str(rec[key]).strip())
+        try:
+            label = _parse_label(task, rec[label_col], lmap)
+        except ValueError as e:
+            raise DataError(f"task '{task.name}': {e} in {path} line {line_no}") from None
+        try:
+            composed = _compose(task, texts, rec, (), opts)
+        except (KeyError, IndexError) as e:
+            raise DataError(f"task '{task.name}': compose template needs {e} in {path} line {line_no}") from None
+        out.append(Example(task.name, f"{task.name}/{split}/{len(out)}", composed, label))
     return out
 
 
