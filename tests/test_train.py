@@ -151,3 +151,40 @@ def test_cli_train_minilm_real_rows_writes_output_json(data_dir, tmp_path):
     assert set(res) >= {"metrics", "trainable_params", "total_params", "wall_s", "config_hash"}
     assert res["metrics"]["sst2"]["test"]["accuracy"] > 0.6            # zero-shot label scoring alone is ~0.69
     assert res["trainable_params"] < 0.01 * res["total_params"]
+
+
+def _train_args(backbone: Path, data_dir: Path, out: Path) -> list[str]:
+    return ["train", "--backbone", str(backbone), "--tasks", "rte", "--shots", "4", "--seed", "0",
+            "--data-dir", str(data_dir), "--output-dir", str(out), "--set", "train.epochs=2",
+            "--set", "data.max_test=16", "--set", "backbone.max_length=48", "--set", "prompt.private_len=4",
+            "--set", "scaling.in_process=true"]
+
+
+def test_cli_train_logs_one_mlflow_run_like_a_search_child(tiny_t5_path, data_dir, tmp_path, monkeypatch):
+    """`crosspt train` logs one run: flat params (inactive factors marked), per-epoch metrics, config.yaml,
+    the best prompts and router heatmap, a dataset input per task and split, provenance tags, FINISHED;
+    `--no-tracking` writes no store at all."""
+    from mlflow import MlflowClient
+
+    from crosspt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'train.db'}"
+    assert main(_train_args(tiny_t5_path, data_dir, tmp_path / "o") + ["--tracking-uri", uri,
+                                                                         "--experiment", "single"]) == 0
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("single")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    (run,) = c.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and "mlflow.parentRunId" not in run.data.tags
+    p = run.data.params
+    assert p["prompt.private_len"] == "4" and p["tasks"] == "rte" and p["config_hash"]
+    assert p["prompt.source_len"] == "inactive" and p["optim.router_lr"] == "inactive"    # no sources
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val_score")] == [0, 1]   # per epoch
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "prompts", "plots"} <= arts
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {"rte-train", "rte-val", "rte-test"}
+    assert run.data.tags.get("crosspt.version.crosspt") and run.data.tags.get("crosspt.data_source")
+
+    assert main(_train_args(tiny_t5_path, data_dir, tmp_path / "o2") + ["--no-tracking"]) == 0
+    assert not (tmp_path / "mlflow.db").exists()

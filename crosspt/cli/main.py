@@ -40,11 +40,16 @@ def flag_overrides(args) -> list[str]:
         out.append(f"data.data_dir={Path(args.data_dir).expanduser().resolve()}")
     if getattr(args, "workers", None):
         out.append(f"scaling.num_workers={args.workers}")
+    if getattr(args, "tracking_uri", None):
+        out.append(f"tracking.tracking_uri={args.tracking_uri}")
+    if getattr(args, "experiment", None):
+        out.append(f"tracking.experiment={args.experiment}")
     return out
 
 
 def cmd_train(args) -> int:
     from crosspt.config.schema import config_to_yaml, load_config
+    from crosspt.registry.tracking import train_callback
     from crosspt.run.trainer import pin_data_dir, preflight, train
 
     cfg = pin_data_dir(load_config(args.config, flag_overrides(args)))
@@ -53,23 +58,56 @@ def cmd_train(args) -> int:
 
         cfg.prompt.source_bank = resolve_bank(cfg.prompt.source_bank, cfg.tracking.tracking_uri)
     preflight(cfg)
+    logger = None if args.no_tracking else train_run_logger(cfg)
     out_dir = Path(args.output_dir or Path("crosspt_runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(config_to_yaml(cfg))
 
-    def on_report(m, _ckpt):
+    def on_report(m, ckpt):
         print(f"epoch {m['epoch']:3d}  loss {m['train_loss']:.4f}  val {m['val_score']:.4f}  "
               f"best {m['best_val_score']:.4f}  ({m['epoch_s']:.1f}s)", flush=True)
+        if logger:
+            logger.log_epoch(m, ckpt)
 
-    result = train(cfg, output_dir=out_dir, resume_from=args.resume_from, on_report=on_report)
+    try:
+        result = train(cfg, output_dir=out_dir, resume_from=args.resume_from, on_report=on_report,
+                       callbacks=[train_callback(logger)] if logger else None)
+    except BaseException as e:
+        if logger:
+            logger.finish("FAILED", error=f"{type(e).__name__}: {e}")
+        raise
+    if logger:
+        logger.finish("FINISHED")
     summary = {k: result[k] for k in ("metrics", "trainable_params", "total_params", "wall_s", "config_hash",
                                       "best_epoch", "epochs_run", "seed")}
     print(format_result(summary))
     print(f"outputs: {out_dir}")
+    if logger:
+        print(f"mlflow run: {logger.run_id} ({logger.uri}, experiment {cfg.tracking.experiment})")
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def train_run_logger(cfg):
+    """The MLflow run of one `crosspt train`: the same params (inactive keys marked), config, dataset
+    inputs, provenance tags, per-epoch metrics and prompt artifacts as a search's child run, without the
+    parent and trial tags."""
+    from crosspt.config.schema import config_hash, config_to_yaml
+    from crosspt.registry import tracking as T
+    from crosspt.run.loop import prepare_data
+    from crosspt.search.params import trial_params
+
+    uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    T.check_reachable(uri)
+    logger = T.TrialLogger(uri, T.ensure_experiment(uri, cfg.tracking.experiment), None, None, None,
+                           run_name=cfg.name)
+    _, splits = prepare_data(cfg)
+    logger.start({**trial_params(cfg), "config_hash": config_hash(cfg)}, config_to_yaml(cfg),
+                 datasets=T.split_datasets(splits, cfg.data.data_dir),
+                 tags={"crosspt.kind": "train", **T.provenance_tags(cfg.data.data_dir)})
+    return logger
 
 
 def format_result(summary: dict) -> str:
@@ -95,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where checkpoints and outputs go")
     p.add_argument("--output-json", help="write final metrics/params/wall time as JSON")
     p.add_argument("--resume-from", help="checkpoint folder of an earlier run with the same config")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri, "
+                                          "$MLFLOW_TRACKING_URI, else sqlite ./mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     p.set_defaults(func=cmd_train)
 
     _register_optional(sub)

@@ -207,8 +207,8 @@ class TrialLogger:
     `find` looks for the child run of this Tune trial id under the parent: a restored search `resume`s
     it (no duplicates), else `start` creates it."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_number: int,
-                 run_name: str):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str | None, trial_id: str | None,
+                 trial_number: int | None, run_name: str):
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.trial_id, self.trial_number, self.run_name = trial_id, trial_number, run_name
         self.run_id: str | None = None
@@ -234,11 +234,14 @@ class TrialLogger:
               datasets: list | None = None) -> str:
         """Create this trial's child run with its params, tags, dataset inputs and config."""
         c = client(self.uri)
-        run = c.create_run(self.experiment_id, run_name=self.run_name,
-                           tags={"mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: self.trial_id,
-                                 "crosspt.trial_number": str(self.trial_number), **(tags or {})})
+        # a single `crosspt train` run has no parent and no trial: the same run, without the search tags
+        trial_tags = {} if self.parent_run_id is None else {
+            "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: self.trial_id,
+            "crosspt.trial_number": str(self.trial_number)}
+        run = c.create_run(self.experiment_id, run_name=self.run_name, tags={**trial_tags, **(tags or {})})
         self.run_id = run.info.run_id
-        log_params(c, self.run_id, {**params, "trial_number": self.trial_number})
+        log_params(c, self.run_id, {**params, **({} if self.trial_number is None else
+                                                  {"trial_number": self.trial_number})})
         if datasets:
             c.log_inputs(self.run_id, datasets=datasets)
         c.log_text(self.run_id, redact(config_yaml), "config.yaml")
@@ -284,6 +287,21 @@ class TrialLogger:
         for k, v in (tags or {}).items():
             c.set_tag(self.run_id, k, str(v))
         c.set_terminated(self.run_id, status)
+
+
+def train_callback(logger: TrialLogger):
+    """A Ray Train callback (runs in the Train controller) that logs rank 0's reports to `logger`'s run."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class MlflowReport(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if checkpoint is None:
+                logger.log_epoch(metrics[0], None)
+                return
+            with checkpoint.as_directory() as d:
+                logger.log_epoch(metrics[0], d)
+
+    return MlflowReport()
 
 
 def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):

@@ -66,21 +66,6 @@ class TuneSession(Session):
         tune.report(metrics, checkpoint=ckpt)
 
 
-def _train_callback(logger: T.TrialLogger):
-    """A Ray Train callback (runs in the Train controller) that logs rank 0's reports to MLflow."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class MlflowReport(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if checkpoint is None:
-                logger.log_epoch(metrics[0], None)
-                return
-            with checkpoint.as_directory() as d:
-                logger.log_epoch(metrics[0], d)
-
-    return MlflowReport()
-
-
 def _resumable_optuna_search():
     """`OptunaSearch` that tells the study how each trial really ended, and survives a restore.
 
@@ -249,7 +234,7 @@ def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger) -> N
     from crosspt.run.loop import ray_worker_loop
 
     s = cfg.scaling
-    callbacks = [TuneReportCallback()] + ([_train_callback(logger)] if logger else [])
+    callbacks = [TuneReportCallback()] + ([T.train_callback(logger)] if logger else [])
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "fault": ctx.get("fault")},

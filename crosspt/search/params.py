@@ -23,7 +23,7 @@ ROUTING_KEYS = frozenset({"prompt.composition", "prompt.top_k", "prompt.router",
                           "prompt.temperature.start", "prompt.temperature.floor", "prompt.temperature.rate"})
 
 
-def inactive_keys(cfg: RunConfig, space: SearchSpace, sampled: dict[str, Any]) -> set[str]:
+def inactive_keys(cfg: RunConfig, space: SearchSpace | None = None, sampled: dict[str, Any] | None = None) -> set[str]:
     """Config keys that do not act in `cfg` and were not sampled: source and routing keys without
     sources or routing, `init_text` unless the init is text, and space factors whose `when:` failed."""
     p = cfg.prompt
@@ -34,11 +34,14 @@ def inactive_keys(cfg: RunConfig, space: SearchSpace, sampled: dict[str, Any]) -
         off |= ROUTING_KEYS
     if p.init != "text":
         off.add("prompt.init_text")
-    off |= set(space.space)
-    return off - set(sampled)
+    if space is not None:
+        off |= set(space.space)
+    return off - set(sampled or {})
 
 
-def trial_params(cfg: RunConfig, space: SearchSpace, sampled: dict[str, Any]) -> dict[str, Any]:
-    """The flat config of one trial with its inactive keys as `inactive`."""
+def trial_params(cfg: RunConfig, space: SearchSpace | None = None,
+                 sampled: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flat config of one trial (or of a single `crosspt train` run: no space, nothing sampled) with its
+    inactive keys as `inactive`."""
     off = inactive_keys(cfg, space, sampled)
     return {k: INACTIVE if k in off else v for k, v in flatten(cfg.model_dump(mode="json")).items()}
