@@ -271,3 +271,14 @@ def test_search_identity_is_experiment_and_space_name(tmp_path):
     local.write_state({"parent_run_id": "q"})
     assert (tmp_path / "uri" / "smoke--mine" / "crosspt_search.json").is_file() and local.read_state()["parent_run_id"] == "q"
     assert not local.has_tune_state()
+
+
+def test_runs_page_link_opens_the_runs_table_not_the_genai_overview():
+    """MLflow 3.17's UI defaults to its GenAI workflow, which wins over the experimentKind tag: the link the
+    search prints names the model-training workflow and the runs tab."""
+    from crosspt.search.driver import runs_page
+
+    assert runs_page({"tracking_uri": "http://127.0.0.1:5055/", "experiment_id": "7"}) == \
+        "http://127.0.0.1:5055/#/experiments/7/runs?workflowType=machine_learning"
+    assert runs_page({"tracking_uri": "sqlite:////x/mlflow.db", "experiment_id": "1"}).startswith(
+        "http://127.0.0.1:5000/#/experiments/1/runs?")

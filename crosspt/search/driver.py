@@ -793,8 +793,18 @@ def format_summary(summary: dict, objective: str) -> str:
     lines.append(f"MLflow: {summary['tracking_uri']}  experiment '{summary['experiment']}'  "
                  f"parent run {summary['parent_run_id']}"
                  + (f"  best child run {summary['best_run_id']}" if summary.get("best_run_id") else ""))
+    lines.append(f"MLflow UI: {runs_page(summary)}")
     lines.append(f"Ray results: {summary['storage']}")
     return "\n".join(lines)
+
+
+def runs_page(summary: dict) -> str:
+    """Where the search's runs table is in the MLflow UI. MLflow 3.17's UI has a global GenAI / Model
+    training switch (GenAI by default) that wins over the experiment's `mlflow.experimentKind` tag, so the
+    link names the workflow; for a sqlite store, behind `mlflow ui --backend-store-uri URI`."""
+    uri = summary["tracking_uri"]
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{summary['experiment_id']}/runs?workflowType=machine_learning"
 
 
 def _short(v: Any) -> str:
