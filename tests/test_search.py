@@ -111,6 +111,7 @@ def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
     c = T.client(uri)
     exp = c.get_experiment(summary["experiment_id"])
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert exp.tags.get("mlflow.note.content", "").startswith("crosspt search `")
     parent = c.get_run(summary["parent_run_id"])
     note = parent.data.tags["mlflow.note.content"]
     assert "Budget:" in note and "Best trial" in note and summary["best"]["trial_id"] in note, note

@@ -453,6 +453,9 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                               tags={T.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
                                     NOTE_TAG: parent_note(space), **T.provenance_tags(data_dir)})
         parent_run_id = parent.info.run_id
+        if not c.get_experiment(experiment_id).tags.get(NOTE_TAG):   # the experiments list shows this line
+            c.set_experiment_tag(experiment_id, NOTE_TAG, f"crosspt search `{search_name}`"
+                                 + (f": {space.description}" if space.description else ""))
         # at once: from here on a killed driver leaves a search that --resume can continue
         paths.write_state({"parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
                            "optuna": paths.optuna_url, "experiment": exp_name})
