@@ -402,73 +402,29 @@ def _kill_point(point: str) -> None:
 def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: str | None = None,
                tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
                overwrite: bool = False, verbose: int = 1) -> dict:
-    """Run (or resume) a search to the end; returns a summary with the best trial."""
-    from crosspt.run.trainer import init_ray, preflight
-    from crosspt.tasks.data import resolve_data_dir
+    """Run (or resume) a search to the end; returns a summary with the best trial.
+
+    Steps: check every input before anything starts (`_checked_inputs`), claim the search's saved state
+    (`_claim_state`: refuse, overwrite or read it), resolve `models:/` banks once, open the parent run (a new
+    one, or the killed driver's, reconciled), then Tune; the parent ends FINISHED, or FAILED with the error."""
+    from crosspt.run.trainer import init_ray
 
     t0 = time.time()
-    base = space.base_config()
-    data_dir = resolve_data_dir(data_dir or base.data.data_dir)
-    if data_dir:
-        data_dir = str(Path(data_dir).expanduser().resolve())
-        base.data.data_dir = data_dir
-    preflight(base)                                       # unknown task/backbone/missing data: fail now
-    uri = T.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
-    T.check_reachable(uri)
-    fault = os.environ.get(FAULT_ENV) or None             # testing hook, forwarded to every trial
-    try:
-        parse_faults(fault)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if os.environ.get(KILL_ENV, KILL_POINTS[0]) not in KILL_POINTS:
-        raise ConfigError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: use one of {', '.join(KILL_POINTS)}")
+    base, uri, data_dir, fault = _checked_inputs(space, data_dir, tracking_uri)
     exp_name = experiment or (base.tracking.experiment if base.tracking.experiment != "crosspt" else space.name)
-    search_name = space.name
     paths = search_paths(space, storage_path, uri, exp_name)
-
-    if paths.exists() and not resume:
-        if not overwrite:
-            raise ConfigError(f"search '{search_name}' in experiment '{exp_name}' already has saved state in "
-                              f"{paths.root}; pass --resume to continue it or --overwrite to start it again")
-        paths.remove()
-        _delete_study(paths)
-    state = paths.read_state() if resume else None
-    if resume and state is None:
-        raise ConfigError(f"nothing to resume: no search '{search_name}' in experiment '{exp_name}' "
-                          f"({paths.root})")
+    state = _claim_state(paths, space.name, exp_name, resume, overwrite)
     from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
     trial_space = resolve_space_banks(space, uri, dest_dir=_banks_dir(paths))
 
     experiment_id = T.ensure_experiment(uri, exp_name)
     c = T.client(uri)
     if resume:
-        parent_run_id = state["parent_run_id"]
-        c.update_run(parent_run_id, status="RUNNING")
-        c.set_tag(parent_run_id, "crosspt.resumes", str(int(c.get_run(parent_run_id).data.tags.get("crosspt.resumes", "0")) + 1))
-        # child runs a killed driver left RUNNING: trials Tune never recorded are orphans (closed now);
-        # trials it recorded as unfinished are resumed below and continue their own child run
-        reconcile_child_runs(uri, experiment_id, parent_run_id, tune_trials(paths.root))
+        parent_run_id = _reopen_parent(c, uri, experiment_id, state["parent_run_id"], paths)
     else:
-        parent = c.create_run(experiment_id, run_name=f"search-{search_name}",
-                              tags={T.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
-                                    NOTE_TAG: parent_note(space), **T.provenance_tags(data_dir)})
-        parent_run_id = parent.info.run_id
-        if not c.get_experiment(experiment_id).tags.get(NOTE_TAG):   # the experiments list shows this line
-            c.set_experiment_tag(experiment_id, NOTE_TAG, f"crosspt search `{search_name}`"
-                                 + (f": {space.description}" if space.description else ""))
-        # at once: from here on a killed driver leaves a search that --resume can continue
-        paths.write_state({"parent_run_id": parent_run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-                           "optuna": paths.optuna_url, "experiment": exp_name})
-        T.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
-                                        "search.algorithm": space.search.algorithm,
-                                        "search.num_samples": space.budget.num_samples,
-                                        "search.scheduler": space.scheduler.type,
-                                        "objective.metric": space.objective.metric,
-                                        "objective.mode": space.objective.mode,
-                                        "space.keys": ",".join(space.space)})
-        c.log_text(parent_run_id, T.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
-                   "search_space.yaml")
-        c.log_inputs(parent_run_id, datasets=run_datasets(base))
+        parent_run_id = _open_parent(c, space, base, experiment_id, paths,
+                                     {"experiment_id": experiment_id, "tracking_uri": uri,
+                                      "optuna": paths.optuna_url, "experiment": exp_name})
     restore = resume and paths.has_tune_state()
     if resume and not restore:
         # the driver died before Tune saved any trial: the trials start afresh under the same parent run,
@@ -490,6 +446,84 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     _log_parent(c, parent_run_id, summary, paths, space)
     c.set_terminated(parent_run_id, "FINISHED")
     return summary
+
+
+def _checked_inputs(space: SearchSpace, data_dir: str | None, tracking_uri: str | None):
+    """Everything a search needs that can be wrong, checked before Ray starts or a run is created:
+    `(base config, tracking URI, data folder, CROSSPT_FAULT spec)`."""
+    from crosspt.run.trainer import preflight
+    from crosspt.tasks.data import resolve_data_dir
+
+    base = space.base_config()
+    data_dir = resolve_data_dir(data_dir or base.data.data_dir)
+    if data_dir:
+        data_dir = str(Path(data_dir).expanduser().resolve())
+        base.data.data_dir = data_dir
+    preflight(base)                                       # unknown task/backbone/missing data: fail now
+    uri = T.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
+    T.check_reachable(uri)
+    fault = os.environ.get(FAULT_ENV) or None             # testing hook, forwarded to every trial
+    try:
+        parse_faults(fault)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if os.environ.get(KILL_ENV, KILL_POINTS[0]) not in KILL_POINTS:
+        raise ConfigError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: use one of {', '.join(KILL_POINTS)}")
+    return base, uri, data_dir, fault
+
+
+def _claim_state(paths: SearchPaths, search_name: str, exp_name: str, resume: bool, overwrite: bool):
+    """The saved state of this search identity: refused without --resume/--overwrite, removed with
+    --overwrite, read with --resume (None for a new search)."""
+    if paths.exists() and not resume:
+        if not overwrite:
+            raise ConfigError(f"search '{search_name}' in experiment '{exp_name}' already has saved state in "
+                              f"{paths.root}; pass --resume to continue it or --overwrite to start it again")
+        paths.remove()
+        _delete_study(paths)
+    if not resume:
+        return None
+    state = paths.read_state()
+    if state is None:
+        raise ConfigError(f"nothing to resume: no search '{search_name}' in experiment '{exp_name}' "
+                          f"({paths.root})")
+    return state
+
+
+def _reopen_parent(c, uri: str, experiment_id: str, parent_run_id: str, paths: SearchPaths) -> str:
+    """The killed driver's parent run, RUNNING again; its child runs reconciled with Tune's state."""
+    c.update_run(parent_run_id, status="RUNNING")
+    c.set_tag(parent_run_id, "crosspt.resumes", str(int(c.get_run(parent_run_id).data.tags.get("crosspt.resumes", "0")) + 1))
+    # child runs a killed driver left RUNNING: trials Tune never recorded are orphans (closed now);
+    # trials it recorded as unfinished are resumed below and continue their own child run
+    reconcile_child_runs(uri, experiment_id, parent_run_id, tune_trials(paths.root))
+    return parent_run_id
+
+
+def _open_parent(c, space: SearchSpace, base: RunConfig, experiment_id: str, paths: SearchPaths,
+                 state: dict) -> str:
+    """A new search's parent run (description, params, space, dataset inputs); the saved state names it."""
+    search_name = space.name
+    parent = c.create_run(experiment_id, run_name=f"search-{search_name}",
+                          tags={T.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
+                                NOTE_TAG: parent_note(space), **T.provenance_tags(base.data.data_dir)})
+    parent_run_id = parent.info.run_id
+    if not c.get_experiment(experiment_id).tags.get(NOTE_TAG):   # the experiments list shows this line
+        c.set_experiment_tag(experiment_id, NOTE_TAG, f"crosspt search `{search_name}`"
+                             + (f": {space.description}" if space.description else ""))
+    # at once: from here on a killed driver leaves a search that --resume can continue
+    paths.write_state({"parent_run_id": parent_run_id, **state})
+    T.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
+                                    "search.algorithm": space.search.algorithm,
+                                    "search.num_samples": space.budget.num_samples,
+                                    "search.scheduler": space.scheduler.type,
+                                    "objective.metric": space.objective.metric,
+                                    "objective.mode": space.objective.mode,
+                                    "space.keys": ",".join(space.space)})
+    c.log_text(parent_run_id, T.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
+               "search_space.yaml")
+    c.log_inputs(parent_run_id, datasets=run_datasets(base))
+    return parent_run_id
 
 
 @dataclass
