@@ -5,12 +5,19 @@ Fast: the `scaling.gpus_per_worker` rules and the concurrency arithmetic over gi
 heads started here (fake GPUs: Ray schedules `--num-gpus` without CUDA behind them)."""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from crosspt.config.schema import ScalingConfig, config_hash, load_config
 from crosspt.config.space import SearchSpace
 from crosspt.errors import ConfigError
-from crosspt.search.driver import derive_concurrency, trial_resources, trials_that_fit
+from crosspt.registry import tracking as T
+from crosspt.search.driver import derive_concurrency, run_search, trial_resources, trials_that_fit
 
 
 # ---- fast: the config rules ----------------------------------------------------------------------------
@@ -98,3 +105,109 @@ def test_explicit_concurrency_is_capped_by_what_fits():
 def test_trials_that_fit_counts_whole_trials_of_workers():
     assert trials_that_fit([_node(CPU=5)], {"CPU": 1.0}, num_workers=2) == 2
     assert trials_that_fit([_node(CPU=1, GPU=1)] * 3, {"CPU": 1.0, "GPU": 1.0}, num_workers=2) == 1
+
+
+# ---- slow: four trials on one (fake) GPU ---------------------------------------------------------------
+@contextlib.contextmanager
+def joined(address: str):
+    """This process as a driver of the cluster at `address` (and out of it afterwards)."""
+    import ray
+
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.environ.pop("RAY_ADDRESS") if old is None else os.environ.__setitem__("RAY_ADDRESS", old)
+
+
+def _placement_probe():
+    """The probe trainable, built here so Ray pickles it by value (workers cannot import this test
+    module)."""
+    def probe(config: dict) -> None:
+        """A Tune trial that records where Ray placed it: its GPU ids, its time window, and the device the
+        crosspt trial session picks (CPU: no CUDA behind the fake GPU). It waits (bounded) until all
+        `config["n"]` probes have started, so the window check cannot pass by luck of timing."""
+        import ray
+        import torch
+        from ray import tune
+
+        from crosspt.search.driver import TuneSession
+
+        start = time.time()
+        device = TuneSession(None, use_gpu=True).device()
+        x = torch.ones(4, device=device) * 2                   # the loop's tensors live on that device
+        barrier = Path(config["dir"])
+        (barrier / f"{tune.get_context().get_trial_id()}.started").touch()
+        while len(list(barrier.glob("*.started"))) < config["n"] and time.time() - start < 60:
+            time.sleep(0.2)
+        tune.report({"start": start, "end": time.time(), "device": str(device), "sum": float(x.sum()),
+                     "gpu_ids": json.dumps([str(g) for g in ray.get_gpu_ids()]),
+                     "accelerator_ids": json.dumps(ray.get_runtime_context().get_accelerator_ids().get("GPU", [])),
+                     "cuda_available": torch.cuda.is_available()})
+
+    return probe
+
+
+@pytest.mark.slow
+def test_four_trials_share_one_fake_gpu(tiny_t5_path, data_dir, tmp_path, monkeypatch):
+    """A head with 1 (fake) GPU and 4 CPUs: at `gpus_per_worker: 0.25` the derived concurrency is 4, four
+    trials run at once, all on GPU id 0, each on CPU inside (torch.cuda is not available); a real crosspt
+    search at that share finishes its four trials with overlapping child runs."""
+    from ray import tune
+
+    from ray_cluster import RayHead
+    from test_search import tiny_space
+
+    monkeypatch.chdir(tmp_path)
+    head = RayHead(tmp_path, num_cpus=4, num_gpus=1)
+    try:
+        with joined(head.address):
+            from crosspt.run.trainer import init_ray
+
+            init_ray()
+            space = _with_scaling(tiny_space(tiny_t5_path, "fracgpu", num_samples=4), use_gpu=True,
+                                  gpus_per_worker=0.25)
+            cfg = space.base_config()
+            assert derive_concurrency(space, cfg) == 4
+            (tmp_path / "barrier").mkdir()
+            tuner = tune.Tuner(tune.with_resources(_placement_probe(), trial_resources(cfg)),
+                               param_space={"dir": str(tmp_path / "barrier"), "n": 4},
+                               tune_config=tune.TuneConfig(num_samples=4, max_concurrent_trials=derive_concurrency(space, cfg)),
+                               run_config=tune.RunConfig(name="probe", storage_path=str(tmp_path / "probe"), verbose=0))
+            results = tuner.fit()
+            assert not results.errors, results.errors
+            rows = [r.metrics for r in results]
+            t0 = min(m["start"] for m in rows)
+            print("\nplacement at gpus_per_worker=0.25 on 1 fake GPU:")
+            for m in sorted(rows, key=lambda m: m["start"]):
+                print(f"  trial {m['trial_id']}: gpu_ids={m['gpu_ids']} accelerator_ids={m['accelerator_ids']} "
+                      f"device={m['device']} cuda={m['cuda_available']} window "
+                      f"{m['start'] - t0:+.1f}s..{m['end'] - t0:+.1f}s")
+            assert len(rows) == 4
+            assert all(json.loads(m["gpu_ids"]) == ["0"] for m in rows), rows
+            assert all(json.loads(m["accelerator_ids"]) == ["0"] for m in rows), rows
+            assert all(m["device"] == "cpu" and not m["cuda_available"] for m in rows)
+            assert max(m["start"] for m in rows) < min(m["end"] for m in rows), "the four trials did not overlap"
+
+            uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+            summary = run_search(space, data_dir=str(data_dir), tracking_uri=uri,
+                                 storage_path=str(tmp_path / "ray_results"), verbose=0)
+        assert summary["num_trials"] == 4 and summary["num_failed"] == 0
+        children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+        assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+        assert all(r.data.params["scaling.gpus_per_worker"] == "0.25" for r in children)
+        windows = sorted((r.info.start_time, r.info.end_time) for r in children)
+        print("search child runs (s from the first start): "
+              + ", ".join(f"{(a - windows[0][0]) / 1e3:.1f}..{(b - windows[0][0]) / 1e3:.1f}" for a, b in windows))
+        assert max(a for a, _ in windows) < min(b for _, b in windows), "the search's trials did not run at once"
+    finally:
+        head.stop()
+
+
+def _with_scaling(space: SearchSpace, **scaling) -> SearchSpace:
+    tree = space.model_dump(mode="json")
+    tree["base"]["scaling"].update(scaling)
+    return SearchSpace.model_validate(tree)
