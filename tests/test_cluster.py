@@ -8,10 +8,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from crosspt.config.schema import ScalingConfig, config_hash, load_config
 from crosspt.config.space import SearchSpace
@@ -211,3 +215,84 @@ def _with_scaling(space: SearchSpace, **scaling) -> SearchSpace:
     tree = space.model_dump(mode="json")
     tree["base"]["scaling"].update(scaling)
     return SearchSpace.model_validate(tree)
+
+
+# ---- slow: a head and a worker node, no shared disk for Tune or MLflow ----------------------------------
+@pytest.mark.slow
+def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_dir, tmp_path, monkeypatch):
+    """A head that offers no CPUs (nothing but GCS, the driver's home) and a worker node on its own loopback
+    address that has neither the S3 nor the MLflow settings in its environment (they reach its trials only
+    through the driver's runtime_env). Tune keeps its state in an S3 bucket (moto), MLflow runs behind
+    `mlflow server` with proxied artifacts. The `crosspt search` driver is SIGKILLed once a trial has
+    finished; `--resume` reads the search's state back from the bucket and finishes: every trial ran on
+    the worker node, every child run is FINISHED, checkpoints and experiment state are in the bucket."""
+    from ray_cluster import MlflowServer, RayHead, RayNode, S3Server
+    from test_reliability import cli_env, run, tiny_tree, trial_runs, wait_for
+
+    t0 = time.time()
+    s3, mlflow_server = S3Server(tmp_path), MlflowServer(tmp_path)
+    head = RayHead(tmp_path, num_cpus=0, node_ip="127.0.0.2", resources={"head": 1})
+    node = RayNode(head, tmp_path, node_ip="127.0.0.3", num_cpus=2, drop=("AWS_", "MLFLOW_"))
+    driver = None
+    try:
+        samples, epochs, name = 4, 2, "multinode"
+        space = tmp_path / "space.yaml"
+        space.write_text(yaml.safe_dump(tiny_tree(tiny_t5_path, name, samples=samples, epochs=epochs)))
+        storage = f"s3://{s3.bucket}/ray_results"
+        env = cli_env(RAY_ADDRESS=head.address, CROSSPT_DATA_DIR=str(data_dir), **s3.env)
+        cmd = [sys.executable, "-m", "crosspt.cli", "search", "--space", str(space),
+               "--tracking-uri", mlflow_server.url, "--storage-path", storage]
+        db = tmp_path / "server.db"                              # the MLflow server's own store, read-only here
+        log = tmp_path / "driver1.log"
+        with open(log, "w") as out:
+            driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        state_key = f"ray_results/{name}/experiment_state"
+        wait_for(lambda: any(s == "FINISHED" for _, s, _, _ in trial_runs(db))
+                 and any(k.startswith(state_key) for k in s3.keys(f"ray_results/{name}/")),
+                 150, "a FINISHED trial in MLflow and Tune's state in the bucket", driver, log, every=1)
+        os.killpg(driver.pid, signal.SIGKILL)                    # the driver dies: no cleanup at all
+        driver.wait(30)
+        killed_at = time.time() - t0
+        finished_before = sum(s == "FINISHED" for _, s, _, _ in trial_runs(db))
+
+        t1 = time.time()
+        out = run([*cmd, "--resume", "--summary-json", str(tmp_path / "resumed.json")], env, tmp_path, 180)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        resume_s = time.time() - t1
+        summary = json.loads((tmp_path / "resumed.json").read_text())
+        assert summary["num_trials"] == samples and summary["num_failed"] == 0
+        assert all(t["status"] == "FINISHED" and t["epochs"] == epochs for t in summary["trials"]), summary["trials"]
+
+        # MLflow: one FINISHED child run per trial, nothing RUNNING, artifacts stored by the server
+        children = T.child_runs(mlflow_server.url, summary["experiment_id"], summary["parent_run_id"])
+        assert sorted(r.data.tags[T.TRIAL_TAG] for r in children) == sorted(t["trial_id"] for t in summary["trials"])
+        assert all(r.info.status == "FINISHED" for r in children), [(r.info.run_name, r.info.status) for r in children]
+        assert T.client(mlflow_server.url).get_run(summary["parent_run_id"]).info.status == "FINISHED"
+        assert len(list((tmp_path / "server_artifacts").rglob("prompts.safetensors"))) >= samples
+
+        # the bucket: the search's state, Tune's experiment state and every trial's checkpoints
+        keys = s3.keys(f"ray_results/{name}/")
+        assert f"ray_results/{name}/crosspt_search.json" in keys and f"ray_results/{name}/tuner.pkl" in keys
+        assert any(k.startswith(state_key) for k in keys)
+        ckpt_trials = {k.split("/")[2] for k in keys if "/checkpoint_" in k}
+        assert len(ckpt_trials) == samples, sorted(ckpt_trials)
+
+        # where the trials ran: Tune's record (read back from the bucket) of each trial's node
+        from crosspt.search.driver import tune_trials
+
+        for k, v in s3.env.items():                              # pyarrow reads the bucket's endpoint from env
+            monkeypatch.setenv(k, v)
+        per_node: dict[str, int] = {}
+        for t in tune_trials(f"{storage}/{name}"):
+            ip = (t.last_result or {}).get("node_ip", "?")
+            per_node[ip] = per_node.get(ip, 0) + 1
+        assert per_node == {"127.0.0.3": samples}, per_node
+        print(f"\nmulti-node: trials per node {per_node}; driver killed at {killed_at:.0f}s with {finished_before} "
+              f"FINISHED; resume {resume_s:.0f}s -> {samples} trials FINISHED; {len(keys)} objects in the bucket "
+              f"({len(ckpt_trials)} trials with checkpoints); wall {time.time() - t0:.0f}s")
+    finally:
+        if driver is not None and driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        for service in (node, head, mlflow_server, s3):
+            service.stop()
