@@ -68,6 +68,23 @@ def test_train_worker_group_asks_the_gpu_share():
     assert sc.resources_per_worker == {"CPU": 3.0, "GPU": 0.5}
 
 
+def test_driver_credentials_reach_workers_unless_the_job_sets_them(monkeypatch):
+    """init_ray's runtime_env: the driver's MLFLOW_TRACKING_* and AWS_* join the env vars every worker of
+    the job gets (explicit ones win); under `ray job submit` a variable the job already sets is left out
+    (Ray refuses the same key from job and driver)."""
+    from crosspt.run.trainer import _not_in_job_env, with_forwarded_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("UNRELATED_SECRET", "no")
+    env = with_forwarded_env({"env_vars": {"MLFLOW_TRACKING_URI": "http://m:5000", "AWS_ENDPOINT_URL": "http://s3"}})
+    assert env["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "pw" and "UNRELATED_SECRET" not in env["env_vars"]
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://s3" and env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://m:5000"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": "x"}}}))
+    assert "MLFLOW_TRACKING_URI" not in _not_in_job_env(env)["env_vars"]
+    assert _not_in_job_env(env)["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "pw"
+
+
 # ---- fast: how many trials the cluster can place -------------------------------------------------------
 def _node(alive: bool = True, **resources) -> dict:
     return {"Alive": alive, "Resources": {k: float(v) for k, v in resources.items()}}
@@ -221,8 +238,9 @@ def _with_scaling(space: SearchSpace, **scaling) -> SearchSpace:
 @pytest.mark.slow
 def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_dir, tmp_path, monkeypatch):
     """A head that offers no CPUs (nothing but GCS, the driver's home) and a worker node on its own loopback
-    address that has neither the S3 nor the MLflow settings in its environment (they reach its trials only
-    through the driver's runtime_env). Tune keeps its state in an S3 bucket (moto), MLflow runs behind
+    address that has neither the S3 nor the MLflow settings in its environment (none is needed there: Tune
+    ships its storage filesystem to the trials, MLflow goes through the server). Tune keeps its state in an
+    S3 bucket (moto), MLflow runs behind
     `mlflow server` with proxied artifacts. The `crosspt search` driver is SIGKILLed once a trial has
     finished; `--resume` reads the search's state back from the bucket and finishes: every trial ran on
     the worker node, every child run is FINISHED, checkpoints and experiment state are in the bucket."""
