@@ -22,7 +22,7 @@ MFU: the backbone is frozen, so the backward pass computes activation gradients 
 gradients): FLOPs/step = 4 x (N_enc x encoder tokens + (N_dec + V*d) x decoder tokens), i.e. 2N forward +
 2N backward per token instead of the usual 6N, where N_enc / N_dec are the non-embedding parameters of
 the encoder / decoder stacks, V*d the (tied) LM-head projection applied to decoder tokens, and encoder
-tokens include the prompt. Attention-score FLOPs (QK^T, AV) are not counted. Peak: H100 SXM bf16 dense
+tokens include the prompt. Attention-score FLOPs (QK^T, AV) are not counted. Peak: H100 / H200 SXM bf16 dense
 989 TFLOP/s (--peak-tflops).
 """
 from __future__ import annotations
