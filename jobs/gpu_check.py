@@ -1,10 +1,18 @@
-"""GPU check: CrossPT vs prompt tuning training throughput on a T5-base-sized frozen model (random weights).
+"""GPU check: CrossPT vs prompt tuning training throughput on a T5-base-sized frozen model (random weights),
+where its time goes (torch.profiler, top 10 ops), and how many trials one GPU runs at once.
 
-    python jobs/gpu_check.py            # one GPU, bf16 autocast, < 5 min on an H100
+    python jobs/gpu_check.py            # one GPU, bf16 autocast: all three parts, < 8 min on an H100/H200
     python jobs/gpu_check.py --tiny     # tiny config, a few steps, CPU is fine (checks that it runs)
+    python jobs/gpu_check.py --tiny --concurrency 1,2   # the concurrency part too, on CPU
 
-Needs only torch + transformers + crosspt's method and backbone layers: no hub download (the model is
-built from a T5Config), no tokenizer (batches are random token ids), no Ray / MLflow / Optuna / datasets.
+1. Step time and MFU, PT vs CrossPT: needs only torch + transformers + crosspt's method and backbone layers
+   (the model is built from a T5Config, batches are random token ids; no Ray / MLflow / Optuna / datasets).
+2. Profile: a few CrossPT steps under torch.profiler, the 10 ops with the most self (CUDA) time.
+3. Concurrency (`--concurrency 1,2,4,8`, default on a GPU): for each c a real `crosspt` search (Ray Tune +
+   Optuna + MLflow in a temp folder) of `--waves` x c trials at `scaling.gpus_per_worker = 1/c` on the same
+   random T5-base-shaped model saved to disk (with a small word-level tokenizer) and a synthetic SST-2 of
+   a few dozen rows: trials/hour and the GPU memory the trials held at their peak (device-wide, less what
+   was in use before the search).
 
 Compared at equal composed prompt length: CrossPT = 4 sources x 25 + private 25, `cat` (125 tokens), task
 router; PT = one private prompt of 125 tokens. Both train only the prompt (+ router) with AdamW, through
@@ -14,7 +22,7 @@ MFU: the backbone is frozen, so the backward pass computes activation gradients 
 gradients): FLOPs/step = 4 x (N_enc x encoder tokens + (N_dec + V*d) x decoder tokens), i.e. 2N forward +
 2N backward per token instead of the usual 6N, where N_enc / N_dec are the non-embedding parameters of
 the encoder / decoder stacks, V*d the (tied) LM-head projection applied to decoder tokens, and encoder
-tokens include the prompt. Attention-score FLOPs (QK^T, AV) are not counted. Peak: H100 SXM bf16 dense
+tokens include the prompt. Attention-score FLOPs (QK^T, AV) are not counted. Peak: H100 / H200 SXM bf16 dense
 989 TFLOP/s (--peak-tflops).
 """
 from __future__ import annotations
@@ -49,9 +57,17 @@ def parse_args(argv=None):
     p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
                    help="frozen weights kept in fp32 (bf16 autocast casts them each step) or stored in bf16")
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa | eager)")
+    p.add_argument("--profile-steps", type=int, default=5, help="CrossPT steps under torch.profiler (0: skip)")
+    p.add_argument("--concurrency", default=None,
+                   help="trials per GPU to measure, e.g. 1,2,4,8 (default on a GPU; '' or none on CPU)")
+    p.add_argument("--waves", type=int, default=2, help="trials per level = waves x concurrency")
+    p.add_argument("--search-epochs", type=int, default=2)
     a = p.parse_args(argv)
     if a.tiny:
         a.batch, a.seq, a.target_len, a.sources, a.source_len, a.private_len = 4, 16, 2, 2, 3, 3
+    on_gpu = torch.cuda.is_available() and not a.cpu
+    text = a.concurrency if a.concurrency is not None else ("1,2,4,8" if on_gpu and not a.tiny else "")
+    a.concurrency = [int(c) for c in text.split(",") if c.strip()]
     return a
 
 
@@ -176,9 +192,151 @@ def main(argv=None) -> dict:
                      "mfu": flops / med / (a.peak_tflops * 1e12)}
     res["step_time_ratio"] = res["crosspt"]["median_step_s"] / res["pt"]["median_step_s"]
     res["peak_mem_ratio"] = (res["crosspt"]["peak_mem_bytes"] / res["pt"]["peak_mem_bytes"]) if use_gpu else None
+    if a.profile_steps:
+        res["profile"] = profile_ops(lambda: run("crosspt", 1), a.profile_steps, use_gpu)
+    if a.concurrency:
+        res["concurrency"] = measure_concurrency(model, a, use_gpu)
     res["wall_s"] = time.time() - t0
     print(render(res, a))
     return res
+
+
+def profile_ops(step, n: int, use_gpu: bool, top: int = 10) -> list[dict]:
+    """`n` calls of `step` under torch.profiler: the `top` ops by self time on the device (CUDA kernels'
+    time on a GPU, CPU time on CPU), each with its share of the profiled total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()                                           # warm: no first-call allocations in the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+    key = "self_device_time_total" if use_gpu else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"op": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / n, "share": getattr(e, key) / total,
+             "calls_per_step": e.count / n} for e in events[:top]]
+
+
+# ---- trials per GPU: a real crosspt search per concurrency level --------------------------------------
+WORDS = ("good great fine lovely charming moving bad dull awful boring weak flat the a film movie story "
+         "plot actor it is was and but very not quite").split()
+
+
+def write_backbone(model, folder: Path) -> Path:
+    """The (random) model and a word-level tokenizer over `WORDS` and the sst2 label words, T5 flavour:
+    `[PAD]` 0 = pad = decoder start, `[SEP]` 1 = eos appended to every sequence, `[UNK]` 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[SEP]": 1, "[UNK]": 2}
+    for w in (*WORDS, "negative", "positive", "sst2", ":", ".", ","):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A [SEP]", pair="$A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[SEP]", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[SEP]", unk_token="[UNK]",
+                                   model_max_length=512)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def write_sst2(data_dir: Path, rows: int = 64) -> Path:
+    """A synthetic `glue_data/SST-2` (train.tsv, dev.tsv): the layout crosspt reads, no download."""
+    import random
+
+    rng = random.Random(0)
+    folder = data_dir / "glue_data" / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train.tsv", "dev.tsv"):
+        lines = ["sentence\tlabel"] + [f"{' '.join(rng.choices(WORDS, k=12))}\t{i % 2}" for i in range(rows)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return data_dir
+
+
+def level_space(backbone: Path, c: int, a, use_gpu: bool):
+    """The search of one level: `waves x c` trials, `c` at once, each on 1/c of the GPU."""
+    from crosspt.config.space import SearchSpace
+
+    scaling = {"num_workers": 1, "in_process": True, "cpus_per_worker": 1, "use_gpu": use_gpu,
+               **({"gpus_per_worker": 1.0 / c} if use_gpu else {})}
+    return SearchSpace.model_validate({
+        "name": f"gpu-check-c{c}",
+        "base": {"tasks": ["sst2"], "backbone": {"name": str(backbone), "max_length": 64},
+                 "data": {"shots": 8, "max_test": 32}, "prompt": {"n_sources": a.sources,
+                 "source_len": a.source_len, "private_len": a.private_len},
+                 "train": {"batch_size": 8, "eval_batch_size": 32, "patience": None}, "scaling": scaling},
+        "space": {"optim.prompt_lr": {"type": "loguniform", "low": 1e-3, "high": 0.3}},
+        "objective": {"metric": "best_val_score", "mode": "max"},
+        "budget": {"num_samples": a.waves * c, "max_epochs": a.search_epochs},
+        "scheduler": {"type": "fifo"}, "resources": {"max_concurrent_trials": c},
+        "search": {"algorithm": "random", "seed": 0}})
+
+
+class DeviceMemoryPeak:
+    """Peak device-wide GPU memory in use (every process: the trials), sampled in a thread."""
+
+    def __init__(self, use_gpu: bool, every: float = 0.2):
+        import threading
+
+        self.use_gpu, self.every, self.peak = use_gpu, every, 0
+        self.baseline = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _used(self) -> int:
+        if not self.use_gpu:
+            return 0
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used())
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def trials_bytes(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+
+def measure_concurrency(model, a, use_gpu: bool) -> list[dict]:
+    """For each level c of `a.concurrency`: trials/hour and the trials' peak GPU memory of a real search."""
+    import tempfile
+
+    from crosspt.search.driver import run_search
+
+    if use_gpu:
+        torch.cuda.empty_cache()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        tmp = Path(tmp)
+        backbone = write_backbone(model.float(), tmp / "t5-base-shaped")
+        data_dir = write_sst2(tmp / "data")
+        for c in a.concurrency:
+            space = level_space(backbone, c, a, use_gpu)
+            with DeviceMemoryPeak(use_gpu) as mem:
+                t = time.time()
+                summary = run_search(space, data_dir=str(data_dir), tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+                                     storage_path=str(tmp / "ray_results"), verbose=0)
+                wall = time.time() - t
+            done = summary["num_trials"] - summary["num_failed"]
+            rows.append({"concurrency": c, "trials": summary["num_trials"], "failed": summary["num_failed"],
+                         "wall_s": wall, "trials_per_hour": done / wall * 3600,
+                         "gpu_mem_bytes": mem.trials_bytes, "gpu_mem_per_trial_bytes": mem.trials_bytes / c})
+    return rows
 
 
 def render(res: dict, a) -> str:
@@ -206,6 +364,18 @@ def render(res: dict, a) -> str:
     if res["peak_mem_ratio"] is not None:
         lines.append(f"peak memory ratio CrossPT / PT = {res['peak_mem_ratio']:.3f}; frozen weights "
                      f"{res['weights_bytes'] / gib:.2f} GiB")
+    if res.get("profile"):
+        lines += ["", f"torch.profiler, CrossPT step, top {len(res['profile'])} ops by self "
+                      f"{'CUDA' if res['device'] != 'cpu' else 'CPU'} time:",
+                  "| op | self ms / step | share | calls / step |", "|---|---|---|---|"]
+        lines += [f"| `{r['op']}` | {r['self_ms_per_step']:.2f} | {r['share'] * 100:.1f}% | {r['calls_per_step']:g} |"
+                  for r in res["profile"]]
+    if res.get("concurrency"):
+        lines += ["", "Trials per GPU (real crosspt search per level, scaling.gpus_per_worker = 1/c):",
+                  "| trials per GPU | trials (failed) | wall (s) | trials/hour | trials' peak GPU mem (GiB) | per trial (GiB) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['concurrency']} | {r['trials']} ({r['failed']}) | {r['wall_s']:.0f} | {r['trials_per_hour']:.0f} | "
+                  f"{r['gpu_mem_bytes'] / gib:.2f} | {r['gpu_mem_per_trial_bytes'] / gib:.2f} |" for r in res["concurrency"]]
     lines.append(f"wall {res['wall_s']:.1f}s")
     return "\n".join(lines)
 

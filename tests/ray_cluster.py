@@ -1,10 +1,12 @@
-"""Real local services for the slow tests: a Ray head and an MLflow server, both on loopback.
+"""Real local services for the slow tests: a Ray head (and worker nodes), an MLflow server and an S3
+emulator, all on loopback.
 
 Each is started as our own child process (so teardown stops exactly what the tests started, nothing
 else on the machine) and waited for until it answers.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -55,33 +57,84 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         proc.wait(10)
 
 
-class RayHead:
-    """`ray start --head --block` on 127.0.0.1 with its own temp dir; stopping it stops its processes."""
+def _ray_start(args: list[str], log, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", *args],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-    def __init__(self, workdir: Path, num_cpus: int = 2):
+
+def _own_ports() -> list[str]:
+    """Own ports for a node's agents, so another Ray on this machine cannot take them first."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+
+
+def _resource_args(num_cpus: float, num_gpus: float | None, resources: dict | None) -> list[str]:
+    return ([f"--num-cpus={num_cpus:g}"] + ([f"--num-gpus={num_gpus:g}"] if num_gpus is not None else [])
+            + ([f"--resources={json.dumps(resources)}"] if resources else []))
+
+
+class RayHead:
+    """`ray start --head --block` with its own temp dir; stopping it stops its processes.
+
+    Single machine (default): on 127.0.0.1 in Ray's single-node mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
+    so Linux Ray keeps GCS/raylet on 127.0.0.1 instead of turning --node-ip-address into the routable
+    address. `node_ip="127.0.0.2"` (any loopback address but 127.0.0.1, which Ray replaces by the routable
+    one) starts a cluster head instead, that `RayNode`s on 127.0.0.3, ... join: several nodes on one machine,
+    each with its own node address. `num_gpus` declares GPUs Ray schedules without any CUDA behind them."""
+
+    def __init__(self, workdir: Path, num_cpus: float = 2, num_gpus: float | None = None,
+                 resources: dict | None = None, node_ip: str = "127.0.0.1", env: dict | None = None):
         self.port, self.dash_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+        self.address = f"{node_ip}:{self.port}"
+        self.dashboard = f"http://{node_ip}:{self.dash_port}"
         self.log = open(workdir / "ray_head.log", "w")
         self.temp_dir = Path("/tmp") / f"ray_t{self.port}"     # short: Ray's socket paths are length-limited
-        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: single-node mode, so Linux Ray keeps GCS/raylet on 127.0.0.1
-        # instead of turning --node-ip-address into the routable address and listening on every interface
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        self.proc = subprocess.Popen(
-            ["ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-             f"--dashboard-port={self.dash_port}", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
-             "--include-dashboard=true", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-             # own ports for the agents, so another Ray on this machine cannot take them first
-             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if node_ip == "127.0.0.1" else "1", **(env or {})}
+        self.proc = _ray_start(
+            ["--head", f"--port={self.port}", f"--node-ip-address={node_ip}", f"--dashboard-port={self.dash_port}",
+             f"--dashboard-host={node_ip}", *_resource_args(num_cpus, num_gpus, resources),
+             "--include-dashboard=true", f"--temp-dir={self.temp_dir}", *_own_ports()], self.log, self.env)
         wait_http(f"{self.dashboard}/api/version", timeout=180, proc=self.proc)
 
     def stop(self) -> None:
         stop(self.proc)
         self.log.close()
+
+
+class RayNode:
+    """A worker node joining a cluster `RayHead` (`ray start --address`) as its own process group, on its
+    own loopback address; its environment is `env` over a copy of ours without the keys in `drop`
+    (what a fresh machine would lack)."""
+
+    def __init__(self, head: RayHead, workdir: Path, node_ip: str, num_cpus: float = 1,
+                 num_gpus: float | None = None, resources: dict | None = None, env: dict | None = None,
+                 drop: tuple[str, ...] = ()):
+        self.node_ip = node_ip
+        self.log = open(workdir / f"ray_node_{node_ip}.log", "w")
+        base = {k: v for k, v in head.env.items() if not k.startswith(drop)} if drop else head.env
+        self.proc = _ray_start(
+            [f"--address={head.address}", f"--node-ip-address={node_ip}",
+             *_resource_args(num_cpus, num_gpus, resources), f"--temp-dir={head.temp_dir}", *_own_ports()],
+            self.log, {**base, **(env or {})})
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.log.close()
+
+
+def wait_for_nodes(n: int, timeout: float = 120.0) -> list[dict]:
+    """The connected driver's view once `n` nodes are alive."""
+    import ray
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = [x for x in ray.nodes() if x["Alive"]]
+        if len(alive) >= n:
+            return alive
+        time.sleep(1)
+    raise TimeoutError(f"fewer than {n} Ray nodes alive after {timeout}s")
 
 
 class MlflowServer:
@@ -98,6 +151,36 @@ class MlflowServer:
              "--artifacts-destination", str(workdir / "server_artifacts")],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(f"{self.url}/health", timeout=120, proc=self.proc)
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.log.close()
+
+
+class S3Server:
+    """moto's S3 emulator (`moto_server`) on 127.0.0.1 with one bucket; `env` is what a client (boto3,
+    pyarrow, Ray Tune's storage) needs to reach it as `s3://BUCKET/...`."""
+
+    def __init__(self, workdir: Path, bucket: str = "crosspt"):
+        self.port, self.bucket = free_port(), bucket
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.log = open(workdir / "moto_server.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(f"{self.url}/moto-api/", timeout=60, proc=self.proc)
+        self.client().create_bucket(Bucket=bucket)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     def stop(self) -> None:
         stop(self.proc)

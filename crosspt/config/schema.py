@@ -118,7 +118,28 @@ class ScalingConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    # GPUs each worker (or in-process trial) reserves; default 1 with use_gpu. A fraction lets several
+    # trials share one GPU (0.25: four T5-base trials on one device); above 1 it must be whole
+    gpus_per_worker: float | None = Field(None, gt=0)
     in_process: bool = True                    # 1 worker: run the loop in the caller (no worker group)
+
+    @model_validator(mode="after")
+    def _gpu_share(self):
+        g = self.gpus_per_worker
+        if g is not None and not self.use_gpu:
+            raise ValueError(f"scaling.gpus_per_worker ({g}) is set but scaling.use_gpu is false")
+        if g is not None and g > 1 and not float(g).is_integer():
+            raise ValueError(f"scaling.gpus_per_worker ({g}): a share above one GPU must be a whole number")
+        return self
+
+    @property
+    def gpus(self) -> float:
+        """GPUs reserved per worker: 0 without use_gpu."""
+        return (self.gpus_per_worker or 1.0) if self.use_gpu else 0.0
+
+    def worker_resources(self) -> dict[str, float]:
+        """One worker's Ray resource bundle (`{"CPU": c, "GPU": g}`, no GPU key without use_gpu)."""
+        return {"CPU": float(self.cpus_per_worker), **({"GPU": self.gpus} if self.use_gpu else {})}
 
 
 class TrackingConfig(Strict):
@@ -231,7 +252,8 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 # Keys that do not change what is learned: excluded from the hash that identifies a configuration.
-_HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process")
+# Where and on how much of a GPU a run is placed is not part of it either (and keeps older hashes).
+_HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "scaling.gpus_per_worker")
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from crosspt.config.schema import RunConfig
+from crosspt.config.schema import RunConfig, ScalingConfig
 from crosspt.errors import CrossPTError
 from crosspt.run.checkpoint import RESULT_FILE
 from crosspt.run.faults import FAULT_ENV
@@ -42,24 +42,50 @@ def preflight(cfg: RunConfig) -> None:
 _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+# Driver env that trials on other nodes need and that no node has by itself: MLflow server credentials
+# (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN / TLS settings) and S3 storage credentials and endpoint.
+FORWARDED_ENV_PREFIXES = ("MLFLOW_TRACKING_", "AWS_")
+
+
 def init_ray(runtime_env: dict | None = None, **init_kwargs) -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback only
-    (every Ray port binds 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out).
+    (every Ray port binds 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out). Either way the
+    job's workers get `runtime_env` plus the driver's `FORWARDED_ENV_PREFIXES` variables.
 
-    A RAY_ADDRESS on loopback can only be a single-machine head; it is joined in the same single-node
-    mode (a client in cluster mode looks for its raylet on the routable address and never connects
-    to a head started with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)."""
+    A RAY_ADDRESS on loopback is joined in single-node mode (a client in cluster mode looks for its raylet
+    on the routable address and never connects to a head started with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0);
+    a cluster whose nodes sit on other loopback addresses (127.0.0.2, ...) is joined that way too."""
     import ray
 
     if ray.is_initialized():
         return
+    runtime_env = with_forwarded_env(runtime_env)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         with _single_node_mode(enabled=_is_loopback(address)):
-            ray.init(address=address, **{"log_to_driver": True, **init_kwargs})
+            ray.init(address=address, runtime_env=_not_in_job_env(runtime_env),
+                     **{"log_to_driver": True, **init_kwargs})
         return
     with _single_node_mode():
         ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **init_kwargs)
+
+
+def with_forwarded_env(runtime_env: dict | None) -> dict:
+    """`runtime_env` with the driver's credential variables added to its `env_vars` (its own win)."""
+    runtime_env = dict(runtime_env or {})
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    runtime_env["env_vars"] = {**forwarded, **runtime_env.get("env_vars", {})}
+    return runtime_env
+
+
+def _not_in_job_env(runtime_env: dict) -> dict:
+    """Under `ray job submit` Ray merges the driver's runtime_env into the job's and refuses a variable
+    set in both: drop those (the job's value already reaches every worker)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
+    taken = set(job.get("env_vars") or {})
+    return {**runtime_env, "env_vars": {k: v for k, v in runtime_env.get("env_vars", {}).items() if k not in taken}}
 
 
 def _is_loopback(address: str) -> bool:
@@ -100,6 +126,16 @@ def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | N
     return _train_with_ray(cfg, output_dir, resume_from, max_failures, callbacks)
 
 
+def train_scaling(s: ScalingConfig):
+    """Ray Train's worker group for `scaling`: `num_workers` workers of `{"CPU": c, "GPU": g}` each, `g`
+    possibly a fraction (workers of *other* trials may share the GPU; the workers of one group should not:
+    NCCL refuses two ranks on one device)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                   resources_per_worker=s.worker_resources())
+
+
 def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures: int, callbacks) -> dict:
     import ray
     import ray.train
@@ -108,14 +144,12 @@ def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures:
     from crosspt.run.loop import ray_worker_loop
 
     init_ray()
-    s = cfg.scaling
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"),
                            "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
                            "fault": os.environ.get(FAULT_ENV)},          # testing hook, see run/faults.py
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker={"CPU": s.cpus_per_worker}),
+        scaling_config=train_scaling(cfg.scaling),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=str(output_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

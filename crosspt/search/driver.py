@@ -232,14 +232,14 @@ def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger) -> N
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from crosspt.run.loop import ray_worker_loop
+    from crosspt.run.trainer import train_scaling
 
     s = cfg.scaling
     callbacks = [TuneReportCallback()] + ([T.train_callback(logger)] if logger else [])
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "fault": ctx.get("fault")},
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker={"CPU": s.cpus_per_worker}),
+        scaling_config=train_scaling(s),
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=ctx["train_storage"],
                                        callbacks=callbacks,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -290,25 +290,40 @@ def _read_error(trial) -> str:
         return "trial failed"
 
 
-def derive_concurrency(space: SearchSpace, cfg: RunConfig) -> int:
-    """Trials that fit at once: Train V2 worker groups sit outside Tune's accounting, so a higher value
-    than the cluster can place deadlocks the search."""
-    import ray
+def derive_concurrency(space: SearchSpace, cfg: RunConfig, nodes: list[dict] | None = None) -> int:
+    """Trials that fit at once (`resources.max_concurrent_trials: auto`), capped by an explicit number:
+    Train V2 worker groups sit outside Tune's accounting, so a higher value than the cluster can place
+    deadlocks the search. `nodes`: Ray's `ray.nodes()` (read from the running cluster when None)."""
+    if nodes is None:
+        import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    fit = max(1, int(cpus // per_trial))
-    if cfg.scaling.use_gpu:
-        fit = min(fit, max(1, int(gpus // cfg.scaling.num_workers)))
+        nodes = ray.nodes()
+    fit = max(1, trials_that_fit(nodes, cfg.scaling.worker_resources(), cfg.scaling.num_workers))
     asked = space.resources.max_concurrent_trials
     return fit if asked == "auto" else max(1, min(int(asked), fit))
 
 
+def trials_that_fit(nodes: list[dict], per_worker: dict[str, float], num_workers: int) -> int:
+    """How many trials of `num_workers` workers of `per_worker` resources the alive `nodes` can place:
+    per node the minimum over the asked resources of floor(node total / per worker), summed, over the
+    workers a trial needs. Counted per node, since a worker's bundle cannot straddle two machines
+    (two nodes of 3 CPUs hold two 2-CPU trials, not three)."""
+    workers = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        have = node.get("Resources", {})
+        # Ray keeps resources in 1e-4 units: 1 / 0.25 GPU is 4 there, floor() must not see 3.9999
+        workers += min(math.floor(have.get(k, 0.0) / v + 1e-6) for k, v in per_worker.items() if v > 0)
+    return workers // num_workers
+
+
 def trial_resources(cfg: RunConfig) -> dict:
+    """What Tune reserves for one trial: the in-process trial runs the loop itself and holds one worker's
+    CPUs and (possibly fractional) GPU; a worker-group trial only drives the group, which asks for its own."""
     if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
-        return {"cpu": cfg.scaling.cpus_per_worker, "gpu": 1 if cfg.scaling.use_gpu else 0}
-    return {"cpu": 0, "memory": 1}     # the trial only drives a worker group, which asks for its own
+        return {"cpu": cfg.scaling.cpus_per_worker, "gpu": cfg.scaling.gpus}
+    return {"cpu": 0, "memory": 1}
 
 
 @dataclass
