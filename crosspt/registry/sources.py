@@ -150,7 +150,7 @@ def _train_sources_on_ray(cfg: RunConfig, configs: dict[str, RunConfig], out: Pa
                                        **({ENV_DATA_DIR: cfg.data.data_dir} if cfg.data.data_dir else {})}})
     s = cfg.scaling
     remote = ray.remote(train_source)
-    pending = [remote.options(num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0,
+    pending = [remote.options(num_cpus=s.cpus_per_worker, num_gpus=s.gpus,
                               name=f"pretrain-source-{t}").remote(source_cfg.model_dump(mode="json"), str(out / t))
                for t, source_cfg in configs.items()]
     done: dict[str, dict] = {}
