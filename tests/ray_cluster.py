@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -57,9 +58,14 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         proc.wait(10)
 
 
-def _ray_start(args: list[str], log, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+def _ray_start(args: list[str], log, env: dict, hide: tuple[Path, ...] = ()) -> subprocess.Popen:
+    """`ray start --block ...`; with `hide`, in a mount namespace of its own where each of those folders
+    is an empty tmpfs: that node cannot read what the driver can (a worker machine without the shared disk)."""
+    cmd = ["ray", "start", "--block", "--disable-usage-stats", *args]
+    if hide:
+        mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(str(h))}" for h in hide)
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec {shlex.join(cmd)}"]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _own_ports() -> list[str]:
@@ -110,14 +116,14 @@ class RayNode:
 
     def __init__(self, head: RayHead, workdir: Path, node_ip: str, num_cpus: float = 1,
                  num_gpus: float | None = None, resources: dict | None = None, env: dict | None = None,
-                 drop: tuple[str, ...] = ()):
+                 drop: tuple[str, ...] = (), hide: tuple[Path, ...] = ()):
         self.node_ip = node_ip
         self.log = open(workdir / f"ray_node_{node_ip}.log", "w")
         base = {k: v for k, v in head.env.items() if not k.startswith(drop)} if drop else head.env
         self.proc = _ray_start(
             [f"--address={head.address}", f"--node-ip-address={node_ip}",
              *_resource_args(num_cpus, num_gpus, resources), f"--temp-dir={head.temp_dir}", *_own_ports()],
-            self.log, {**base, **(env or {})})
+            self.log, {**base, **(env or {})}, hide)
 
     def stop(self) -> None:
         stop(self.proc)

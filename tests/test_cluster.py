@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -249,15 +250,20 @@ def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_d
 
     t0 = time.time()
     s3, mlflow_server = S3Server(tmp_path), MlflowServer(tmp_path)
+    # the driver's data folder: a copy the worker node cannot see (an empty tmpfs over it in its namespace)
+    driver_data = tmp_path / "driver_data"
+    shutil.copytree(Path(data_dir) / "glue_data" / "RTE", driver_data / "glue_data" / "RTE")
+    node_cache = tmp_path / "node_cache"
     head = RayHead(tmp_path, num_cpus=0, node_ip="127.0.0.2", resources={"head": 1})
-    node = RayNode(head, tmp_path, node_ip="127.0.0.3", num_cpus=2, drop=("AWS_", "MLFLOW_"))
+    node = RayNode(head, tmp_path, node_ip="127.0.0.3", num_cpus=2, drop=("AWS_", "MLFLOW_"),
+                   env={"CROSSPT_CACHE_DIR": str(node_cache)}, hide=(driver_data,))
     driver = None
     try:
         samples, epochs, name = 4, 2, "multinode"
         space = tmp_path / "space.yaml"
         space.write_text(yaml.safe_dump(tiny_tree(tiny_t5_path, name, samples=samples, epochs=epochs)))
         storage = f"s3://{s3.bucket}/ray_results"
-        env = cli_env(RAY_ADDRESS=head.address, CROSSPT_DATA_DIR=str(data_dir), **s3.env)
+        env = cli_env(RAY_ADDRESS=head.address, CROSSPT_DATA_DIR=str(driver_data), **s3.env)
         cmd = [sys.executable, "-m", "crosspt.cli", "search", "--space", str(space),
                "--tracking-uri", mlflow_server.url, "--storage-path", storage]
         db = tmp_path / "server.db"                              # the MLflow server's own store, read-only here
@@ -306,6 +312,11 @@ def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_d
             ip = (t.last_result or {}).get("node_ip", "?")
             per_node[ip] = per_node.get(ip, 0) + 1
         assert per_node == {"127.0.0.3": samples}, per_node
+        # the data reached the worker node through the object store: its cache holds RTE's files, and the
+        # runs still name the driver's folder (reproducible params)
+        shipped = sorted(str(f.relative_to(node_cache)) for f in node_cache.rglob("*.tsv"))
+        assert shipped and all("/glue_data/RTE/" in f for f in shipped), shipped
+        assert all(r.data.params["data.data_dir"] == str(driver_data) for r in children)
         print(f"\nmulti-node: trials per node {per_node}; driver killed at {killed_at:.0f}s with {finished_before} "
               f"FINISHED; resume {resume_s:.0f}s -> {samples} trials FINISHED; {len(keys)} objects in the bucket "
               f"({len(ckpt_trials)} trials with checkpoints); wall {time.time() - t0:.0f}s")
@@ -314,3 +325,34 @@ def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_d
             os.killpg(driver.pid, signal.SIGKILL)
         for service in (node, head, mlflow_server, s3):
             service.stop()
+
+
+def test_shipped_inputs_land_in_a_node_cache_only_where_missing(tmp_path, data_dir, monkeypatch):
+    """What a trial on a node without the driver's disk reads: the task files and bank, written once to a
+    content-addressed cache; where the paths exist nothing is fetched (an unusable ref is never touched)."""
+    from crosspt.run import shipping
+    from crosspt.tasks.data import task_files
+    from crosspt.tasks.specs import get_task
+
+    monkeypatch.setenv("CROSSPT_CACHE_DIR", str(tmp_path / "cache"))
+    files = task_files(get_task("rte"), data_dir)
+    assert sorted(f.name for f in files) == ["dev.tsv", "train.tsv"]
+    bank = tmp_path / "bank.safetensors"
+    bank.write_bytes(b"not really a bank")
+    packed = shipping.pack_search_inputs(files, str(data_dir), [str(bank), str(tmp_path / "absent")])
+    assert set(packed["data"]) == {"glue_data/RTE/train.tsv", "glue_data/RTE/dev.tsv"}
+    assert list(packed["banks"]) == [str(bank)]
+    first = shipping.materialise(packed["data"])
+    assert first == shipping.materialise(packed["data"])                   # content-addressed: written once
+    assert (first / "glue_data/RTE/train.tsv").read_bytes() == (Path(data_dir) / "glue_data/RTE/train.tsv").read_bytes()
+
+    here = load_config(None, {"tasks": ["rte"], "data.data_dir": str(data_dir), "prompt.n_sources": 1,
+                              "prompt.source_bank": str(bank)})
+    unusable = shipping.manifest(packed, ref="not an object ref")
+    assert shipping.missing_here(here, unusable) == (False, False)
+    assert shipping.localise(here, unusable) is here                          # nothing missing: no fetch
+    empty = tmp_path / "empty"                                               # a folder without the files
+    empty.mkdir()
+    gone = here.model_copy(update={"data": here.data.model_copy(update={"data_dir": str(empty)})})
+    assert shipping.missing_here(gone, unusable) == (True, False)
+    assert shipping.missing_here(gone, None) == (False, False)               # nothing shipped: read as given

@@ -88,7 +88,9 @@ def _not_found(e: Exception) -> bool:
 
 def cache_dir() -> Path:
     """Where downloaded banks/models are kept: $CROSSPT_CACHE_DIR, else ~/.cache/crosspt."""
-    return Path(os.environ.get("CROSSPT_CACHE_DIR") or Path.home() / ".cache" / "crosspt").expanduser()
+    from crosspt.run.shipping import cache_root
+
+    return cache_root()
 
 
 def is_model_uri(ref: str | None) -> bool:

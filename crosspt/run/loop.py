@@ -283,6 +283,9 @@ def state_digest(model: CrossPTModel) -> str:
 
 def ray_worker_loop(loop_config: dict) -> None:
     """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker)."""
-    cfg = RunConfig.model_validate(loop_config["config"])
+    from crosspt.run.shipping import localise
+
+    # a worker on another node than its trial reads the search's shipped data/bank copies (run/shipping.py)
+    cfg = localise(RunConfig.model_validate(loop_config["config"]), loop_config.get("shipped"))
     session = RaySession(resume_from=loop_config.get("resume_from"))
     run_loop(cfg, session, fault=loop_config.get("fault"))

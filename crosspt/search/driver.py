@@ -27,6 +27,7 @@ from crosspt.errors import ConfigError, CrossPTError
 from crosspt.config.space import OptunaDefineByRun, SearchSpace
 from crosspt.run.faults import FAULT_ENV, parse_faults
 from crosspt.run.loop import Session, TrainingDiverged
+from crosspt.run.shipping import localise
 from crosspt.registry import tracking as T
 from crosspt.search.params import trial_params
 
@@ -143,6 +144,8 @@ def run_trial(params: dict, ctx: dict) -> None:
     cfg = cfg.model_copy(update={"name": f"{space.name}-trial{number:03d}"})
     if ctx.get("data_dir"):
         cfg.data.data_dir = ctx["data_dir"]
+    # params and the config hash name the driver's paths; the run reads this node's copies where it lacks them
+    run_cfg = localise(cfg, ctx.get("shipped"))
     logger = None
     if ctx.get("tracking_uri"):
         logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
@@ -159,16 +162,16 @@ def run_trial(params: dict, ctx: dict) -> None:
         else:
             all_params = {**trial_params(cfg, space, params), "search.name": space.name,
                           "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
-            logger.start(all_params, config_to_yaml(cfg), datasets=run_datasets(cfg),
+            logger.start(all_params, config_to_yaml(cfg), datasets=run_datasets(run_cfg, cfg.data.data_dir),
                          tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
                                **T.provenance_tags(cfg.data.data_dir)})
     try:
         if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
             from crosspt.run.loop import run_loop
 
-            run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
+            run_loop(run_cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
         else:
-            _fit_trainer_in_trial(cfg, trial_id, ctx, logger)
+            _fit_trainer_in_trial(run_cfg, trial_id, ctx, logger)
     except SystemExit:
         # Tune ends a function trainable it has stopped (ASHA, or after the last epoch) with SystemExit(0)
         if logger:
@@ -188,12 +191,13 @@ def run_trial(params: dict, ctx: dict) -> None:
         logger.finish("FINISHED")
 
 
-def run_datasets(cfg: RunConfig) -> list:
-    """The run's k-shot splits as MLflow dataset inputs (drawn again: deterministic from the config)."""
+def run_datasets(cfg: RunConfig, source: str | None = None) -> list:
+    """The run's k-shot splits as MLflow dataset inputs (drawn again: deterministic from the config),
+    named after `source` (default: the config's data folder)."""
     from crosspt.run.loop import prepare_data
 
     _, splits = prepare_data(cfg)
-    return T.split_datasets(splits, cfg.data.data_dir)
+    return T.split_datasets(splits, source or cfg.data.data_dir)
 
 
 def deterministic_failure(exc: BaseException) -> bool:
@@ -238,7 +242,8 @@ def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger) -> N
     callbacks = [TuneReportCallback()] + ([T.train_callback(logger)] if logger else [])
     trainer = TorchTrainer(
         ray_worker_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "fault": ctx.get("fault")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "fault": ctx.get("fault"),
+                           "shipped": ctx.get("shipped")},
         scaling_config=train_scaling(s),
         run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=ctx["train_storage"],
                                        callbacks=callbacks,
@@ -448,7 +453,8 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     _kill_point("before_ray")
     init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                        **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
-    run = SearchRun(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, fault)
+    run = SearchRun(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths, fault,
+                    shipped=ship_inputs(trial_space, base, data_dir))
     try:
         summary = _tune(run, restore, verbose)
     except BaseException as e:
@@ -461,6 +467,23 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     _log_parent(c, parent_run_id, summary, paths, space)
     c.set_terminated(parent_run_id, "FINISHED")
     return summary
+
+
+def ship_inputs(space: SearchSpace, base: RunConfig, data_dir: str | None):
+    """The task files and local source banks every trial reads, in Ray's object store once (a node that
+    lacks the driver's paths writes them to its own cache, see run/shipping.py)."""
+    import ray
+
+    from crosspt.run.shipping import manifest, pack_search_inputs
+    from crosspt.tasks.data import task_files
+    from crosspt.tasks.specs import resolve_tasks
+
+    files = [f for t in resolve_tasks(base.tasks) for f in task_files(t, data_dir)]
+    bank_factor = space.space.get("prompt.source_bank")
+    banks = [b for b in [base.prompt.source_bank, *((bank_factor.values or []) if bank_factor else [])]
+             if isinstance(b, str) and not b.startswith("models:/")]
+    packed = pack_search_inputs(files, data_dir, banks)
+    return manifest(packed, ray.put(packed))
 
 
 def _checked_inputs(space: SearchSpace, data_dir: str | None, tracking_uri: str | None):
@@ -552,13 +575,14 @@ class SearchRun:
     data_dir: str | None
     paths: SearchPaths
     fault: str | None           # CROSSPT_FAULT testing hook, forwarded to every trial
+    shipped: dict | None = None  # the task files and banks for nodes without them (run/shipping.py)
 
     def trial_context(self) -> dict:
         """The plain dict `run_trial` gets (Tune pickles it into every trial)."""
         return {"space": self.space.model_dump(mode="json"), "tracking_uri": self.uri,
                 "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
                 "data_dir": self.data_dir, "fault": self.fault, "train_storage": f"{self.paths.root}/_train",
-                "train_max_failures": self.space.resources.max_retries}
+                "train_max_failures": self.space.resources.max_retries, "shipped": self.shipped}
 
 
 def make_searcher(space: SearchSpace, optuna_url: str, study_name: str):

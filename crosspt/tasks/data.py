@@ -116,6 +116,19 @@ def _task_dir(task: TaskSpec, data_dir: str | os.PathLike | None) -> Path:
     return candidates[0]
 
 
+def task_files(task: TaskSpec, data_dir: str | os.PathLike | None) -> list[Path]:
+    """The local files a task's splits are read from (those that exist), e.g. to ship them to other nodes."""
+    if not task.local or data_dir is None:
+        return []
+    found = []
+    for split in (task.local.get("files") or {}):
+        try:
+            found.append(_split_file(task, split, data_dir)[0])
+        except DataError:
+            continue
+    return found
+
+
 def _split_file(task: TaskSpec, split: str, data_dir) -> tuple[Path, dict]:
     local = task.local
     entries = (local.get("files") or {}).get(split)
