@@ -84,6 +84,8 @@ class Budget(Strict):
     num_samples: int = Field(8, ge=1)
     max_epochs: int | None = Field(None, ge=1)        # overrides base train.epochs
     time_budget_s: float | None = Field(None, gt=0)
+    # k-shot samples per trial (seeds seed, seed+1000, ...): the objective is their mean, in-process trials only
+    repeats: int = Field(1, ge=1)
 
 
 class Scheduler(Strict):
@@ -314,6 +316,14 @@ def _check_numeric_refs(space: SearchSpace, key: str, p: Param) -> None:
                               f"'{ref}' can be {non_numbers(ref)[0]!r}")
 
 
+def _check_repeats(space: SearchSpace, cfg: RunConfig) -> None:
+    """Repeats run one after another inside the Tune trial: a worker-group trial cannot host them."""
+    s = cfg.scaling
+    if space.budget.repeats > 1 and not (s.num_workers == 1 and s.in_process):
+        raise ConfigError(f"space '{space.name}': budget.repeats > 1 needs in-process one-worker trials "
+                          f"(scaling.num_workers: 1, scaling.in_process: true)")
+
+
 def validate_space(space: SearchSpace, n_random: int = 64) -> None:
     """Reject an impossible or malformed space before any trial starts (errors name the key)."""
     known = _schema_keys()
@@ -336,7 +346,7 @@ def validate_space(space: SearchSpace, n_random: int = 64) -> None:
     for s in samplers:
         params = sample(space, s)
         try:
-            space.config_for(params)
+            _check_repeats(space, space.config_for(params))
         except ConfigError as e:
             raise ConfigError(f"{e} — sampled with {params}") from None
     for i, point in enumerate(space.search.points):

@@ -163,7 +163,9 @@ def run_trial(params: dict, ctx: dict) -> None:
                          tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
                                **T.provenance_tags(cfg.data.data_dir)})
     try:
-        if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
+        if space.budget.repeats > 1:
+            run_repeats(cfg, space, TuneSession(logger, cfg.scaling.use_gpu), ctx.get("fault"))
+        elif cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
             from crosspt.run.loop import run_loop
 
             run_loop(cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
@@ -186,6 +188,66 @@ def run_trial(params: dict, ctx: dict) -> None:
         raise
     if logger:
         logger.finish("FINISHED")
+
+
+# ---- repeats: one configuration on several k-shot samples ---------------------------------------------
+REPEAT_SEED_STRIDE = 1000         # repeat i trains with seed + 1000 i: its own k-shot sample, init, order
+
+
+def repeat_configs(cfg: RunConfig, repeats: int) -> list[RunConfig]:
+    return [cfg.model_copy(update={"seed": cfg.seed + REPEAT_SEED_STRIDE * i}) for i in range(repeats)]
+
+
+def _averaged(metric: str) -> bool:
+    """Scores are averaged over repeats; counters (epoch, params, steps) are the same in every repeat."""
+    return metric.startswith(("val_", "test_")) or metric == "best_val_score"
+
+
+def mean_over_repeats(series: list[list[dict]], per_repeat: tuple[str, ...]) -> list[dict]:
+    """Per epoch, repeat 0's metrics with every score replaced by its mean over the repeats, plus each
+    repeat's value (`<m>_r<i>`) and the std (`<m>_std`) of the metrics in `per_repeat`. A repeat that
+    stopped earlier (patience) counts with its last epoch; `final_epoch` only on the last row."""
+    from statistics import mean, pstdev
+
+    from crosspt.search.report import repeat_metric
+
+    rows = []
+    for e in range(max(len(s) for s in series)):
+        at = [s[min(e, len(s) - 1)] for s in series]
+        row = dict(at[0], epoch=e, final_epoch=e == max(len(s) for s in series) - 1)
+        for k, v in at[0].items():
+            values = [m.get(k) for m in at]
+            if _averaged(k) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+                row[k] = mean(values)
+                if k in per_repeat:
+                    row.update({repeat_metric(k, i): x for i, x in enumerate(values)}, **{f"{k}_std": pstdev(values)})
+        rows.append(row)
+    return rows
+
+
+def run_repeats(cfg: RunConfig, space: SearchSpace, session: TuneSession, fault: str | None) -> None:
+    """`budget.repeats` R: the configuration trains and validates on R k-shot samples, and Tune/ASHA/Optuna
+    see the mean per epoch.
+
+    Sequential, not epoch-interleaved: `run_loop` drives its own epochs, and interleaving them would
+    mean running R loops at once (R models in memory, a barrier per epoch) or reaching into its steps.
+    The cost: ASHA can stop a trial only after all R repeats ran, so repeats trade its savings for
+    less noisy decisions. Repeat 0 (the trial's own seed, the configuration promoted later) supplies
+    the checkpoint and prompts; a restored trial runs its repeats again from the start."""
+    import tempfile
+
+    from crosspt.run.loop import run_loop
+    from crosspt.run.session import LocalSession
+
+    metrics = (space.objective.metric, space.scheduler.metric, "val_score", "test_score")
+    with tempfile.TemporaryDirectory(prefix="crosspt_repeats_") as tmp:
+        sessions = [LocalSession(Path(tmp) / f"r{i}", use_gpu=cfg.scaling.use_gpu, keep=1)
+                    for i in range(space.budget.repeats)]
+        for rcfg, rsession in zip(repeat_configs(cfg, space.budget.repeats), sessions):
+            run_loop(rcfg, rsession, fault=fault)
+        rows = mean_over_repeats([s.reports for s in sessions], metrics)
+        for row in rows:
+            session.report(row, sessions[0].checkpoints[-1] if row["final_epoch"] and sessions[0].checkpoints else None)
 
 
 def run_datasets(cfg: RunConfig) -> list:
@@ -486,7 +548,24 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                     "storage": paths.root})
     _log_parent(c, parent_run_id, summary, paths, space)
     c.set_terminated(parent_run_id, "FINISHED")
+    summary["report"] = _report(c, uri, parent_run_id, paths)
     return summary
+
+
+def _report(c, uri: str, parent_run_id: str, paths: SearchPaths) -> dict:
+    """The design-factor report of the finished search, beside its Tune folder (in the working directory
+    for a storage URI) and on the parent run. A report that cannot be drawn is noted on the parent run and
+    in the summary: the search's results are in MLflow already and stay valid."""
+    from crosspt.search.report import format_table, report_search
+
+    base = Path.cwd() if is_uri(paths.root) else Path(paths.storage)
+    out = base / f"{paths.study_name}_report"
+    try:
+        rep, md = report_search(uri, parent_run_id=parent_run_id, out=out)
+    except Exception as e:
+        c.set_tag(parent_run_id, "crosspt.report", f"failed: {type(e).__name__}: {e}"[:500])
+        return {"dir": str(out), "table": f"report: failed ({type(e).__name__}: {e})", "error": str(e)}
+    return {"dir": str(md.parent), "table": format_table(rep)}
 
 
 @dataclass
