@@ -223,3 +223,74 @@ def test_repeats_need_in_process_trials():
                                         "budget": {"repeats": 3}})
     with pytest.raises(ConfigError, match="budget.repeats"):
         validate_space(space)
+
+
+@pytest.mark.slow
+def test_one_job_pretrains_the_bank_searches_reports_promotes_then_reuses_the_bank(ray_head, minilm_path, data_dir,
+                                                                                   tmp_path, monkeypatch):
+    """`source_bank: {pretrain: ...}`: the first search pre-trains and registers the bank, searches with it,
+    reports and promotes its best FINISHED trial; a second search of the same bank spec reuses the version."""
+    from crosspt.config.space import SearchSpace
+    from crosspt.registry import tracking as T
+    from crosspt.search.driver import run_search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CROSSPT_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def space(name: str) -> SearchSpace:
+        return SearchSpace.model_validate({
+            "name": name,
+            "base": {"tasks": ["sst2"], "seed": 0, "backbone": {"name": "minilm", "max_length": 48},
+                     "data": {"shots": 8, "max_test": 32},
+                     "prompt": {"private_len": 4, "source_len": 4, "n_sources": 2,
+                                "source_bank": {"pretrain": {"tasks": ["sst2", "rte"], "shots": 8, "epochs": 1,
+                                                             "model_name": "bank"}}},
+                     "train": {"batch_size": 8, "patience": None}, "scaling": {"num_workers": 1, "in_process": True}},
+            "space": {"prompt.composition": {"type": "choice", "values": ["cat", "wavg"]}},
+            "budget": {"num_samples": 2, "max_epochs": 1}, "scheduler": {"type": "fifo"},
+            "search": {"algorithm": "random", "seed": 0}})
+
+    first = run_search(space("pipe"), data_dir=str(data_dir), tracking_uri=uri, storage_path=str(tmp_path / "rr"),
+                       verbose=0, promote="champion")
+    assert first["source_bank"]["reused"] is False and first["source_bank"]["model_uri"] == "models:/bank/1"
+    assert first["num_trials"] == 2 and first["best"] is not None
+    c = T.client(uri)
+    assert c.get_model_version_by_alias("bank", "current").version == "1"
+    promoted = first["promoted"]
+    assert promoted["run_id"] == first["best_run_id"] and promoted["model_name"] == "pipe"
+    assert c.get_model_version_by_alias("pipe", "champion").run_id
+    assert (tmp_path / "rr" / "pipe_report" / "report.md").is_file()
+    second = run_search(space("pipe2"), data_dir=str(data_dir), tracking_uri=uri, storage_path=str(tmp_path / "rr"),
+                        verbose=0)
+    print("\nbanks:", first["source_bank"], second["source_bank"])
+    assert second["source_bank"] == {**first["source_bank"], "reused": True}
+    assert len(c.search_model_versions("name='bank'")) == 1
+
+
+@pytest.mark.slow
+def test_repeats_train_each_trial_on_several_kshot_samples(ray_head, minilm_path, data_dir, tmp_path, monkeypatch):
+    """budget.repeats 2: the child run's objective is the mean of its repeats (each logged, with the std),
+    repeat 0 is the plain trial (same score as a repeats-1 search), and the report reads the repeats."""
+    from crosspt.registry import tracking as T
+    from crosspt.search.driver import run_search
+    from crosspt.search.report import load_search
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = {}
+    for r in (1, 2):
+        space = label_space(f"rep{r}", num_samples=2, repeats=r)
+        space.search.points = space.search.points[:2]
+        s = run_search(space, data_dir=str(data_dir), tracking_uri=uri, storage_path=str(tmp_path / "rr"), verbose=0)
+        assert s["num_trials"] == 2 and s["num_failed"] == 0
+        runs[r] = {c.data.params["prompt.label_semantics"] + c.data.params["train.eval_batch_size"]: c.data.metrics
+                   for c in T.child_runs(uri, s["experiment_id"], s["parent_run_id"])}
+        rows = load_search(uri, parent_run_id=s["parent_run_id"]).rows
+        assert all(len(x.repeats) == (r if r > 1 else 0) for x in rows), [x.repeats for x in rows]
+    print("\nrepeats 2:", {k: {m: v for m, v in x.items() if m.startswith("best_val_score")} for k, x in runs[2].items()})
+    for key, m in runs[2].items():
+        reps = [m["best_val_score_r0"], m["best_val_score_r1"]]
+        assert m["best_val_score"] == pytest.approx(sum(reps) / 2) and "best_val_score_std" in m
+        assert m["test_score"] == pytest.approx((m["test_score_r0"] + m["test_score_r1"]) / 2)
+        assert reps[0] == pytest.approx(runs[1][key]["best_val_score"])      # repeat 0 is the trial itself

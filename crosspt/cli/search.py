@@ -18,6 +18,9 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier search's saved state")
     p.add_argument("--summary-json", help="write the final summary as JSON")
+    p.add_argument("--promote", metavar="ALIAS", help="at the end, register the best FINISHED trial and point "
+                                                      "ALIAS at it (see crosspt promote)")
+    p.add_argument("--promote-model", metavar="NAME", help="registered model for --promote (default: the space's name)")
 
 
 def cmd_search(args) -> int:
@@ -27,10 +30,13 @@ def cmd_search(args) -> int:
     space = load_space(args.space, args.overrides)
     summary = run_search(space, experiment=args.experiment, data_dir=args.data_dir,
                          tracking_uri=args.tracking_uri, storage_path=args.storage_path,
-                         resume=args.resume, overwrite=args.overwrite)
+                         resume=args.resume, overwrite=args.overwrite, promote=args.promote,
+                         promote_model=args.promote_model)
     print(format_summary(summary, space.objective.metric))
-    if summary.get("report"):
-        print(summary["report"]["table"])
+    print(summary["report"]["table"])
+    if summary.get("promoted"):
+        p = summary["promoted"]
+        print(f"promoted: run {p['run_id']} -> {p['model_name']} version {p['version']} ({p['model_uri']})")
     if args.summary_json:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))

@@ -463,8 +463,11 @@ def _kill_point(point: str) -> None:
 
 def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: str | None = None,
                tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
-               overwrite: bool = False, verbose: int = 1) -> dict:
-    """Run (or resume) a search to the end; returns a summary with the best trial."""
+               overwrite: bool = False, verbose: int = 1, promote: str | None = None,
+               promote_model: str | None = None) -> dict:
+    """Run (or resume) a search to the end: its source bank first when the space asks to pre-train one,
+    then the trials, the report, and (`promote`: an alias) the best FINISHED trial promoted as a version
+    of `promote_model` (default: the space's name). Returns a summary with the best trial."""
     from crosspt.run.trainer import init_ray, preflight
     from crosspt.tasks.data import resolve_data_dir
 
@@ -498,6 +501,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     if resume and state is None:
         raise ConfigError(f"nothing to resume: no search '{search_name}' in experiment '{exp_name}' "
                           f"({paths.root})")
+    space, bank = _pretrained_bank(space, uri, data_dir, paths)
     from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
     trial_space = resolve_space_banks(space, uri, dest_dir=_banks_dir(paths))
 
@@ -549,6 +553,15 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     _log_parent(c, parent_run_id, summary, paths, space)
     c.set_terminated(parent_run_id, "FINISHED")
     summary["report"] = _report(c, uri, parent_run_id, paths)
+    if bank:
+        summary["source_bank"] = bank
+    if promote:
+        from crosspt.registry.models import promote as promote_best
+
+        summary["promoted"] = promote_best(model_name=promote_model or space.name, alias=promote,
+                                           experiment=exp_name, metric=space.objective.metric,
+                                           mode=space.objective.mode, parent_run_id=parent_run_id,
+                                           tracking_uri=uri)
     return summary
 
 
@@ -622,6 +635,22 @@ def _delete_study(paths: SearchPaths) -> None:
         optuna.delete_study(study_name=paths.study_name, storage=paths.optuna_url)
     except KeyError:
         pass
+
+
+def _pretrained_bank(space: SearchSpace, uri: str, data_dir: str | None,
+                     paths: SearchPaths) -> tuple[SearchSpace, dict | None]:
+    """A space with `source_bank: {pretrain: ...}` gets its bank first: the registered version of the same
+    spec, else one pre-trained now; the space then names that version (`models:/NAME/VERSION`, pinned:
+    the alias may move later). Other spaces pass through."""
+    p = space.source_pretrain()
+    if p is None:
+        return space, None
+    from crosspt.registry.sources import ensure_source_bank
+
+    bank = ensure_source_bank(space.source_pretrain_config(), tracking_uri=uri, model_name=p.model_name,
+                              alias=p.alias, data_dir=data_dir, output_dir=_banks_dir(paths) / f"{space.name}-pretrain")
+    print(f"source bank: {'reused' if bank['reused'] else 'pre-trained'} {bank['model_uri']} (spec {bank['spec']})")
+    return space.with_source_bank(bank["model_uri"]), bank
 
 
 def _banks_dir(paths: SearchPaths) -> Path:
