@@ -384,7 +384,7 @@ def _check_numeric_refs(space: SearchSpace, key: str, p: Param) -> None:
                               f"'{ref}' can be {non_numbers(ref)[0]!r}")
 
 
-def _check_repeats(space: SearchSpace, cfg: RunConfig) -> None:
+def check_repeats(space: SearchSpace, cfg: RunConfig) -> None:
     """Repeats run one after another inside the Tune trial: a worker-group trial cannot host them."""
     s = cfg.scaling
     if space.budget.repeats > 1 and not (s.num_workers == 1 and s.in_process):
@@ -414,7 +414,7 @@ def validate_space(space: SearchSpace, n_random: int = 64) -> None:
     for s in samplers:
         params = sample(space, s)
         try:
-            _check_repeats(space, space.config_for(params))
+            check_repeats(space, space.config_for(params))
         except ConfigError as e:
             raise ConfigError(f"{e} — sampled with {params}") from None
     for i, point in enumerate(space.search.points):

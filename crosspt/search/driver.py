@@ -24,7 +24,7 @@ import yaml
 
 from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.errors import ConfigError, CrossPTError
-from crosspt.config.space import OptunaDefineByRun, SearchSpace
+from crosspt.config.space import OptunaDefineByRun, SearchSpace, check_repeats
 from crosspt.run.faults import FAULT_ENV, parse_faults
 from crosspt.run.loop import Session, TrainingDiverged
 from crosspt.registry import tracking as T
@@ -478,6 +478,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
         data_dir = str(Path(data_dir).expanduser().resolve())
         base.data.data_dir = data_dir
     preflight(base)                                       # unknown task/backbone/missing data: fail now
+    check_repeats(space, base)
     uri = T.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
     T.check_reachable(uri)
     fault = os.environ.get(FAULT_ENV) or None             # testing hook, forwarded to every trial

@@ -442,6 +442,7 @@ def plot_interaction(x: Interaction, path: Path) -> Path:
     grid = np.array([[np.nan if m is None else m for m in row] for row in x.means], dtype=float)
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(x.b_levels), 1.2 + 0.7 * len(x.a_levels)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.grid(False)                   # a style's grid lines would cut through the cells
     ax.set_xticks(range(len(x.b_levels)), x.b_levels, rotation=30, ha="right")
     ax.set_yticks(range(len(x.a_levels)), x.a_levels)
     ax.set_xlabel(x.b)
@@ -639,7 +640,7 @@ def load_search(uri: str, experiment: str | None = None, parent_run_id: str | No
     parent = find_parent(c, experiment, parent_run_id)
     pid, eid = parent.info.run_id, parent.info.experiment_id
     try:
-        space_tree = yaml.safe_load(open(c.download_artifacts(pid, "search_space.yaml")).read()) or {}
+        space_tree = yaml.safe_load(Path(c.download_artifacts(pid, "search_space.yaml")).read_text()) or {}
     except Exception:             # an older parent without the space file: the keys it logged, as choices
         space_tree = {"space": {k: {"type": "choice"} for k in parent.data.params.get("space.keys", "").split(",") if k}}
     metric = parent.data.params.get("objective.metric", "best_val_score")
