@@ -67,6 +67,10 @@ def test_inactive_values_are_left_out_per_factor_and_numeric_factors_binned():
     assert len(bins) == 3 and sum(len(v) for v in bins.values()) == 9, bins.keys()
     assert all(k.startswith("[") for k in bins)
     assert len(levels(LS, rows)) == 2 and sum(len(v) for v in levels(LS, rows).values()) == 12
+    # importances too: the lr over its 9 active trials, the others over all 12
+    rep = build_report("s", "best_val_score", "max", [LS, EBS, LR], rows, best_trial_id=None)
+    assert {k: v["n"] for k, v in rep.importance.items()} == {LS.key: 12, EBS.key: 12, LR.key: 9}
+    assert next(v for v in rep.verdicts if v.factor == LR.key).n == 9
 
 
 def test_pruned_trials_are_counted_but_not_used():

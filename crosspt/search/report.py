@@ -230,13 +230,11 @@ def _study_of(rows: Sequence[TrialRow], factors: Sequence[Factor], mode: str):
 def importances(factors: Sequence[Factor], rows: Sequence[TrialRow], mode: str = "max") -> dict[str, dict]:
     """`{factor: {"ped_anova", "fanova", "n"}}`, each factor over the finished rows where it is active,
     together with the other varied factors active in all of those rows (fANOVA needs every param in
-    every trial). Unnormalised, so numbers compare across factors. PED-ANOVA's top quantile is at least 5
-    trials (its authors' advice), at most half."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    every trial). Unnormalised, so numbers compare across factors. Factors active in the same rows share
+    one evaluation."""
     rows = finished(rows)
     out: dict[str, dict] = {}
+    evaluated: dict[tuple, dict[str, dict[str, float]]] = {}
     for f in factors:
         sub = active_rows(rows, f.key)
         varied = [g for g in factors if len(sub) == len(active_rows(sub, g.key))
@@ -244,17 +242,28 @@ def importances(factors: Sequence[Factor], rows: Sequence[TrialRow], mode: str =
         if len(sub) < MIN_TRIALS or f not in varied:
             out[f.key] = {"ped_anova": 0.0, "fanova": 0.0, "n": len(sub)}
             continue
-        study = _study_of(sub, varied, mode)
-        q = min(0.5, max(0.1, 5 / len(sub)))
-        evaluators = {"ped_anova": optuna.importance.PedAnovaImportanceEvaluator(target_quantile=q),
-                      "fanova": optuna.importance.FanovaImportanceEvaluator(seed=BOOT_SEED)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)     # normalize=False
-            out[f.key] = {name: float(optuna.importance.get_param_importances(
-                study, evaluator=ev, params=[g.key for g in varied], normalize=False)[f.key])
-                for name, ev in evaluators.items()}
-        out[f.key]["n"] = len(sub)
+        key = (tuple(r.trial_id for r in sub), tuple(g.key for g in varied))
+        if key not in evaluated:
+            evaluated[key] = _evaluate_importances(sub, varied, mode)
+        out[f.key] = {name: imp[f.key] for name, imp in evaluated[key].items()} | {"n": len(sub)}
     return out
+
+
+def _evaluate_importances(rows: Sequence[TrialRow], factors: Sequence[Factor], mode: str) -> dict[str, dict[str, float]]:
+    """`{"ped_anova": {factor: importance}, "fanova": {...}}` of one set of rows. PED-ANOVA's top quantile
+    holds at least 5 trials (its authors' advice for a stable estimate), at most half of them."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = _study_of(rows, factors, mode)
+    q = min(0.5, max(0.1, 5 / len(rows)))
+    evaluators = {"ped_anova": optuna.importance.PedAnovaImportanceEvaluator(target_quantile=q),
+                  "fanova": optuna.importance.FanovaImportanceEvaluator(seed=BOOT_SEED)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)     # normalize=False
+        return {name: {k: float(v) for k, v in optuna.importance.get_param_importances(
+            study, evaluator=ev, params=[g.key for g in factors], normalize=False).items()}
+            for name, ev in evaluators.items()}
 
 
 def ranked(imp: dict[str, dict]) -> list[str]:
