@@ -18,6 +18,9 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier search's saved state")
     p.add_argument("--summary-json", help="write the final summary as JSON")
+    p.add_argument("--promote", metavar="ALIAS", help="at the end, register the best FINISHED trial and point "
+                                                      "ALIAS at it (see crosspt promote)")
+    p.add_argument("--promote-model", metavar="NAME", help="registered model for --promote (default: the space's name)")
 
 
 def cmd_search(args) -> int:
@@ -27,11 +30,27 @@ def cmd_search(args) -> int:
     space = load_space(args.space, args.overrides)
     summary = run_search(space, experiment=args.experiment, data_dir=args.data_dir,
                          tracking_uri=args.tracking_uri, storage_path=args.storage_path,
-                         resume=args.resume, overwrite=args.overwrite)
+                         resume=args.resume, overwrite=args.overwrite, promote=args.promote,
+                         promote_model=args.promote_model)
     print(format_summary(summary, space.objective.metric))
+    print(summary["report"]["table"])
+    if summary.get("promoted"):
+        p = summary["promoted"]
+        print(f"promoted: run {p['run_id']} -> {p['model_name']} version {p['version']} ({p['model_uri']})")
     if args.summary_json:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from crosspt.registry import tracking as T
+    from crosspt.search.report import format_table, report_search
+
+    uri = T.resolve_tracking_uri(args.tracking_uri)
+    rep, md = report_search(uri, experiment=args.experiment, parent_run_id=args.parent, out=args.out)
+    print(format_table(rep))
+    print(f"written: {md}")
     return 0
 
 
@@ -39,3 +58,11 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="Ray Tune + Optuna + ASHA search over the CrossPT factors")
     add_search_flags(p)
     p.set_defaults(func=cmd_search)
+    r = sub.add_parser("report", help="design-factor report of a search (importances, effects with CIs, best, "
+                                      "Pareto front); works on a running search")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="MLflow experiment: its latest search")
+    which.add_argument("--parent", help="the search's parent run id")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    r.add_argument("--out", help="folder for report.md and its PNGs (default: ./report-<parent run id>)")
+    r.set_defaults(func=cmd_report)

@@ -84,6 +84,8 @@ class Budget(Strict):
     num_samples: int = Field(8, ge=1)
     max_epochs: int | None = Field(None, ge=1)        # overrides base train.epochs
     time_budget_s: float | None = Field(None, gt=0)
+    # k-shot samples per trial (seeds seed, seed+1000, ...): the objective is their mean, in-process trials only
+    repeats: int = Field(1, ge=1)
 
 
 class Scheduler(Strict):
@@ -106,6 +108,32 @@ class Resources(Strict):
     max_retries: int = Field(0, ge=0)                  # per trial, for crashes (not for divergence)
 
 
+class SourcePretrain(Strict):
+    """`base.prompt.source_bank: {pretrain: {...}}`: the search pre-trains its source bank first (one
+    vanilla prompt per task, `crosspt pretrain-sources`) unless a bank of the same spec is registered as a
+    version of `model_name` already, and the trials read that version. The other settings of the
+    pre-training runs are the search's base config."""
+    tasks: list[str] = Field(min_length=1)
+    shots: int | Literal["all"] = Field(16)
+    epochs: int | None = Field(None, ge=1)
+    seed: int | None = None
+    model_name: str = "glue-sources"
+    alias: str = "current"
+
+    @model_validator(mode="after")
+    def _shots(self):
+        if self.shots == "all":
+            # the run schema's data.shots is a positive int: full-data source training has no config yet
+            raise ValueError("shots: all is not supported yet (data.shots takes a number of examples)")
+        if self.shots < 1:
+            raise ValueError(f"shots must be >= 1 (got {self.shots})")
+        return self
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}@{self.alias}"
+
+
 class SearchSpace(Strict):
     name: str = "search"
     description: str = ""
@@ -118,9 +146,51 @@ class SearchSpace(Strict):
     resources: Resources = Resources()
     storage_path: str | None = None                    # Ray results; default ./ray_results
 
+    @model_validator(mode="after")
+    def _source_pretrain(self):
+        try:
+            self.source_pretrain()
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ValueError(f"base.prompt.source_bank.pretrain.{'.'.join(map(str, first['loc']))}: "
+                             f"{first['msg']}") from None
+        return self
+
     # ---- derived -----------------------------------------------------------------------------
+    def source_pretrain(self) -> SourcePretrain | None:
+        """The bank to pre-train (`base.prompt.source_bank: {pretrain: {...}}`), or None."""
+        bank = (self.base.get("prompt") or {}).get("source_bank") if isinstance(self.base.get("prompt"), dict) else None
+        if not isinstance(bank, dict):
+            return None
+        if set(bank) != {"pretrain"}:
+            raise ValueError(f"base.prompt.source_bank as a mapping takes one key, 'pretrain' (got {sorted(bank)})")
+        return SourcePretrain.model_validate(bank["pretrain"])
+
+    def source_pretrain_config(self) -> RunConfig | None:
+        """The config `crosspt pretrain-sources` trains the bank from: the base config with the pretrain
+        form's tasks, shots, epochs and seed (None without a pretrain form)."""
+        p = self.source_pretrain()
+        if p is None:
+            return None
+        tree = self.base_tree()
+        tree.update(name=f"{self.name}-bank", tasks=list(p.tasks), **({"seed": p.seed} if p.seed is not None else {}))
+        tree.setdefault("data", {})["shots"] = p.shots
+        if p.epochs is not None:
+            tree.setdefault("train", {})["epochs"] = p.epochs
+        return build_config(tree, f"space '{self.name}' source bank")
+
+    def with_source_bank(self, ref: str) -> "SearchSpace":
+        """This space with `base.prompt.source_bank` set to `ref` (a file or models:/ URI)."""
+        space = self.model_copy(deep=True)
+        space.base["prompt"]["source_bank"] = ref
+        return space
+
     def base_tree(self) -> dict:
         tree = copy.deepcopy(self.base)
+        pretrain = self.source_pretrain()
+        if pretrain is not None:
+            # until the driver pins the bank's version: the alias it will be registered under
+            tree["prompt"]["source_bank"] = pretrain.model_uri
         if self.budget.max_epochs:
             if not isinstance(tree.get("train", {}), dict):
                 raise ConfigError(f"space '{self.name}': base.train must be a section (a mapping of training "
@@ -314,6 +384,14 @@ def _check_numeric_refs(space: SearchSpace, key: str, p: Param) -> None:
                               f"'{ref}' can be {non_numbers(ref)[0]!r}")
 
 
+def check_repeats(space: SearchSpace, cfg: RunConfig) -> None:
+    """Repeats run one after another inside the Tune trial: a worker-group trial cannot host them."""
+    s = cfg.scaling
+    if space.budget.repeats > 1 and not (s.num_workers == 1 and s.in_process):
+        raise ConfigError(f"space '{space.name}': budget.repeats > 1 needs in-process one-worker trials "
+                          f"(scaling.num_workers: 1, scaling.in_process: true)")
+
+
 def validate_space(space: SearchSpace, n_random: int = 64) -> None:
     """Reject an impossible or malformed space before any trial starts (errors name the key)."""
     known = _schema_keys()
@@ -336,7 +414,7 @@ def validate_space(space: SearchSpace, n_random: int = 64) -> None:
     for s in samplers:
         params = sample(space, s)
         try:
-            space.config_for(params)
+            check_repeats(space, space.config_for(params))
         except ConfigError as e:
             raise ConfigError(f"{e} — sampled with {params}") from None
     for i, point in enumerate(space.search.points):

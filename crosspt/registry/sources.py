@@ -105,6 +105,49 @@ def pretrain_sources(cfg: RunConfig, *, tasks: list[str] | None = None, data_dir
         return summary
 
 
+# ---- reuse: a registered bank of the same spec ------------------------------------------------------
+SPEC_TAG = "crosspt.bank_spec"
+
+
+def bank_spec(cfg: RunConfig) -> str:
+    """What a bank is, as a hash: the per-task source configs it is trained from (`source_config`, so
+    settings of the pre-training config that source training overrides do not count), in task order."""
+    import hashlib
+
+    hashes = [config_hash(source_config(cfg, t)) for t in cfg.tasks]
+    return hashlib.sha256(",".join(hashes).encode()).hexdigest()[:16]
+
+
+def find_source_bank(tracking_uri: str, model_name: str, spec: str):
+    """The newest registered version of `model_name` whose bank has spec `spec`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    from crosspt.registry import tracking as T
+
+    try:
+        versions = T.client(tracking_uri).search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if (v.tags or {}).get(SPEC_TAG) == spec]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
+def ensure_source_bank(cfg: RunConfig, *, tracking_uri: str, model_name: str, alias: str,
+                       data_dir: str | None = None, output_dir: str | Path | None = None) -> dict:
+    """`models:/NAME/VERSION` of a bank trained from `cfg` (its tasks are the source tasks): the
+    registered version of the same spec when there is one, else a new one pre-trained now (and `alias`
+    moved to it). `{"model_uri", "version", "reused", "spec"}`."""
+    spec = bank_spec(_pretraining_config(cfg, None, data_dir))
+    found = find_source_bank(tracking_uri, model_name, spec)
+    if found is not None:
+        return {"model_uri": f"models:/{model_name}/{found.version}", "version": str(found.version),
+                "reused": True, "spec": spec}
+    done = pretrain_sources(cfg, data_dir=data_dir, output_dir=output_dir, tracking_uri=tracking_uri,
+                            model_name=model_name, alias=alias)
+    return {"model_uri": f"models:/{model_name}/{done['version']}", "version": done["version"],
+            "reused": False, "spec": spec}
+
+
 def _output_folder(cfg: RunConfig, output_dir: str | Path | None) -> Path:
     """`output_dir` (default `crosspt_runs/<name>-sources-<time>`), absolute and created."""
     out = Path(output_dir or Path("crosspt_runs") / f"{cfg.name}-sources-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -213,7 +256,7 @@ def _register_source_bank(c, uri: str, run_id: str, model_name: str, alias: str,
     mv = register_bank(uri, run_id, model_name, alias=alias,
                        tags={"backbone": cfg.backbone.name, "tasks": ",".join(names),
                              "source_len": str(bank.shape[1]), "dim": str(bank.shape[2]),
-                             "config_hash": config_hash(cfg)},
+                             "config_hash": config_hash(cfg), SPEC_TAG: bank_spec(cfg)},
                        description=f"source prompts for {', '.join(names)} on {cfg.backbone.name}")
     c.set_tag(run_id, "crosspt.registered", f"{model_name}/{mv.version}")
     return {"model_name": model_name, "version": str(mv.version), "model_uri": f"models:/{model_name}@{alias}"}

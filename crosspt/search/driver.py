@@ -24,7 +24,7 @@ import yaml
 
 from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.errors import ConfigError, CrossPTError
-from crosspt.config.space import OptunaDefineByRun, SearchSpace
+from crosspt.config.space import OptunaDefineByRun, SearchSpace, check_repeats
 from crosspt.run.faults import FAULT_ENV, parse_faults
 from crosspt.run.loop import Session, TrainingDiverged
 from crosspt.run.shipping import localise
@@ -166,7 +166,9 @@ def run_trial(params: dict, ctx: dict) -> None:
                          tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
                                **T.provenance_tags(cfg.data.data_dir)})
     try:
-        if cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
+        if space.budget.repeats > 1:
+            run_repeats(run_cfg, space, TuneSession(logger, cfg.scaling.use_gpu), ctx.get("fault"))
+        elif cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
             from crosspt.run.loop import run_loop
 
             run_loop(run_cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
@@ -189,6 +191,66 @@ def run_trial(params: dict, ctx: dict) -> None:
         raise
     if logger:
         logger.finish("FINISHED")
+
+
+# ---- repeats: one configuration on several k-shot samples ---------------------------------------------
+REPEAT_SEED_STRIDE = 1000         # repeat i trains with seed + 1000 i: its own k-shot sample, init, order
+
+
+def repeat_configs(cfg: RunConfig, repeats: int) -> list[RunConfig]:
+    return [cfg.model_copy(update={"seed": cfg.seed + REPEAT_SEED_STRIDE * i}) for i in range(repeats)]
+
+
+def _averaged(metric: str) -> bool:
+    """Scores are averaged over repeats; counters (epoch, params, steps) are the same in every repeat."""
+    return metric.startswith(("val_", "test_")) or metric == "best_val_score"
+
+
+def mean_over_repeats(series: list[list[dict]], per_repeat: tuple[str, ...]) -> list[dict]:
+    """Per epoch, repeat 0's metrics with every score replaced by its mean over the repeats, plus each
+    repeat's value (`<m>_r<i>`) and the std (`<m>_std`) of the metrics in `per_repeat`. A repeat that
+    stopped earlier (patience) counts with its last epoch; `final_epoch` only on the last row."""
+    from statistics import mean, pstdev
+
+    from crosspt.search.report import repeat_metric
+
+    rows = []
+    for e in range(max(len(s) for s in series)):
+        at = [s[min(e, len(s) - 1)] for s in series]
+        row = dict(at[0], epoch=e, final_epoch=e == max(len(s) for s in series) - 1)
+        for k, v in at[0].items():
+            values = [m.get(k) for m in at]
+            if _averaged(k) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+                row[k] = mean(values)
+                if k in per_repeat:
+                    row.update({repeat_metric(k, i): x for i, x in enumerate(values)}, **{f"{k}_std": pstdev(values)})
+        rows.append(row)
+    return rows
+
+
+def run_repeats(cfg: RunConfig, space: SearchSpace, session: TuneSession, fault: str | None) -> None:
+    """`budget.repeats` R: the configuration trains and validates on R k-shot samples, and Tune/ASHA/Optuna
+    see the mean per epoch.
+
+    Sequential, not epoch-interleaved: `run_loop` drives its own epochs, and interleaving them would
+    mean running R loops at once (R models in memory, a barrier per epoch) or reaching into its steps.
+    The cost: ASHA can stop a trial only after all R repeats ran, so repeats trade its savings for
+    less noisy decisions. Repeat 0 (the trial's own seed, the configuration promoted later) supplies
+    the checkpoint and prompts; a restored trial runs its repeats again from the start."""
+    import tempfile
+
+    from crosspt.run.loop import run_loop
+    from crosspt.run.session import LocalSession
+
+    metrics = (space.objective.metric, space.scheduler.metric, "val_score", "test_score")
+    with tempfile.TemporaryDirectory(prefix="crosspt_repeats_") as tmp:
+        sessions = [LocalSession(Path(tmp) / f"r{i}", use_gpu=cfg.scaling.use_gpu, keep=1)
+                    for i in range(space.budget.repeats)]
+        for rcfg, rsession in zip(repeat_configs(cfg, space.budget.repeats), sessions):
+            run_loop(rcfg, rsession, fault=fault)
+        rows = mean_over_repeats([s.reports for s in sessions], metrics)
+        for row in rows:
+            session.report(row, sessions[0].checkpoints[-1] if row["final_epoch"] and sessions[0].checkpoints else None)
 
 
 def run_datasets(cfg: RunConfig, source: str | None = None) -> list:
@@ -421,12 +483,16 @@ def _kill_point(point: str) -> None:
 
 def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: str | None = None,
                tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
-               overwrite: bool = False, verbose: int = 1) -> dict:
-    """Run (or resume) a search to the end; returns a summary with the best trial.
+               overwrite: bool = False, verbose: int = 1, promote: str | None = None,
+               promote_model: str | None = None) -> dict:
+    """Run (or resume) a search to the end: its source bank first when the space asks to pre-train one,
+    then the trials, the report, and (`promote`: an alias) the best FINISHED trial promoted as a version
+    of `promote_model` (default: the space's name). Returns a summary with the best trial.
 
     Steps: check every input before anything starts (`_checked_inputs`), claim the search's saved state
-    (`_claim_state`: refuse, overwrite or read it), resolve `models:/` banks once, open the parent run (a new
-    one, or the killed driver's, reconciled), then Tune; the parent ends FINISHED, or FAILED with the error."""
+    (`_claim_state`: refuse, overwrite or read it), pre-train or reuse the bank, resolve `models:/` banks
+    once, open the parent run (a new one, or the killed driver's, reconciled), then Tune, the report and
+    the promotion; the parent ends FINISHED, or FAILED with the error."""
     from crosspt.run.trainer import init_ray
 
     t0 = time.time()
@@ -434,6 +500,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     exp_name = experiment or (base.tracking.experiment if base.tracking.experiment != "crosspt" else space.name)
     paths = search_paths(space, storage_path, uri, exp_name)
     state = _claim_state(paths, space.name, exp_name, resume, overwrite)
+    space, bank = _pretrained_bank(space, uri, data_dir, paths)
     from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
     trial_space = resolve_space_banks(space, uri, dest_dir=_banks_dir(paths))
 
@@ -466,6 +533,16 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                     "storage": paths.root})
     _log_parent(c, parent_run_id, summary, paths, space)
     c.set_terminated(parent_run_id, "FINISHED")
+    summary["report"] = _report(c, uri, parent_run_id, paths)
+    if bank:
+        summary["source_bank"] = bank
+    if promote:
+        from crosspt.registry.models import promote as promote_best
+
+        summary["promoted"] = promote_best(model_name=promote_model or space.name, alias=promote,
+                                           experiment=exp_name, metric=space.objective.metric,
+                                           mode=space.objective.mode, parent_run_id=parent_run_id,
+                                           tracking_uri=uri)
     return summary
 
 
@@ -498,6 +575,7 @@ def _checked_inputs(space: SearchSpace, data_dir: str | None, tracking_uri: str 
         data_dir = str(Path(data_dir).expanduser().resolve())
         base.data.data_dir = data_dir
     preflight(base)                                       # unknown task/backbone/missing data: fail now
+    check_repeats(space, base)
     uri = T.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
     T.check_reachable(uri)
     fault = os.environ.get(FAULT_ENV) or None             # testing hook, forwarded to every trial
@@ -564,6 +642,22 @@ def _open_parent(c, space: SearchSpace, base: RunConfig, experiment_id: str, pat
     return parent_run_id
 
 
+def _report(c, uri: str, parent_run_id: str, paths: SearchPaths) -> dict:
+    """The design-factor report of the finished search, beside its Tune folder (in the working directory
+    for a storage URI) and on the parent run. A report that cannot be drawn is noted on the parent run and
+    in the summary: the search's results are in MLflow already and stay valid."""
+    from crosspt.search.report import format_table, report_search
+
+    base = Path.cwd() if is_uri(paths.root) else Path(paths.storage)
+    out = base / f"{paths.study_name}_report"
+    try:
+        rep, md = report_search(uri, parent_run_id=parent_run_id, out=out)
+    except Exception as e:
+        c.set_tag(parent_run_id, "crosspt.report", f"failed: {type(e).__name__}: {e}"[:500])
+        return {"dir": str(out), "table": f"report: failed ({type(e).__name__}: {e})", "error": str(e)}
+    return {"dir": str(md.parent), "table": format_table(rep)}
+
+
 @dataclass
 class SearchRun:
     """What the driver resolved once for one search, and every trial and the final bookkeeping need."""
@@ -619,6 +713,22 @@ def _delete_study(paths: SearchPaths) -> None:
         optuna.delete_study(study_name=paths.study_name, storage=paths.optuna_url)
     except KeyError:
         pass
+
+
+def _pretrained_bank(space: SearchSpace, uri: str, data_dir: str | None,
+                     paths: SearchPaths) -> tuple[SearchSpace, dict | None]:
+    """A space with `source_bank: {pretrain: ...}` gets its bank first: the registered version of the same
+    spec, else one pre-trained now; the space then names that version (`models:/NAME/VERSION`, pinned:
+    the alias may move later). Other spaces pass through."""
+    p = space.source_pretrain()
+    if p is None:
+        return space, None
+    from crosspt.registry.sources import ensure_source_bank
+
+    bank = ensure_source_bank(space.source_pretrain_config(), tracking_uri=uri, model_name=p.model_name,
+                              alias=p.alias, data_dir=data_dir, output_dir=_banks_dir(paths) / f"{space.name}-pretrain")
+    print(f"source bank: {'reused' if bank['reused'] else 'pre-trained'} {bank['model_uri']} (spec {bank['spec']})")
+    return space.with_source_bank(bank["model_uri"]), bank
 
 
 def _banks_dir(paths: SearchPaths) -> Path:
