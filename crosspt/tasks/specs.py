@@ -40,6 +40,8 @@ class LabelSemantics(str, Enum):
     NATURAL = "natural"    # the task's own label words ("positive", "entailment")
     OPAQUE = "opaque"      # meaningless but real words (OPAQUE_WORDS): does the prompt learn the task?
     INDEX = "index"        # no words at all (encoder: learned class vectors)
+    NAMES = "names"        # the dataset's label names (`TaskSpec.label_names`, T5's GLUE target strings:
+    #                        "entailment" / "not_entailment", "not_equivalent" / "equivalent", ...)
 
 
 class Metric(str, Enum):
@@ -102,6 +104,7 @@ def _default_words(label_names: tuple[str, ...], natural: Iterable[str] | None) 
         "natural": tuple(natural) if natural is not None else tuple(label_names),
         "opaque": OPAQUE_WORDS[:n],
         "index": tuple(str(i) for i in range(n)),
+        "names": tuple(label_names),
     }
 
 
