@@ -267,3 +267,37 @@ def test_label_semantics_names_uses_the_dataset_label_names():
     assert [label_text(rte, i, cfg.prompt.label_semantics) for i in (0, 1)] == ["entailment", "not_entailment"]
     assert parse_label_text(get_task("mrpc"), "not_equivalent", "names") == 0
     assert label_text(get_task("sst2"), 1, "names") == "positive"
+
+
+# ---- seq2seq placement -------------------------------------------------------------------------------------
+def test_seq2seq_prompt_after_the_input_ignores_the_batch_padding(tiny_t5_path):
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.data import Example
+    from crosspt.tasks.specs import get_task
+
+    tasks = [get_task("sst2")]
+    after = load_backbone(str(tiny_t5_path), tasks, placement="after")
+    before = load_backbone(str(tiny_t5_path), tasks)
+    short = Example(task="sst2", texts=("fine",), label=1, uid="a")
+    long = Example(task="sst2", texts=("a much longer sentence than the other one here",), label=0, uid="b")
+    torch.manual_seed(0)
+    prompt = torch.randn(1, 3, after.embed_dim)
+    ones = torch.ones(1, 3, dtype=torch.long)
+
+    def scores(bb, examples):
+        batch = bb.collate(examples, train=False)
+        n = len(examples)
+        return bb.candidate_scores(prompt.expand(n, -1, -1), ones.expand(n, -1), batch)
+
+    alone, in_batch = scores(after, [short])[0], scores(after, [short, long])[0]
+    assert torch.allclose(alone, in_batch, atol=1e-4)          # the padding before it changes nothing
+    assert not torch.allclose(alone, scores(before, [short])[0], atol=1e-4)
+
+
+def test_placement_is_refused_where_a_family_has_one_place(minilm_path):
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.specs import get_task
+
+    with pytest.raises(ConfigError, match="placement 'before'"):
+        load_backbone(str(minilm_path), [get_task("sst2")], placement="before")
+    assert load_backbone(str(minilm_path), [get_task("sst2")], placement="after").family == "encoder"

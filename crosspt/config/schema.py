@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from crosspt.backbones.base import Family
+from crosspt.backbones.base import Family, Placement
 from crosspt.backbones.encoder import PairEncoding
 from crosspt.errors import ConfigError
 from crosspt.method.composition import Composition, Normalization, Schedule
@@ -83,6 +83,7 @@ class PromptConfig(Strict):
     source_selection: Literal["order", "similar"] = "order"
     include_own_source: bool = True     # false: a target task's own source prompt is left out of the bank
     prefix: bool = True                 # prepend "task: " to inputs
+    placement: Placement = Placement.AUTO   # before | after the input (seq2seq); auto: the family's place
     label_semantics: LabelSemantics = LabelSemantics.NATURAL
 
     @property
