@@ -99,6 +99,10 @@ def test_reference_rule_divides_kept_gates_by_their_sum_then_softmaxes():
     kept = gates * keep
     expect = torch.softmax((kept / kept.sum(-1, keepdim=True)).masked_fill(~keep, float("-inf")), -1)
     assert torch.allclose(w, expect, atol=1e-6)
+    # the authors' evaluation: top-k of the raw logits, plain softmax over the kept
+    top2 = logits.topk(2, dim=-1).indices
+    expect_eval = torch.zeros_like(logits).scatter(-1, top2, torch.softmax(logits.gather(-1, top2), -1))
+    assert torch.allclose(C.eval_weights(logits, 2, "reference"), expect_eval, atol=1e-6)
 
 
 def test_collapsed_prompt_uses_evaluation_top_k():
