@@ -178,13 +178,15 @@ def write(args, cells: dict, traces: dict, t0: float) -> None:
 
 
 def table(cells: dict[str, list[dict]]) -> str:
-    lines = ["| cell | " + " | ".join(f"{t} ({primary_metric(t)})" for t in TARGETS) + " | test score (mean ± sd) | per seed |", "|---" * (len(TARGETS) + 3) + "|"]
+    lines = ["| cell | " + " | ".join(f"{t} ({primary_metric(t)})" for t in TARGETS)
+             + " | test score (mean ± sd) | per seed | best epoch per seed |", "|---" * (len(TARGETS) + 4) + "|"]
     for name, runs in cells.items():
         per_task = [statistics.mean(r["per_task"][t][primary_metric(t)] for r in runs) for t in TARGETS]
         scores = [r["test_score"] for r in runs]
         sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in per_task)
-                     + f" | {statistics.mean(scores):.4f} ± {sd:.4f} | " + ", ".join(f"{s:.4f}" for s in scores) + " |")
+                     + f" | {statistics.mean(scores):.4f} ± {sd:.4f} | " + ", ".join(f"{s:.4f}" for s in scores)
+                     + " | " + ", ".join(str(r["best_epoch"]) for r in runs) + " |")
     return "\n".join(lines)
 
 
