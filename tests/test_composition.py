@@ -119,7 +119,7 @@ def test_param_groups_by_module_with_separate_lrs():
 
 def test_temperature_follows_step():
     spec = PromptSpec(n_tasks=1, dim=4, n_sources=2, source_len=2, private_len=2,
-                      temp_start=4.0, temp_floor=0.5, temp_rate=0.1)
+                      temp_start=4.0, temp_floor=0.5, temp_rate=0.1, temp_schedule="step")
     m = CrossPTPrompt(spec)
     assert m.temperature == 4.0
     m.set_step(1000)

@@ -48,6 +48,13 @@ class Family(str, Enum):
     DECODER = "decoder"
 
 
+class Placement(str, Enum):
+    """Where the soft prompt sits beside the input (config `prompt.placement`)."""
+    AUTO = "auto"          # the family's own place: before the input (seq2seq, decoder), after it (encoder)
+    BEFORE = "before"      # prompt, input (Lester et al.)
+    AFTER = "after"        # input, prompt (seq2seq only among the generative families)
+
+
 def trainable_and_total(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) numbers of parameter elements of `module`; a tensor shared by several
     submodules (tied embeddings) counts once, as `module.parameters()` yields it once."""

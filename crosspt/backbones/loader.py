@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from crosspt.backbones.base import Backbone, Family, trainable_and_total
+from crosspt.backbones.base import Backbone, Family, Placement, trainable_and_total
 from crosspt.backbones.decoder import DecoderBackbone
 from crosspt.backbones.encoder import EncoderBackbone
 from crosspt.backbones.seq2seq import Seq2SeqBackbone
@@ -165,7 +165,7 @@ def _dtype(torch_dtype):
 def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str = Family.AUTO.value,
                   label_semantics: str = LabelSemantics.NATURAL.value, with_prefix: bool = True,
                   max_length: int = 128, pair_encoding: str | None = None, torch_dtype=None,
-                  **family_kwargs) -> Backbone:
+                  placement: str = Placement.AUTO.value, **family_kwargs) -> Backbone:
     """A frozen backbone adapter for `name_or_path` ("minilm", a local folder or a hub id).
 
     `pair_encoding` (encoder family only; None: the encoder's default) and `family_kwargs` (e.g.
@@ -186,8 +186,25 @@ def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str =
         raise UnknownBackboneError(f"backbone '{name}' could not be loaded as a {fam} model ({_short(e)})") from None
     if fam == Family.ENCODER and pair_encoding is not None:
         family_kwargs["pair_encoding"] = pair_encoding
+    family_kwargs.update(_placement_kwargs(fam, placement))
     return info.adapter(model, tokenizer, tasks, label_semantics=label_semantics, with_prefix=with_prefix,
                         max_length=max_length, name=name, **family_kwargs)
+
+
+# the one place each family puts the prompt when it has no choice (see crosspt.backbones.encoder)
+_FIXED_PLACEMENT = {Family.ENCODER: Placement.AFTER, Family.DECODER: Placement.BEFORE}
+
+
+def _placement_kwargs(family: str, placement: str) -> dict:
+    """The adapter's `placement` keyword (seq2seq chooses; the others have one fixed place)."""
+    if placement == Placement.AUTO:
+        return {}
+    if family == Family.SEQ2SEQ:
+        return {"placement": placement}
+    if placement != _FIXED_PLACEMENT[family]:
+        raise ConfigError(f"prompt.placement '{placement}' is not available on a {family} backbone "
+                          f"(it places the prompt {_FIXED_PLACEMENT[family].value} the input)")
+    return {}
 
 
 def load_for_config(cfg, tasks: Sequence[TaskSpec], **family_kwargs) -> Backbone:
@@ -195,11 +212,11 @@ def load_for_config(cfg, tasks: Sequence[TaskSpec], **family_kwargs) -> Backbone
 
     `cfg` is duck-typed (backbones/ sits below config/ and never imports it): any object shaped like
     `crosspt.config.schema.RunConfig` with `cfg.backbone.{name, family, max_length, pair_encoding}` and
-    `cfg.prompt.{label_semantics, prefix}`."""
+    `cfg.prompt.{label_semantics, prefix, placement}`."""
     b, p = cfg.backbone, cfg.prompt
     return load_backbone(b.name, list(tasks), family=b.family, label_semantics=p.label_semantics,
                          with_prefix=p.prefix, max_length=b.max_length, pair_encoding=b.pair_encoding,
-                         **family_kwargs)
+                         placement=p.placement, **family_kwargs)
 
 
 def backbone_summary(backbone: Backbone) -> dict:

@@ -1,7 +1,11 @@
 """Seq2seq family (T5ForConditionalGeneration and other encoder-decoder LMs).
 
 Input:  `format_input(task, texts, with_prefix)` tokenised (with the tokenizer's eos), embedded by
-        the frozen word embeddings; the soft prompt is prepended and the mask extended.
+        the frozen word embeddings; the soft prompt is prepended (placement `before`, the default) or
+        appended after the input's eos (`after`), and the mask extended. After the input, the padding
+        of shorter inputs is moved to the front of the whole encoder sequence (`compact_prompt`), so the
+        prompt sits right after every example's last real token: T5's relative position buckets then
+        see the same input-to-prompt distances whatever the batch's longest input.
 Target: `label_text(task, label, semantics)` tokenised (with eos), padding -> -100.
 Loss:   the model's teacher-forced token-mean cross entropy.
 Predict (rank classification): every candidate string of the example's task (label words, or the
@@ -22,16 +26,29 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import Family, RankBackbone
+from crosspt.backbones.base import Family, Placement, RankBackbone, compact_prompt
 from crosspt.errors import DataError
 
 
 class Seq2SeqBackbone(RankBackbone):
     family = Family.SEQ2SEQ.value
 
-    def __init__(self, model, tokenizer, tasks, **kw):
+    def __init__(self, model, tokenizer, tasks, placement: str = Placement.BEFORE.value, **kw):
         super().__init__(model, tokenizer, tasks, **kw)
+        if placement not in (Placement.BEFORE, Placement.AFTER):
+            raise ValueError(f"seq2seq prompt placement must be 'before' or 'after', got '{placement}'")
+        self.placement = placement
         self._cand_cache: dict[int, tuple[torch.Tensor, list[str]]] = {}
+
+    def _prompted(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder input `[B, L + T, d]` and mask `[B, L + T]`: the prompt `[B, L, d]` (mask `[B, L]`)
+        before the embedded input, or after it with all padding moved to the front (module docstring)."""
+        if self.placement == Placement.BEFORE:
+            return super()._prompted(prompt, prompt_mask, batch)
+        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
+        embeds = self.word_embeddings()(batch["input_ids"])
+        return compact_prompt(torch.cat([embeds, prompt.to(embeds.dtype)], dim=1),
+                              torch.cat([batch["attention_mask"].long(), prompt_mask.long()], dim=1))
 
     # -- data -------------------------------------------------------------------------------
     def _targets(self, texts: list[str]) -> torch.Tensor:

@@ -13,10 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from crosspt.backbones.base import Family
+from crosspt.backbones.base import Family, Placement
 from crosspt.backbones.encoder import PairEncoding
 from crosspt.errors import ConfigError
-from crosspt.method.composition import Composition
+from crosspt.method.composition import Composition, Normalization, Schedule
 from crosspt.method.prompts import PromptInit, RouterKind
 from crosspt.tasks.data import ShotsPer
 from crosspt.tasks.specs import LabelSemantics
@@ -49,6 +49,9 @@ class DataConfig(Strict):
 
 
 class TemperatureConfig(Strict):
+    # exp | linear: from start to floor over training progress (the floor on the last step);
+    # step: max(floor, start * exp(-rate * step)), the only schedule that reads `rate`
+    schedule: Schedule = Schedule.EXP
     start: float = Field(5.0, gt=0)
     floor: float = Field(0.1, gt=0)
     rate: float = Field(1e-3, ge=0)
@@ -66,7 +69,10 @@ class PromptConfig(Strict):
     private_len: int = Field(16, ge=0)
     composition: Composition = Composition.CAT
     top_k: int | None = Field(None, ge=1)
+    # training draws vs evaluation weights (crosspt.method.composition: noisy_topk | reference | gate_softmax)
+    normalization: Normalization = Normalization.NOISY_TOPK
     router: RouterKind = RouterKind.TASK
+    router_bias: float = 0.0            # initial router logit of the private prompt (sources start at 0)
     temperature: TemperatureConfig = TemperatureConfig()
     # auto: the backbone family's choice (encoder: neutral; seq2seq/decoder: vocab, Lester et al.)
     init: PromptInit = PromptInit.AUTO
@@ -75,7 +81,9 @@ class PromptConfig(Strict):
     source_bank: str | None = None      # safetensors file or models:/NAME@alias; None: random bank
     # implemented by crosspt.run.artifacts.select_sources (a layer above config: defined here)
     source_selection: Literal["order", "similar"] = "order"
+    include_own_source: bool = True     # false: a target task's own source prompt is left out of the bank
     prefix: bool = True                 # prepend "task: " to inputs
+    placement: Placement = Placement.AUTO   # before | after the input (seq2seq); auto: the family's place
     label_semantics: LabelSemantics = LabelSemantics.NATURAL
 
     @property
@@ -93,12 +101,18 @@ class PromptConfig(Strict):
             raise ValueError("prompt.init is 'text' but prompt.init_text is empty")
         if self.init == PromptInit.SOURCE and self.n_sources == 0:
             raise ValueError("prompt.init is 'source' but prompt.n_sources is 0")
+        if self.init == PromptInit.OWN_SOURCE and not self.source_bank:
+            raise ValueError("prompt.init is 'own_source' but prompt.source_bank is not set")
+        if self.router == RouterKind.ATTENTION and (self.top_k is not None or self.router_bias):
+            raise ValueError("prompt.router 'attention' is ATTEMPT as published (softmax over every candidate): "
+                             "it takes no prompt.top_k and no prompt.router_bias; use 'attention_gated'")
         return self
 
 
 class OptimConfig(Strict):
     prompt_lr: float = Field(0.03, gt=0)
     router_lr: float = Field(0.01, gt=0)
+    source_lr: float | None = Field(None, gt=0)   # learned source prompts; default prompt_lr
     head_lr: float | None = Field(None, gt=0)  # backbone-side heads (encoder class vectors); default prompt_lr
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -163,6 +177,9 @@ class RunConfig(Strict):
     def _unique_tasks(self):
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks contains duplicates: {self.tasks}")
+        if self.optim.source_lr is not None and not (self.prompt.learn_sources and self.prompt.n_sources):
+            raise ValueError("optim.source_lr is set but no source prompt is learned "
+                             "(prompt.learn_sources with prompt.n_sources > 0)")
         return self
 
 

@@ -1,23 +1,51 @@
 """CrossPT composition as small pure functions over tensors.
 
-Nothing here knows about models, tokenizers or files: gates, top-k, normalisation and the two ways
-(`cat`, `wavg`) of turning weighted candidate prompts into one soft prompt per example. The modules in
-`crosspt.method.prompts` hold the parameters and call these.
+Nothing here knows about models, tokenizers or files: temperature schedules, router normalisation
+(training draws and their evaluation counterpart), top-k, and the two ways (`cat`, `wavg`) of turning
+weighted candidate prompts into one soft prompt per example. The modules in `crosspt.method.prompts`
+hold the parameters and call these.
 
 Shapes: candidates `[n_cand, L, d]` (sources first, then the task's private prompt per example),
-weights `[B, n_cand]`.
+logits and weights `[B, n_cand]`.
 
-Normalisation, training vs evaluation
-    Training (`train_weights`) samples one relaxed-Bernoulli gate in (0, 1) per candidate, keeps the
-    top-k gates and takes a softmax over the kept ones: the gate noise explores candidate subsets, the
-    softmax makes the kept weights sum to 1, so a composed prompt stays on the scale of one prompt
-    whatever k is, and dropped candidates get exactly 0 (masked out of `cat`, absent from `wavg`).
-    Evaluation (`eval_weights`) is its deterministic counterpart: no noise and no top-k, a plain
-    softmax of the router logits, again summing to 1 (so with `top_k` set, evaluation still gives every
-    candidate a non-zero weight). Being noise-free, a task router's evaluation
-    weights are a constant per task, which is what lets the composed prompt collapse to one `[L, d]`
-    tensor (`CrossPTPrompt.collapsed`, the pyfunc bundle, the PEFT export). As the temperature anneals
-    the training gates sharpen towards 0/1, and the logits that rank them are the ones evaluation uses.
+Normalisation, training vs evaluation (config `prompt.normalization`, `Normalization`)
+    Every rule keeps k candidates (`prompt.top_k`; all when unset) and gives the dropped ones a weight
+    of exactly 0 (masked out of `cat`, absent from `wavg`); the kept weights sum to 1, so a composed
+    prompt stays on the scale of one prompt whatever k is. Training draws noisy weights (the noise
+    explores candidate subsets); evaluation is deterministic, so a task router's evaluation weights
+    are a constant per task, which is what lets the composed prompt collapse to one `[L, d]` tensor
+    (`CrossPTPrompt.collapsed`, the pyfunc bundle, the PEFT export). Evaluation keeps the same k.
+
+    noisy_topk (default). Training scores `s = l + tau * eps`, `eps ~ Logistic(0, 1)` i.i.d. per
+        candidate (`eps = log u - log(1 - u)`, `u ~ U(0, 1)`: the log-odds noise of a relaxed-Bernoulli
+        gate, scaled by the annealed temperature `tau`); keep the top-k of `s`, softmax of `s` over the
+        kept. Evaluation: the same rule with the noise at 0, i.e. top-k of `l`, softmax of `l` over the
+        kept. Why it converges: when the k-th and (k+1)-th logits differ by `delta > 0`, the kept set
+        differs from the logits' top-k only if `tau * |eps_i - eps_j| > delta` for some pair, which has
+        probability `<= n^2 * 2 exp(-delta / tau)` -> 0; on the kept set, softmax is smooth, so
+        `|softmax(l + tau eps) - softmax(l)| <= tau * max|eps|/2` per draw, and because `eps` is symmetric
+        with mean 0 the first-order term cancels in the mean: `E[w_train] - w_eval = O(tau^2)` (about
+        `tau^2 * pi^2/6 * |d^2 softmax|`, under 0.01 at tau = 0.1 for any logits). As tau anneals to its
+        floor every training draw tends to the evaluation weights, not only their mean.
+    reference. The authors' rule (puraminy/ATTEMPT@441b8ae, attempt/third_party/models/t5/modeling_t5.py:
+        lines 1616-1620 sample `RelaxedBernoulli(temperature, logits=router)` in training, lines 1631-1642
+        use the raw router logits at evaluation; lines 1678-1683 keep the top-k scores in both;
+        `normalize_scores` lines 112-118 (method "soft"), applied to the kept scores at lines 1741-1751,
+        divide the gates by their sum (+1e-8) and take a softmax when training, a plain softmax at
+        evaluation). Training: gates `g` in (0, 1), top-k of `g`,
+        `softmax(g / sum(g_kept))`; evaluation: top-k of `l`, softmax of `l` over the kept. The
+        training inputs to the softmax lie in (0, 1], so no training weight exceeds `e / (e + k - 1)`,
+        whatever the logits and the temperature: training and evaluation weights differ by design
+        (kept for faithful reproduction).
+    gate_softmax. This package's rule before the option existed, kept to reproduce earlier results:
+        training keeps the top-k relaxed-Bernoulli gates and takes a softmax of the gates (bounded by
+        `e / (e + k - 1)` like `reference`); evaluation is a softmax of all the logits, ignoring top-k.
+
+Temperature (config `prompt.temperature`, `Schedule`)
+    `exp` and `linear` are defined over training progress `p = step / total_steps` in [0, 1], so tau
+    reaches its floor on the last step whatever the data size: `exp` tau = start * (floor/start)^p,
+    `linear` tau = start + (floor - start) * p. `step` is the per-step form
+    tau = max(floor, start * exp(-rate * step)) (tied to step counts; `rate` is read only by it).
 """
 from __future__ import annotations
 
@@ -35,12 +63,38 @@ class Composition(str, Enum):
     WAVG = "wavg"      # weighted average of the candidates: `[B, L, d]`
 
 
-def annealed_temperature(step: int, start: float, floor: float, rate: float) -> float:
-    """Exponential decay from `start` towards `floor`: tau = max(floor, start * exp(-rate * step)).
+class Normalization(str, Enum):
+    """How router logits become candidate weights, in training and at evaluation (config
+    `prompt.normalization`); the module docstring gives each rule and its maths."""
+    NOISY_TOPK = "noisy_topk"        # logits + tau * logistic noise, top-k, softmax; eval: noise 0
+    REFERENCE = "reference"          # the authors': relaxed-Bernoulli gates / their sum, softmax
+    GATE_SOFTMAX = "gate_softmax"    # before this option: softmax of gates; eval ignores top-k
 
-    Early in training the gates are soft (explore all candidates); later they sharpen towards a
-    near-binary choice (see "Normalisation, training vs evaluation" above)."""
+
+class Schedule(str, Enum):
+    """How the temperature anneals (config `prompt.temperature.schedule`)."""
+    EXP = "exp"          # geometric from start to floor over training progress
+    LINEAR = "linear"    # linear from start to floor over training progress
+    STEP = "step"        # max(floor, start * exp(-rate * step)): per step, ignores progress
+
+
+def annealed_temperature(step: int, start: float, floor: float, rate: float) -> float:
+    """The `step` schedule: tau = max(floor, start * exp(-rate * step))."""
     return max(floor, start * math.exp(-rate * step))
+
+
+def scheduled_temperature(schedule: str, *, start: float, floor: float, rate: float, step: int,
+                          progress: float | None) -> float:
+    """tau at a point of training: `progress` in [0, 1] (fraction of the planned steps; None when no
+    plan is known, read as 0: the start temperature) for `exp`/`linear`, `step` for `step`."""
+    if schedule == Schedule.STEP:
+        return annealed_temperature(step, start, floor, rate)
+    p = min(1.0, max(0.0, progress or 0.0))
+    if schedule == Schedule.EXP:
+        return start * (floor / start) ** p
+    if schedule == Schedule.LINEAR:
+        return start + (floor - start) * p
+    raise ValueError(f"unknown temperature schedule '{schedule}' ({', '.join(s.value for s in Schedule)})")
 
 
 def relaxed_bernoulli_gates(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -48,6 +102,12 @@ def relaxed_bernoulli_gates(logits: torch.Tensor, temperature: float) -> torch.T
     (differentiable in `logits`)."""
     return RelaxedBernoulli(temperature=torch.tensor(temperature, device=logits.device,
                                                      dtype=logits.dtype), logits=logits).rsample()
+
+
+def logistic_noise(like: torch.Tensor) -> torch.Tensor:
+    """i.i.d. Logistic(0, 1) noise `log u - log(1 - u)` shaped like `like` `[..., n]`."""
+    u = torch.rand_like(like).clamp(torch.finfo(like.dtype).tiny, 1.0 - torch.finfo(like.dtype).eps)
+    return torch.log(u) - torch.log1p(-u)
 
 
 def topk_mask(scores: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -67,17 +127,53 @@ def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return F.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
 
 
-def train_weights(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """Training-time router weights `[B, n_cand]` from `logits` `[B, n_cand]`: relaxed-Bernoulli gates ->
-    keep top-k -> softmax over the kept (see the module docstring for why)."""
+def topk_softmax(scores: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Keep the top-k of `scores` `[..., n]`, softmax over the kept: weights `[..., n]`."""
+    return masked_softmax(scores, topk_mask(scores, top_k))
+
+
+def train_weights(logits: torch.Tensor, temperature: float, top_k: int | None,
+                  normalization: str = Normalization.NOISY_TOPK) -> torch.Tensor:
+    """Training-time router weights `[B, n_cand]` from `logits` `[B, n_cand]` at temperature `temperature`:
+    one noisy draw of the `normalization` rule (module docstring), exactly `top_k` non-zero weights."""
+    if normalization == Normalization.NOISY_TOPK:
+        return topk_softmax(logits + temperature * logistic_noise(logits), top_k)
     gates = relaxed_bernoulli_gates(logits, temperature)
-    return masked_softmax(gates, topk_mask(gates, top_k))
+    keep = topk_mask(gates, top_k)
+    if normalization == Normalization.REFERENCE:
+        # divide by the kept gates' sum, then softmax (the 1e-8 is the authors' epsilon, a no-op here)
+        kept_sum = gates.masked_fill(~keep, 0.0).sum(-1, keepdim=True)
+        return masked_softmax(gates / kept_sum + 1e-8, keep)
+    if normalization == Normalization.GATE_SOFTMAX:
+        return masked_softmax(gates, keep)
+    raise ValueError(f"unknown normalization '{normalization}' ({', '.join(n.value for n in Normalization)})")
 
 
-def eval_weights(logits: torch.Tensor) -> torch.Tensor:
-    """Evaluation-time router weights `[B, n_cand]` from `logits` `[B, n_cand]`: deterministic softmax of
-    the logits (no noise, no top-k), the counterpart of `train_weights`."""
-    return F.softmax(logits, dim=-1)
+def eval_weights(logits: torch.Tensor, top_k: int | None = None,
+                 normalization: str = Normalization.NOISY_TOPK) -> torch.Tensor:
+    """Evaluation-time router weights `[B, n_cand]` from `logits` `[B, n_cand]`: the deterministic
+    counterpart of `train_weights` (top-k of the logits, softmax over the kept; `gate_softmax`: softmax
+    of all the logits, its historical counterpart that ignores top-k)."""
+    if normalization == Normalization.GATE_SOFTMAX:
+        return F.softmax(logits, dim=-1)
+    if normalization in (Normalization.NOISY_TOPK, Normalization.REFERENCE):
+        return topk_softmax(logits, top_k)
+    raise ValueError(f"unknown normalization '{normalization}' ({', '.join(n.value for n in Normalization)})")
+
+
+def attempt_weights(scores: torch.Tensor, has_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATTEMPT's mixture (Asai et al. 2022; AkariAsai/ATTEMPT@b5121e5,
+    attempt/third_party/models/t5/modeling_t5.py lines 1133-1135 and 1143-1159): a plain softmax of the
+    attention `scores` `[B, n_cand]` (no noise, no top-k, the same in training and at evaluation), and
+    the target's own prompt added on top of the mixture, `sum_i w_i P_i + P_target`.
+
+    Returns (the router's weights `[B, n_cand]`, summing to 1; the weights the composer applies
+    `[B, n_cand]`: the same plus 1 on the target, the last candidate, when `has_target`). With `wavg`
+    this is exactly ATTEMPT's prompt; with `cat` the target's segment is scaled by `1 + w_target`."""
+    weights = F.softmax(scores, dim=-1)
+    if not has_target:
+        return weights, weights
+    return weights, weights + F.one_hot(torch.tensor(scores.shape[-1] - 1), scores.shape[-1]).to(weights)
 
 
 def pad_candidates(sources: torch.Tensor, private: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,24 +232,33 @@ def composed_length(composition: str, n_sources: int, source_len: int, private_l
     return n_cand * length if composition == Composition.CAT else (length if n_cand else 0)
 
 
-def compose(bank: torch.Tensor, private: torch.Tensor, logits: torch.Tensor, task_ids: torch.Tensor, *,
+def compose_weighted(bank: torch.Tensor, private: torch.Tensor, task_ids: torch.Tensor, weights: torch.Tensor,
+                     composition: str = Composition.CAT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates (`bank` `[n_src, L_s, d]`, the examples' rows of `private` `[n_tasks, L_p, d]` for
+    `task_ids` `[B]`) weighted by `weights` `[B, n_cand]` -> (prompt `[B, L, d]`, mask `[B, L]`)."""
+    cands, valid = pad_candidates(bank, private[task_ids])
+    if cands.shape[1] == 0:
+        b, d = task_ids.shape[0], private.shape[-1]
+        return private.new_zeros(b, 0, d), torch.zeros(b, 0, dtype=torch.long, device=private.device)
+    return COMPOSERS[composition](cands, valid, weights)
+
+
+def compose(bank: torch.Tensor, private: torch.Tensor, logits: torch.Tensor | None, task_ids: torch.Tensor, *,
             composition: str = Composition.CAT, temperature: float | None = None, top_k: int | None = None,
-            training: bool = False, example_logits: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            training: bool = False, example_logits: torch.Tensor | None = None,
+            normalization: str = Normalization.NOISY_TOPK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole method in one call: (bank, private, router logits, task ids) -> (prompt, mask, weights).
 
     `bank` `[n_src, L_s, d]`, `private` `[n_tasks, L_p, d]`, `logits` `[n_tasks, n_cand]`.
     `example_logits` `[B, n_cand]` overrides the per-task logits (input-conditioned routers).
-    Training samples gates at `temperature`; evaluation is deterministic."""
+    Training draws weights at `temperature` by the `normalization` rule; evaluation is its
+    deterministic counterpart (module docstring)."""
     per_example = example_logits if example_logits is not None else logits[task_ids]
-    cands, valid = pad_candidates(bank, private[task_ids])
-    if cands.shape[1] == 0:
-        b, d = task_ids.shape[0], private.shape[-1]
-        return (private.new_zeros(b, 0, d), torch.zeros(b, 0, dtype=torch.long, device=private.device),
-                private.new_zeros(b, 0))
-    if training:
-        weights = train_weights(per_example, 1.0 if temperature is None else temperature, top_k)
+    if per_example.shape[-1] == 0:
+        weights = per_example
+    elif training:
+        weights = train_weights(per_example, 1.0 if temperature is None else temperature, top_k, normalization)
     else:
-        weights = eval_weights(per_example)
-    prompt, mask = COMPOSERS[composition](cands, valid, weights)
+        weights = eval_weights(per_example, top_k, normalization)
+    prompt, mask = compose_weighted(bank, private, task_ids, weights, composition)
     return prompt, mask, weights

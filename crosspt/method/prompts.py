@@ -6,10 +6,12 @@ router logits `[n_tasks, n_cand]`), so every batch touches the same parameters a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from crosspt.method import composition as C
@@ -22,16 +24,20 @@ class PromptInit(str, Enum):
     VOCAB = "vocab"
     NEUTRAL = "neutral"
     TEXT = "text"
-    SOURCE = "source"
+    SOURCE = "source"          # the mean of the selected source prompts
+    OWN_SOURCE = "own_source"  # each task's own pre-trained source prompt (from the bank, by task name)
 
 
 class RouterKind(str, Enum):
     """Which router scores the candidates (config `prompt.router`)."""
-    TASK = "task"              # `TaskRouter`: one logit vector per task
-    ATTENTION = "attention"    # `AttentionRouter`: conditioned on the input (ATTEMPT)
+    TASK = "task"                          # `TaskRouter`: one logit vector per task
+    ATTENTION = "attention"                # `AttemptRouter`: ATTEMPT (Asai et al. 2022) as published
+    ATTENTION_GATED = "attention_gated"    # `GatedAttentionRouter`: input-conditioned logits through
+    #                                        the CrossPT normalisation (gates, top-k); `attention` before
 
 
-_ATTENTION_HIDDEN = 64     # bottleneck width of the attention router
+_GATED_HIDDEN = 64         # bottleneck width of the gated attention router
+_ATTEMPT_HIDDEN = 100      # ATTEMPT's sub-network width (modeling_t5.py line 933)
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,10 @@ class PromptSpec:
     router: str = RouterKind.TASK.value             # a `RouterKind` value
     temp_start: float = 5.0
     temp_floor: float = 0.1
-    temp_rate: float = 1e-3
+    temp_rate: float = 1e-3                         # read by the `step` schedule only
+    temp_schedule: str = C.Schedule.EXP.value       # a `Schedule` value
+    normalization: str = C.Normalization.NOISY_TOPK.value   # a `Normalization` value
+    router_bias: float = 0.0                        # initial logit of the private prompt (others 0)
     learn_sources: bool = False
     init: str = PromptInit.RANDOM.value             # a `PromptInit` value other than "auto"
 
@@ -69,7 +78,8 @@ def init_prompt(shape: tuple[int, ...], how: str, *, word_embeddings: torch.Tens
     expects); vocab: rows sampled from `vocab_ids` (the backbone's 5000 first ordinary word tokens,
     `Backbone.init_vocab_ids`), else the 5000 first rows (Lester et al.); text: the
     embedding of a text, tiled to length; neutral: the same with the backbone's neutral token ids
-    (`Backbone.neutral_init_ids`); source: a copy of a (source) prompt, tiled/truncated."""
+    (`Backbone.neutral_init_ids`); source: a copy of a (source) prompt `[L_s, d]`, tiled/truncated;
+    own_source: per task, a copy of that task's own source prompt (`source` `[n_tasks, L_s, d]`)."""
     length, dim = shape[-2], shape[-1]
     n = 1
     for s in shape[:-2]:
@@ -96,6 +106,12 @@ def init_prompt(shape: tuple[int, ...], how: str, *, word_embeddings: torch.Tens
         src = source.detach().float()
         rows = src.repeat(length // src.shape[0] + 1, 1)[:length]
         return rows.expand(*shape[:-2], length, dim).clone()
+    if how == PromptInit.OWN_SOURCE:
+        if source is None or source.dim() != 3 or source.shape[0] != n:
+            raise ValueError(f"init 'own_source' needs one source prompt per task ({n}), "
+                             f"got {None if source is None else tuple(source.shape)}")
+        src = source.detach().float()
+        return src.repeat(1, length // src.shape[1] + 1, 1)[:, :length].reshape(shape).clone()
     choices = ", ".join(i.value for i in PromptInit if i is not PromptInit.AUTO)
     raise ValueError(f"unknown prompt init '{how}' (choose from {choices})")
 
@@ -116,30 +132,40 @@ class PrivatePrompts(nn.Module):
         self.prompts = nn.Parameter(prompts.float())
 
 
+def initial_logits(n_tasks: int, n_cand: int, private_bias: float, has_private: bool) -> torch.Tensor:
+    """Router logits at step 0 `[n_tasks, n_cand]`: 0 for every source, `private_bias` for the private
+    prompt (the last candidate): a positive bias starts each task leaning on its own prompt."""
+    logits = torch.zeros(n_tasks, n_cand)
+    if has_private:
+        logits[:, -1] = private_bias
+    return logits
+
+
 class TaskRouter(nn.Module):
     """Per-task logits over the candidates `[n_tasks, n_cand]` (sources first, private last)."""
 
-    def __init__(self, n_tasks: int, n_cand: int):
+    def __init__(self, initial: torch.Tensor):
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(n_tasks, n_cand))   # uniform weights at step 0
+        self.logits = nn.Parameter(initial.clone())        # `initial_logits`: uniform unless biased
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
         """Logits `[B, n_cand]` of the tasks `task_ids` `[B]`."""
         return self.logits[task_ids]
 
 
-class AttentionRouter(nn.Module):
-    """ATTEMPT-style input-conditioned router: masked-mean pooled input -> bottleneck -> attention.
+class GatedAttentionRouter(nn.Module):
+    """Input-conditioned logits for the CrossPT normalisation (`attention_gated`; before ATTEMPT was
+    reproduced as published this was the `attention` router): masked-mean pooled input -> ReLU
+    bottleneck + residual -> LayerNorm, dot product with the LayerNormed max-pooled candidates over
+    sqrt(d), plus a per-task bias (one tensor) that keeps the task identity in the decision. The logits
+    then go through the same gates and top-k as the task router's."""
 
-    Scores each candidate by the dot product of the projected input with the candidate's max-pooled
-    prompt; a per-task bias (one tensor) keeps the task identity in the decision."""
-
-    def __init__(self, n_tasks: int, n_cand: int, dim: int, hidden: int = _ATTENTION_HIDDEN):
+    def __init__(self, initial: torch.Tensor, dim: int, hidden: int = _GATED_HIDDEN):
         super().__init__()
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
         self.norm = nn.LayerNorm(dim)
-        self.task_bias = nn.Parameter(torch.zeros(n_tasks, n_cand))
+        self.task_bias = nn.Parameter(initial.clone())     # `initial_logits` `[n_tasks, n_cand]`
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
@@ -152,6 +178,36 @@ class AttentionRouter(nn.Module):
         return scores + self.task_bias[task_ids]
 
 
+class AttemptRouter(nn.Module):
+    """ATTEMPT's attention (Asai et al. 2022; AkariAsai/ATTEMPT@b5121e5,
+    attempt/third_party/models/t5/modeling_t5.py): the input max-pooled over its tokens (line 1072),
+    each candidate max-pooled over its length (line 1086), a SiLU sub-network without biases, hidden 100
+    (lines 933-936), LayerNorm (line 1111), dot product over the temperature d * e (lines 919-920, the
+    value of its learned temperature at initialisation; lines 1113-1114). `crosspt.method.composition.
+    attempt_weights` takes the plain softmax and adds the target prompt. No per-task logits: the task
+    enters through its own prompt, a candidate like the sources. One deviation: padding positions are
+    left out of the input max-pool (ATTEMPT pools them too)."""
+
+    def __init__(self, dim: int, hidden: int = _ATTEMPT_HIDDEN):
+        super().__init__()
+        self.down = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(hidden, dim, bias=False)
+        self.norm = nn.LayerNorm(dim)
+        self.temperature = dim * math.e
+
+    def forward(self, cand_keys: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Attention scores `[B, n_cand]` from candidate keys `[B, n_cand, d]` (max-pooled prompts) and
+        the max-pooled input `[B, d]`."""
+        h = self.norm(self.up(F.silu(self.down(pooled))))                    # [B, d]
+        return torch.einsum("bd,bnd->bn", h, cand_keys) / self.temperature
+
+
+def masked_max(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max of `embeds` `[B, T, d]` over the positions `mask` `[B, T]` keeps: `[B, d]`."""
+    keep = mask.bool().unsqueeze(-1)
+    return embeds.masked_fill(~keep, torch.finfo(embeds.dtype).min).max(dim=1).values
+
+
 def masked_mean(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `embeds` `[B, T, d]` over the positions `mask` `[B, T]` keeps: `[B, d]`."""
     m = mask.unsqueeze(-1).to(embeds.dtype)
@@ -161,20 +217,16 @@ def masked_mean(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class CrossPTPrompt(nn.Module):
     """Source bank + private prompts + router -> one composed soft prompt per example.
 
-    With `n_sources == 0` this is vanilla prompt tuning (one private prompt per task, weight 1)."""
+    With `n_sources == 0` this is vanilla prompt tuning (one private prompt per task, weight 1).
+    `own_sources` `[n_tasks, L_s, d]`: each task's own pre-trained source prompt, read by
+    `init == "own_source"` only."""
 
     def __init__(self, spec: PromptSpec, *, bank: torch.Tensor | None = None,
                  word_embeddings: torch.Tensor | None = None, init_text_ids: list[int] | None = None,
-                 init_vocab_ids: torch.Tensor | None = None, seed: int = 0):
+                 init_vocab_ids: torch.Tensor | None = None, seed: int = 0,
+                 own_sources: torch.Tensor | None = None):
         super().__init__()
-        if spec.n_candidates == 0:
-            raise ValueError("a prompt needs at least one candidate: n_sources > 0 or private_len > 0")
-        if spec.composition not in C.COMPOSERS:
-            raise ValueError(f"unknown composition '{spec.composition}' "
-                             f"({' or '.join(c.value for c in C.Composition)})")
-        if spec.top_k is not None and not 1 <= spec.top_k <= spec.n_candidates:
-            raise ValueError(f"top_k={spec.top_k} must be between 1 and the number of candidates "
-                             f"({spec.n_candidates})")
+        check_spec(spec)
         self.spec = spec
         gen = torch.Generator().manual_seed(seed)
         if bank is None:
@@ -184,7 +236,8 @@ class CrossPTPrompt(nn.Module):
             raise ValueError(f"source bank has shape {tuple(bank.shape)}, config expects "
                              f"({spec.n_sources}, {spec.source_len}, {spec.dim})")
         self.bank = SourceBank(bank, learn=spec.learn_sources and spec.n_sources > 0)
-        source_for_init = bank.mean(0) if spec.n_sources else None
+        source_for_init = own_sources if spec.init == PromptInit.OWN_SOURCE else \
+            (bank.mean(0) if spec.n_sources else None)
         private = init_prompt((spec.n_tasks, spec.private_len, spec.dim), spec.init,
                               word_embeddings=word_embeddings, text_ids=init_text_ids,
                               source=source_for_init, generator=gen, vocab_ids=init_vocab_ids) \
@@ -193,22 +246,28 @@ class CrossPTPrompt(nn.Module):
         self.private = PrivatePrompts(private)
         if not spec.private_len:
             self.private.prompts.requires_grad_(False)
-        if spec.router == RouterKind.TASK:
-            self.router = TaskRouter(spec.n_tasks, spec.n_candidates)
-        elif spec.router == RouterKind.ATTENTION:
-            self.router = AttentionRouter(spec.n_tasks, spec.n_candidates, spec.dim)
-        else:
-            raise ValueError(f"unknown router '{spec.router}' ({' or '.join(r.value for r in RouterKind)})")
+        self.router = build_router(spec)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # planned training steps (`plan_steps`): what `exp`/`linear` temperatures measure progress
+        # against; a plain attribute, not a buffer, so checkpoints keep their keys (the loop re-plans)
+        self.total_steps: int | None = None
 
     # ------------------------------------------------------------------------------------------
     @property
     def temperature(self) -> float:
         s = self.spec
-        return C.annealed_temperature(int(self.step), s.temp_start, s.temp_floor, s.temp_rate)
+        step = int(self.step)
+        progress = step / self.total_steps if self.total_steps else None
+        return C.scheduled_temperature(s.temp_schedule, start=s.temp_start, floor=s.temp_floor,
+                                       rate=s.temp_rate, step=step, progress=progress)
 
     def set_step(self, step: int) -> None:
         self.step.fill_(step)
+
+    def plan_steps(self, total_steps: int) -> None:
+        """The number of optimizer steps the run plans (epochs x steps per epoch): progress =
+        step / total_steps, so the temperature reaches its floor on the last step."""
+        self.total_steps = max(1, int(total_steps))
 
     def candidate_keys(self, task_ids: torch.Tensor) -> torch.Tensor:
         """Max-pooled candidate prompts per example `[B, n_cand, d]` (attention router keys)."""
@@ -221,32 +280,45 @@ class CrossPTPrompt(nn.Module):
 
     def route(self, task_ids: torch.Tensor, input_embeds: torch.Tensor | None = None,
               input_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Router logits per example `[B, n_cand]` for task ids `[B]`; the attention router also reads the
-        input embeddings `[B, T, d]` and their mask `[B, T]`."""
-        if isinstance(self.router, AttentionRouter):
-            if input_embeds is None:
-                raise ValueError("the attention router needs the input embeddings")
-            pooled = masked_mean(input_embeds.float(), input_mask)
-            return self.router(task_ids, self.candidate_keys(task_ids), pooled)
-        return self.router(task_ids)
+        """Router logits (ATTEMPT: attention scores) per example `[B, n_cand]` for task ids `[B]`; the
+        attention routers also read the input embeddings `[B, T, d]` and their mask `[B, T]`."""
+        if not self.needs_input():
+            return self.router(task_ids)
+        if input_embeds is None:
+            raise ValueError("the attention router needs the input embeddings")
+        keys = self.candidate_keys(task_ids)
+        if isinstance(self.router, AttemptRouter):
+            return self.router(keys, masked_max(input_embeds.float(), input_mask))
+        return self.router(task_ids, keys, masked_mean(input_embeds.float(), input_mask))
 
     def forward(self, task_ids: torch.Tensor, input_embeds: torch.Tensor | None = None,
                 input_mask: torch.Tensor | None = None):
         """-> (prompt `[B, L, d]`, mask `[B, L]`, weights `[B, n_cand]`)."""
         logits = self.route(task_ids, input_embeds, input_mask)
+        s = self.spec
+        if isinstance(self.router, AttemptRouter):
+            weights, applied = C.attempt_weights(logits, has_target=s.private_len > 0)
+            prompt, mask = C.compose_weighted(self.bank.prompts, self.private.prompts, task_ids, applied,
+                                              s.composition)
+            return prompt, mask, weights
         return C.compose(self.bank.prompts, self.private.prompts, None, task_ids,
-                         composition=self.spec.composition, temperature=self.temperature,
-                         top_k=self.spec.top_k, training=self.training, example_logits=logits)
+                         composition=s.composition, temperature=self.temperature, top_k=s.top_k,
+                         training=self.training, example_logits=logits, normalization=s.normalization)
 
     # ------------------------------------------------------------------------------------------
     def needs_input(self) -> bool:
-        return isinstance(self.router, AttentionRouter)
+        return isinstance(self.router, (GatedAttentionRouter, AttemptRouter))
 
     def task_weights(self) -> torch.Tensor:
-        """Deterministic (evaluation) weights `[n_tasks, n_cand]` of the task router (for heatmaps)."""
+        """Deterministic (evaluation) weights `[n_tasks, n_cand]` of the per-task logits (for heatmaps):
+        the task router's, the gated attention router's task bias; ATTEMPT has no per-task part (its
+        weights depend on the input only): uniform."""
+        s = self.spec
         if isinstance(self.router, TaskRouter):
-            return C.eval_weights(self.router.logits.detach())
-        return C.eval_weights(self.router.task_bias.detach())
+            return C.eval_weights(self.router.logits.detach(), s.top_k, s.normalization)
+        if isinstance(self.router, GatedAttentionRouter):
+            return C.eval_weights(self.router.task_bias.detach(), s.top_k, s.normalization)
+        return torch.full((s.n_tasks, s.n_candidates), 1.0 / s.n_candidates)
 
     @torch.no_grad()
     def collapsed(self, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,13 +334,46 @@ class CrossPTPrompt(nn.Module):
         keep = mask[0].bool()
         return prompt[0][keep].clone(), mask[0][keep].clone()
 
-    def param_groups(self, prompt_lr: float, router_lr: float, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups chosen by module: prompts (bank if learned, private) vs router."""
-        prompts = [p for m in (self.bank, self.private) for p in m.parameters() if p.requires_grad and p.numel()]
+    def param_groups(self, prompt_lr: float, router_lr: float, weight_decay: float = 0.0,
+                     source_lr: float | None = None) -> list[dict]:
+        """Optimizer groups chosen by module: prompts (private, and the bank if learned) vs router; with
+        `source_lr` a learned bank gets its own group ("sources") at that rate."""
+        bank = [p for p in self.bank.parameters() if p.requires_grad and p.numel()]
+        private = [p for p in self.private.parameters() if p.requires_grad and p.numel()]
         router = [p for p in self.router.parameters() if p.requires_grad]
+        prompts = private if source_lr is not None else bank + private
         groups = []
         if prompts:
             groups.append({"params": prompts, "lr": prompt_lr, "weight_decay": weight_decay, "name": "prompts"})
+        if bank and source_lr is not None:
+            groups.append({"params": bank, "lr": source_lr, "weight_decay": weight_decay, "name": "sources"})
         if router:
             groups.append({"params": router, "lr": router_lr, "weight_decay": 0.0, "name": "router"})
         return groups
+
+
+def check_spec(spec: PromptSpec) -> None:
+    """ValueError naming the first impossible combination in `spec`."""
+    if spec.n_candidates == 0:
+        raise ValueError("a prompt needs at least one candidate: n_sources > 0 or private_len > 0")
+    if spec.composition not in C.COMPOSERS:
+        raise ValueError(f"unknown composition '{spec.composition}' "
+                         f"({' or '.join(c.value for c in C.Composition)})")
+    if spec.top_k is not None and not 1 <= spec.top_k <= spec.n_candidates:
+        raise ValueError(f"top_k={spec.top_k} must be between 1 and the number of candidates "
+                         f"({spec.n_candidates})")
+    if spec.router == RouterKind.ATTENTION and (spec.top_k is not None or spec.router_bias):
+        raise ValueError("router 'attention' is ATTEMPT as published: a plain softmax over every candidate, "
+                         "no top_k and no router_bias (use router 'attention_gated' for those)")
+
+
+def build_router(spec: PromptSpec) -> nn.Module:
+    """The router module `spec.router` names, its per-task logits started by `initial_logits`."""
+    initial = initial_logits(spec.n_tasks, spec.n_candidates, spec.router_bias, spec.private_len > 0)
+    if spec.router == RouterKind.TASK:
+        return TaskRouter(initial)
+    if spec.router == RouterKind.ATTENTION_GATED:
+        return GatedAttentionRouter(initial, spec.dim)
+    if spec.router == RouterKind.ATTENTION:
+        return AttemptRouter(spec.dim)
+    raise ValueError(f"unknown router '{spec.router}' ({' or '.join(r.value for r in RouterKind)})")

@@ -75,8 +75,11 @@ def check_exportable(bundle) -> str:
     if family == Family.AUTO:
         family = resolve_backbone(cfg.backbone.name)["family"]
     peft_task_type(family)
-    if cfg.prompt.router == RouterKind.ATTENTION:
+    if cfg.prompt.router in (RouterKind.ATTENTION, RouterKind.ATTENTION_GATED):
         raise ExportError(ATTENTION_REFUSAL)
+    if cfg.prompt.placement == "after":         # PEFT prepends its virtual tokens: the prompt would move
+        raise ExportError("this model's prompt sits after the input (prompt.placement: after); "
+                          "PEFT prompt tuning prepends it, so the export would not be the same model")
     return family
 
 

@@ -67,24 +67,44 @@ def prepare_data(cfg: RunConfig, splits: dict | None = None):
 
 def load_source_bank(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
     """The source prompts `[n_sources, L_s, d]` this run composes from (selected from the bank by the
-    configured rule); None for no sources or a random (untrained) bank."""
+    configured rule, the targets' own sources left out unless `prompt.include_own_source`); None for
+    no sources or a random (untrained) bank."""
     if cfg.prompt.n_sources == 0:
         return None
     if not cfg.prompt.source_bank:
         return None                      # a random (untrained) bank: ablations and tests
-    bank, meta = load_bank(cfg.prompt.source_bank, backbone=cfg.backbone.name, dim=dim,
-                           source_len=cfg.prompt.source_len)
+    bank, meta = _read_bank(cfg, dim)
+    targets = [t.name for t in tasks]
     chosen, _ = select_sources(bank, meta, cfg.prompt.n_sources, rule=cfg.prompt.source_selection,
-                               target_tasks=[t.name for t in tasks])
+                               target_tasks=targets, exclude=None if cfg.prompt.include_own_source else targets)
     return chosen
+
+
+def load_own_sources(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
+    """Each task's own source prompt from the bank `[n_tasks, L_s, d]` (for `prompt.init: own_source`;
+    None for any other init). ConfigError naming the tasks the bank has no prompt for."""
+    if cfg.prompt.init != "own_source":
+        return None
+    bank, meta = _read_bank(cfg, dim)
+    names = list(meta["tasks"])
+    missing = [t.name for t in tasks if t.name not in names]
+    if missing:
+        raise ConfigError(f"prompt.init is 'own_source' but the bank {cfg.prompt.source_bank} has no source "
+                          f"prompt for {', '.join(missing)} (it has {', '.join(names)})")
+    return torch.stack([bank[names.index(t.name)] for t in tasks])
+
+
+def _read_bank(cfg: RunConfig, dim: int) -> tuple[torch.Tensor, dict]:
+    return load_bank(cfg.prompt.source_bank, backbone=cfg.backbone.name, dim=dim, source_len=cfg.prompt.source_len)
 
 
 def _build_model(cfg: RunConfig, tasks: list[TaskSpec]) -> CrossPTModel:
     from crosspt.backbones.loader import load_for_config
 
     backbone = load_for_config(cfg, tasks)
-    bank = load_source_bank(cfg, backbone.embed_dim, tasks)     # its width is the backbone's
-    return build_model(cfg, tasks, bank=bank, backbone=backbone)
+    dim = backbone.embed_dim                     # the bank's width is the backbone's
+    return build_model(cfg, tasks, bank=load_source_bank(cfg, dim, tasks), backbone=backbone,
+                       own_sources=load_own_sources(cfg, dim, tasks))
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -140,10 +160,24 @@ def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, fault:
     trainable, total = trainable_and_total(model)
     ddp = session.wrap(model)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.param_groups(o.prompt_lr, o.router_lr, o.head_lr, o.weight_decay))
+    opt = torch.optim.AdamW(model.param_groups(o.prompt_lr, o.router_lr, o.head_lr, o.weight_decay, o.source_lr))
+    _plan_temperature(model, cfg, splits, session)
     return _Run(cfg=cfg, session=session, device=device, model=model, ddp=ddp, opt=opt,
                 base_lrs=[g["lr"] for g in opt.param_groups], tasks=tasks, splits=splits, faults=faults,
                 config_hash=config_hash(cfg), params={"trainable_params": trainable, "total_params": total}, t0=t0)
+
+
+def _plan_temperature(model: CrossPTModel, cfg: RunConfig, splits: dict, session: Session) -> None:
+    """Tell the prompt how many steps the run plans (epochs x this rank's batches per epoch, the same
+    on every rank), so a progress schedule reaches its floor on the last step. The benchmark's prompt
+    modules (crosspt.bench.harness) have no temperature and no `plan_steps`."""
+    plan = getattr(model.prompt, "plan_steps", None)
+    if plan is None:
+        return
+    per_worker_bs = max(1, cfg.train.batch_size // session.world_size)
+    batches = multitask_batches({t: s["train"] for t, s in splits.items()}, per_worker_bs, seed=cfg.seed,
+                                epoch=0, shard=(session.rank, session.world_size))
+    plan(cfg.train.epochs * len(batches))
 
 
 def _start(run: _Run) -> tuple[TrainState, bool]:

@@ -44,9 +44,12 @@ class CrossPTModel(nn.Module):
         return self.backbone.predict(prompt, mask, batch)
 
     def param_groups(self, prompt_lr: float, router_lr: float, head_lr: float | None = None,
-                     weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups by module: prompts, router, and the backbone-side heads (if any)."""
-        groups = self.prompt.param_groups(prompt_lr, router_lr, weight_decay)
+                     weight_decay: float = 0.0, source_lr: float | None = None) -> list[dict]:
+        """Optimizer groups by module: prompts, learned sources (with `source_lr`), router, and the
+        backbone-side heads (if any)."""
+        # the benchmark's prompt modules (crosspt.bench.harness) have no sources and take no source_lr
+        extra = {} if source_lr is None else {"source_lr": source_lr}
+        groups = self.prompt.param_groups(prompt_lr, router_lr, weight_decay, **extra)
         heads = [p for p in self.backbone.parameters() if p.requires_grad]
         if heads:
             groups.append({"params": heads, "lr": head_lr or prompt_lr, "weight_decay": 0.0, "name": "heads"})
@@ -73,7 +76,9 @@ def prompt_spec(cfg: RunConfig, n_tasks: int, dim: int, init: str | None = None)
     return PromptSpec(n_tasks=n_tasks, dim=dim, n_sources=p.n_sources, source_len=p.source_len,
                       private_len=p.private_len, composition=p.composition, top_k=p.top_k, router=p.router,
                       temp_start=p.temperature.start, temp_floor=p.temperature.floor,
-                      temp_rate=p.temperature.rate, learn_sources=p.learn_sources, init=init or p.init)
+                      temp_rate=p.temperature.rate, temp_schedule=p.temperature.schedule,
+                      normalization=p.normalization, router_bias=p.router_bias,
+                      learn_sources=p.learn_sources, init=init or p.init)
 
 
 def resolve_init(cfg: RunConfig, backbone: Backbone) -> str:
@@ -82,8 +87,10 @@ def resolve_init(cfg: RunConfig, backbone: Backbone) -> str:
 
 
 def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor | None = None,
-                backbone: Backbone | None = None) -> CrossPTModel:
-    """Backbone (loaded unless given) + a freshly initialised prompt module, seeded by cfg.seed."""
+                backbone: Backbone | None = None, own_sources: torch.Tensor | None = None) -> CrossPTModel:
+    """Backbone (loaded unless given) + a freshly initialised prompt module, seeded by cfg.seed.
+
+    `own_sources` `[n_tasks, L_s, d]`: each task's own source prompt (`prompt.init: own_source`)."""
     from crosspt.backbones.loader import load_for_config
 
     if backbone is None:
@@ -95,8 +102,12 @@ def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor
         text_ids = backbone.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
     elif init == "neutral":
         text_ids = backbone.neutral_init_ids()
+    if init == "own_source" and own_sources is None:
+        # rebuilt only to load a trained state (the pyfunc bundle): the initial values are overwritten
+        own_sources = torch.zeros(len(tasks), cfg.prompt.source_len, backbone.embed_dim)
     torch.manual_seed(cfg.seed)
     prompt = CrossPTPrompt(prompt_spec(cfg, len(tasks), backbone.embed_dim, init=init), bank=bank,
                            word_embeddings=emb, init_text_ids=text_ids, seed=cfg.seed,
-                           init_vocab_ids=backbone.init_vocab_ids() if init == "vocab" else None)
+                           init_vocab_ids=backbone.init_vocab_ids() if init == "vocab" else None,
+                           own_sources=own_sources)
     return CrossPTModel(prompt, backbone)

@@ -40,6 +40,8 @@ class LabelSemantics(str, Enum):
     NATURAL = "natural"    # the task's own label words ("positive", "entailment")
     OPAQUE = "opaque"      # meaningless but real words (OPAQUE_WORDS): does the prompt learn the task?
     INDEX = "index"        # no words at all (encoder: learned class vectors)
+    NAMES = "names"        # the dataset's label names (`TaskSpec.label_names`, T5's GLUE target strings:
+    #                        "entailment" / "not_entailment", "not_equivalent" / "equivalent", ...)
 
 
 class Metric(str, Enum):
@@ -50,7 +52,8 @@ class Metric(str, Enum):
     PEARSON_SPEARMAN = "pearson_spearman"    # mean of both correlations (STS-B, regression)
 
 
-LABEL_SEMANTICS = tuple(m.value for m in LabelSemantics)
+# the modes whose words a task stores (`TaskSpec.label_words`); "names" reads `TaskSpec.label_names`
+LABEL_SEMANTICS = tuple(m.value for m in LabelSemantics if m is not LabelSemantics.NAMES)
 METRICS = tuple(m.value for m in Metric)
 
 # Real but meaningless words, by class index, identical for every task: the "opaque" mode tests
@@ -385,8 +388,9 @@ def resolve_tasks(names: list[str] | str) -> list[TaskSpec]:
 
 def check_label_semantics(semantics: str) -> None:
     """ConfigError unless `semantics` is a `LabelSemantics` value."""
-    if semantics not in LABEL_SEMANTICS:
-        raise ConfigError(f"unknown label semantics '{semantics}'; choose from {', '.join(LABEL_SEMANTICS)}")
+    choices = [m.value for m in LabelSemantics]
+    if semantics not in choices:
+        raise ConfigError(f"unknown label semantics '{semantics}'; choose from {', '.join(choices)}")
 
 
 def regression_grid(task: TaskSpec) -> list[str]:
@@ -401,6 +405,13 @@ def label_words(task: TaskSpec, semantics: str) -> tuple[str, ...]:
     check_label_semantics(semantics)
     if task.is_regression:
         return tuple(regression_grid(task))
+    return _class_words(task, semantics)
+
+
+def _class_words(task: TaskSpec, semantics: str) -> tuple[str, ...]:
+    """One word per class of a classification task under `semantics` (names: its label names)."""
+    if semantics == LabelSemantics.NAMES:
+        return tuple(task.label_names)
     return tuple(task.label_words[semantics])
 
 
@@ -412,7 +423,7 @@ def label_text(task: TaskSpec, label: int | float, semantics: str) -> str:
         x = min(max(float(label), low), high)
         return "%.1f" % (round(x * 5.0) / 5.0)
     i = int(label)
-    words = task.label_words[semantics]
+    words = _class_words(task, semantics)
     if not 0 <= i < len(words):
         raise ValueError(f"task '{task.name}': label {label} is not a class index (0..{len(words) - 1})")
     return words[i]
@@ -429,7 +440,7 @@ def parse_label_text(task: TaskSpec, text: str, semantics: str) -> int | float |
             return None
         return x if math.isfinite(x) else None
     t = t.lower()
-    for i, w in enumerate(task.label_words[semantics]):
+    for i, w in enumerate(_class_words(task, semantics)):
         if t == w.strip().lower():
             return i
     return None

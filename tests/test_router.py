@@ -1,0 +1,307 @@
+"""The router as the method means it: training draws vs evaluation weights per normalisation, top-k in
+both, temperature schedules over training progress, ATTEMPT as published, and the router's config keys."""
+import math
+
+import pytest
+import torch
+
+from crosspt.config.schema import load_config
+from crosspt.errors import ConfigError
+from crosspt.method import composition as C
+from crosspt.method.prompts import CrossPTPrompt, PromptSpec
+
+DRAWS = 4000
+# noisy_topk at tau: |E[w_train] - w_eval| = O(tau^2) (composition docstring); at tau = 0.05 it is under
+# 1e-3, the Monte-Carlo error of the mean of 4000 draws is under 2e-3: 0.01 leaves room for both only
+MEAN_TOL = 0.01
+PEAKED = [5.0, -5.0, -5.0, -5.0, -5.0]           # the issue's example: eval gives the top one ~1.00
+
+
+def _logits(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _prompt(logits: torch.Tensor, top_k: int | None, tau: float, **spec) -> CrossPTPrompt:
+    """A one-task prompt whose router holds `logits` `[n_cand]` and whose temperature is `tau` at every
+    step (start == floor), whatever the schedule."""
+    n = logits.shape[-1]
+    m = CrossPTPrompt(PromptSpec(n_tasks=1, dim=4, n_sources=n - 1, source_len=2, private_len=2, top_k=top_k,
+                                 temp_start=tau, temp_floor=tau, **spec))
+    with torch.no_grad():
+        m.router.logits.copy_(logits[None])
+    return m
+
+
+@pytest.mark.parametrize("rows,top_k", [(PEAKED, None), (PEAKED, 2), ([1.0, 0.0, -1.0, 0.5, 2.0], 3),
+                                        ([0.3, 0.2, -0.4], None)])
+def test_default_training_weights_average_to_evaluation_weights_at_the_floor(rows, top_k):
+    """The default rule through the module: the mean training weight at the floor temperature is the
+    evaluation weight, and both keep exactly top_k candidates."""
+    torch.manual_seed(0)
+    m = _prompt(_logits(rows), top_k, tau=0.05)
+    ids = torch.zeros(DRAWS, dtype=torch.long)
+    _, _, train = m.train()(ids)
+    _, _, evalw = m.eval()(ids[:1])
+    k = top_k or len(rows)
+    assert ((train > 0).sum(-1) == k).all()
+    assert int((evalw[0] > 0).sum()) == k
+    assert torch.allclose(train.mean(0), evalw[0], atol=MEAN_TOL), (train.mean(0), evalw[0])
+
+
+@pytest.mark.parametrize("normalization", ["noisy_topk", "reference", "gate_softmax"])
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_every_rule_keeps_exactly_top_k_in_training_and_evaluation(normalization, top_k):
+    torch.manual_seed(1)
+    logits = torch.randn(64, 5)
+    train = C.train_weights(logits, 0.5, top_k, normalization)
+    evalw = C.eval_weights(logits, top_k, normalization)
+    k = top_k or 5
+    assert ((train > 0).sum(-1) == k).all() and torch.allclose(train.sum(-1), torch.ones(64))
+    # gate_softmax is the historical rule: its evaluation ignores top-k (the bug kept for reproduction)
+    k_eval = 5 if normalization == "gate_softmax" else k
+    assert ((evalw > 0).sum(-1) == k_eval).all() and torch.allclose(evalw.sum(-1), torch.ones(64))
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_noisy_topk_mean_matches_eval_and_every_draw_converges(top_k):
+    torch.manual_seed(2)
+    logits = _logits([PEAKED, [1.0, 0.0, -1.0, 0.5, 2.0]])
+    evalw = C.eval_weights(logits, top_k, "noisy_topk")
+    draws = C.train_weights(logits.repeat(DRAWS, 1), 0.05, top_k, "noisy_topk").view(DRAWS, 2, 5)
+    assert torch.allclose(draws.mean(0), evalw, atol=MEAN_TOL)
+    # not only the mean: as tau -> 0 every single draw tends to the evaluation weights
+    gaps = [float((C.train_weights(logits.repeat(500, 1), tau, top_k, "noisy_topk").view(500, 2, 5)
+                   - evalw).abs().max()) for tau in (0.5, 0.05, 0.005)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01
+
+
+@pytest.mark.parametrize("normalization", ["reference", "gate_softmax"])
+def test_gate_rules_cannot_reach_their_evaluation_weights(normalization):
+    """The authors' rule and the old one softmax values in (0, 1]: no training weight can exceed
+    e / (e + k - 1) at any temperature, while evaluation gives the top candidate ~1 (documented gap)."""
+    torch.manual_seed(3)
+    logits = _logits([PEAKED]).repeat(DRAWS, 1)
+    bound = math.e / (math.e + 4)
+    for tau in (5.0, 1.0, 0.01):
+        w = C.train_weights(logits, tau, None, normalization)
+        assert float(w.max()) <= bound + 1e-6
+    assert float(C.eval_weights(logits[:1], None, normalization)[0, 0]) > 0.99
+
+
+def test_reference_rule_divides_kept_gates_by_their_sum_then_softmaxes():
+    torch.manual_seed(4)
+    logits = torch.randn(8, 4)
+    torch.manual_seed(5)
+    w = C.train_weights(logits, 0.7, 2, "reference")
+    torch.manual_seed(5)
+    gates = C.relaxed_bernoulli_gates(logits, 0.7)
+    keep = C.topk_mask(gates, 2)
+    kept = gates * keep
+    expect = torch.softmax((kept / kept.sum(-1, keepdim=True)).masked_fill(~keep, float("-inf")), -1)
+    assert torch.allclose(w, expect, atol=1e-6)
+    # the authors' evaluation: top-k of the raw logits, plain softmax over the kept
+    top2 = logits.topk(2, dim=-1).indices
+    expect_eval = torch.zeros_like(logits).scatter(-1, top2, torch.softmax(logits.gather(-1, top2), -1))
+    assert torch.allclose(C.eval_weights(logits, 2, "reference"), expect_eval, atol=1e-6)
+
+
+def test_collapsed_prompt_uses_evaluation_top_k():
+    m = _prompt(_logits([2.0, 1.0, -1.0, 0.0]), top_k=2, tau=0.1, composition="cat")
+    prompt, mask, w = m.eval()(torch.tensor([0]))
+    collapsed, cmask = m.collapsed(0)
+    assert int((w[0] > 0).sum()) == 2 and collapsed.shape == (2 * 2, 4)
+    assert torch.allclose(collapsed, prompt[0][mask[0].bool()])
+
+
+# ---- temperature -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["exp", "linear"])
+def test_progress_schedules_go_from_start_to_floor(schedule):
+    temps = [C.scheduled_temperature(schedule, start=5.0, floor=0.1, rate=0.0, step=0, progress=p / 10)
+             for p in range(11)]
+    assert temps[0] == pytest.approx(5.0) and temps[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(temps, temps[1:]))
+    mid = C.scheduled_temperature(schedule, start=5.0, floor=0.1, rate=0.0, step=0, progress=0.5)
+    assert mid == pytest.approx(math.sqrt(0.5) if schedule == "exp" else 2.55)
+
+
+def test_prompt_temperature_reaches_the_floor_on_the_planned_last_step():
+    m = CrossPTPrompt(PromptSpec(n_tasks=1, dim=4, n_sources=2, source_len=2, private_len=2,
+                                 temp_start=5.0, temp_floor=0.1))
+    m.plan_steps(32)                  # the issue's smoke trial: the old per-step default gave 4.84 here
+    m.set_step(32)
+    assert m.temperature == pytest.approx(0.1)
+    m.set_step(16)
+    assert m.temperature == pytest.approx(math.sqrt(0.5))
+
+
+def test_the_loop_plans_the_schedule_over_its_steps(tiny_t5_path, data_dir, tmp_path):
+    from crosspt.run import loop
+
+    cfg = load_config(None, {"tasks": ["sst2"], "backbone.name": str(tiny_t5_path), "backbone.max_length": 32,
+                             "data.data_dir": str(data_dir), "data.shots": 4, "data.max_test": 8,
+                             "prompt.private_len": 2, "prompt.n_sources": 2, "prompt.source_len": 2,
+                             "train.epochs": 3, "train.batch_size": 4, "train.patience": None,
+                             "train.eval_initial": False})
+    result = loop.run_loop(cfg, loop.LocalSession(tmp_path))
+    temps = [h["temperature"] for h in result["history"]]
+    assert temps[-1] == pytest.approx(0.1)                                 # the floor on the last step
+    assert temps[0] == pytest.approx(5.0 * (0.1 / 5.0) ** (1 / 3))        # a third of the way
+
+
+# ---- ATTEMPT -----------------------------------------------------------------------------------------------
+def _attempt(private_len: int = 2, composition: str = "wavg") -> CrossPTPrompt:
+    torch.manual_seed(0)
+    return CrossPTPrompt(PromptSpec(n_tasks=1, dim=8, n_sources=3, source_len=2, private_len=private_len,
+                                    composition=composition, router="attention"))
+
+
+def test_attempt_router_is_the_published_sub_network():
+    r = _attempt().router
+    assert r.down.in_features == 8 and r.down.out_features == 100 and r.down.bias is None and r.up.bias is None
+    assert r.temperature == pytest.approx(8 * math.e)
+    pooled = torch.randn(2, 8)
+    keys = torch.randn(2, 4, 8)
+    h = torch.nn.functional.layer_norm(r.up(torch.nn.functional.silu(r.down(pooled))), (8,),
+                                       r.norm.weight, r.norm.bias)
+    assert torch.allclose(r(keys, pooled), torch.einsum("bd,bnd->bn", h, keys) / (8 * math.e), atol=1e-6)
+
+
+def test_attempt_mixes_by_softmax_and_adds_the_target_prompt():
+    m = _attempt()
+    x, mask = torch.randn(3, 5, 8), torch.ones(3, 5)
+    ids = torch.zeros(3, dtype=torch.long)
+    prompt, _, w = m.eval()(ids, x, mask)
+    assert torch.allclose(w.sum(-1), torch.ones(3))
+    cands = torch.cat([m.bank.prompts, m.private.prompts[0:1]])                  # [n_cand, L, d]
+    expect = torch.einsum("bn,nld->bld", w, cands) + m.private.prompts[0]
+    assert torch.allclose(prompt, expect, atol=1e-6)
+    train_prompt, _, train_w = m.train()(ids, x, mask)          # no noise: training is evaluation
+    assert torch.equal(train_w, w) and torch.allclose(train_prompt, prompt)
+
+
+def test_attempt_max_pools_the_input_without_its_padding():
+    m = _attempt().eval()
+    x = torch.randn(1, 4, 8)
+    padded = torch.cat([x, torch.full((1, 3, 8), 50.0)], dim=1)
+    mask = torch.cat([torch.ones(1, 4), torch.zeros(1, 3)], dim=1)
+    ids = torch.zeros(1, dtype=torch.long)
+    assert torch.allclose(m(ids, padded, mask)[2], m(ids, x, torch.ones(1, 4))[2])
+
+
+def test_attempt_refuses_top_k_and_router_bias():
+    with pytest.raises(ValueError, match="attention_gated"):
+        CrossPTPrompt(PromptSpec(n_tasks=1, dim=8, n_sources=3, source_len=2, private_len=2, router="attention",
+                                 top_k=2))
+    with pytest.raises(ConfigError, match="attention_gated"):
+        load_config(None, {"prompt.router": "attention", "prompt.n_sources": 3, "prompt.top_k": 2})
+
+
+def test_gated_attention_router_keeps_top_k_in_training():
+    m = CrossPTPrompt(PromptSpec(n_tasks=1, dim=8, n_sources=3, source_len=2, private_len=2,
+                                 router="attention_gated", top_k=2)).train()
+    _, _, w = m(torch.zeros(4, dtype=torch.long), torch.randn(4, 5, 8), torch.ones(4, 5))
+    assert ((w > 0).sum(-1) == 2).all()
+
+
+# ---- config keys -------------------------------------------------------------------------------------------
+def test_router_bias_starts_tasks_on_their_private_prompt():
+    cfg = load_config(None, {"prompt.router_bias": 2.0, "prompt.n_sources": 3})
+    assert cfg.prompt.router_bias == 2.0
+    m = CrossPTPrompt(PromptSpec(n_tasks=2, dim=4, n_sources=3, source_len=2, private_len=2, router_bias=2.0))
+    assert torch.equal(m.router.logits, torch.tensor([[0.0, 0.0, 0.0, 2.0]] * 2))
+    w = m.task_weights()
+    assert float(w[0, -1]) == pytest.approx(math.exp(2) / (math.exp(2) + 3))
+
+
+def test_source_lr_gives_learned_sources_their_own_group():
+    m = CrossPTPrompt(PromptSpec(n_tasks=1, dim=4, n_sources=2, source_len=2, private_len=2, learn_sources=True))
+    groups = {g["name"]: g for g in m.param_groups(0.3, 0.01, source_lr=0.001)}
+    assert groups["sources"]["lr"] == 0.001 and groups["sources"]["params"] == [m.bank.prompts]
+    assert all(p is not m.bank.prompts for p in groups["prompts"]["params"])
+    assert load_config(None, {"optim.source_lr": 0.001, "prompt.learn_sources": True,
+                              "prompt.n_sources": 2}).optim.source_lr == 0.001
+    with pytest.raises(ConfigError, match="source_lr"):
+        load_config(None, {"optim.source_lr": 0.001})
+
+
+def _bank(tmp_path, dim: int):
+    from crosspt.run.artifacts import save_bank
+
+    prompts = torch.stack([torch.full((2, dim), float(i + 1)) for i in range(3)])      # [3, L_s, d]
+    return save_bank(tmp_path / "bank.safetensors", prompts, backbone="b", tasks=["sst2", "rte", "mrpc"]), prompts
+
+
+def test_include_own_source_false_leaves_the_targets_out(tmp_path):
+    from crosspt.run.loop import load_source_bank
+    from crosspt.tasks.specs import resolve_tasks
+
+    path, prompts = _bank(tmp_path, 4)
+    over = {"tasks": ["rte"], "backbone.name": "b", "prompt.n_sources": 2, "prompt.source_len": 2,
+            "prompt.source_bank": str(path)}
+    tasks = resolve_tasks(["rte"])
+    with_own = load_source_bank(load_config(None, over), 4, tasks)
+    without = load_source_bank(load_config(None, {**over, "prompt.include_own_source": False}), 4, tasks)
+    assert torch.equal(with_own, prompts[[0, 1]]) and torch.equal(without, prompts[[0, 2]])
+
+
+def test_own_source_init_starts_each_task_from_its_own_source(tmp_path):
+    from crosspt.run.loop import load_own_sources
+    from crosspt.tasks.specs import resolve_tasks
+
+    path, prompts = _bank(tmp_path, 4)
+    cfg = load_config(None, {"tasks": ["mrpc", "sst2"], "backbone.name": "b", "prompt.source_len": 2,
+                             "prompt.private_len": 3, "prompt.source_bank": str(path), "prompt.init": "own_source"})
+    own = load_own_sources(cfg, 4, resolve_tasks(cfg.tasks))
+    assert torch.equal(own, prompts[[2, 0]])
+    m = CrossPTPrompt(PromptSpec(n_tasks=2, dim=4, private_len=3, source_len=2, init="own_source"),
+                      bank=torch.zeros(0, 2, 4), own_sources=own)
+    assert torch.equal(m.private.prompts[0], torch.full((3, 4), 3.0))
+    assert torch.equal(m.private.prompts[1], torch.full((3, 4), 1.0))
+    with pytest.raises(ConfigError, match="no source prompt for cola"):
+        load_own_sources(load_config(None, {**dict(cfg.model_dump()), "tasks": ["cola"]}), 4, resolve_tasks(["cola"]))
+    with pytest.raises(ConfigError, match="source_bank"):
+        load_config(None, {"prompt.init": "own_source"})
+
+
+def test_label_semantics_names_uses_the_dataset_label_names():
+    from crosspt.tasks.specs import get_task, label_text, parse_label_text
+
+    cfg = load_config(None, {"prompt.label_semantics": "names"})
+    rte = get_task("rte")
+    assert [label_text(rte, i, cfg.prompt.label_semantics) for i in (0, 1)] == ["entailment", "not_entailment"]
+    assert parse_label_text(get_task("mrpc"), "not_equivalent", "names") == 0
+    assert label_text(get_task("sst2"), 1, "names") == "positive"
+
+
+# ---- seq2seq placement -------------------------------------------------------------------------------------
+def test_seq2seq_prompt_after_the_input_ignores_the_batch_padding(tiny_t5_path):
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.data import Example
+    from crosspt.tasks.specs import get_task
+
+    tasks = [get_task("sst2")]
+    after = load_backbone(str(tiny_t5_path), tasks, placement="after")
+    before = load_backbone(str(tiny_t5_path), tasks)
+    short = Example(task="sst2", texts=("fine",), label=1, uid="a")
+    long = Example(task="sst2", texts=("a much longer sentence than the other one here",), label=0, uid="b")
+    torch.manual_seed(0)
+    prompt = torch.randn(1, 3, after.embed_dim)
+    ones = torch.ones(1, 3, dtype=torch.long)
+
+    def scores(bb, examples):
+        batch = bb.collate(examples, train=False)
+        n = len(examples)
+        return bb.candidate_scores(prompt.expand(n, -1, -1), ones.expand(n, -1), batch)
+
+    alone, in_batch = scores(after, [short])[0], scores(after, [short, long])[0]
+    assert torch.allclose(alone, in_batch, atol=1e-4)          # the padding before it changes nothing
+    assert not torch.allclose(alone, scores(before, [short])[0], atol=1e-4)
+
+
+def test_placement_is_refused_where_a_family_has_one_place(minilm_path):
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.specs import get_task
+
+    with pytest.raises(ConfigError, match="placement 'before'"):
+        load_backbone(str(minilm_path), [get_task("sst2")], placement="before")
+    assert load_backbone(str(minilm_path), [get_task("sst2")], placement="after").family == "encoder"
