@@ -1,4 +1,6 @@
 """The run schema: defaults validate, bad input names the key."""
+from pathlib import Path
+
 import pytest
 
 from crosspt.config.schema import RunConfig, config_hash, config_to_yaml, flatten, load_config, config_to_dict
@@ -55,16 +57,37 @@ def test_flatten_is_scalar_only():
 # must not move by accident. They moved once on purpose when the router's keys were added
 # (prompt.normalization, prompt.temperature.schedule, prompt.router_bias, prompt.include_own_source,
 # prompt.placement, optim.source_lr): the default now trains differently (noisy_topk, exp over progress), so it is a new
-# configuration. Before: 84dbd5497af3acb9 and 90fb804bb97a4ef5.
+# configuration. Before: 84dbd5497af3acb9 and 90fb804bb97a4ef5 (still the hashes of those stored configs: see
+# test_stored_configs_keep_their_meaning_and_hash).
 @pytest.mark.parametrize("overrides,expected", [
-    ({}, "05b1f56deb825f74"),
+    ({}, "9b2af8f045a47fde"),
     ({"prompt.composition": "wavg", "prompt.router": "attention", "backbone.family": "encoder",
       "backbone.dtype": "bfloat16", "prompt.init": "vocab", "prompt.label_semantics": "opaque",
       "backbone.pair_encoding": "joint", "data.shots_per": "task", "prompt.source_selection": "similar",
-      "prompt.n_sources": 2}, "fac8dd8b936d04a1"),
+      "prompt.n_sources": 2}, "f07268f158b5a48b"),
 ])
 def test_config_hash_is_stable(overrides, expected):
     assert config_hash(load_config(None, overrides)) == expected
+
+
+@pytest.mark.parametrize("name,old_hash,router", [("default", "84dbd5497af3acb9", "task"),
+                                                   ("gated_attention_wavg", "90fb804bb97a4ef5", "attention_gated")])
+def test_stored_configs_keep_their_meaning_and_hash(name, old_hash, router):
+    """A config.yaml written before the router options (a promoted bundle's, a run's) reads with the rules
+    it was trained under, and hashes as it did then, so its prompt artifacts and checkpoints still match."""
+    import yaml
+
+    from crosspt.config.schema import build_config, upgrade_stored_tree
+
+    text = (Path(__file__).parent / "stored_configs" / f"{name}.yaml").read_text()
+    assert old_hash in text.splitlines()[0]
+    cfg = build_config(upgrade_stored_tree(yaml.safe_load(text)), name)
+    assert cfg.prompt.normalization == "gate_softmax" and cfg.prompt.temperature.schedule == "step"
+    assert cfg.prompt.router == router
+    assert config_hash(cfg) == old_hash
+    # read as a new config instead, the same file means today's defaults: another configuration
+    assert config_hash(build_config(yaml.safe_load(text), name)) != old_hash
+    assert upgrade_stored_tree({"prompt": {"normalization": "noisy_topk"}}) == {"prompt": {"normalization": "noisy_topk"}}
 
 
 def test_options_are_plain_strings_in_config_and_dump():

@@ -271,12 +271,44 @@ def config_to_yaml(cfg: RunConfig) -> str:
 # Keys that do not change what is learned: excluded from the hash that identifies a configuration.
 # Where and on how much of a GPU a run is placed is not part of it either (and keeps older hashes).
 _HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "scaling.gpus_per_worker")
+# Keys added after the first release, with the value that means what a config without them meant then: a
+# key at that value is left out of the hash, so a run, checkpoint or bundle from before keeps its hash once
+# `upgrade_stored_tree` has read it. Any other value (today's defaults included) is hashed.
+_HASH_LEGACY = {"prompt.normalization": "gate_softmax", "prompt.temperature.schedule": "step",
+                "prompt.router_bias": 0.0, "prompt.include_own_source": True, "prompt.placement": "auto",
+                "optim.source_lr": None}
+# Values renamed since: hashed under the name they had, so the old meaning keeps its old hash and the new
+# meaning of the old name gets a new one (`attention` was the gated router; it is ATTEMPT's now).
+_HASH_RENAMED = {"prompt.router": {"attention_gated": "attention", "attention": "attention_attempt"}}
+
+
+def upgrade_stored_tree(tree: dict | None) -> dict:
+    """A config tree written by an earlier crosspt (a promoted bundle's or a run's `config.yaml`) in today's
+    schema, meaning what it meant then. Before `prompt.normalization` existed the router trained on a softmax
+    of its gates and evaluated every candidate (`gate_softmax`), `router: attention` was the gated variant
+    (`attention_gated`) and the temperature decayed per step (`schedule: step`). Without this an old bundle
+    would load with today's defaults: other evaluation weights (top-k now applies), or a router whose
+    parameters do not fit. Only for stored trees: a new config without the key means today's default."""
+    tree = dict(tree or {})
+    prompt = tree.get("prompt")
+    if not isinstance(prompt, dict) or "normalization" in prompt:
+        return tree
+    prompt = dict(prompt, normalization="gate_softmax")
+    if prompt.get("router") == "attention":
+        prompt["router"] = "attention_gated"
+    temp = prompt.get("temperature")
+    if isinstance(temp, dict) and "schedule" not in temp:
+        prompt["temperature"] = dict(temp, schedule="step")
+    tree["prompt"] = prompt
+    return tree
 
 
 def config_hash(cfg: RunConfig) -> str:
     """Short stable hash of everything that determines the result (not where data/logs live)."""
     flat = flatten(config_to_dict(cfg))
-    flat = {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in _HASH_EXCLUDED)}
+    flat = {k: _HASH_RENAMED.get(k, {}).get(v, v) for k, v in flat.items()
+            if not any(k == e or k.startswith(e + ".") for e in _HASH_EXCLUDED)
+            and not (k in _HASH_LEGACY and v == _HASH_LEGACY[k])}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -434,7 +434,7 @@ def _write_run_bundle(c, run, tmp: Path, source: dict, has_result: bool):
     """(the run's config, the model bundle folder written under `tmp` from the run's artifacts)."""
     import yaml
 
-    from crosspt.config.schema import build_config
+    from crosspt.config.schema import build_config, upgrade_stored_tree
     from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, write_bundle
 
     rid = run.info.run_id
@@ -445,7 +445,7 @@ def _write_run_bundle(c, run, tmp: Path, source: dict, has_result: bool):
         tree = yaml.safe_load(cfg_path.read_text())
     except yaml.YAMLError as e:
         raise RegistryError(f"run {rid}: config.yaml is not valid YAML ({e})") from None
-    cfg = build_config(tree or {}, f"run {rid} config.yaml")
+    cfg = build_config(upgrade_stored_tree(tree), f"run {rid} config.yaml")
     bundle = write_bundle(tmp / BUNDLE_ARTIFACT, config=cfg, prompts_path=prompts, source=source,
                           metrics=dict(run.data.metrics), result_path=result_path)
     return cfg, bundle

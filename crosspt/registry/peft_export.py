@@ -65,12 +65,12 @@ def check_exportable(bundle) -> str:
 
     from crosspt.backbones.base import Family
     from crosspt.backbones.loader import resolve_backbone
-    from crosspt.config.schema import build_config
+    from crosspt.config.schema import build_config, upgrade_stored_tree
     from crosspt.method.prompts import RouterKind
     from crosspt.registry.pyfunc import CONFIG, find_bundle
 
     path = find_bundle(bundle) / CONFIG
-    cfg = build_config(yaml.safe_load(path.read_text()) or {}, str(path))
+    cfg = build_config(upgrade_stored_tree(yaml.safe_load(path.read_text())), str(path))
     family = cfg.backbone.family
     if family == Family.AUTO:
         family = resolve_backbone(cfg.backbone.name)["family"]

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from crosspt.run.artifacts import load_prompt_artifact
-from crosspt.config.schema import RunConfig, build_config, config_hash, config_to_yaml
+from crosspt.config.schema import RunConfig, build_config, config_hash, config_to_yaml, upgrade_stored_tree
 from crosspt.errors import ArtifactError, DataError, UnknownTaskError
 from crosspt.tasks.data import select_test_examples
 from crosspt.tasks.specs import TaskSpec, get_task, task_from_dict
@@ -181,7 +181,7 @@ class CrossPTPredictor:
         self.bundle = find_bundle(bundle)
         self.manifest = read_manifest(self.bundle)
         tree = yaml.safe_load((self.bundle / CONFIG).read_text())
-        self.config: RunConfig = build_config(tree, f"{self.bundle / CONFIG}")
+        self.config: RunConfig = build_config(upgrade_stored_tree(tree), f"{self.bundle / CONFIG}")
         self.tasks = stored_tasks(self.bundle)
         tensors, meta = load_prompt_artifact(self.bundle / PROMPTS, config_hash=self.manifest["config_hash"])
         self.prompt_meta = meta
