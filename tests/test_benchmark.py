@@ -254,6 +254,20 @@ def test_mpt_prompt_module_gives_pefts_task_prompts(minilm_path):
     assert not torch.allclose(got[0], got[1]) and mask.shape == (4, 3)
 
 
+def test_mpt_source_stage_starts_from_the_pretrained_sources(minilm_path):
+    """MPT's shared prompt starts as the mean of the bank's source prompts, not PEFT's random init."""
+    from crosspt.backbones.loader import load_backbone
+    from crosspt.tasks.specs import resolve_tasks
+
+    bb = load_backbone("minilm", resolve_tasks(["rte", "mrpc"]), max_length=32)
+    prompt, bb = P.attach_peft(bb, "mpt", 3, n_tasks=2)
+    bank = torch.randn(2, 3, bb.embed_dim)
+    P.init_mpt_shared_prompt(prompt, bank)
+    assert torch.allclose(prompt.prompt_encoder.embedding.weight, bank.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        P.init_mpt_shared_prompt(prompt, torch.randn(2, 3, bb.embed_dim + 1))
+
+
 # ---- the split cache ----------------------------------------------------------------------------------
 def test_jobs_of_one_runner_draw_the_splits_once(data_dir, tiny_t5_path, monkeypatch):
     """Two methods on the same task, k and seed: one k-shot draw, reused by the run loop too."""

@@ -189,7 +189,8 @@ def _phase2_jobs(g: _Grid, banks: dict) -> list[dict]:
                 for spec in with_sources:
                     jobs += [g.job(spec.method, t, k, sd, lr, bank=src, bank_tasks=names) for lr in s.lrs]
             for m in staged:
-                jobs += [g.job(m, t, s.src_k(), sd, lr, tasks=names, bank_tasks=names, target=t) for lr in s.lrs]
+                jobs += [g.job(m, t, s.src_k(), sd, lr, tasks=names, bank=src, bank_tasks=names, target=t)
+                         for lr in s.lrs]          # bank: MPT's shared prompt starts from these sources
     return jobs
 
 

@@ -116,11 +116,16 @@ def _peft_pt(job, cfg, tasks, backbone):
 
 
 def _mpt_source(job, cfg, tasks, backbone):
-    """MPT's source stage: PEFT's MultitaskPromptTuning (RANDOM init) trained multi-task on the
-    leave-one-out source tasks."""
-    from crosspt.bench.prompts import PeftKind
+    """MPT's source stage: PEFT's MultitaskPromptTuning trained multi-task on the leave-one-out source
+    tasks, its shared prompt started from the same pre-trained source prompts every other method composes
+    (their mean; MPT distils its shared prompt from such single-task teachers, Wang et al. 2023), so MPT
+    is not handicapped by a near-zero random start the others do not have."""
+    from crosspt.bench.prompts import PeftKind, init_mpt_shared_prompt
 
-    return _peft(PeftKind.MPT, cfg, tasks, backbone)
+    model = _peft(PeftKind.MPT, cfg, tasks, backbone)
+    if job.get("bank") is not None:
+        init_mpt_shared_prompt(model.prompt, job["bank"])
+    return model
 
 
 def _mpt_target(job, cfg, tasks, backbone):

@@ -163,6 +163,18 @@ def attach_peft(backbone, kind: PeftKind | str, n_virtual: int, *, n_tasks: int 
     return PeftPrompt(backbone.num_tasks, backbone.embed_dim, enc, n_virtual, kind is PeftKind.MPT), backbone
 
 
+def init_mpt_shared_prompt(prompt, bank: torch.Tensor) -> None:
+    """Set an MPT prompt module's shared prompt `[n_virtual * submodules, d]` to the mean of the source
+    prompts `bank` `[n_src, L, d]` (tiled over PEFT's transformer submodules); the task-specific low-rank
+    factors keep PEFT's init."""
+    weight = prompt.prompt_encoder.embedding.weight
+    mean = bank.float().mean(0)
+    if weight.shape[0] % mean.shape[0] or weight.shape[1] != mean.shape[1]:
+        raise ValueError(f"source prompts {tuple(bank.shape)} do not fit MPT's shared prompt {tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.copy_(mean.repeat(weight.shape[0] // mean.shape[0], 1).to(weight.dtype))
+
+
 def mpt_state(model) -> dict[str, torch.Tensor]:
     """The MPT source-stage tensors in PEFT's own state-dict layout (what its target init loads)."""
     enc = model.prompt.prompt_encoder
