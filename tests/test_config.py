@@ -107,3 +107,17 @@ def test_bad_option_names_the_key_and_the_choices(key, bad):
     with pytest.raises(ConfigError) as e:
         load_config(None, {key: bad})
     assert f"'{key}'" in str(e.value) and "Input should be" in str(e.value)
+
+
+def test_a_source_bank_fixes_the_source_length(tmp_path):
+    """A bank holds prompts of one length: searching prompt.source_len over it is refused up front (every
+    trial asking another length failed at its first step)."""
+    import yaml
+
+    from crosspt.config.space import load_space
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"name": "s", "base": {"prompt": {"n_sources": 1, "source_bank": "models:/b@current"}},
+                                 "space": {"prompt.source_len": {"type": "choice", "values": [4, 8]}}}))
+    with pytest.raises(ConfigError, match="source_len.*one length"):
+        load_space(f)

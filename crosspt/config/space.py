@@ -154,6 +154,12 @@ class SearchSpace(Strict):
             first = e.errors()[0]
             raise ValueError(f"base.prompt.source_bank.pretrain.{'.'.join(map(str, first['loc']))}: "
                              f"{first['msg']}") from None
+        bank = (self.base.get("prompt") or {}).get("source_bank") if isinstance(self.base.get("prompt"), dict) else None
+        if bank is not None and "prompt.source_len" in self.space:
+            # a bank holds prompts of one length: a trial asking another one would fail at its first step
+            raise ValueError("space.prompt.source_len: the source bank (base.prompt.source_bank) holds prompts of "
+                             "one length, base prompt.source_len; fix it there, or search banks of other lengths "
+                             "as prompt.source_bank choices")
         return self
 
     # ---- derived -----------------------------------------------------------------------------
