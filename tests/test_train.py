@@ -188,3 +188,14 @@ def test_cli_train_logs_one_mlflow_run_like_a_search_child(tiny_t5_path, data_di
 
     assert main(_train_args(tiny_t5_path, data_dir, tmp_path / "o2") + ["--no-tracking"]) == 0
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_seq2seq_reports_generated_metrics_beside_ranked_ones(tiny_t5_path, data_dir, tmp_path):
+    """Rank classification and greedy generation both score the best state on test: `accuracy` and
+    `gen_accuracy` side by side (generation parses the decoded text; unparsable counts as wrong)."""
+    cfg = tiny_cfg(tiny_t5_path, data_dir, **{"scaling.in_process": True, "train.epochs": 1, "tasks": ["rte"],
+                                                "prompt.n_sources": 0, "prompt.learn_sources": False})
+    result = train(cfg, output_dir=tmp_path)
+    test = result["metrics"]["rte"]["test"]
+    assert set(test) == {"accuracy", "gen_accuracy"} and 0.0 <= test["gen_accuracy"] <= 1.0
+    assert result["test_score"] == test["accuracy"]                  # the ranked metric still ranks runs

@@ -18,8 +18,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: CrossPTModel, examples_by_task: dict, session: Session, batch_size: int,
-             dtype_cfg: str = "auto") -> dict[str, dict[str, float]]:
-    """Full-split metrics per task: every rank predicts its shard, predictions are gathered."""
+             dtype_cfg: str = "auto", generate: bool = False) -> dict[str, dict[str, float]]:
+    """Full-split metrics per task: every rank predicts its shard, predictions are gathered. `generate`:
+    predictions decoded greedily and parsed (seq2seq/decoder) instead of ranked over the label words."""
     model.eval()
     device = session.device()
     results = {}
@@ -29,7 +30,7 @@ def evaluate(model: CrossPTModel, examples_by_task: dict, session: Session, batc
         for batch_examples in eval_batches(examples, batch_size, shard=(session.rank, session.world_size)):
             batch = to_device(model.backbone.collate(batch_examples, train=False), device)
             with autocast(device, dtype_cfg):
-                preds = model.predict(batch)
+                preds = model.predict(batch, generate=generate)
             mine += [(e.uid, float(p), float(e.label)) for e, p in zip(batch_examples, preds.float().cpu())]
         merged = {uid: (p, y) for part in session.gather(mine) for uid, p, y in part}
         preds = [merged[u][0] for u in sorted(merged)]
@@ -50,3 +51,10 @@ def score_of(metrics: dict[str, dict[str, float]], tasks) -> float:
 def flat_metrics(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     """`{task: {name: value}}` -> `{f"{prefix}_{task}_{name}": value}` (the reported metric names)."""
     return {f"{prefix}_{task}_{k}": v for task, m in metrics.items() for k, v in m.items()}
+
+
+def with_generated(ranked: dict[str, dict[str, float]], generated: dict[str, dict[str, float]]) -> dict:
+    """Ranked metrics with the generation-based ones beside them as `gen_<metric>`: rank classification
+    only asks which label word scores best, generation also asks whether the model writes it (what a
+    user calling `generate` gets; the two diverge while the prompt is still weak)."""
+    return {t: {**m, **{f"gen_{k}": v for k, v in generated.get(t, {}).items()}} for t, m in ranked.items()}

@@ -39,9 +39,19 @@ class CrossPTModel(nn.Module):
         return self.backbone.loss(prompt, mask, batch)
 
     @torch.no_grad()
-    def predict(self, batch: dict) -> torch.Tensor:
+    def predict(self, batch: dict, generate: bool = False) -> torch.Tensor:
+        """Predictions `[B]`: ranked over the label words, or (`generate`, families that generate) decoded."""
         prompt, mask, _ = self.compose(batch)
+        if generate:
+            return self.backbone.predict(prompt, mask, batch, generate=True)
         return self.backbone.predict(prompt, mask, batch)
+
+    @property
+    def generates(self) -> bool:
+        """Whether the backbone can also decode its answer (seq2seq, decoder), not only rank the labels."""
+        from crosspt.backbones.base import RankBackbone
+
+        return isinstance(self.backbone, RankBackbone)
 
     def param_groups(self, prompt_lr: float, router_lr: float, head_lr: float | None = None,
                      weight_decay: float = 0.0, source_lr: float | None = None) -> list[dict]:
