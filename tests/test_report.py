@@ -59,6 +59,18 @@ def test_verdict_wording_effect_none_and_not_varied():
     assert lower.kind == "effect" and lower.text.startswith("prompt.label_semantics: index is lower than natural")
 
 
+def test_a_level_seen_in_one_trial_is_never_called_an_effect():
+    """Three trials, three levels: one trial each has no spread, so the bootstrap CI collapses to a point
+    ([12.5, 12.5] in a real 3-trial search) and must not read as a certain effect."""
+    rows = rows_with_effect(3)
+    for r, lr in zip(rows, ("natural", "index", "opaque")):
+        r.params[LS.key] = lr
+    v = verdict(LS, rows)
+    assert v.kind == "too_few" and "too few trials to tell" in v.text and "natural: 1" in v.text
+    two = rows_with_effect(5)                      # natural x3, index x2: both compared
+    assert verdict(LS, two).kind in ("effect", "none")
+
+
 def test_inactive_values_are_left_out_per_factor_and_numeric_factors_binned():
     rows = rows_with_effect(12)
     for r in rows[:3]:

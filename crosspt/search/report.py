@@ -167,13 +167,16 @@ def level_effects(factor: Factor, rows: Sequence[TrialRow], metric: str = "objec
 class Verdict:
     factor: str
     text: str
-    kind: str              # effect | none | not_varied | inactive
+    kind: str              # effect | none | not_varied | too_few | inactive
     best: str = ""
     worst: str = ""
     diff: float = float("nan")
     lo: float = float("nan")
     hi: float = float("nan")
     n: int = 0
+
+
+MIN_TRIALS_PER_LEVEL = 2
 
 
 def verdict(factor: Factor, rows: Sequence[TrialRow], mode: str = "max", scale: float = 100.0,
@@ -188,6 +191,14 @@ def verdict(factor: Factor, rows: Sequence[TrialRow], mode: str = "max", scale: 
     if len(by_level) < 2:
         only = next(iter(by_level))
         return Verdict(factor.key, f"{factor.key}: not varied (only {only} sampled, {n} trials)", "not_varied", n=n)
+    # a level seen in one trial has no spread between configurations: its bootstrap CI collapses to a
+    # point and would read as a certain effect. Only levels with MIN_TRIALS_PER_LEVEL trials are compared.
+    compared = {k: v for k, v in by_level.items() if len(v) >= MIN_TRIALS_PER_LEVEL}
+    if len(compared) < 2:
+        counts = ", ".join(f"{k}: {len(v)}" for k, v in by_level.items())
+        return Verdict(factor.key, f"{factor.key}: too few trials to tell (trials per level: {counts}; "
+                                   f"{MIN_TRIALS_PER_LEVEL} per level needed)", "too_few", n=n)
+    by_level = compared
     sign = 1 if mode == "max" else -1
     order = sorted(by_level, key=lambda k: sign * _mean([_mean(g) for g in by_level[k]]), reverse=True)
     best, worst = order[0], order[-1]
