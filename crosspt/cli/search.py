@@ -21,6 +21,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--promote", metavar="ALIAS", help="at the end, register the best FINISHED trial and point "
                                                       "ALIAS at it (see crosspt promote)")
     p.add_argument("--promote-model", metavar="NAME", help="registered model for --promote (default: the space's name)")
+    p.add_argument("--promote-force", action="store_true",
+                   help="let --promote move an alias that points at another run's version (refused otherwise)")
 
 
 def cmd_search(args) -> int:
@@ -31,7 +33,7 @@ def cmd_search(args) -> int:
     summary = run_search(space, experiment=args.experiment, data_dir=args.data_dir,
                          tracking_uri=args.tracking_uri, storage_path=args.storage_path,
                          resume=args.resume, overwrite=args.overwrite, promote=args.promote,
-                         promote_model=args.promote_model)
+                         promote_model=args.promote_model, promote_force=args.promote_force)
     print(format_summary(summary, space.objective.metric))
     print(summary["report"]["table"])
     if summary.get("promoted"):

@@ -484,7 +484,7 @@ def _kill_point(point: str) -> None:
 def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: str | None = None,
                tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
                overwrite: bool = False, verbose: int = 1, promote: str | None = None,
-               promote_model: str | None = None) -> dict:
+               promote_model: str | None = None, promote_force: bool = False) -> dict:
     """Run (or resume) a search to the end: its source bank first when the space asks to pre-train one,
     then the trials, the report, and (`promote`: an alias) the best FINISHED trial promoted as a version
     of `promote_model` (default: the space's name). Returns a summary with the best trial.
@@ -542,7 +542,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
         summary["promoted"] = promote_best(model_name=promote_model or space.name, alias=promote,
                                            experiment=exp_name, metric=space.objective.metric,
                                            mode=space.objective.mode, parent_run_id=parent_run_id,
-                                           tracking_uri=uri)
+                                           tracking_uri=uri, force=promote_force)
     return summary
 
 
