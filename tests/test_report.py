@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from crosspt.search.report import (Factor, TrialRow, bootstrap_diff_ci, bootstrap_mean_ci, build_report,
+from crosspt.search.report import (Factor, TrialRow, bootstrap_diff_ci, bootstrap_mean_ci, build_report, importances,
                                    format_table, levels, pareto_front, strongest_interaction, verdict,
                                    write_report)
 
@@ -57,6 +57,17 @@ def test_verdict_wording_effect_none_and_not_varied():
     # minimising: the lower level wins, worded as such
     lower = verdict(LS, rows, mode="min")
     assert lower.kind == "effect" and lower.text.startswith("prompt.label_semantics: index is lower than natural")
+
+
+def test_tied_trials_give_zero_importance_not_a_failed_report():
+    """Every finished trial at the same score (few shots, 1 epoch, all keep the untrained prompt): fANOVA
+    alone raises "zero total variance"; the report gives 0 importance and no effect instead."""
+    rows = rows_with_effect(8)
+    for r in rows:
+        r.objective = 0.5
+    imp = importances([LS, EBS], rows)
+    assert all(v["fanova"] == 0.0 and v["ped_anova"] == 0.0 for v in imp.values())
+    assert verdict(LS, rows).kind == "none"
 
 
 def test_a_level_seen_in_one_trial_is_never_called_an_effect():

@@ -912,7 +912,14 @@ def parent_note(space: SearchSpace, summary: dict | None = None) -> str:
 
 
 def _log_parent(c, parent_run_id: str, summary: dict, paths: SearchPaths, space: SearchSpace) -> None:
-    best, trials, metric_key = summary["best"], summary["trials"], space.objective.metric
+    trials, metric_key = summary["trials"], space.objective.metric
+    # the one rule (T.best_finished_child, which `promote` uses too) picks the best, ties included: Tune's
+    # row order and MLflow's start-time order can break a tie differently
+    run = T.best_finished_child(c, summary["experiment_id"], metric_key, space.objective.mode, parent_run_id)
+    if run is not None:
+        tid = run.data.tags.get(T.TRIAL_TAG)
+        summary["best"] = next((t for t in trials if t["trial_id"] == tid), summary["best"])
+    best = summary["best"]
     keys = sorted({k for t in trials for k in t["params"]})
     columns = ["trial_id", "status", "epochs", "objective", "test_score", *keys, "error"]
     rows = [[t["trial_id"], t["status"], t["epochs"], t.get(metric_key), t["test_score"],
@@ -929,7 +936,8 @@ def _log_parent(c, parent_run_id: str, summary: dict, paths: SearchPaths, space:
         T.log_metrics(c, parent_run_id, {f"best_{metric_key}": best[metric_key],
                                          **({"best_test_score": best["test_score"]} if best["test_score"] is not None else {})})
         T.log_params(c, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
-        run = T.find_trial_run(summary["tracking_uri"], summary["experiment_id"], parent_run_id, best["trial_id"])
+        if run is None or run.data.tags.get(T.TRIAL_TAG) != best["trial_id"]:
+            run = T.find_trial_run(summary["tracking_uri"], summary["experiment_id"], parent_run_id, best["trial_id"])
         if run:
             c.set_tag(parent_run_id, "crosspt.best_run_id", run.info.run_id)
             summary["best_run_id"] = run.info.run_id

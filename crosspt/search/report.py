@@ -266,6 +266,11 @@ def _evaluate_importances(rows: Sequence[TrialRow], factors: Sequence[Factor], m
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    keys = [g.key for g in factors]
+    if len({r.objective for r in rows}) < 2:
+        # every trial scored the same: nothing to attribute (fANOVA's forest would raise "zero total
+        # variance"), so every factor's importance is 0 and the verdicts say "no detectable effect"
+        return {"ped_anova": dict.fromkeys(keys, 0.0), "fanova": dict.fromkeys(keys, 0.0)}
     study = _study_of(rows, factors, mode)
     q = min(0.5, max(0.1, 5 / len(rows)))
     evaluators = {"ped_anova": optuna.importance.PedAnovaImportanceEvaluator(target_quantile=q),
