@@ -146,7 +146,7 @@ def run_trial(params: dict, ctx: dict) -> None:
         cfg.data.data_dir = ctx["data_dir"]
     # params and the config hash name the driver's paths; the run reads this node's copies where it lacks them
     run_cfg = localise(cfg, ctx.get("shipped"))
-    logger = None
+    logger, splits = None, None
     if ctx.get("tracking_uri"):
         logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
                                run_name=f"trial-{number:03d}")
@@ -162,7 +162,10 @@ def run_trial(params: dict, ctx: dict) -> None:
         else:
             all_params = {**trial_params(cfg, space, params), "search.name": space.name,
                           "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
-            logger.start(all_params, config_to_yaml(cfg), datasets=run_datasets(run_cfg, cfg.data.data_dir),
+            from crosspt.run.loop import prepare_data
+
+            _, splits = prepare_data(run_cfg)     # drawn once: logged as the run's inputs, trained on below
+            logger.start(all_params, config_to_yaml(cfg), datasets=T.split_datasets(splits, cfg.data.data_dir),
                          tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
                                **T.provenance_tags(cfg.data.data_dir)})
     try:
@@ -171,7 +174,7 @@ def run_trial(params: dict, ctx: dict) -> None:
         elif cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
             from crosspt.run.loop import run_loop
 
-            run_loop(run_cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"))
+            run_loop(run_cfg, TuneSession(logger, cfg.scaling.use_gpu), fault=ctx.get("fault"), splits=splits)
         else:
             _fit_trainer_in_trial(run_cfg, trial_id, ctx, logger)
     except SystemExit:
@@ -253,13 +256,12 @@ def run_repeats(cfg: RunConfig, space: SearchSpace, session: TuneSession, fault:
             session.report(row, sessions[0].checkpoints[-1] if row["final_epoch"] and sessions[0].checkpoints else None)
 
 
-def run_datasets(cfg: RunConfig, source: str | None = None) -> list:
-    """The run's k-shot splits as MLflow dataset inputs (drawn again: deterministic from the config),
-    named after `source` (default: the config's data folder)."""
+def run_datasets(cfg: RunConfig) -> list:
+    """The run's k-shot splits as MLflow dataset inputs (drawn again: deterministic from the config)."""
     from crosspt.run.loop import prepare_data
 
     _, splits = prepare_data(cfg)
-    return T.split_datasets(splits, source or cfg.data.data_dir)
+    return T.split_datasets(splits, cfg.data.data_dir)
 
 
 def deterministic_failure(exc: BaseException) -> bool:
