@@ -35,6 +35,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, a
 QUICK = dict(tasks=["sst2", "rte"], source_tasks=["sst2", "rte", "mrpc"], shots=[16], seeds=[0, 1],
              lrs=[0.3, 0.03], epochs=5, patience=2, max_test=100, max_length=48, prompt_len=8,
              threads=1)   # one torch thread: on a shared 2-core machine two threads oversubscribe badly
+# the standard mode (benchmarks/standard.md): targets the frozen MiniLM can do something with, a source pool
+# pre-trained on 1,500 rows each, k=16/32, seeds 0-4; sized to about 75 min on 2 CPUs with --parallel 2
+STANDARD = dict(tasks=["rte", "mrpc", "sst2", "stsb"], source_tasks=["sst2", "qnli", "mrpc", "stsb", "cola"],
+                shots=[16, 32], seeds=[0, 1, 2, 3, 4], lrs=[0.3, 0.03], epochs=5, patience=2, max_test=500,
+                max_length=64, prompt_len=8, threads=1)
+STANDARD_EXTRA = dict(source_rows=1500, source_val=200, source_epochs=2, source_lr=0.3, source_batch=16,
+                      lr_shots=16, multi_shots=[16], transfer_seeds=[0, 1, 2])
+# --standard --quick: the same stages on a sliver (the CI test, a few minutes)
+STANDARD_QUICK = dict(tasks=["rte", "mrpc"], source_tasks=["sst2", "mrpc", "cola"], shots=[4, 8], seeds=[0, 1],
+                      lrs=[0.3, 0.03], epochs=1, patience=1, max_test=24, max_length=32, prompt_len=2, threads=1,
+                      batch_size=4)
+STANDARD_QUICK_EXTRA = dict(source_rows=40, source_val=20, source_epochs=1, lr_shots=4, multi_shots=[4],
+                            transfer_seeds=[0, 1])
+# --standard --full: the paper protocol on a GPU cluster (T5-base LM-adapted; run it with --parallel N)
+STANDARD_FULL = dict(tasks=["rte", "mrpc", "stsb", "cola", "sst2", "qnli"],
+                     source_tasks=["sst2", "qnli", "mrpc", "stsb", "cola", "rte"], shots=[16, 32],
+                     seeds=[0, 1, 2, 3, 4], lrs=[0.3, 0.1, 0.03], epochs=20, patience=5, max_test=1000,
+                     max_length=256, prompt_len=10, batch_size=16, backbone="google/t5-base-lm-adapt")
+STANDARD_FULL_EXTRA = dict(source_rows=20000, source_val=1000, source_epochs=3, source_batch=32, lr_shots=16,
+                           multi_shots=[16, 32], transfer_seeds=[0, 1, 2, 3, 4])
 FULL = dict(tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"],
             source_tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"], shots=[16, 32], seeds=[0, 1, 2],
             lrs=[0.3, 0.1, 0.03], epochs=20, patience=5, max_test=1000, max_length=128, prompt_len=10)
@@ -46,6 +66,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 tasks, k=16, 2 seeds, small budget (~15 min on 2 CPUs)")
     p.add_argument("--speed", action="store_true", help="speed / memory / Ray-overhead measurements instead")
+    p.add_argument("--standard", action="store_true",
+                   help="the standard benchmark: strong sources, transfer matrix, single- and multi-task, "
+                        "k=16/32, seeds 0-4 (with --quick: a CI-sized sliver; with --full: the GPU protocol)")
+    p.add_argument("--full", action="store_true", help="with --standard: the paper protocol (T5-base, GPU cluster)")
+    p.add_argument("--render", metavar="JSON", help="with --standard: render the report of a finished run's JSON")
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--source-tasks", nargs="+", help="source pool (each target leaves itself out)")
     p.add_argument("--shots", nargs="+", type=int)
@@ -58,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int)
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--source-shots", type=int)
-    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--backbone", help="backbone (default: the mode's; minilm = the offline all-MiniLM-L6-v2)")
     p.add_argument("--data-dir")
     p.add_argument("--parallel", type=int, default=1, help="concurrent jobs as Ray tasks (1: sequential, no Ray)")
     p.add_argument("--cpus-per-job", type=float, default=1.0)
@@ -78,11 +103,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _preset(args) -> dict:
+    if args.standard:
+        return dict(STANDARD_FULL if args.full else STANDARD_QUICK if args.quick else STANDARD)
+    return dict(QUICK if args.quick else FULL)
+
+
 def settings_from(args):
     from crosspt.bench.settings import BenchSettings
     from crosspt.tasks.data import resolve_data_dir
 
-    base = dict(QUICK if args.quick else FULL)
+    base = _preset(args)
     for key in ("tasks", "source_tasks", "shots", "seeds", "lrs", "methods", "epochs", "patience", "max_length",
                 "prompt_len", "source_shots", "threads"):
         v = getattr(args, key)
@@ -93,7 +124,9 @@ def settings_from(args):
     data_dir = resolve_data_dir(args.data_dir)
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
-    return BenchSettings(backbone=args.backbone, data_dir=data_dir, **base)
+    backbone = args.backbone or base.pop("backbone", None) or "minilm"
+    base.pop("backbone", None)
+    return BenchSettings(backbone=backbone, data_dir=data_dir, **base)
 
 
 def main_benchmark(args) -> int:
@@ -128,6 +161,38 @@ def main_benchmark(args) -> int:
     return 0
 
 
+def main_standard(args) -> int:
+    from crosspt.bench.standard import StandardSettings
+    from crosspt.bench.standard_run import run_standard
+
+    name = args.name or ("standard_quick" if args.quick else "standard_full" if args.full else "standard")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / f"{name}.json"
+    if args.render:
+        summary = json.loads(Path(args.render).read_text())
+    else:
+        extra = dict(STANDARD_FULL_EXTRA if args.full else STANDARD_QUICK_EXTRA if args.quick else STANDARD_EXTRA)
+        st = StandardSettings(bench=settings_from(args), **extra)
+        b = st.bench
+        print(f"standard benchmark '{name}': targets {b.tasks}, source pool {b.source_tasks}, k={b.shots}, "
+              f"seeds {b.seeds}, lrs {b.lrs}, {b.epochs} epochs, backbone {b.backbone}, parallel {args.parallel}",
+              flush=True)
+        summary = run_standard(st, out / f"{name}_artifacts", parallel=args.parallel,
+                               cpus_per_job=args.cpus_per_job, log=lambda m: print(m, flush=True))
+        summary["name"] = name
+        js.write_text(json.dumps(summary, indent=1, default=str))       # the runs first: nothing is lost
+    from crosspt.bench.standard_report import log_standard_to_mlflow, write_report   # after the run: see above
+
+    files = write_report(summary, out, name)
+    print(files["md"].read_text())
+    if not args.no_mlflow:
+        info = log_standard_to_mlflow(summary, files, tracking_uri=args.tracking_uri, experiment=args.experiment)
+        print(f"MLflow: {info['tracking_uri']} experiment '{info['experiment']}' run {info['run_id']}")
+    print(f"wrote {js}, " + ", ".join(str(p) for p in files.values()) + f"; wall {summary['wall_s']:.0f}s")
+    return 0
+
+
 def main_speed(args) -> int:
     from crosspt.bench.speed import render_speed, run_speed
 
@@ -150,4 +215,4 @@ if __name__ == "__main__":
     from crosspt.cli.main import run_cli
 
     a = parse_args()
-    sys.exit(run_cli(main_speed if a.speed else main_benchmark, a))
+    sys.exit(run_cli(main_speed if a.speed else main_standard if a.standard else main_benchmark, a))

@@ -52,17 +52,18 @@ def execute(jobs: list[dict], parallel: int = 1, log: Log = print, cpus_per_job:
     cache); records in job order."""
     if not jobs:
         return []
+    t0 = time.time()
     if parallel <= 1:
         runner = J.JobRunner()
         done = []
         for i, j in enumerate(jobs):
             done.append(runner.run(j))
-            log(_progress(i + 1, len(jobs), done[-1]))
+            log(_progress(i + 1, len(jobs), done[-1], time.time() - t0))
         return done
-    return _execute_on_ray(jobs, parallel, log, cpus_per_job)
+    return _execute_on_ray(jobs, parallel, log, cpus_per_job, t0)
 
 
-def _execute_on_ray(jobs: list[dict], parallel: int, log: Log, cpus_per_job: float) -> list[dict]:
+def _execute_on_ray(jobs: list[dict], parallel: int, log: Log, cpus_per_job: float, t0: float) -> list[dict]:
     import ray
 
     init_ray_local()
@@ -83,16 +84,21 @@ def _execute_on_ray(jobs: list[dict], parallel: int, log: Log, cpus_per_job: flo
             i, a = pending.pop(ref)
             idle.append(a)
             done[i] = ray.get(ref)
-            log(_progress(sum(r is not None for r in done), len(jobs), done[i]))
+            log(_progress(sum(r is not None for r in done), len(jobs), done[i], time.time() - t0))
     for a in idle:
         ray.kill(a)
     return done  # type: ignore[return-value]
 
 
-def _progress(i: int, n: int, r: dict) -> str:
-    lr = f" lr={r['lr']:g}" if r.get("lr") is not None and spec_of(r["method"]).trains else ""
+def _progress(i: int, n: int, r: dict, elapsed: float) -> str:
+    """One finished job, and the phase's ETA: elapsed / done x remaining (jobs of a phase are alike)."""
+    lr = f" lr={r['lr']:g}" if r.get("lr") is not None and r.get("kind") != "probe" and \
+        (r.get("kind") or spec_of(r["method"]).trains) else ""
+    val = f"val {r['val']:.4f}  " if r.get("val") == r.get("val") else ""          # NaN: not validated
+    eta = elapsed / i * (n - i)
     return (f"  [{i:>3}/{n}] {r['method']:<13} {r['task']:<16} k={r['k']:<3} seed={r['seed']}{lr}: "
-            f"val {r['val']:.4f}  test {r['test']:.4f}  epochs {r['epochs_run']}  {r['wall_s']:.1f}s")
+            f"{val}test {r['test']:.4f}  epochs {r['epochs_run']}  {r['wall_s']:.1f}s  "
+            f"(phase {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)")
 
 
 def init_ray_local() -> float:

@@ -125,4 +125,8 @@ class JobRunner:
         self.splits = SplitCache()
 
     def run(self, job: dict) -> dict:
+        if job.get("kind"):                   # a standard-benchmark job (crosspt.bench.standard)
+            from crosspt.bench.standard import RUNNERS
+
+            return RUNNERS[job["kind"]](job, self.splits)
         return execute_job(job, self.splits)

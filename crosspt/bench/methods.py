@@ -178,8 +178,10 @@ def selected(methods: Iterable[str], stage: Stage) -> list[MethodSpec]:
 
 
 def run_config(s: BenchSettings, method: str, tasks: Sequence[str], k: int, seed: int, lr: float,
-               n_sources: int = 0):
-    """The RunConfig of one job: the benchmark's shared budget plus the method's prompt section."""
+               n_sources: int = 0, overrides: dict | None = None):
+    """The RunConfig of one job: the benchmark's shared budget plus the method's prompt section;
+    `overrides` `{section: {key: value}}` replace keys of a section (the standard benchmark's source
+    pre-training budget, its long PT prompt, its multi-task shared prompt)."""
     from crosspt.config.schema import build_config
 
     tree = {"name": f"bench-{method}-{'+'.join(tasks)}-k{k}-s{seed}", "seed": seed, "tasks": list(tasks),
@@ -189,6 +191,8 @@ def run_config(s: BenchSettings, method: str, tasks: Sequence[str], k: int, seed
             "optim": {"prompt_lr": lr, "router_lr": s.router_lr},
             "train": {"epochs": s.epochs, "batch_size": s.batch_size, "eval_batch_size": s.eval_batch_size,
                       "patience": s.patience, "checkpoint_every": s.epochs}}
+    for section, values in (overrides or {}).items():
+        tree[section] = {**tree[section], **values}
     return build_config(tree, f"benchmark {method}")
 
 

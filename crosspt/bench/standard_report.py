@@ -1,0 +1,380 @@
+"""What people read from the standard benchmark (benchmarks/standard.md): the tables, paired differences
+with 95% confidence intervals, the transfer matrix and its heatmap, the untrained probe, the router's
+weights, wall time per stage and a verdict per method. Everything here is computed from the run's JSON
+(`--standard --render standard.json` rebuilds it); nothing is picked by hand."""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from crosspt.bench.standard import LABELS, MULTI, SINGLE, Arm
+
+Cells = dict[tuple, dict[int, float]]      # (arm, task, k) -> {seed: test score}
+
+
+def t_quantile(n: int) -> float:
+    """The two-sided 95% Student-t quantile for n paired values (n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """Mean of a - b over the seeds both have, its 95% CI (t, n - 1 dof) and a verdict word:
+    'better' / 'worse' when the CI excludes 0, 'no difference shown' otherwise."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    if len(d) < 2:
+        return None
+    mu, sd = statistics.fmean(d), statistics.stdev(d)
+    half = t_quantile(len(d)) * sd / math.sqrt(len(d))
+    lo, hi = mu - half, mu + half
+    word = "better" if lo > 0 else "worse" if hi < 0 else "no difference shown"
+    return {"mean": mu, "lo": lo, "hi": hi, "n": len(d), "verdict": word}
+
+
+def cells_of(records: list[dict]) -> Cells:
+    """Test scores per (arm, task, k) and seed; a multi-task record gives one cell per task (its
+    per-task primary metric) and one for the joint mean under its own task name."""
+    from crosspt.tasks.metrics import primary_metric
+
+    out: Cells = {}
+    for r in records:
+        if r.get("kind") != "cell" or r["method"] in (Arm.SOURCE, Arm.SPOT):
+            continue
+        out.setdefault((r["method"], r["task"], r["k"]), {})[r["seed"]] = r["test"]
+        if len(r["tasks"]) > 1:
+            for t in r["tasks"]:
+                out.setdefault((r["method"], t, r["k"]), {})[r["seed"]] = r["test_metrics"][t][primary_metric(t)]
+    return out
+
+
+def average_cells(cells: Cells, arms: Sequence[str], tasks: Sequence[str], shots: Sequence[int]) -> Cells:
+    """Per arm and k: per seed, the mean over the targets (only seeds that ran every target)."""
+    out: Cells = {}
+    for a in arms:
+        for k in shots:
+            per = [cells.get((a, t, k), {}) for t in tasks]
+            seeds = set.intersection(*(set(p) for p in per)) if per else set()
+            if seeds:
+                out[(a, "avg", k)] = {s: statistics.fmean(p[s] for p in per) for s in seeds}
+    return out
+
+
+def _ms(v: dict[int, float] | None) -> str:
+    if not v:
+        return "–"
+    vals = list(v.values())
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.fmean(vals) * 100:.1f} ± {sd * 100:.1f}"
+
+
+def _d(p: dict | None) -> str:
+    if not p:
+        return "–"
+    return f"{p['mean'] * 100:+.1f} [{p['lo'] * 100:+.1f}, {p['hi'] * 100:+.1f}]"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# ---- sections ------------------------------------------------------------------------------------------
+def _sources(summary: dict, zero: dict[str, float]) -> list[str]:
+    sd = summary["standard"]
+    rows = []
+    for r in (r for r in summary["records"] if r["method"] == Arm.SOURCE):
+        z = zero.get(r["task"])
+        rows.append([r["task"], str(r["n_train"][r["task"]]), f"{r['val'] * 100:.1f}", f"{r['test'] * 100:.1f}",
+                     f"{z * 100:.1f}" if z is not None else "–",
+                     f"{(r['test'] - z) * 100:+.1f}" if z is not None else "–", f"{r['wall_s']:.0f}"])
+    return [f"One bank, pre-trained once (seed {sd['source_seed']}): single-task PT of each pool task on "
+            f"{sd['source_rows']} train rows (seeded draw), {sd['source_epochs']} epochs, batch {sd['source_batch']}, "
+            f"lr {sd['source_lr']}, validation {sd['source_val']} rows; scored on its own task's test split. "
+            f"Bank: `{summary['bank']['path']}` (also registered in MLflow, see the end).", ""] + \
+        _table(["source task", "train rows", "val", "own test", "zero-shot test", "Δ vs zero-shot", "wall s"], rows)
+
+
+def _main_table(cells: Cells, avgs: Cells, tasks: list[str], shots: list[int], zero: dict[str, float]) -> list[str]:
+    head = ["target", "k", "Zero-shot"] + [LABELS[a] for a in SINGLE]
+    rows = []
+    for t in tasks + ["avg"]:
+        for k in shots:
+            src = avgs if t == "avg" else cells
+            z = statistics.fmean(zero[x] for x in tasks) if t == "avg" else zero.get(t)
+            rows.append([f"**{t}**" if t == "avg" else t, str(k), f"{z * 100:.1f}" if z is not None else "–"]
+                        + [_ms(src.get((str(a), t, k))) for a in SINGLE])
+    return _table(head, rows)
+
+
+COMPARISONS = ((Arm.CAT, Arm.PT), (Arm.WAVG, Arm.PT), (Arm.PT_LONG, Arm.PT), (Arm.CAT, Arm.PT_LONG),
+               (Arm.WAVG, Arm.PT_LONG))
+
+
+def _paired_table(cells: Cells, avgs: Cells, tasks: list[str], shots: list[int]) -> tuple[list[str], dict]:
+    head = ["target", "k"] + [f"{LABELS[a]} − {LABELS[b]}" for a, b in COMPARISONS]
+    rows, found = [], {}
+    for t in tasks + ["avg"]:
+        for k in shots:
+            src = avgs if t == "avg" else cells
+            row = [f"**{t}**" if t == "avg" else t, str(k)]
+            for a, b in COMPARISONS:
+                p = paired(src.get((str(a), t, k), {}), src.get((str(b), t, k), {}))
+                found[(str(a), str(b), t, k)] = p
+                row.append(_d(p) + (f" {p['verdict']}" if p and p["verdict"] != "no difference shown" else ""))
+            rows.append(row)
+    return _table(head, rows), found
+
+
+def _multi_table(cells: Cells, tasks: list[str], shots: list[int]) -> list[str]:
+    joint = "+".join(tasks)
+    pairs = ((Arm.PT_MULTI, Arm.PT), (Arm.CAT_MULTI, Arm.CAT), (Arm.CAT_MULTI, Arm.PT_MULTI), (Arm.CAT_MULTI, Arm.PT))
+    head = ["target", "k", "PT", "PT multi-task", "CrossPT cat", "CrossPT cat multi-task"] + \
+        [f"{LABELS[a]} − {LABELS[b]}" for a, b in pairs]
+    rows = []
+    for k in shots:
+        if not cells.get((str(Arm.PT_MULTI), joint, k)):
+            continue
+        avg = average_cells(cells, [str(a) for a in (Arm.PT, Arm.PT_MULTI, Arm.CAT, Arm.CAT_MULTI)], tasks, [k])
+        for t in tasks + ["avg"]:
+            src = avg if t == "avg" else cells
+            v = {a: src.get((str(a), t, k), {}) for a in (Arm.PT, Arm.PT_MULTI, Arm.CAT, Arm.CAT_MULTI)}
+            rows.append([f"**{t}**" if t == "avg" else t, str(k)] + [_ms(v[a]) for a in v]
+                        + [_d(paired(v[a], v[b])) for a, b in pairs])
+    return _table(head, rows)
+
+
+def transfer_matrix(summary: dict) -> dict:
+    """(target, source) -> paired difference of SPoT-style init from that source vs PT, same seeds."""
+    recs = summary["records"]
+    pt = {(r["task"], r["seed"]): r["test"] for r in recs
+          if r["method"] == Arm.PT and r["k"] == summary["standard"]["lr_shots"]}
+    by: dict[tuple, dict[int, float]] = {}
+    raw: dict[tuple, dict[int, float]] = {}
+    for r in recs:
+        if r["method"] == Arm.SPOT:
+            raw.setdefault((r["task"], r["source"]), {})[r["seed"]] = r["test"]
+    for key, vals in raw.items():
+        by[key] = {"delta": paired(vals, {s: pt[(key[0], s)] for s in vals if (key[0], s) in pt}),
+                   "score": statistics.fmean(vals.values()), "n": len(vals)}
+    return by
+
+
+def _transfer_lines(summary: dict, tm: dict) -> list[str]:
+    tasks, sources = summary["settings"]["tasks"], summary["bank"]["tasks"]
+    head = ["target \\ source"] + sources
+    rows = [[t] + [(_d(tm[(t, s)]["delta"]) if (t, s) in tm else "own task") for s in sources] for t in tasks]
+    return _table(head, rows)
+
+
+def heatmap(summary: dict, tm: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks, sources = summary["settings"]["tasks"], summary["bank"]["tasks"]
+    m = np.full((len(tasks), len(sources)), np.nan)
+    for i, t in enumerate(tasks):
+        for j, s in enumerate(sources):
+            d = tm.get((t, s), {}).get("delta")
+            if d:
+                m[i, j] = d["mean"] * 100
+    lim = max(1.0, float(np.nanmax(np.abs(m)))) if np.isfinite(m).any() else 1.0
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(sources), 1.2 + 0.7 * len(tasks)))
+    im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+    for i in range(len(tasks)):
+        for j in range(len(sources)):
+            d = tm.get((tasks[i], sources[j]), {}).get("delta")
+            ax.text(j, i, "own" if (tasks[i], sources[j]) not in tm else
+                    (f"{d['mean'] * 100:+.1f}\n[{d['lo'] * 100:+.1f},{d['hi'] * 100:+.1f}]" if d else "n/a"),
+                    ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(sources)), sources)
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("source prompt (initialises PT)")
+    ax.set_ylabel("target")
+    k, n = summary["standard"]["lr_shots"], len(summary["standard"]["transfer_seeds"])
+    ax.set_title(f"transfer: SPoT-style init − PT, test x100 (k={k}, {n} seeds, 95% CI)", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _probe_lines(summary: dict) -> list[str]:
+    probes = [r for r in summary["records"] if r.get("kind") == "probe"]
+    if not probes:
+        return []
+    out = []
+    for r in probes:
+        out += [f"**{r['task']}** (seed {r['seed']}, untrained, test x100):", ""]
+        out += _table(["prompt", "test"], [[name, f"{v * 100:.1f}"] for name, v in r["scores"].items()]) + [""]
+    return out
+
+
+def _router_lines(summary: dict) -> list[str]:
+    """Mean final evaluation weights of the task router per target and k, and the best epochs."""
+    recs = [r for r in summary["records"] if r.get("kind") == "cell"]
+    out = []
+    for arm in (Arm.CAT, Arm.WAVG, Arm.CAT_MULTI):
+        for r0 in sorted({(r["task"], r["k"]) for r in recs if r["method"] == arm}):
+            rs = [r for r in recs if r["method"] == arm and (r["task"], r["k"]) == r0 and r.get("router_weights")]
+            if not rs:
+                continue
+            names = rs[0]["bank_tasks"] + ["private"]
+            tasks = rs[0]["tasks"]
+            for ti, t in enumerate(tasks):
+                w = [statistics.fmean(r["router_weights"][ti][j] for r in rs) for j in range(len(names))]
+                out.append(f"- {LABELS[arm]}, {t}, k={r0[1]}: " + ", ".join(f"{n} {x:.2f}" for n, x in zip(names, w))
+                           + f" (initial {1 / len(names):.2f} each; mean over {len(rs)} seeds)")
+    best = Counter()
+    for r in recs:
+        if r["method"] in [str(a) for a in SINGLE + MULTI]:
+            best[(r["method"], "≤0" if r["best_epoch"] <= 0 else ">0")] += 1
+    out += ["", "Best epoch of the selected run (−1 = the untrained start scored best on validation, "
+                "0 = after one epoch):", ""]
+    for a in SINGLE + MULTI:
+        lo, hi = best[(str(a), "≤0")], best[(str(a), ">0")]
+        if lo + hi:
+            out.append(f"- {LABELS[a]}: best epoch ≤ 0 in {lo} of {lo + hi} cells")
+    return out
+
+
+def _lr_lines(summary: dict) -> list[str]:
+    picks: dict[str, Counter] = {}
+    k0 = summary["standard"]["lr_shots"]
+    for r in summary["records"]:
+        if r.get("kind") == "cell" and r["k"] == k0 and len(r.get("trials", [])) > 1:
+            picks.setdefault(r["method"], Counter())[r["lr"]] += 1
+    return [f"- {LABELS[Arm(m)]}: " + ", ".join(f"lr {lr:g}: {n}" for lr, n in sorted(c.items())) for m, c in picks.items()]
+
+
+def verdicts(found: dict, shots: list[int]) -> list[str]:
+    out = []
+    for a, b in COMPARISONS:
+        for k in shots:
+            p = found.get((str(a), str(b), "avg", k))
+            if not p:
+                continue
+            word = {"better": "beats", "worse": "loses to", "no difference shown": "cannot be told apart from"}
+            per_task = [(t, q["verdict"]) for (a2, b2, t, k2), q in found.items()
+                        if (a2, b2, k2) == (str(a), str(b), k) and t != "avg" and q]
+            wins = [t for t, v in per_task if v == "better"]
+            losses = [t for t, v in per_task if v == "worse"]
+            out.append(f"- k={k}: **{LABELS[a]} {word[p['verdict']]} {LABELS[b]}** on the average "
+                       f"({_d(p)} points, n={p['n']} seeds); per target: better on {wins or 'none'}, "
+                       f"worse on {losses or 'none'}, the rest not told apart")
+    return out
+
+
+def render(summary: dict, analysis: str | None = None) -> tuple[str, dict]:
+    s, sd = summary["settings"], summary["standard"]
+    tasks, shots = list(s["tasks"]), list(s["shots"])
+    recs = summary["records"]
+    zero = {r["task"]: r["test"] for r in recs if r["method"] == Arm.ZERO_SHOT}
+    cells = cells_of(recs)
+    avgs = average_cells(cells, [str(a) for a in SINGLE], tasks, shots)
+    ptab, found = _paired_table(cells, avgs, tasks, shots)
+    tm = transfer_matrix(summary)
+    walls = summary["stage_wall_s"]
+    n_cells = Counter(r.get("kind") for r in recs)
+    n_trained = sum(len(r.get("trials", [])) for r in recs if r.get("kind") == "cell")
+    lines = [f"# Standard benchmark `{summary.get('name', 'standard')}`", "",
+             f"Wall **{summary['wall_s'] / 60:.1f} min** with `--parallel {summary['parallel']}` "
+             f"(stages: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) + "); "
+             f"{n_cells['cell']} cells ({n_trained} training runs), {n_cells['probe']} probes, "
+             f"{n_cells['zero_shot']} zero-shot scores.", "",
+             f"Backbone `{s['backbone']}` (frozen); targets {tasks}; source pool {summary['bank']['tasks']} "
+             f"(each target's bank leaves its own task out: {summary['banks']}; multi-task bank: "
+             f"{summary['multi_bank']}); k = {shots} per class (STS-B: 2k rows), seeds {s['seeds']}; test = official "
+             f"dev split capped at {s['max_test']} rows (the same seeded rows for every method, seed and k).", "",
+             "## Verdict", ""] + verdicts(found, shots) + [""]
+    if analysis:
+        lines += ["## Diagnosis", "", analysis.strip(), ""]
+    lines += ["## Sources", ""] + _sources(summary, zero) + [""]
+    lines += ["## Single-task: test score x100, mean ± std over seeds", ""] + \
+        _main_table(cells, avgs, tasks, shots, zero) + [""]
+    lines += ["## Paired differences (test x100), mean over seeds [95% CI, t with n−1 dof]", "",
+              "A verdict word follows a difference whose CI excludes 0. avg: per seed the mean over the "
+              "targets, then paired over seeds.", ""] + ptab + [""]
+    lines += ["## Multi-task regime (all targets trained jointly)", "",
+              f"PT multi-task: one {s['prompt_len']}-token prompt shared by every target. CrossPT cat multi-task: "
+              f"the sources no target owns ({summary['multi_bank']}) fine-tuned jointly (learn_sources), a private "
+              "prompt and a router row per target. lr picked by mean validation over the targets.", ""] + \
+        _multi_table(cells, tasks, shots) + [""]
+    png = "standard_transfer.png"
+    lines += ["## Transfer matrix", "",
+              f"Each source prompt initialises PT on each target (SPoT-style; k={sd['lr_shots']}, seeds "
+              f"{sd['transfer_seeds']}, the lr PT picked on validation for that target and seed); test minus "
+              f"PT's test on the same seeds, x100 [95% CI].", "", f"![transfer matrix]({png})", ""] + \
+        _transfer_lines(summary, tm) + [""]
+    lines += ["## Before training: untrained prompts on each target", ""] + _probe_lines(summary)
+    lines += ["## Router weights and best epochs", ""] + _router_lines(summary) + [""]
+    lines += ["## Chosen learning rates (cells at k=" + str(sd["lr_shots"]) + ")", ""] + _lr_lines(summary) + [""]
+    lines += ["## Protocol", "",
+              f"- every run: {s['epochs']} epochs, batch {s['batch_size']}, early stopping patience {s['patience']} "
+              f"on validation, max_length {s['max_length']}, torch threads {s['threads']}; prompt length "
+              f"{s['prompt_len']} (PT, each source, private; PT long = the composed length of CrossPT cat for that "
+              f"target); router lr {s['router_lr']}",
+              f"- lr grid {s['lrs']} over each method's prompt lr, searched at k={sd['lr_shots']} per (method, target, "
+              f"seed) on validation only; other k reuse that pick; the test split is scored once per cell, "
+              f"after the pick",
+              "- train/val: k-shot samples per class from the train split (val disjoint, k per class), the same "
+              "rows for every method at a seed",
+              "- paired differences: over the seeds both methods ran; 95% CI = mean ± t(0.975, n−1)·sd/√n"]
+    return "\n".join(lines) + "\n", tm
+
+
+def write_report(summary: dict, out: Path, name: str, analysis: str | None = None) -> dict[str, Path]:
+    out = Path(out)
+    text, tm = render(summary, analysis)
+    md = out / f"{name}.md"
+    md.write_text(text.replace("standard_transfer.png", f"{name}_transfer.png"))
+    png = heatmap(summary, tm, out / f"{name}_transfer.png")
+    return {"md": md, "transfer": png}
+
+
+def log_standard_to_mlflow(summary: dict, files: dict[str, Path], *, tracking_uri: str | None,
+                           experiment: str) -> dict:
+    """A parent run with the settings, average scores and paired differences as metrics, the report and
+    heatmap; the bank as its `bank/` artifact, registered as a source-bank model version."""
+    from crosspt.registry import tracking as T
+    from crosspt.registry.models import BANK_DIR, BANK_FILE, register_bank
+
+    uri = T.resolve_tracking_uri(tracking_uri)
+    T.check_reachable(uri)
+    exp_id = T.ensure_experiment(uri, experiment)
+    c = T.client(uri)
+    s = summary["settings"]
+    run = c.create_run(exp_id, run_name=summary.get("name", "standard"), tags={"crosspt.benchmark": "standard"})
+    pid = run.info.run_id
+    T.log_params(c, pid, {f"bench.{k}": (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in s.items()})
+    cells = cells_of(summary["records"])
+    avgs = average_cells(cells, [str(a) for a in SINGLE], s["tasks"], s["shots"])
+    metrics = {f"avg_{a}_k{k}": statistics.fmean(v.values()) for (a, _, k), v in avgs.items()}
+    for a, b in COMPARISONS:
+        for k in s["shots"]:
+            p = paired(avgs.get((str(a), "avg", k), {}), avgs.get((str(b), "avg", k), {}))
+            if p:
+                metrics[f"diff_{a}_vs_{b}_k{k}"] = p["mean"]
+    metrics["wall_s"] = summary["wall_s"]
+    T.log_metrics(c, pid, metrics)
+    for p in files.values():
+        c.log_artifact(pid, str(p))
+    bank = Path(summary["bank"]["path"])
+    if bank.exists():
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy(bank, Path(d) / BANK_FILE)
+            c.log_artifacts(pid, d, BANK_DIR)
+        register_bank(uri, pid, f"{experiment}-bank", alias="standard",
+                      description=f"standard benchmark sources {summary['bank']['tasks']}")
+    c.set_terminated(pid, "FINISHED")
+    return {"tracking_uri": uri, "experiment": experiment, "run_id": pid}

@@ -1,0 +1,114 @@
+"""The standard benchmark (`jobs/benchmark_fewshot.py --standard`): its statistics, and its quick mode run
+end to end on real GLUE rows with the offline MiniLM, a real local Ray (--parallel 2) and a real MLflow
+sqlite store."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats as sps
+
+from crosspt.bench import standard_report as SR
+from crosspt.bench.standard import Arm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- statistics -----------------------------------------------------------------------------------------
+def test_paired_difference_ci_is_the_t_interval_over_seeds():
+    a = {0: 0.70, 1: 0.62, 2: 0.66, 3: 0.71, 4: 0.69}
+    b = {0: 0.60, 1: 0.61, 2: 0.60, 3: 0.65, 4: 0.62, 9: 0.99}       # seed 9 has no partner: ignored
+    p = SR.paired(a, b)
+    d = [a[s] - b[s] for s in range(5)]
+    res = sps.ttest_rel([a[s] for s in range(5)], [b[s] for s in range(5)])
+    lo, hi = res.confidence_interval(0.95)
+    assert p["n"] == 5 and math.isclose(p["mean"], statistics.fmean(d))
+    assert math.isclose(p["lo"], lo, rel_tol=1e-9) and math.isclose(p["hi"], hi, rel_tol=1e-9)
+    assert p["verdict"] == "better"
+    assert SR.paired(b, a)["verdict"] == "worse"
+    noisy = {0: 0.5, 1: 0.9, 2: 0.4}
+    assert SR.paired(noisy, {0: 0.6, 1: 0.6, 2: 0.6})["verdict"] == "no difference shown"
+    assert SR.paired({0: 0.5}, {0: 0.4}) is None                       # one seed: no interval
+
+
+def test_multi_task_records_give_per_task_cells_and_averages_need_every_target():
+    recs = [{"kind": "cell", "method": "pt_multi", "task": "rte+mrpc", "tasks": ["rte", "mrpc"], "k": 16,
+             "seed": s, "test": 0.6 + s / 100,
+             "test_metrics": {"rte": {"accuracy": 0.5 + s / 100}, "mrpc": {"combined": 0.7, "f1": 0.8}}}
+            for s in (0, 1)]
+    recs.append({"kind": "cell", "method": "pt", "task": "rte", "tasks": ["rte"], "k": 16, "seed": 2, "test": 0.9})
+    cells = SR.cells_of(recs)
+    assert cells[("pt_multi", "rte", 16)] == {0: 0.5, 1: 0.51}
+    assert cells[("pt_multi", "mrpc", 16)] == {0: 0.7, 1: 0.7}
+    assert cells[("pt_multi", "rte+mrpc", 16)] == {0: 0.6, 1: 0.61}
+    avg = SR.average_cells(cells, ["pt_multi", "pt"], ["rte", "mrpc"], [16])
+    assert avg[("pt_multi", "avg", 16)] == {0: 0.6, 1: statistics.fmean([0.51, 0.7])}
+    assert ("pt", "avg", 16) not in avg          # pt ran rte only: no average
+
+
+# ---- the quick mode, end to end -------------------------------------------------------------------------
+def _env(data_dir) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "CROSSPT_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.mark.slow
+def test_standard_quick_mode_end_to_end(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "benchmark_fewshot.py"), "--standard", "--quick",
+                        "--parallel", "2", "--out", str(out), "--tracking-uri", uri, "--experiment", "std-test"],
+                       cwd=tmp_path, env=_env(data_dir), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ETA" in p.stdout and "stage 4/4 reuse" in p.stdout
+    summary = json.loads((out / "standard_quick.json").read_text())
+    recs = summary["records"]
+    cells = [r for r in recs if r.get("kind") == "cell"]
+    targets = summary["settings"]["tasks"]
+    # leave-one-out: no single-task bank holds its target; the multi-task bank holds no target
+    for t, names in summary["banks"].items():
+        assert t not in names and names
+    assert summary["multi_bank"] and not set(summary["multi_bank"]) & set(targets)
+    for r in cells:
+        assert not set(r["tasks"]) & set(r["bank_tasks"]), r["method"]
+    # the lr is picked on validation only: the pick has the best validation score of its trials, and the
+    # trials carry no test score at all (test is read once, after the pick)
+    for r in cells:
+        assert r["val"] == max(tr["val"] for tr in r["trials"])
+        assert r["lr"] == next(tr["lr"] for tr in r["trials"] if tr["val"] == r["val"])
+        assert all("test" not in tr for tr in r["trials"])
+    # every single-task method of a (target, k, seed) saw the same training rows and test rows
+    for key in {(r["task"], r["k"], r["seed"]) for r in cells if r["method"] == Arm.PT}:
+        same = [r for r in cells if (r["task"], r["k"], r["seed"]) == key and len(r["tasks"]) == 1
+                and r["method"] != Arm.SOURCE]
+        assert len({json.dumps(r["sample_ids"]) for r in same}) == 1
+        assert len({json.dumps(r["n_test"]) for r in same}) == 1
+    # the other k reuses the lr picked at lr_shots; the transfer matrix uses PT's pick
+    k0 = summary["standard"]["lr_shots"]
+    pick = {(r["method"], r["task"], r["seed"]): r["lr"] for r in cells if r["k"] == k0 and len(r["trials"]) > 1}
+    for r in cells:
+        if r["method"] in ("pt", "pt_long", "crosspt_cat", "crosspt_wavg") and r["k"] != k0:
+            assert r["trials"][0]["lr"] == pick[(r["method"], r["task"], r["seed"])]
+        if r["method"] == Arm.SPOT:
+            assert r["lr"] == pick[("pt", r["task"], r["seed"])] and r["source"] not in (r["task"],)
+    # PT long has CrossPT cat's composed length on each target
+    for t in targets:
+        cat = next(r for r in cells if r["method"] == Arm.CAT and r["task"] == t)
+        long = next(r for r in cells if r["method"] == Arm.PT_LONG and r["task"] == t)
+        assert cat["prompt_tokens"] == long["prompt_tokens"] == (len(summary["banks"][t]) + 1) * 2
+    md = (out / "standard_quick.md").read_text()
+    for section in ("## Verdict", "## Paired differences", "## Transfer matrix", "## Multi-task regime",
+                    "## Before training", "## Sources"):
+        assert section in md
+    assert (out / "standard_quick_transfer.png").stat().st_size > 1000
+    # the bank is registered in the MLflow Model Registry
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(uri).get_model_version_by_alias("std-test-bank", "standard")
+    assert mv.run_id in p.stdout
