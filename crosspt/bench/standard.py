@@ -25,7 +25,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Callable
 
 import torch
