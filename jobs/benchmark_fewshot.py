@@ -6,6 +6,19 @@ on the same frozen backbone, k-shot samples, seeds, step budget and learning-rat
     python jobs/benchmark_fewshot.py --parallel 8             # jobs as concurrent Ray tasks
     ray job submit --working-dir . -- python jobs/benchmark_fewshot.py --parallel 16
     python jobs/benchmark_fewshot.py --speed                  # speed / memory / Ray-overhead ratios
+    python jobs/benchmark_fewshot.py --standard --parallel 2  # benchmarks/standard.md (see below)
+    python jobs/benchmark_fewshot.py --standard --quick       # the same stages on a sliver (the CI test)
+    ray job submit --working-dir . -- python jobs/benchmark_fewshot.py --standard --full --parallel 32 \
+        --cpus-per-job 2                                      # the paper protocol on a GPU cluster (T5-base)
+
+Standard mode (crosspt.bench.standard): one source bank pre-trained once on 1,500 rows of each of SST-2, QNLI,
+MRPC, STS-B, CoLA; targets RTE, MRPC, SST-2, STS-B (each target's bank leaves its own task out), k=16/32,
+seeds 0-4, lr grid 0.3/0.03 searched on validation at k=16, test = dev capped at 500 rows; PT, PT at CrossPT
+cat's composed length, CrossPT cat and wavg single-task; PT and CrossPT cat multi-task; a SPoT-style transfer
+matrix (3 seeds) and an untrained probe. Writes <out>/standard.md, standard.json, standard_transfer.png, and
+registers the bank in MLflow as `<experiment>-bank@standard`. --render standard.json rebuilds the report.
+--full: T5-base LM-adapted (a hub id: the machine needs the hub or a local copy), six targets, 3 lrs,
+20 epochs, 20,000 source rows, transfer over 5 seeds, multi-task at k=16 and 32.
 
 Quick mode (measured, see benchmarks/quick.md): 72 runs, 23.6 min wall on this 2-core machine while other
 engineers' jobs kept the load average at 4-6; 15.0 min of CPU time (one torch thread), i.e. about 15 min when
@@ -71,6 +84,10 @@ def parse_args(argv=None):
                         "k=16/32, seeds 0-4 (with --quick: a CI-sized sliver; with --full: the GPU protocol)")
     p.add_argument("--full", action="store_true", help="with --standard: the paper protocol (T5-base, GPU cluster)")
     p.add_argument("--render", metavar="JSON", help="with --standard: render the report of a finished run's JSON")
+    p.add_argument("--trace-router", nargs="*", type=int, metavar="SEED",
+                   help="with --render: re-run CrossPT cat's k=lr_shots cells of these seeds (default 0 1 2) "
+                        "recording the router weights per epoch; added to the JSON and the report")
+    p.add_argument("--analysis", metavar="MD", help="with --standard: a written diagnosis included in the report")
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--source-tasks", nargs="+", help="source pool (each target leaves itself out)")
     p.add_argument("--shots", nargs="+", type=int)
@@ -171,6 +188,12 @@ def main_standard(args) -> int:
     js = out / f"{name}.json"
     if args.render:
         summary = json.loads(Path(args.render).read_text())
+        if args.trace_router is not None:
+            from crosspt.bench.standard_run import trace_router
+
+            summary["router_trace"] = trace_router(summary, seeds=args.trace_router or [0, 1, 2],
+                                                   log=lambda m: print(m, flush=True))
+            js.write_text(json.dumps(summary, indent=1, default=str))
     else:
         extra = dict(STANDARD_FULL_EXTRA if args.full else STANDARD_QUICK_EXTRA if args.quick else STANDARD_EXTRA)
         st = StandardSettings(bench=settings_from(args), **extra)
@@ -184,7 +207,8 @@ def main_standard(args) -> int:
         js.write_text(json.dumps(summary, indent=1, default=str))       # the runs first: nothing is lost
     from crosspt.bench.standard_report import log_standard_to_mlflow, write_report   # after the run: see above
 
-    files = write_report(summary, out, name)
+    analysis = Path(args.analysis).read_text() if args.analysis else None
+    files = write_report(summary, out, name, analysis)
     print(files["md"].read_text())
     if not args.no_mlflow:
         info = log_standard_to_mlflow(summary, files, tracking_uri=args.tracking_uri, experiment=args.experiment)

@@ -112,3 +112,25 @@ def test_standard_quick_mode_end_to_end(data_dir, tmp_path):
 
     mv = MlflowClient(uri).get_model_version_by_alias("std-test-bank", "standard")
     assert mv.run_id in p.stdout
+
+
+def test_standard_stages_run_on_a_seq2seq_backbone(data_dir, tiny_t5_path, tmp_path):
+    """The --full mode's family (T5): every stage and the report, in-process on a tiny random T5."""
+    from crosspt.bench.settings import BenchSettings
+    from crosspt.bench.standard import StandardSettings
+    from crosspt.bench.standard_run import run_standard
+
+    b = BenchSettings(tasks=["rte"], source_tasks=["sst2", "mrpc"], shots=[2, 4], seeds=[0, 1], lrs=[0.3, 0.03],
+                      epochs=1, patience=None, max_test=4, max_length=24, prompt_len=2, data_dir=str(data_dir),
+                      backbone=str(tiny_t5_path), batch_size=4)
+    st = StandardSettings(bench=b, source_rows=8, source_val=4, source_epochs=1, lr_shots=2, multi_shots=[2],
+                          transfer_seeds=[0, 1])
+    summary = run_standard(st, tmp_path / "art", log=lambda m: None)
+    kinds = {(r.get("kind"), r["method"]) for r in summary["records"]}
+    assert {("cell", a) for a in ("source", "pt", "pt_long", "crosspt_cat", "crosspt_wavg", "pt_multi",
+                                  "crosspt_cat_multi", "spot")} <= kinds
+    probe = next(r for r in summary["records"] if r.get("kind") == "probe")
+    assert not any("before [CLS]" in name for name in probe["scores"])      # an encoder-only variant
+    assert all(math.isfinite(v) for v in probe["scores"].values())
+    files = SR.write_report(summary, tmp_path, "t5")
+    assert "## Transfer matrix" in files["md"].read_text()

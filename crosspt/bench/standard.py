@@ -148,14 +148,36 @@ def build_arm(job: dict, cfg, tasks, backbone):
     return model
 
 
-def _train_on_val(model, cfg, splits: dict) -> dict:
+def _router_trace_session(output_dir: str, model):
+    """A LocalSession that also keeps the router's evaluation weights `[n_tasks, n_cand]` at every epoch
+    report. The last report comes after the loop restored the best epoch's state, so its entry is marked
+    `restored_best`."""
+    from crosspt.run.loop import LocalSession
+
+    class RouterTrace(LocalSession):
+        def __init__(self):
+            super().__init__(output_dir, keep=1)
+            self.trace = [{"epoch": -1, "weights": model.prompt.task_weights().tolist()}]
+
+        def report(self, metrics, checkpoint_dir):
+            self.trace.append({"epoch": metrics.get("epoch"), "val": metrics.get("val_score"),
+                               "restored_best": bool(metrics.get("final_epoch")),
+                               "weights": model.prompt.task_weights().tolist()})
+            return super().report(metrics, checkpoint_dir)
+
+    return RouterTrace()
+
+
+def _train_on_val(model, cfg, splits: dict) -> tuple[dict, list]:
     """run_loop with the test split replaced by the validation split: what it reports as test is
-    discarded, so picking the lr never reads the real test split."""
-    from crosspt.run.loop import LocalSession, run_loop
+    discarded, so picking the lr never reads the real test split. Also returns the router's weights
+    per epoch (`_router_trace_session`)."""
+    from crosspt.run.loop import run_loop
 
     blind = {t: {**sp, "test": sp["val"]} for t, sp in splits.items()}
     with tempfile.TemporaryDirectory(prefix="crosspt_std_", ignore_cleanup_errors=True) as d:
-        return run_loop(cfg, LocalSession(d, keep=1), model=model, splits=blind)
+        session = _router_trace_session(d, model)
+        return run_loop(cfg, session, model=model, splits=blind), session.trace
 
 
 def _test_of(model, tasks, splits: dict, s: BenchSettings) -> tuple[float, dict]:
@@ -179,9 +201,10 @@ def run_cell(job: dict, cache) -> dict:
     for lr in job["lrs"]:
         cfg = config_for(job, lr)
         model = build_arm(job, cfg, tasks, backbone)
-        res = _train_on_val(model, cfg, splits)
+        res, trace = _train_on_val(model, cfg, splits)
         trials.append({"lr": lr, "val": float(res["best_val_score"]), "best_epoch": res["best_epoch"],
-                       "epochs_run": res["epochs_run"], "router_weights": res.get("router_weights")})
+                       "epochs_run": res["epochs_run"], "router_weights": res.get("router_weights"),
+                       **({"router_trace": trace} if cfg.prompt.n_sources else {})})
         if best is None or trials[-1]["val"] > best[1]["val"]:
             best = (model, trials[-1])
         del model
@@ -190,7 +213,7 @@ def run_cell(job: dict, cache) -> dict:
     rec = {"kind": "cell", "method": job["method"], "task": job["task"], "tasks": job["tasks"], "k": job["k"],
            "seed": job["seed"], "lr": pick["lr"], "val": pick["val"], "test": float(score),
            "test_metrics": test, "best_epoch": pick["best_epoch"], "epochs_run": pick["epochs_run"],
-           "router_weights": pick["router_weights"], "trials": trials, "wall_s": time.time() - t0,
+           "router_weights": pick["router_weights"], "router_trace": pick.get("router_trace"), "trials": trials, "wall_s": time.time() - t0,
            "bank_tasks": list(job.get("bank_tasks") or []), "source": job.get("source_name"),
            "prompt_tokens": model.prompt.spec.composed_len,
            "n_train": {t: len(sp["train"]) for t, sp in splits.items()},

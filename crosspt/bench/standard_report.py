@@ -94,7 +94,7 @@ def _sources(summary: dict, zero: dict[str, float]) -> list[str]:
     return [f"One bank, pre-trained once (seed {sd['source_seed']}): single-task PT of each pool task on "
             f"{sd['source_rows']} train rows (seeded draw), {sd['source_epochs']} epochs, batch {sd['source_batch']}, "
             f"lr {sd['source_lr']}, validation {sd['source_val']} rows; scored on its own task's test split. "
-            f"Bank: `{summary['bank']['path']}` (also registered in MLflow, see the end).", ""] + \
+            f"Bank: `{summary['bank']['path']}` (the job also registers it in the MLflow Model Registry as `<experiment>-bank`, alias `standard`).", ""] + \
         _table(["source task", "train rows", "val", "own test", "zero-shot test", "Δ vs zero-shot", "wall s"], rows)
 
 
@@ -245,6 +245,60 @@ def _router_lines(summary: dict) -> list[str]:
     return out
 
 
+def _trace_mean(rows: list[dict]) -> tuple[list[str], list[list[float]], list[str]]:
+    """Per trace position: the mean weight of each candidate over the rows (one target's seeds); the
+    trace positions are epochs -1 (start), 0, 1, ... and the restored best state last."""
+    names = rows[0]["bank_tasks"] + ["private"]
+    n = min(len(r["router_trace"]) for r in rows)
+    means = [[statistics.fmean(r["router_trace"][i]["weights"][0][j] for r in rows) for j in range(len(names))]
+             for i in range(n)]
+    labels = [("best" if e.get("restored_best") else str(e["epoch"])) for e in rows[0]["router_trace"][:n]]
+    return labels, means, names
+
+
+def _trace_lines(summary: dict) -> list[str]:
+    tr = summary.get("router_trace") or []
+    if not tr:
+        return []
+    out = [f"Re-run of CrossPT cat's k={summary['standard']['lr_shots']} cells (seeds "
+           f"{sorted({r['seed'] for r in tr})}, each at the lr it picked) recording the router's evaluation "
+           f"weights after every epoch; {sum(r['reproduced'] for r in tr)} of {len(tr)} re-runs reproduced the "
+           "original cell's validation and test scores exactly. Mean weight over seeds per epoch "
+           "(-1 = start; an early-stopped seed shortens the rows to the shortest; 'best' = the restored best "
+           "state the test split scored):", "", "![router weights over training](standard_router.png)", ""]
+    for t in dict.fromkeys(r["task"] for r in tr):
+        labels, means, names = _trace_mean([r for r in tr if r["task"] == t])
+        out += [f"**{t}**", ""] + _table(["epoch"] + names, [[lab] + [f"{w:.3f}" for w in row]
+                                                            for lab, row in zip(labels, means)]) + [""]
+    return out
+
+
+def router_plot(summary: dict, path: Path) -> Path | None:
+    tr = summary.get("router_trace") or []
+    if not tr:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(dict.fromkeys(r["task"] for r in tr))
+    fig, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets), 2.8), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        labels, means, names = _trace_mean([r for r in tr if r["task"] == t])
+        for j, name in enumerate(names):
+            ax.plot(range(len(labels)), [row[j] for row in means], marker="o", ms=3, label=name,
+                    lw=2 if name == "private" else 1)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(f"{t}: CrossPT cat router weights", fontsize=8)
+        ax.set_xlabel("epoch", fontsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _lr_lines(summary: dict) -> list[str]:
     picks: dict[str, Counter] = {}
     k0 = summary["standard"]["lr_shots"]
@@ -314,7 +368,7 @@ def render(summary: dict, analysis: str | None = None) -> tuple[str, dict]:
               f"PT's test on the same seeds, x100 [95% CI].", "", f"![transfer matrix]({png})", ""] + \
         _transfer_lines(summary, tm) + [""]
     lines += ["## Before training: untrained prompts on each target", ""] + _probe_lines(summary)
-    lines += ["## Router weights and best epochs", ""] + _router_lines(summary) + [""]
+    lines += ["## Router weights and best epochs", ""] + _router_lines(summary) + [""] + _trace_lines(summary)
     lines += ["## Chosen learning rates (cells at k=" + str(sd["lr_shots"]) + ")", ""] + _lr_lines(summary) + [""]
     lines += ["## Protocol", "",
               f"- every run: {s['epochs']} epochs, batch {s['batch_size']}, early stopping patience {s['patience']} "
@@ -334,9 +388,13 @@ def write_report(summary: dict, out: Path, name: str, analysis: str | None = Non
     out = Path(out)
     text, tm = render(summary, analysis)
     md = out / f"{name}.md"
-    md.write_text(text.replace("standard_transfer.png", f"{name}_transfer.png"))
-    png = heatmap(summary, tm, out / f"{name}_transfer.png")
-    return {"md": md, "transfer": png}
+    md.write_text(text.replace("standard_transfer.png", f"{name}_transfer.png")
+                  .replace("standard_router.png", f"{name}_router.png"))
+    files = {"md": md, "transfer": heatmap(summary, tm, out / f"{name}_transfer.png")}
+    router = router_plot(summary, out / f"{name}_router.png")
+    if router:
+        files["router"] = router
+    return files
 
 
 def log_standard_to_mlflow(summary: dict, files: dict[str, Path], *, tracking_uri: str | None,

@@ -126,3 +126,36 @@ def run_standard(st: StandardSettings, out_dir: str | Path, *, parallel: int = 1
             "bank": {"path": bank_path, "tasks": meta["tasks"], "metrics": meta.get("metrics", {})},
             "banks": {t: names for t, (_, names) in banks.items()}, "multi_bank": multi_bank[1],
             "records": [_plain(r) for r in first + probes + grid + reuse]}
+
+
+def settings_of(summary: dict) -> StandardSettings:
+    """The StandardSettings a finished run's summary was made with."""
+    from crosspt.bench.settings import BenchSettings
+
+    return StandardSettings(bench=BenchSettings(**summary["settings"]), **summary["standard"])
+
+
+def trace_router(summary: dict, arm: Arm = Arm.CAT, *, seeds: list[int] | None = None, log: Log = print) -> list[dict]:
+    """Re-run a finished run's `arm` cells at lr_shots (every target, `seeds`) with the lr each picked,
+    recording the router's weights per epoch; each record says whether it reproduced the original cell's
+    validation and test scores (the runs are seeded: it must)."""
+    from crosspt.bench.job import JobRunner
+    from crosspt.run.artifacts import load_bank
+
+    st = settings_of(summary)
+    b = st.bench
+    bank, meta = load_bank(summary["bank"]["path"], backbone=b.backbone, source_len=b.prompt_len)
+    runner, out = JobRunner(), []
+    orig = {(r["task"], r["seed"]): r for r in summary["records"]
+            if r.get("kind") == "cell" and r["method"] == arm and r["k"] == st.lr_shots}
+    for t in b.tasks:
+        src, names = leave_one_out_bank(bank, meta, t)
+        for sd in seeds if seeds is not None else b.seeds:
+            o = orig[(t, sd)]
+            r = runner.run(cell_job(st, arm, [t], st.lr_shots, sd, [o["lr"]], bank=src, bank_tasks=names))
+            r["reproduced"] = r["val"] == o["val"] and r["test"] == o["test"]
+            log(f"  router trace {arm} {t} seed {sd} lr {o['lr']:g}: test {r['test']:.4f} "
+                f"(original {o['test']:.4f}, reproduced {r['reproduced']})")
+            out.append({k: v for k, v in r.items() if k in ("task", "seed", "lr", "val", "test", "router_trace",
+                                                            "bank_tasks", "reproduced", "best_epoch")})
+    return out
