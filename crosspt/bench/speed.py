@@ -156,15 +156,16 @@ def measure_inference_ratio(s: BenchSettings, *, task: str = "sst2", n_sources: 
 
 
 # ---- peak memory, each in a fresh interpreter ------------------------------------------------------
-def _rss_backbone(cfg, tasks, s: BenchSettings, with_data: bool) -> None:
+def _rss_backbone(cfg, tasks, s: BenchSettings, with_data: bool, prompt_len: int = 0) -> None:
     """Load the frozen backbone; then zero-shot inference over the test split (`with_data`), or one
-    full-width no-grad eval batch of `max_length` tokens."""
-    from crosspt.bench.prompts import EmptyPrompt
+    full-width no-grad eval batch of `max_length` tokens (plus a `prompt_len`-token prompt)."""
+    from crosspt.bench.prompts import EmptyPrompt, FixedPrompt
     from crosspt.run.model import CrossPTModel
     from crosspt.tasks.data import Example
 
     bb = load_backbone_for(cfg, tasks)
-    model = CrossPTModel(EmptyPrompt(1, bb.embed_dim), bb).eval()
+    prompt = FixedPrompt(torch.zeros(prompt_len, bb.embed_dim)) if prompt_len else EmptyPrompt(1, bb.embed_dim)
+    model = CrossPTModel(prompt, bb).eval()
     if with_data:
         from crosspt.run.loop import LocalSession, evaluate, prepare_data
 
@@ -178,17 +179,52 @@ def _rss_backbone(cfg, tasks, s: BenchSettings, with_data: bool) -> None:
         model.predict(bb.collate(exs, train=False))
 
 
+def _status_mib() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MiB, from /proc (Linux)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return tuple(int(next(x for x in status if x.startswith(k)).split()[1]) / 1024.0   # type: ignore[return-value]
+                 for k in ("VmRSS:", "VmHWM:"))
+
+
 def _peak_rss() -> dict:
     """This process's peak RSS in MiB: getrusage's maxrss and /proc's VmHWM (None where unreadable)."""
     import resource
 
     out: dict[str, Any] = {"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     try:
-        status = Path("/proc/self/status").read_text()
-        out["vmhwm_mib"] = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) / 1024.0
+        out["vmhwm_mib"] = _status_mib()[1]
     except (OSError, StopIteration):
         out["vmhwm_mib"] = None
     return out
+
+
+_PHASES = {"_set_up": "setup", "_train_epoch": "train", "_evaluate": "eval"}   # run_loop steps probed
+
+
+def _probe_phases(loop) -> dict[str, float]:
+    """Wrap run_loop's steps (`_PHASES`) in module `loop` so that each records how far it lifts the peak
+    RSS (VmHWM after minus before, MiB, summed over its calls); returns that dict, filled as the trial runs."""
+    lifted = {name: 0.0 for name in _PHASES.values()}
+
+    def probed(fn, name):
+        def run(*a, **k):
+            before = _status_mib()[1]
+            try:
+                return fn(*a, **k)
+            finally:
+                lifted[name] += _status_mib()[1] - before
+        return run
+
+    for attr, name in _PHASES.items():
+        setattr(loop, attr, probed(getattr(loop, attr), name))
+    return lifted
+
+
+def _default_heap() -> None:
+    """Turn `crosspt.run.memory.lean_heap` into a no-op in this process: glibc's own malloc policy."""
+    from crosspt.run import memory
+
+    memory.release_free_heap = memory.set_mmap_threshold = lambda *a: False
 
 
 def _rss_child(spec_json: str) -> None:
@@ -206,37 +242,51 @@ def _rss_child(spec_json: str) -> None:
                          epochs=spec.get("epochs", 2), max_test=spec.get("max_test", 200),
                          private_len=spec.get("private_len"))
         if what in ("backbone", "backbone_data"):
-            _rss_backbone(cfg, resolve_tasks(cfg.tasks), s, with_data=what == "backbone_data")
+            _rss_backbone(cfg, resolve_tasks(cfg.tasks), s, with_data=what == "backbone_data",
+                          prompt_len=spec.get("batch_prompt_len", 0))
         else:                                                    # a whole trial
-            from crosspt.run.loop import LocalSession, run_loop
+            from crosspt.run import loop
 
+            if spec.get("default_heap"):
+                _default_heap()
+            out["lifted_mib"] = _probe_phases(loop)
+            out["start_mib"] = _status_mib()[1]
             with tempfile.TemporaryDirectory() as d:
-                out["test_score"] = run_loop(cfg, LocalSession(d))["test_score"]
+                out["test_score"] = loop.run_loop(cfg, loop.LocalSession(d))["test_score"]
     print("RSS_JSON " + json.dumps({**out, **_peak_rss()}))
+
+
+def _rss_specs(n_sources: int, L: int) -> dict[str, dict]:
+    """What each measured child does (`_rss_child`): the denominator `backbone` is the frozen backbone and
+    one no-grad batch of `max_length` input tokens; `backbone_prompt` the same batch with the trials'
+    composed prompt length added (what the prompt alone costs in activations)."""
+    cat = {"what": "trial", "method": Method.CROSSPT_CAT, "n_sources": n_sources, "private_len": L}
+    return {
+        "import": {"what": "import"},
+        "backbone": {"what": "backbone"},
+        "backbone_prompt": {"what": "backbone", "batch_prompt_len": (n_sources + 1) * L},
+        "backbone_data": {"what": "backbone_data"},
+        "trial_pt": {"what": "trial", "method": Method.PT, "private_len": (n_sources + 1) * L},
+        "trial_crosspt_cat": cat,
+        "trial_crosspt_cat_default_heap": {**cat, "default_heap": True},
+    }
 
 
 def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epochs: int = 2, log: Log = print) -> dict:
     """Peak RSS (getrusage maxrss) of fresh subprocesses: interpreter+imports, frozen backbone alone (load +
-    one full-width no-grad eval batch), backbone + the task's data + zero-shot inference over its test split,
-    a PT trial and a CrossPT cat trial."""
+    one full-width no-grad eval batch), the same batch with the composed prompt, backbone + the task's data +
+    zero-shot inference over its test split, a PT trial and a CrossPT cat trial (also with glibc's default
+    malloc policy, `crosspt.run.memory.lean_heap` off); for the trials, how far each run_loop step lifted
+    the peak."""
     import subprocess
     import sys
 
-    L = s.prompt_len
-    specs = {
-        "import": {"what": "import"},
-        "backbone": {"what": "backbone"},
-        "backbone_data": {"what": "backbone_data"},
-        "trial_pt": {"what": "trial", "method": Method.PT, "private_len": (n_sources + 1) * L},
-        "trial_crosspt_cat": {"what": "trial", "method": Method.CROSSPT_CAT, "n_sources": n_sources,
-                              "private_len": L},
-    }
-    out, hwm = {}, {}
+    out, hwm, lifted = {}, {}, {}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     # Linux carries ru_maxrss across execve from the process that forked the child (here: this big
     # process), so each measured child is started by a tiny launcher interpreter instead
     launcher = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
-    for name, spec in specs.items():
+    for name, spec in _rss_specs(n_sources, s.prompt_len).items():
         spec = {**spec, "settings": asdict(s), "task": task, "epochs": epochs}
         code = ("import crosspt, torch, transformers\n" if spec["what"] == "import" else "") + \
             f"from crosspt.bench.speed import _rss_child; _rss_child({json.dumps(json.dumps(spec))})"
@@ -247,9 +297,15 @@ def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epo
             raise RuntimeError(f"RSS child '{name}' failed: {p.stderr[-2000:]}")
         got = json.loads(line[-1][len("RSS_JSON "):])
         out[name], hwm[name] = got["maxrss_mib"], got.get("vmhwm_mib")
-        log(f"peak RSS {name}: getrusage maxrss {out[name]:.0f} MiB, VmHWM {hwm[name]} MiB")
-    return {"maxrss_mib": out, "vmhwm_mib": hwm, "task": task, "epochs": epochs,
+        if "lifted_mib" in got:
+            lifted[name] = {"start": got["start_mib"], **got["lifted_mib"]}
+        log(f"peak RSS {name}: getrusage maxrss {out[name]:.0f} MiB, VmHWM {hwm[name]} MiB"
+            + (f", lifted by {lifted[name]}" if name in lifted else ""))
+    return {"maxrss_mib": out, "vmhwm_mib": hwm, "lifted_mib": lifted, "task": task, "epochs": epochs,
+            "composed_len": (n_sources + 1) * s.prompt_len,
             "ratio_trial_vs_backbone": out["trial_crosspt_cat"] / out["backbone"],
+            "ratio_trial_default_heap_vs_backbone": out["trial_crosspt_cat_default_heap"] / out["backbone"],
+            "ratio_trial_vs_backbone_prompt": out["trial_crosspt_cat"] / out["backbone_prompt"],
             "ratio_trial_vs_backbone_data": out["trial_crosspt_cat"] / out["backbone_data"],
             "ratio_crosspt_trial_vs_pt_trial": out["trial_crosspt_cat"] / out["trial_pt"]}
 
@@ -408,16 +464,44 @@ def _rss_rows(rss: dict, settings: dict) -> list[str]:
     def both(k):
         return f"{m[k]:.0f} MiB" + (f" (VmHWM {h[k]:.0f})" if h.get(k) else "")
 
-    return [f"| peak RSS interpreter + imports | {both('import')} | |",
-            f"| peak RSS frozen backbone alone (load + 1 no-grad batch of {settings['eval_batch_size']} x "
-            f"{settings['max_length']} tokens) | {both('backbone')} | |",
-            f"| peak RSS backbone + {rss['task']} data + zero-shot inference over the test split | "
-            f"{both('backbone_data')} | |",
-            f"| peak RSS PT trial ({rss['epochs']} epochs) | {both('trial_pt')} | |",
-            f"| peak RSS CrossPT cat trial ({rss['epochs']} epochs) | {both('trial_crosspt_cat')} | |",
-            f"| **RSS ratio trial / backbone alone** | **{rss['ratio_trial_vs_backbone']:.3f}** | <= 1.20 |",
-            f"| RSS ratio trial / (backbone + data + zero-shot inference) | {rss['ratio_trial_vs_backbone_data']:.3f} | (info) |",
-            f"| RSS ratio CrossPT trial / PT trial | {rss['ratio_crosspt_trial_vs_pt_trial']:.3f} | (info) |"]
+    batch = f"{settings['eval_batch_size']} x {settings['max_length']} tokens"
+    rows = [f"| peak RSS interpreter + imports | {both('import')} | |",
+            f"| peak RSS frozen backbone alone (load + 1 no-grad batch of {batch}) | {both('backbone')} | |"]
+    if "backbone_prompt" in m:
+        rows.append(f"| peak RSS backbone + 1 no-grad batch of {batch} + a {rss['composed_len']}-token prompt | "
+                    f"{both('backbone_prompt')} | (info) |")
+    rows += [f"| peak RSS backbone + {rss['task']} data + zero-shot inference over the test split | "
+             f"{both('backbone_data')} | |",
+             f"| peak RSS PT trial ({rss['epochs']} epochs) | {both('trial_pt')} | |",
+             f"| peak RSS CrossPT cat trial ({rss['epochs']} epochs) | {both('trial_crosspt_cat')} | |"]
+    if "trial_crosspt_cat_default_heap" in m:
+        rows.append(f"| peak RSS CrossPT cat trial, glibc's default malloc policy (lean_heap off) | "
+                    f"{both('trial_crosspt_cat_default_heap')} | (info) |")
+    rows.append(f"| **RSS ratio trial / backbone alone** | **{rss['ratio_trial_vs_backbone']:.3f}** | <= 1.20 |")
+    if "ratio_trial_default_heap_vs_backbone" in rss:
+        rows += [f"| RSS ratio trial with glibc's default malloc policy / backbone alone | "
+                 f"{rss['ratio_trial_default_heap_vs_backbone']:.3f} | (info: without lean_heap) |",
+                 f"| RSS ratio trial / (backbone + 1 batch with the prompt) | "
+                 f"{rss['ratio_trial_vs_backbone_prompt']:.3f} | (info) |"]
+    rows += [f"| RSS ratio trial / (backbone + data + zero-shot inference) | {rss['ratio_trial_vs_backbone_data']:.3f} | (info) |",
+             f"| RSS ratio CrossPT trial / PT trial | {rss['ratio_crosspt_trial_vs_pt_trial']:.3f} | (info) |"]
+    return rows
+
+
+def _rss_breakdown(rss: dict) -> list[str]:
+    """Where each trial's peak comes from: VmHWM at the start of run_loop, then how far each step lifted it."""
+    lifted = rss.get("lifted_mib") or {}
+    if not lifted:
+        return []
+    lines = ["", "Peak RSS of each trial by run_loop step (MiB the step lifted VmHWM by, summed over its calls):", "",
+             "| trial | interpreter + imports | setup (data, backbone, prompt, optimizer) | training epochs "
+             "| evaluations (val each epoch, test) | rest | peak |", "|---|---|---|---|---|---|---|"]
+    for name, d in lifted.items():
+        peak = rss["vmhwm_mib"][name]
+        rest = peak - d["start"] - d["setup"] - d["train"] - d["eval"]
+        lines.append(f"| {name} | {d['start']:.0f} | +{d['setup']:.0f} | +{d['train']:.0f} | +{d['eval']:.0f} "
+                     f"| +{rest:.0f} | {peak:.0f} |")
+    return lines
 
 
 def _ray_rows(ray: dict) -> list[str]:
@@ -456,5 +540,6 @@ def render_speed(res: dict) -> str:
     lines += _inference_rows(inf, st) if inf else []
     lines += _rss_rows(rss, settings) if rss else []
     lines += _ray_rows(ray) if ray else []
+    lines += _rss_breakdown(rss) if rss else []
     lines += ["", f"wall {res['wall_s']:.0f}s"]
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from crosspt.run.memory import lean_heap
 from crosspt.run.model import CrossPTModel
 from crosspt.run.precision import autocast
 from crosspt.run.session import Session
@@ -17,6 +18,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
+@lean_heap()                # big no-grad batches: their freed buffers go back to the OS (run/memory.py)
 def evaluate(model: CrossPTModel, examples_by_task: dict, session: Session, batch_size: int,
              dtype_cfg: str = "auto", generate: bool = False) -> dict[str, dict[str, float]]:
     """Full-split metrics per task: every rank predicts its shard, predictions are gathered. `generate`:
