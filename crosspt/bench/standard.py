@@ -101,7 +101,7 @@ def _std_fields(st: StandardSettings) -> dict:
     return {k: v for k, v in asdict(st).items() if k != "bench"}
 
 
-def _overrides(job: dict, s: BenchSettings, n_sources: int) -> dict:
+def _overrides(job: dict, s: BenchSettings) -> dict:
     """The sections of the run config an arm changes from its base method's."""
     arm, L = Arm(job["method"]), s.prompt_len
     if arm is Arm.SOURCE:
@@ -125,7 +125,7 @@ def config_for(job: dict, lr: float):
     n = 1 if arm is Arm.PT_MULTI else \
         len(job.get("bank_tasks") or []) if _BASE[arm] in (Method.CROSSPT_CAT, Method.CROSSPT_WAVG) else 0
     return run_config(s, _BASE[arm], job["tasks"], job["k"], job["seed"], lr, n_sources=n,
-                      overrides=_overrides(job, s, n))
+                      overrides=_overrides(job, s))
 
 
 def build_arm(job: dict, cfg, tasks, backbone):
