@@ -87,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--trace-router", nargs="*", type=int, metavar="SEED",
                    help="with --render: re-run CrossPT cat's k=lr_shots cells of these seeds (default 0 1 2) "
                         "recording the router weights per epoch; added to the JSON and the report")
+    p.add_argument("--ablate", nargs="*", type=int, metavar="SEED",
+                   help="with --render: re-run PT's and CrossPT cat's k=lr_shots cells of these seeds (default "
+                        "0 1 2) with the scoring heads frozen, and with neutral prompt init; added to the report")
     p.add_argument("--analysis", metavar="MD", help="with --standard: a written diagnosis included in the report")
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--source-tasks", nargs="+", help="source pool (each target leaves itself out)")
@@ -193,6 +196,12 @@ def main_standard(args) -> int:
 
             summary["router_trace"] = trace_router(summary, seeds=args.trace_router or [0, 1, 2],
                                                    log=lambda m: print(m, flush=True))
+        if args.ablate is not None:
+            from crosspt.bench.standard_run import ablate
+
+            summary["ablations"] = ablate(summary, seeds=args.ablate or [0, 1, 2], parallel=args.parallel,
+                                          log=lambda m: print(m, flush=True))
+        if args.trace_router is not None or args.ablate is not None:
             js.write_text(json.dumps(summary, indent=1, default=str))
     else:
         extra = dict(STANDARD_FULL_EXTRA if args.full else STANDARD_QUICK_EXTRA if args.quick else STANDARD_EXTRA)

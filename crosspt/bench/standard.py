@@ -120,12 +120,16 @@ def _overrides(job: dict, s: BenchSettings) -> dict:
 
 
 def config_for(job: dict, lr: float):
+    """The run config of a job at `lr`: the arm's overrides, then the job's own `variant` overrides
+    (`{section: {key: value}}`, the ablations of `standard_run.ablate`)."""
     s = BenchSettings(**job["settings"])
     arm = Arm(job["method"])
     n = 1 if arm is Arm.PT_MULTI else \
         len(job.get("bank_tasks") or []) if _BASE[arm] in (Method.CROSSPT_CAT, Method.CROSSPT_WAVG) else 0
-    return run_config(s, _BASE[arm], job["tasks"], job["k"], job["seed"], lr, n_sources=n,
-                      overrides=_overrides(job, s))
+    over = _overrides(job, s)
+    for section, values in (job.get("variant") or {}).items():
+        over[section] = {**over.get(section, {}), **values}
+    return run_config(s, _BASE[arm], job["tasks"], job["k"], job["seed"], lr, n_sources=n, overrides=over)
 
 
 def build_arm(job: dict, cfg, tasks, backbone):
@@ -215,6 +219,7 @@ def run_cell(job: dict, cache) -> dict:
            "test_metrics": test, "best_epoch": pick["best_epoch"], "epochs_run": pick["epochs_run"],
            "router_weights": pick["router_weights"], "router_trace": pick.get("router_trace"), "trials": trials, "wall_s": time.time() - t0,
            "bank_tasks": list(job.get("bank_tasks") or []), "source": job.get("source_name"),
+           "variant": job.get("variant"), "variant_name": job.get("variant_name"),
            "prompt_tokens": model.prompt.spec.composed_len,
            "n_train": {t: len(sp["train"]) for t, sp in splits.items()},
            "n_test": {t: len(sp["test"]) for t, sp in splits.items()},

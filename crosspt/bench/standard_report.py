@@ -299,6 +299,30 @@ def router_plot(summary: dict, path: Path) -> Path | None:
     return path
 
 
+def _ablation_lines(summary: dict) -> list[str]:
+    """Each ablation vs the run's own cell (same seeds and lr): per target and the average over targets."""
+    ab = summary.get("ablations") or []
+    if not ab:
+        return []
+    seeds = sorted({r["seed"] for r in ab})
+    k = summary["standard"]["lr_shots"]
+    out = [f"Re-runs of the k={k} cells (seeds {seeds}, each at the lr the cell picked on validation), one "
+           "change at a time; ablated − original test x100 [95% CI over seeds]:", ""]
+    targets = list(dict.fromkeys(r["task"] for r in ab))
+    rows = []
+    for (name, arm) in dict.fromkeys((r["variant_name"], r["method"]) for r in ab):
+        rs = [r for r in ab if (r["variant_name"], r["method"]) == (name, arm)]
+        cells = []
+        for t in targets + ["avg"]:
+            sel = [r for r in rs if t in ("avg", r["task"])]
+            new = {sd: statistics.fmean(r["test"] for r in sel if r["seed"] == sd) for sd in seeds}
+            old = {sd: statistics.fmean(r["original_test"] for r in sel if r["seed"] == sd) for sd in seeds}
+            cells.append(f"{statistics.fmean(new.values()) * 100:.1f} vs {statistics.fmean(old.values()) * 100:.1f}: "
+                         + _d(paired(new, old)))
+        rows.append([name, LABELS[Arm(arm)]] + cells)
+    return out + _table(["change", "method"] + targets + ["avg"], rows) + [""]
+
+
 def _lr_lines(summary: dict) -> list[str]:
     picks: dict[str, Counter] = {}
     k0 = summary["standard"]["lr_shots"]
@@ -368,6 +392,8 @@ def render(summary: dict, analysis: str | None = None) -> tuple[str, dict]:
               f"PT's test on the same seeds, x100 [95% CI].", "", f"![transfer matrix]({png})", ""] + \
         _transfer_lines(summary, tm) + [""]
     lines += ["## Before training: untrained prompts on each target", ""] + _probe_lines(summary)
+    if summary.get("ablations"):
+        lines += ["## Ablations: what the trained part costs", ""] + _ablation_lines(summary)
     lines += ["## Router weights and best epochs", ""] + _router_lines(summary) + [""] + _trace_lines(summary)
     lines += ["## Chosen learning rates (cells at k=" + str(sd["lr_shots"]) + ")", ""] + _lr_lines(summary) + [""]
     lines += ["## Protocol", "",

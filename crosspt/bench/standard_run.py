@@ -159,3 +159,40 @@ def trace_router(summary: dict, arm: Arm = Arm.CAT, *, seeds: list[int] | None =
             out.append({k: v for k, v in r.items() if k in ("task", "seed", "lr", "val", "test", "router_trace",
                                                             "bank_tasks", "reproduced", "best_epoch")})
     return out
+
+
+# what the diagnosis varies, one thing at a time, against the run's own cells (same seeds, same picked lr)
+ABLATIONS = {
+    "heads frozen": {"optim": {"head_lr": 1e-8}},      # the encoder's per-task scoring heads kept at init
+    "neutral init": {"prompt": {"init": "neutral"}},   # [PAD]-embedding prompts: the encoder family's default
+}
+
+
+def ablate(summary: dict, *, arms=(Arm.PT, Arm.CAT), seeds: list[int] | None = None, parallel: int = 1,
+           log: Log = print) -> list[dict]:
+    """Re-run a finished run's `arms` cells at lr_shots (every target, `seeds`, the lr each picked) once per
+    ABLATIONS entry; each record carries the original cell's test score beside its own."""
+    from crosspt.run.artifacts import load_bank
+
+    st = settings_of(summary)
+    b = st.bench
+    bank, meta = load_bank(summary["bank"]["path"], backbone=b.backbone, source_len=b.prompt_len)
+    orig = {(r["method"], r["task"], r["seed"]): r for r in summary["records"]
+            if r.get("kind") == "cell" and r["k"] == st.lr_shots and len(r["tasks"]) == 1}
+    jobs = []
+    for name, variant in ABLATIONS.items():
+        for arm in arms:
+            for t in b.tasks:
+                src, names = leave_one_out_bank(bank, meta, t)
+                kw = {"bank": src, "bank_tasks": names} if arm in (Arm.CAT, Arm.WAVG) else {}
+                for sd in seeds if seeds is not None else b.seeds:
+                    o = orig[(str(arm), t, sd)]
+                    jobs.append(cell_job(st, arm, [t], st.lr_shots, sd, [o["lr"]], variant=variant,
+                                         variant_name=name, **kw))
+    done = execute(jobs, parallel, log)
+    out = []
+    for r in done:
+        o = orig[(r["method"], r["task"], r["seed"])]
+        out.append({**{k: r[k] for k in ("method", "task", "seed", "lr", "val", "test", "best_epoch",
+                                          "variant_name")}, "original_test": o["test"], "original_val": o["val"]})
+    return out
