@@ -114,6 +114,7 @@ def test_standard_quick_mode_end_to_end(data_dir, tmp_path):
     assert mv.run_id in p.stdout
 
 
+@pytest.mark.slow
 def test_standard_stages_run_on_a_seq2seq_backbone(data_dir, tiny_t5_path, tmp_path):
     """The --full mode's family (T5): every stage and the report, in-process on a tiny random T5."""
     from crosspt.bench.settings import BenchSettings
