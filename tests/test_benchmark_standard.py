@@ -135,3 +135,15 @@ def test_standard_stages_run_on_a_seq2seq_backbone(data_dir, tiny_t5_path, tmp_p
     assert all(math.isfinite(v) for v in probe["scores"].values())
     files = SR.write_report(summary, tmp_path, "t5")
     assert "## Transfer matrix" in files["md"].read_text()
+
+
+def test_sources_rescaled_to_the_vocabulary_norm_keep_their_directions():
+    import torch
+
+    from crosspt.bench.standard import at_vocabulary_norm
+
+    emb = torch.randn(50, 6) * 0.7
+    bank = torch.randn(3, 4, 6) * 40.0
+    out = at_vocabulary_norm(bank, emb)
+    assert torch.allclose(out.norm(dim=-1), emb.norm(dim=-1).mean().expand(3, 4), atol=1e-5)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(out, bank, dim=-1), torch.ones(3, 4), atol=1e-5)

@@ -132,6 +132,13 @@ def config_for(job: dict, lr: float):
     return run_config(s, _BASE[arm], job["tasks"], job["k"], job["seed"], lr, n_sources=n, overrides=over)
 
 
+def at_vocabulary_norm(bank: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+    """`bank` `[n, L, d]` with every token rescaled to the mean L2 norm of the vocabulary's rows `[V, d]`
+    (directions kept): trained prompts end far off the embedding scale (see benchmarks/standard.md)."""
+    target = word_embeddings.float().norm(dim=-1).mean()
+    return bank / bank.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target
+
+
 def build_arm(job: dict, cfg, tasks, backbone):
     """A fresh model of the job's arm on an already loaded (frozen, shared) backbone."""
     from crosspt.method.prompts import init_prompt
@@ -144,7 +151,10 @@ def build_arm(job: dict, cfg, tasks, backbone):
         pt_cfg = config_for({**job, "method": str(Arm.PT)}, cfg.optim.prompt_lr)
         start = build_model(pt_cfg, tasks[:1], backbone=backbone).prompt.private.prompts[:1].detach().clone()
         return build_model(cfg, tasks, bank=start, backbone=backbone)
-    model = build_model(cfg, tasks, bank=job.get("bank") if cfg.prompt.n_sources else None, backbone=backbone)
+    bank = job.get("bank") if cfg.prompt.n_sources else None
+    if bank is not None and job.get("bank_norm") == "vocab":
+        bank = at_vocabulary_norm(bank, backbone.word_embeddings().weight.detach())
+    model = build_model(cfg, tasks, bank=bank, backbone=backbone)
     if arm is Arm.SPOT:
         with torch.no_grad():
             p = model.prompt.private.prompts

@@ -161,10 +161,15 @@ def trace_router(summary: dict, arm: Arm = Arm.CAT, *, seeds: list[int] | None =
     return out
 
 
-# what the diagnosis varies, one thing at a time, against the run's own cells (same seeds, same picked lr)
+# what the diagnosis varies, one thing at a time, against the run's own cells (same seeds, same picked lr):
+# name -> (the arms it applies to, run-config overrides, job extras read by build_arm)
 ABLATIONS = {
-    "heads frozen": {"optim": {"head_lr": 1e-8}},      # the encoder's per-task scoring heads kept at init
-    "neutral init": {"prompt": {"init": "neutral"}},   # [PAD]-embedding prompts: the encoder family's default
+    # the encoder's per-task scoring heads kept at their initial values
+    "heads frozen": ((Arm.PT, Arm.CAT), {"optim": {"head_lr": 1e-8}}, {}),
+    # [PAD]-embedding prompts (the encoder family's default init) instead of sampled vocabulary rows
+    "neutral init": ((Arm.PT,), {"prompt": {"init": "neutral"}}, {}),
+    # every source token rescaled to the mean norm of the backbone's word embeddings (direction kept)
+    "sources at vocabulary norm": ((Arm.CAT,), {}, {"bank_norm": "vocab"}),
 }
 
 
@@ -180,15 +185,15 @@ def ablate(summary: dict, *, arms=(Arm.PT, Arm.CAT), seeds: list[int] | None = N
     orig = {(r["method"], r["task"], r["seed"]): r for r in summary["records"]
             if r.get("kind") == "cell" and r["k"] == st.lr_shots and len(r["tasks"]) == 1}
     jobs = []
-    for name, variant in ABLATIONS.items():
-        for arm in arms:
+    for name, (applies, variant, extras) in ABLATIONS.items():
+        for arm in (a for a in arms if a in applies):
             for t in b.tasks:
                 src, names = leave_one_out_bank(bank, meta, t)
                 kw = {"bank": src, "bank_tasks": names} if arm in (Arm.CAT, Arm.WAVG) else {}
                 for sd in seeds if seeds is not None else b.seeds:
                     o = orig[(str(arm), t, sd)]
                     jobs.append(cell_job(st, arm, [t], st.lr_shots, sd, [o["lr"]], variant=variant,
-                                         variant_name=name, **kw))
+                                         variant_name=name, **extras, **kw))
     done = execute(jobs, parallel, log)
     out = []
     for r in done:
