@@ -147,3 +147,23 @@ def test_sources_rescaled_to_the_vocabulary_norm_keep_their_directions():
     out = at_vocabulary_norm(bank, emb)
     assert torch.allclose(out.norm(dim=-1), emb.norm(dim=-1).mean().expand(3, 4), atol=1e-5)
     assert torch.allclose(torch.nn.functional.cosine_similarity(out, bank, dim=-1), torch.ones(3, 4), atol=1e-5)
+
+
+def test_each_lr_of_a_cell_trains_and_scores_as_if_run_alone(data_dir):
+    """The lr grid of a cell is independent runs: the encoder's scoring heads (trained with the prompt)
+    never carry from one lr to the next, and the picked lr is tested with its own heads. Before the fix
+    the cell shared one backbone: the second lr started from the first lr's trained heads."""
+    from crosspt.bench.job import JobRunner
+    from crosspt.bench.settings import BenchSettings
+    from crosspt.bench.standard import StandardSettings, cell_job
+
+    b = BenchSettings(tasks=["mrpc"], source_tasks=["sst2"], shots=[8], seeds=[3], lrs=[0.3, 0.03], epochs=3,
+                      patience=None, max_test=32, max_length=32, prompt_len=2, data_dir=str(data_dir), threads=1)
+    st = StandardSettings(bench=b, lr_shots=8, multi_shots=[], transfer_seeds=[3])
+    runner = JobRunner()
+    both = runner.run(cell_job(st, Arm.PT, ["mrpc"], 8, 3, [0.3, 0.03]))
+    alone = {lr: runner.run(cell_job(st, Arm.PT, ["mrpc"], 8, 3, [lr])) for lr in (0.3, 0.03)}
+    assert both["trials"][0]["best_epoch"] >= 0          # the first lr did train its heads
+    for tr in both["trials"]:
+        assert tr["val"] == alone[tr["lr"]]["val"] and tr["best_epoch"] == alone[tr["lr"]]["best_epoch"]
+    assert both["test"] == alone[both["lr"]]["test"]

@@ -210,11 +210,12 @@ def run_cell(job: dict, cache) -> dict:
     t0 = time.time()
     cfg0 = config_for(job, job["lrs"][0])
     tasks, splits = cache.get(cfg0)
-    backbone = load_backbone_for(cfg0, tasks)
     trials, best = [], None
     for lr in job["lrs"]:
         cfg = config_for(job, lr)
-        model = build_arm(job, cfg, tasks, backbone)
+        # a backbone of its own per lr: its per-task scoring heads train with the prompt, so a shared one
+        # would start each lr from the previous lr's heads and score the kept model with the last one's
+        model = build_arm(job, cfg, tasks, load_backbone_for(cfg, tasks))
         res, trace = _train_on_val(model, cfg, splits)
         trials.append({"lr": lr, "val": float(res["best_val_score"]), "best_epoch": res["best_epoch"],
                        "epochs_run": res["epochs_run"], "router_weights": res.get("router_weights"),
