@@ -90,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--ablate", nargs="*", type=int, metavar="SEED",
                    help="with --render: re-run PT's and CrossPT cat's k=lr_shots cells of these seeds (default "
                         "0 1 2) with the scoring heads frozen, and with neutral prompt init; added to the report")
+    p.add_argument("--reuse", metavar="JSON",
+                   help="with --standard: take the sources, the probe and every single-lr cell from an earlier "
+                        "run of the same settings (deterministic runs) and run the rest")
     p.add_argument("--analysis", metavar="MD", help="with --standard: a written diagnosis included in the report")
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--source-tasks", nargs="+", help="source pool (each target leaves itself out)")
@@ -210,8 +213,9 @@ def main_standard(args) -> int:
         print(f"standard benchmark '{name}': targets {b.tasks}, source pool {b.source_tasks}, k={b.shots}, "
               f"seeds {b.seeds}, lrs {b.lrs}, {b.epochs} epochs, backbone {b.backbone}, parallel {args.parallel}",
               flush=True)
+        earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else None
         summary = run_standard(st, out / f"{name}_artifacts", parallel=args.parallel,
-                               cpus_per_job=args.cpus_per_job, log=lambda m: print(m, flush=True))
+                               cpus_per_job=args.cpus_per_job, log=lambda m: print(m, flush=True), reuse=earlier)
         summary["name"] = name
         js.write_text(json.dumps(summary, indent=1, default=str))       # the runs first: nothing is lost
     from crosspt.bench.standard_report import log_standard_to_mlflow, write_report   # after the run: see above

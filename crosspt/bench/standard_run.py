@@ -1,6 +1,8 @@
 """The standard benchmark's stages, run one after the other (crosspt.bench.standard has the jobs)."""
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,16 +23,31 @@ def _cost(job: dict) -> float:
     return len(job["tasks"]) * len(job.get("lrs") or [1]) * job["k"] * (8 + tokens)
 
 
-def _stage(name: str, jobs: list[dict], walls: dict, parallel: int, cpus: float, log: Log) -> list[dict]:
-    order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
-    log(f"stage {STAGES.index(name) + 1}/{len(STAGES)} {name}: {len(jobs)} jobs")
+def cell_key(r: dict) -> str:
+    """What determines a single-lr cell's record (the runs are seeded and deterministic)."""
+    return json.dumps([r["method"], r["task"], r["k"], r["seed"], list(r.get("lrs") or [r.get("lr")]),
+                       r.get("source_name", r.get("source")), r.get("variant_name")])
+
+
+def _stage(name: str, jobs: list[dict], walls: dict, parallel: int, cpus: float, log: Log,
+           known: dict | None = None) -> list[dict]:
+    """Run a stage's jobs, longest first; a single-lr cell found in `known` (cell_key -> record of an
+    earlier run of the same settings) is taken from there instead of being run again."""
+    known = known or {}
+    reused = {i: known[cell_key(j)] for i, j in enumerate(jobs)
+              if j.get("kind") == "cell" and len(j["lrs"]) == 1 and cell_key(j) in known}
+    todo = sorted((i for i in range(len(jobs)) if i not in reused), key=lambda i: -_cost(jobs[i]))
+    log(f"stage {STAGES.index(name) + 1}/{len(STAGES)} {name}: {len(todo)} jobs"
+        + (f" ({len(reused)} more reused from the earlier run)" if reused else ""))
     t = time.time()
-    done = execute([jobs[i] for i in order], parallel, log, cpus)
+    done = execute([jobs[i] for i in todo], parallel, log, cpus)
     walls[name] = time.time() - t
     log(f"stage {name} done in {walls[name] / 60:.1f} min")
     out: list[dict] = [{}] * len(jobs)
-    for i, r in zip(order, done):
+    for i, r in zip(todo, done):
         out[i] = r
+    for i, r in reused.items():
+        out[i] = {**r, "reused": True}
     return out
 
 
@@ -102,30 +119,66 @@ def _plain(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "prompt"}
 
 
+def _reusable(st: StandardSettings, earlier: dict | None) -> tuple[dict, dict]:
+    """From an earlier run of the same settings: its sources + probe records and stage walls (untouched by
+    what changed since, they are taken as they are), and its single-lr cells by cell_key."""
+    if earlier is None:
+        return {}, {}
+    from crosspt.errors import ConfigError
+
+    if earlier["settings"] != asdict(st.bench) or earlier["standard"] != {k: v for k, v in asdict(st).items()
+                                                                           if k != "bench"}:
+        raise ConfigError("--reuse: the earlier run was made with other settings; rerun it whole")
+    recs = earlier["records"]
+    first = [r for r in recs if r.get("kind") in ("zero_shot", "probe") or r["method"] == Arm.SOURCE]
+    cells = {cell_key(r): r for r in recs if r.get("kind") == "cell" and len(r.get("trials", [])) == 1}
+    return {"records": first, "walls": earlier["stage_wall_s"], "bank": earlier["bank"]["path"]}, cells
+
+
 def run_standard(st: StandardSettings, out_dir: str | Path, *, parallel: int = 1, cpus_per_job: float = 1.0,
-                 log: Log = print) -> dict:
-    """Every stage; returns the summary (settings, every record, bank, stage walls)."""
+                 log: Log = print, reuse: dict | None = None) -> dict:
+    """Every stage; returns the summary (settings, every record, bank, stage walls). `reuse`: an earlier
+    run's summary whose sources, probe and single-lr cells are taken instead of run again (the runs are
+    deterministic; its lr-grid cells are always run)."""
     st.check()
     b = st.bench
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0, walls = time.time(), {}
     pool = list(dict.fromkeys(b.source_tasks))
-    jobs = [cell_job(st, Arm.SOURCE, [t], st.source_rows, st.source_seed, [st.source_lr]) for t in pool]
-    jobs += [zero_shot_job(st, t) for t in dict.fromkeys(list(b.tasks) + pool)]
-    first = _stage("sources", jobs, walls, parallel, cpus_per_job, log)
-    bank, meta, bank_path = _save_bank(st, first, out_dir)
+    early, known = _reusable(st, reuse)
+    if early:
+        first = [r for r in early["records"] if r.get("kind") != "probe"]
+        walls.update({k: early["walls"][k] for k in ("sources", "probe")})
+        log(f"stages sources and probe reused from the earlier run (walls {walls})")
+    else:
+        jobs = [cell_job(st, Arm.SOURCE, [t], st.source_rows, st.source_seed, [st.source_lr]) for t in pool]
+        jobs += [zero_shot_job(st, t) for t in dict.fromkeys(list(b.tasks) + pool)]
+        first = _stage("sources", jobs, walls, parallel, cpus_per_job, log)
+    if early:                            # the earlier run's bank file, as it is
+        from crosspt.run.artifacts import load_bank
+
+        bank_path = out_dir / "banks" / "bank.safetensors"
+        bank_path.parent.mkdir(parents=True, exist_ok=True)
+        if Path(early["bank"]).resolve() != bank_path.resolve():
+            shutil.copy(early["bank"], bank_path)
+        bank, meta = load_bank(bank_path, backbone=b.backbone, source_len=b.prompt_len)
+        bank_path = str(bank_path)
+    else:
+        bank, meta, bank_path = _save_bank(st, first, out_dir)
     banks = {t: leave_one_out_bank(bank, meta, t) for t in b.tasks}
     rest = [t for t in pool if t not in b.tasks]
     multi_bank = (bank[[meta["tasks"].index(t) for t in rest]], rest) if rest else (None, [])
-    probes = _stage("probe", [probe_job(st, t, *banks[t]) for t in b.tasks], walls, parallel, cpus_per_job, log)
+    probes = [r for r in early["records"] if r.get("kind") == "probe"] if early else \
+        _stage("probe", [probe_job(st, t, *banks[t]) for t in b.tasks], walls, parallel, cpus_per_job, log)
     grid = _stage("lr_grid", _lr_grid_jobs(st, banks, multi_bank), walls, parallel, cpus_per_job, log)
-    reuse = _stage("reuse", _reuse_jobs(st, banks, multi_bank, grid), walls, parallel, cpus_per_job, log)
+    again = _stage("reuse", _reuse_jobs(st, banks, multi_bank, grid), walls, parallel, cpus_per_job, log, known)
     return {"settings": asdict(b), "standard": {k: v for k, v in asdict(st).items() if k != "bench"},
-            "wall_s": time.time() - t0, "stage_wall_s": walls, "parallel": parallel,
+            "wall_s": time.time() - t0 + (sum(early["walls"][k] for k in ("sources", "probe")) if early else 0.0),
+            "stage_wall_s": walls, "parallel": parallel, "reused_stages": ["sources", "probe"] if early else [],
             "bank": {"path": bank_path, "tasks": meta["tasks"], "metrics": meta.get("metrics", {})},
             "banks": {t: names for t, (_, names) in banks.items()}, "multi_bank": multi_bank[1],
-            "records": [_plain(r) for r in first + probes + grid + reuse]}
+            "records": [_plain(r) for r in first + probes + grid + again]}
 
 
 def settings_of(summary: dict) -> StandardSettings:
