@@ -366,7 +366,10 @@ def render(summary: dict, analysis: str | None = None) -> tuple[str, dict]:
              f"Wall **{summary['wall_s'] / 60:.1f} min** with `--parallel {summary['parallel']}` "
              f"(stages: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) + "); "
              f"{n_cells['cell']} cells ({n_trained} training runs), {n_cells['probe']} probes, "
-             f"{n_cells['zero_shot']} zero-shot scores.", "",
+             f"{n_cells['zero_shot']} zero-shot scores."
+             + (f" Stages {summary['reused_stages']} and {sum(1 for r in recs if r.get('reused'))} single-lr cells "
+                "were taken from an earlier run of the same settings (`--reuse`); their walls are that run's."
+                if summary.get("reused_stages") else ""), "",
              f"Backbone `{s['backbone']}` (frozen); targets {tasks}; source pool {summary['bank']['tasks']} "
              f"(each target's bank leaves its own task out: {summary['banks']}; multi-task bank: "
              f"{summary['multi_bank']}); k = {shots} per class (STS-B: 2k rows), seeds {s['seeds']}; test = official "
