@@ -65,6 +65,16 @@ def _save_bank(st: StandardSettings, recs: list[dict], out_dir: Path) -> tuple[t
 
 
 def _lr_grid_jobs(st: StandardSettings, banks: dict, multi_bank: tuple) -> list[dict]:
+    b = st.bench
+    jobs = _single_jobs(st, st.lr_shots, banks, lambda arm, t, sd: b.lrs)
+    if st.lr_shots in st.multi_shots:
+        jobs += _multi_jobs(st, st.lr_shots, multi_bank, lambda arm, sd: b.lrs)
+    return jobs
+
+
+def _single_jobs(st: StandardSettings, k: int, banks: dict, lrs_of) -> list[dict]:
+    """Every single-task arm on every target and seed at `k`, with the lr grid `lrs_of(arm, target, seed)`:
+    CrossPT composes the target's leave-one-out bank, PT long has its composed length."""
     b, jobs = st.bench, []
     for t in b.tasks:
         src, names = banks[t]
@@ -73,9 +83,7 @@ def _lr_grid_jobs(st: StandardSettings, banks: dict, multi_bank: tuple) -> list[
                 kw = {"bank": src, "bank_tasks": names} if arm in (Arm.CAT, Arm.WAVG) else {}
                 if arm is Arm.PT_LONG:
                     kw = {"prompt_len": (len(names) + 1) * b.prompt_len}
-                jobs.append(cell_job(st, arm, [t], st.lr_shots, sd, b.lrs, **kw))
-    if st.lr_shots in st.multi_shots:
-        jobs += _multi_jobs(st, st.lr_shots, multi_bank, lambda arm, sd: b.lrs)
+                jobs.append(cell_job(st, arm, [t], k, sd, lrs_of(arm, t, sd), **kw))
     return jobs
 
 
@@ -95,14 +103,7 @@ def _reuse_jobs(st: StandardSettings, banks: dict, multi_bank: tuple, grid: list
     pick = {(r["method"], r["task"], r["seed"]): r["lr"] for r in grid}
     jobs = []
     for k in (k for k in b.shots if k != st.lr_shots):
-        for t in b.tasks:
-            src, names = banks[t]
-            for sd in b.seeds:
-                for arm in SINGLE:
-                    kw = {"bank": src, "bank_tasks": names} if arm in (Arm.CAT, Arm.WAVG) else {}
-                    if arm is Arm.PT_LONG:
-                        kw = {"prompt_len": (len(names) + 1) * b.prompt_len}
-                    jobs.append(cell_job(st, arm, [t], k, sd, [pick[(str(arm), t, sd)]], **kw))
+        jobs += _single_jobs(st, k, banks, lambda arm, t, sd: [pick[(str(arm), t, sd)]])
         if k in st.multi_shots:
             task = "+".join(b.tasks)
             jobs += _multi_jobs(st, k, multi_bank, lambda arm, sd: [pick[(str(arm), task, sd)]])
