@@ -211,20 +211,29 @@ def _log_selected_run(T, c, exp_id: str, parent_id: str, r: dict, targets: list[
     c.set_terminated(ch.info.run_id, "FINISHED")
 
 
-def log_to_mlflow(summary: dict, text: str, files: dict[str, Path], *, tracking_uri: str | None,
-                  experiment: str) -> dict:
-    """One experiment: a parent run (params, average metrics, table, JSON, bar chart) and one child run
-    per selected (method, task, k, seed)."""
+def start_benchmark_run(summary: dict, *, tracking_uri: str | None, experiment: str, kind: str, default_name: str):
+    """A benchmark's parent run, its settings logged as `bench.*` params -> (tracking module, client, uri,
+    experiment id, run id). Shared by the few-shot and the standard benchmark."""
     from crosspt.registry import tracking as T
 
     uri = T.resolve_tracking_uri(tracking_uri)
     T.check_reachable(uri)
     exp_id = T.ensure_experiment(uri, experiment)
     c = T.client(uri)
+    run = c.create_run(exp_id, run_name=summary.get("name", default_name), tags={"crosspt.benchmark": kind})
+    pid = run.info.run_id
+    T.log_params(c, pid, {f"bench.{k}": (",".join(map(str, v)) if isinstance(v, list) else v)
+                          for k, v in summary["settings"].items()})
+    return T, c, uri, exp_id, pid
+
+
+def log_to_mlflow(summary: dict, text: str, files: dict[str, Path], *, tracking_uri: str | None,
+                  experiment: str) -> dict:
+    """One experiment: a parent run (params, average metrics, table, JSON, bar chart) and one child run
+    per selected (method, task, k, seed)."""
+    T, c, uri, exp_id, pid = start_benchmark_run(summary, tracking_uri=tracking_uri, experiment=experiment,
+                                                 kind="fewshot", default_name="benchmark")
     s = summary["settings"]
-    parent = c.create_run(exp_id, run_name=summary.get("name", "benchmark"), tags={"crosspt.benchmark": "fewshot"})
-    pid = parent.info.run_id
-    T.log_params(c, pid, {f"bench.{k}": (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in s.items()})
     T.log_metrics(c, pid, _table_metrics(summary))
     c.log_text(pid, text, "table.md")
     for path in files.values():

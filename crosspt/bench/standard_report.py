@@ -430,17 +430,12 @@ def log_standard_to_mlflow(summary: dict, files: dict[str, Path], *, tracking_ur
                            experiment: str) -> dict:
     """A parent run with the settings, average scores and paired differences as metrics, the report and
     heatmap; the bank as its `bank/` artifact, registered as a source-bank model version."""
-    from crosspt.registry import tracking as T
+    from crosspt.bench.report import start_benchmark_run
     from crosspt.registry.models import BANK_DIR, BANK_FILE, register_bank
 
-    uri = T.resolve_tracking_uri(tracking_uri)
-    T.check_reachable(uri)
-    exp_id = T.ensure_experiment(uri, experiment)
-    c = T.client(uri)
+    T, c, uri, _, pid = start_benchmark_run(summary, tracking_uri=tracking_uri, experiment=experiment,
+                                            kind="standard", default_name="standard")
     s = summary["settings"]
-    run = c.create_run(exp_id, run_name=summary.get("name", "standard"), tags={"crosspt.benchmark": "standard"})
-    pid = run.info.run_id
-    T.log_params(c, pid, {f"bench.{k}": (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in s.items()})
     cells = cells_of(summary["records"])
     avgs = average_cells(cells, [str(a) for a in SINGLE], s["tasks"], s["shots"])
     metrics = {f"avg_{a}_k{k}": statistics.fmean(v.values()) for (a, _, k), v in avgs.items()}
