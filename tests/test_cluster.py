@@ -22,7 +22,8 @@ from crosspt.config.schema import ScalingConfig, config_hash, load_config
 from crosspt.config.space import SearchSpace
 from crosspt.errors import ConfigError
 from crosspt.registry import tracking as T
-from crosspt.search.driver import derive_concurrency, run_search, trial_resources, trials_that_fit
+from crosspt.search.driver import run_search
+from crosspt.search.resources import derive_concurrency, trial_resources, trials_that_fit
 
 
 # ---- fast: the config rules ----------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def _placement_probe():
         import torch
         from ray import tune
 
-        from crosspt.search.driver import TuneSession
+        from crosspt.search.trainable import TuneSession
 
         start = time.time()
         device = TuneSession(None, use_gpu=True).device()
@@ -303,7 +304,7 @@ def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_d
         assert len(ckpt_trials) == samples, sorted(ckpt_trials)
 
         # where the trials ran: Tune's record (read back from the bucket) of each trial's node
-        from crosspt.search.driver import tune_trials
+        from crosspt.search.reconcile import tune_trials
 
         for k, v in s3.env.items():                              # pyarrow reads the bucket's endpoint from env
             monkeypatch.setenv(k, v)

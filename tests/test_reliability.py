@@ -331,7 +331,7 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     """The bookkeeping `--resume` does first, on a real sqlite MLflow store: children of trials Tune never
     recorded are orphans (KILLED, tagged, soft-deleted); children of trials Tune recorded as ended get
     that status; children of unfinished trials stay RUNNING for the resumed trial to continue."""
-    from crosspt.search.driver import reconcile_child_runs
+    from crosspt.search.reconcile import reconcile_child_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = T.client(uri)
@@ -409,7 +409,7 @@ def test_failing_trials_end_failed_and_the_search_goes_on(faulty_search):
     errors = sorted(t["error"] for t in by_status["ERROR"])
     assert any("InjectedFault" in e and "epoch 1" in e for e in errors), errors
     assert any("TrainingDiverged" in e and "nan" in e for e in errors), errors
-    from crosspt.search.driver import format_summary
+    from crosspt.search.summary import format_summary
 
     text = format_summary(s, "best_val_score")
     assert "2 failed" in text

@@ -224,26 +224,6 @@ def test_real_search_report_finds_label_semantics_and_clears_eval_batch_size(ray
     assert rep.best is not None and rep.best.run_id == summary["best_run_id"] and rep.best.trainable_params
 
 
-def test_repeats_mean_per_epoch_with_each_repeat_and_std():
-    """Tune sees the mean over repeats per epoch; each repeat's score and the std are logged; a repeat
-    stopped early by patience counts with its last epoch; counters are repeat 0's."""
-    from crosspt.config.schema import RunConfig
-    from crosspt.search.driver import mean_over_repeats, repeat_configs
-
-    assert [c.seed for c in repeat_configs(RunConfig(seed=7), 3)] == [7, 1007, 2007]
-    ep = lambda e, v, final=False, **kw: {"epoch": e, "val_score": v, "best_val_score": v, "trainable_params": 10,  # noqa: E731
-                                          "final_epoch": final, **kw}
-    series = [[ep(0, 0.5), ep(1, 0.7, True, test_score=0.6)],
-              [ep(0, 0.3), ep(1, 0.5, True, test_score=0.4)],
-              [ep(0, 0.4, True, test_score=0.5)]]
-    rows = mean_over_repeats(series, ("best_val_score", "test_score"))
-    assert [r["final_epoch"] for r in rows] == [False, True]
-    assert rows[0]["best_val_score"] == pytest.approx(0.4) and rows[1]["best_val_score"] == pytest.approx(1.6 / 3)
-    assert [rows[1][f"best_val_score_r{i}"] for i in range(3)] == [0.7, 0.5, 0.4]
-    assert rows[1]["test_score"] == pytest.approx(0.5) and rows[1]["best_val_score_std"] > 0
-    assert rows[1]["trainable_params"] == 10 and "val_score_r0" not in rows[1]
-
-
 def test_repeats_need_in_process_trials():
     from crosspt.config.space import SearchSpace, validate_space
     from crosspt.errors import ConfigError

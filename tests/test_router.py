@@ -139,7 +139,7 @@ def test_the_loop_plans_the_schedule_over_its_steps(tiny_t5_path, data_dir, tmp_
 
     cfg = load_config(None, {"tasks": ["sst2"], "backbone.name": str(tiny_t5_path), "backbone.max_length": 32,
                              "data.data_dir": str(data_dir), "data.shots": 4, "data.max_test": 8,
-                             "prompt.private_len": 2, "prompt.n_sources": 2, "prompt.source_len": 2,
+                             "prompt.private_len": 2, "prompt.n_sources": 2, "prompt.source_len": 2, "prompt.source_bank": "random",
                              "train.epochs": 3, "train.batch_size": 4, "train.patience": None,
                              "train.eval_initial": False})
     result = loop.run_loop(cfg, loop.LocalSession(tmp_path))

@@ -26,7 +26,8 @@ def tiny_space(backbone: Path, name: str, num_samples: int = 3, **extra) -> Sear
     tree = {
         "name": name,
         "base": {"tasks": ["sst2", "rte"], "seed": 0, "backbone": {"name": str(backbone), "max_length": 48},
-                 "data": {"shots": 4, "max_test": 24}, "prompt": {"private_len": 4, "source_len": 4},
+                 "data": {"shots": 4, "max_test": 24},
+                 "prompt": {"private_len": 4, "source_len": 4, "source_bank": "random"},
                  "train": {"batch_size": 8, "eval_batch_size": 32, "patience": None},
                  "scaling": {"num_workers": 1, "in_process": True}},
         "space": {
@@ -254,7 +255,7 @@ def test_inactive_factors_are_logged_as_inactive():
 
 def test_search_identity_is_experiment_and_space_name(tmp_path):
     """The same space under another experiment is another search (own folder and study); URIs stay URIs."""
-    from crosspt.search.driver import search_paths
+    from crosspt.search.state import search_paths
 
     space = tiny_space(Path("minilm"), "smoke")
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -277,7 +278,7 @@ def test_search_identity_is_experiment_and_space_name(tmp_path):
 def test_runs_page_link_opens_the_runs_table_not_the_genai_overview():
     """MLflow 3.17's UI defaults to its GenAI workflow, which wins over the experimentKind tag: the link the
     search prints names the model-training workflow and the runs tab."""
-    from crosspt.search.driver import runs_page
+    from crosspt.search.summary import runs_page
 
     assert runs_page({"tracking_uri": "http://127.0.0.1:5055/", "experiment_id": "7"}) == \
         "http://127.0.0.1:5055/#/experiments/7/runs?workflowType=machine_learning"

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_cfg(backbone: Path, data_dir: Path, **over):
     base = {"tasks": ["sst2", "rte"], "seed": 0, "backbone.name": str(backbone), "backbone.max_length": 48,
             "data.data_dir": str(data_dir), "data.shots": 8, "data.max_test": 32,
-            "prompt.private_len": 4, "prompt.n_sources": 2, "prompt.source_len": 4, "prompt.learn_sources": True,
+            "prompt.private_len": 4, "prompt.n_sources": 2, "prompt.source_len": 4, "prompt.source_bank": "random",
+            "prompt.learn_sources": True,
             "train.epochs": 4, "train.batch_size": 8, "train.patience": None, "optim.prompt_lr": 0.05}
     base.update(over)
     return load_config(None, base)
@@ -180,7 +181,7 @@ def test_cli_train_logs_one_mlflow_run_like_a_search_child(tiny_t5_path, data_di
     p = run.data.params
     assert p["prompt.private_len"] == "4" and p["tasks"] == "rte" and p["config_hash"]
     assert p["prompt.source_len"] == "inactive" and p["optim.router_lr"] == "inactive"    # no sources
-    assert [m.step for m in c.get_metric_history(run.info.run_id, "val_score")] == [0, 1]   # per epoch
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val_score")] == [-1, 0, 1]   # untrained, then per epoch
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "prompts", "plots"} <= arts
     assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {"rte-train", "rte-val", "rte-test"}

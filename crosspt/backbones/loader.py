@@ -195,6 +195,11 @@ def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str =
 _FIXED_PLACEMENT = {Family.ENCODER: Placement.AFTER, Family.DECODER: Placement.BEFORE}
 
 
+def fixed_placement(family: str) -> Placement | None:
+    """Where `family` always puts the prompt, or None when `prompt.placement` chooses (seq2seq)."""
+    return _FIXED_PLACEMENT.get(Family(family))
+
+
 def _placement_kwargs(family: str, placement: str) -> dict:
     """The adapter's `placement` keyword (seq2seq chooses; the others have one fixed place)."""
     if placement == Placement.AUTO:

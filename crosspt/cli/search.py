@@ -26,7 +26,8 @@ def add_search_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args) -> int:
-    from crosspt.search.driver import format_summary, run_search
+    from crosspt.search.driver import run_search
+    from crosspt.search.summary import format_summary
     from crosspt.config.space import load_space
 
     space = load_space(args.space, args.overrides)

@@ -78,7 +78,9 @@ class PromptConfig(Strict):
     init: PromptInit = PromptInit.AUTO
     init_text: str | None = None
     learn_sources: bool = False
-    source_bank: str | None = None      # safetensors file or models:/NAME@alias; None: random bank
+    # safetensors file or models:/NAME@alias; `random`: untrained random sources, the explicit ablation
+    # (n_sources > 0 needs one of these: `source_bank_problem`); None: no bank
+    source_bank: str | None = None
     # implemented by crosspt.run.artifacts.select_sources (a layer above config: defined here)
     source_selection: Literal["order", "similar"] = "order"
     include_own_source: bool = True     # false: a target task's own source prompt is left out of the bank
@@ -101,12 +103,27 @@ class PromptConfig(Strict):
             raise ValueError("prompt.init is 'text' but prompt.init_text is empty")
         if self.init == PromptInit.SOURCE and self.n_sources == 0:
             raise ValueError("prompt.init is 'source' but prompt.n_sources is 0")
-        if self.init == PromptInit.OWN_SOURCE and not self.source_bank:
-            raise ValueError("prompt.init is 'own_source' but prompt.source_bank is not set")
+        if self.init == PromptInit.OWN_SOURCE and (not self.source_bank or self.source_bank == RANDOM_BANK):
+            raise ValueError("prompt.init is 'own_source' but prompt.source_bank names no trained bank")
         if self.router == RouterKind.ATTENTION and (self.top_k is not None or self.router_bias):
             raise ValueError("prompt.router 'attention' is ATTEMPT as published (softmax over every candidate): "
                              "it takes no prompt.top_k and no prompt.router_bias; use 'attention_gated'")
         return self
+
+
+RANDOM_BANK = "random"      # `prompt.source_bank: random`: frozen random source prompts, on purpose
+
+
+def source_bank_problem(cfg: "RunConfig") -> str | None:
+    """Why `cfg` cannot run as written: source prompts without a bank would be frozen random prompts, a
+    silent ablation. Not a schema validator because the benchmark builds models from banks it holds in
+    memory; the search (every sampled configuration), `crosspt train` and the training loop ask it."""
+    p = cfg.prompt
+    if p.n_sources > 0 and not p.source_bank:
+        return (f"prompt.n_sources is {p.n_sources} but prompt.source_bank is not set: the sources would be "
+                f"untrained random prompts; name a bank (crosspt pretrain-sources) or set "
+                f"prompt.source_bank: {RANDOM_BANK} for that ablation")
+    return None
 
 
 class OptimConfig(Strict):
@@ -279,7 +296,9 @@ _HASH_LEGACY = {"prompt.normalization": "gate_softmax", "prompt.temperature.sche
                 "optim.source_lr": None}
 # Values renamed since: hashed under the name they had, so the old meaning keeps its old hash and the new
 # meaning of the old name gets a new one (`attention` was the gated router; it is ATTEMPT's now).
-_HASH_RENAMED = {"prompt.router": {"attention_gated": "attention", "attention": "attention_attempt"}}
+_HASH_RENAMED = {"prompt.router": {"attention_gated": "attention", "attention": "attention_attempt"},
+                 # before `random` existed, no bank meant a random one: the explicit value hashes as that did
+                 "prompt.source_bank": {RANDOM_BANK: None}}
 
 
 def upgrade_stored_tree(tree: dict | None) -> dict:

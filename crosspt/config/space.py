@@ -25,9 +25,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from crosspt.config.schema import RunConfig, Strict, apply_overrides, build_config, read_yaml
+from crosspt.config.schema import RunConfig, Strict, apply_overrides, build_config, read_yaml, source_bank_problem
 from crosspt.errors import ConfigError
 
 _REF = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:([+-])\s*(\d+))?\s*$")
@@ -75,9 +75,25 @@ class Param(Strict):
         return self
 
 
+_OBJECTIVE = re.compile(r"^(best_val_score|val_score|val_\w+)$")
+
+
 class Objective(Strict):
+    """What the search maximises (or minimises): a validation metric every epoch reports. Never a test
+    metric: a search that selects on test reports a test score it has tuned on."""
     metric: str = "best_val_score"
     mode: Literal["max", "min"] = "max"
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_only(cls, metric: str) -> str:
+        if metric.startswith("test_") or "_test_" in metric:
+            raise ValueError(f"{metric!r} selects on the test split: a search chooses on validation "
+                             f"(best_val_score, val_score or val_<task>_<metric>)")
+        if not _OBJECTIVE.match(metric):
+            raise ValueError(f"{metric!r} is not a metric every epoch reports "
+                             f"(use best_val_score, val_score or val_<task>_<metric>)")
+        return metric
 
 
 class Budget(Strict):
@@ -92,11 +108,17 @@ class Scheduler(Strict):
     type: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
-    metric: str = "val_score"                          # ASHA's per-epoch signal
+    # ASHA ranks trials at each rung by the objective's metric, in the objective's mode (derived: a rung
+    # decided on another signal than the one the search selects on stops trials for the wrong reason);
+    # set only to restate it
+    metric: str | None = None
 
 
 class Searcher(Strict):
-    algorithm: Literal["optuna", "random"] = "optuna"
+    # optuna: TPE (adaptive: it samples more where scores were high, so level means are confounded);
+    # random: Optuna's RandomSampler; qmc: Optuna's QMCSampler (scrambled Sobol), the design mode for
+    # attributing effects to factors (crosspt.search.optuna_glue.make_sampler)
+    algorithm: Literal["optuna", "random", "qmc"] = "optuna"
     seed: int = 0
     constant_liar: bool = True
     n_startup_trials: int = Field(4, ge=1)
@@ -147,6 +169,13 @@ class SearchSpace(Strict):
     storage_path: str | None = None                    # Ray results; default ./ray_results
 
     @model_validator(mode="after")
+    def _scheduler_metric(self):
+        if self.scheduler.metric is not None and self.scheduler.metric != self.objective.metric:
+            raise ValueError(f"scheduler.metric {self.scheduler.metric!r} differs from objective.metric "
+                             f"{self.objective.metric!r}: ASHA stops trials on the objective (leave it unset)")
+        return self
+
+    @model_validator(mode="after")
     def _source_pretrain(self):
         try:
             self.source_pretrain()
@@ -163,6 +192,11 @@ class SearchSpace(Strict):
         return self
 
     # ---- derived -----------------------------------------------------------------------------
+    @property
+    def scheduler_metric(self) -> str:
+        """The per-epoch metric ASHA ranks by: the objective's."""
+        return self.objective.metric
+
     def source_pretrain(self) -> SourcePretrain | None:
         """The bank to pre-train (`base.prompt.source_bank: {pretrain: {...}}`), or None."""
         bank = (self.base.get("prompt") or {}).get("source_bank") if isinstance(self.base.get("prompt"), dict) else None
@@ -291,12 +325,40 @@ def active(param: Param, sampled: dict, base: dict, key: str = "?") -> bool:
     return True
 
 
-def sample(space: SearchSpace, suggest) -> dict[str, Any]:
-    """Walk the space in order; `suggest(kind, key, **kw)` draws one value (Optuna trial or RNG)."""
+def live_given(key: str, sampled: dict, base: dict, family: str | None = None) -> bool:
+    """Whether `key` is read (`crosspt.config.liveness`) in the configuration of `base` with the values
+    `sampled` so far. A partial configuration that does not validate yet (a later factor completes it)
+    counts as live: the full configuration is validated anyway, and a factor is never dropped on a guess."""
+    from crosspt.config.liveness import LIVENESS, is_live
+
+    if key not in LIVENESS:
+        return True
+    try:
+        cfg = build_config(apply_overrides(copy.deepcopy(base), dict(sampled)))
+    except ConfigError:
+        return True
+    return is_live(key, cfg, family)
+
+
+def sample(space: SearchSpace, suggest, family: str | None = None,
+           skipped: dict[str, str] | None = None) -> dict[str, Any]:
+    """Walk the space in order; `suggest(kind, key, **kw)` draws one value (Optuna trial or RNG).
+
+    A factor is drawn only where it exists (its `when:` holds) and acts (`live_given`: the liveness table
+    says the configuration so far reads it); otherwise it keeps its base value and is not in the result,
+    so neither Optuna nor the report ever sees a value that did nothing. `family`: the backbone family,
+    when the caller resolved it (default: resolved from the configuration, once per backbone).
+    `skipped`, when given, gets why each factor not drawn was left out (`when` or `dead`)."""
     base = space.base_tree()
     sampled: dict[str, Any] = {}
     for key, p in space.space.items():
         if not active(p, sampled, base, key):
+            if skipped is not None:
+                skipped[key] = "when"
+            continue
+        if not live_given(key, sampled, base, family):
+            if skipped is not None:
+                skipped[key] = "dead"
             continue
         if p.type == "choice":
             sampled[key] = suggest("choice", key, values=p.values)
@@ -318,8 +380,9 @@ class OptunaDefineByRun:
 
     A class (not a closure) because Tune pickles the searcher when it checkpoints the search."""
 
-    def __init__(self, space: SearchSpace):
+    def __init__(self, space: SearchSpace, family: str | None = None):
         self.space = space
+        self.family = family
 
     def __call__(self, trial) -> None:
         def suggest(kind, key, **kw):
@@ -328,7 +391,7 @@ class OptunaDefineByRun:
             if kind == "int":
                 return trial.suggest_int(key, kw["low"], kw["high"], step=kw["step"], log=kw["log"])
             return trial.suggest_float(key, kw["low"], kw["high"], log=kw["log"])
-        sample(self.space, suggest)
+        sample(self.space, suggest, self.family)
         return None
 
 
@@ -398,6 +461,32 @@ def check_repeats(space: SearchSpace, cfg: RunConfig) -> None:
                           f"(scaling.num_workers: 1, scaling.in_process: true)")
 
 
+def _check_liveness_order(space: SearchSpace, key: str) -> None:
+    """Whether a factor is read depends on other keys (`crosspt.config.liveness`): a factor among them must
+    be sampled first, or `sample` could not tell whether this one acts."""
+    from crosspt.config.liveness import LIVENESS
+
+    rule, order = LIVENESS.get(key), list(space.space)
+    for dep in rule.depends if rule else ():
+        if dep in space.space and order.index(dep) > order.index(key):
+            raise ConfigError(f"space key '{key}': whether it acts depends on '{dep}', which is sampled later "
+                              f"(list '{dep}' before '{key}')")
+
+
+def dead_factor_error(space: SearchSpace, key: str, family: str | None, when_held: bool) -> str:
+    """The one line refusing factor `key`, which no sampled configuration reads (or whose `when:` never
+    holds): a search that rates a no-op factor reports noise as a finding."""
+    from crosspt.config.liveness import LIVENESS, why_dead
+
+    if not when_held:
+        reason = f"its when: {space.space[key].when} never holds"
+    else:
+        on_family = family and any(d.startswith("backbone.") for d in LIVENESS[key].depends)
+        reason = f"it {why_dead(key)}" + (f"; this backbone is a {family}" if on_family else "")
+    return (f"space '{space.name}': factor '{key}' is never read by any sampled configuration: {reason}; "
+            f"remove it, or change what it depends on")
+
+
 def validate_space(space: SearchSpace, n_random: int = 64) -> None:
     """Reject an impossible or malformed space before any trial starts (errors name the key)."""
     known = _schema_keys()
@@ -414,15 +503,30 @@ def validate_space(space: SearchSpace, n_random: int = 64) -> None:
             if name not in space.space and name not in known:
                 raise ConfigError(f"space key '{key}': refers to unknown key '{name}'")
         _check_numeric_refs(space, key, p)
-    space.base_config()
+        _check_liveness_order(space, key)
+    base = space.base_config()
+    from crosspt.config.liveness import family_of
+
+    family = family_of(base)
     samplers = [extremes_sampler("low"), extremes_sampler("high")] + \
         [random_sampler(space.search.seed + i) for i in range(n_random)]
+    drawn, when_held = set(), set()
     for s in samplers:
-        params = sample(space, s)
+        skipped: dict[str, str] = {}
+        params = sample(space, s, family, skipped)
+        drawn |= set(params)
+        when_held |= set(params) | {k for k, why in skipped.items() if why == "dead"}
         try:
-            check_repeats(space, space.config_for(params))
+            cfg = space.config_for(params)
+            check_repeats(space, cfg)
+            problem = source_bank_problem(cfg)
+            if problem:
+                raise ConfigError(f"space '{space.name}': {problem}")
         except ConfigError as e:
             raise ConfigError(f"{e} — sampled with {params}") from None
+    for key in space.space:
+        if key not in drawn:
+            raise ConfigError(dead_factor_error(space, key, family, key in when_held))
     for i, point in enumerate(space.search.points):
         unknown = [k for k in point if k not in space.space]
         if unknown:
@@ -440,11 +544,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSp
     except ValidationError as e:
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ConfigError(f"{path}: '{key}': {msg}") from None
-    if space.objective.metric not in ("best_val_score", "val_score", "test_score") and \
-            not space.objective.metric.startswith(("val_", "best_")):
-        raise ConfigError(f"{path}: 'objective.metric': {space.objective.metric!r} is not a reported metric "
-                          f"(use best_val_score, val_score or val_<task>_<metric>)")
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path}: '{key}': {msg}" if key else f"{path}: {msg}") from None
     validate_space(space)
     return space

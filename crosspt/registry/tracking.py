@@ -24,6 +24,7 @@ from crosspt.errors import ConfigError
 MAX_PARAM_LEN = 6000        # MLflow 3's limit on a param value
 MAX_KEY_LEN = 250
 TRIAL_TAG = "crosspt.trial_id"
+INITIAL_PREFIX = "initial."     # = crosspt.run.loop.INITIAL_PREFIX, repeated so that tracking never imports torch
 SEARCH_TAG = "crosspt.search"
 
 
@@ -250,7 +251,12 @@ class TrialLogger:
     def log_epoch(self, metrics: dict[str, Any], checkpoint_dir: str | Path | None) -> None:
         c = client(self.uri)
         self.last_metrics = dict(metrics)
-        log_metrics(c, self.run_id, metrics, step=int(metrics.get("epoch", 0)))
+        # the untrained evaluation (`crosspt.run.loop.INITIAL_PREFIX` keys of epoch 0) at step -1
+        initial = {k[len(INITIAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(INITIAL_PREFIX)}
+        if initial:
+            log_metrics(c, self.run_id, initial, step=-1)
+        log_metrics(c, self.run_id, {k: v for k, v in metrics.items() if not k.startswith(INITIAL_PREFIX)},
+                    step=int(metrics.get("epoch", 0)))
         if checkpoint_dir is None:
             return
         best_epoch = metrics.get("best_epoch")

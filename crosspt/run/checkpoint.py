@@ -85,6 +85,12 @@ def read_checkpoint(path: Path, model: CrossPTModel, opt: torch.optim.Optimizer,
                       best_state={k: v for k, v in best.items() if not k.startswith(_ARTIFACT_ONLY)})
 
 
+def read_result(path: Path) -> dict | None:
+    """The final result a checkpoint carries (only the checkpoint of a run's last epoch has one)."""
+    f = path / RESULT_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """`opt.state_dict()` as safetensors can hold it: tensors keyed `"<param id>.<name>"`, the rest as
     JSON metadata (`scalars` keyed the same way, `param_groups`)."""

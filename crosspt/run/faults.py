@@ -1,4 +1,7 @@
-"""The `CROSSPT_FAULT` fault-injection hook: make a run fail on purpose, for tests and drills only.
+"""Test-only hooks, read here and nowhere else: make a run fail (`CROSSPT_FAULT`) or a search driver die
+(`CROSSPT_DRIVER_KILL`) on purpose, for tests and drills only. Both are environment variables, so no
+production signature carries them: the loop and the driver ask this module, and the Ray job forwards
+`CROSSPT_FAULT` to every worker with the other forwarded variables (`crosspt.run.trainer.init_ray`).
 
 A spec names a fault and when it fires; the training loop asks at two points of each epoch:
 `inject_at_epoch_start` (before the first batch: `raise`, `exit`) and `poisons_first_loss` (the first
@@ -7,10 +10,13 @@ loss of the epoch becomes NaN, so the loop's real divergence check stops the run
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 FAULT_ENV = "CROSSPT_FAULT"
+KILL_ENV = "CROSSPT_DRIVER_KILL"       # the search driver SIGKILLs itself at one named point
+KILL_POINTS = ("before_ray", "before_tuner", "reconcile")
 FAULT_KINDS = ("raise", "nan", "exit")
 _EXIT_CODE = 17                       # what a killed worker looks like to Ray Train / Tune
 
@@ -48,9 +54,23 @@ def parse_faults(spec: str | None) -> list[dict]:
     return faults
 
 
-def active_faults(spec: str | None = None) -> list[dict]:
-    """The faults of `spec`, or of `$CROSSPT_FAULT` when `spec` is None (an empty spec: none)."""
-    return parse_faults(spec if spec is not None else os.environ.get(FAULT_ENV))
+def active_faults() -> list[dict]:
+    """The faults `$CROSSPT_FAULT` asks for (none when unset)."""
+    return parse_faults(os.environ.get(FAULT_ENV))
+
+
+def check_drills() -> None:
+    """ValueError naming a malformed `CROSSPT_FAULT` or `CROSSPT_DRIVER_KILL` (checked by the driver before
+    anything starts, so a drill never fails half-way through a search)."""
+    parse_faults(os.environ.get(FAULT_ENV))
+    if os.environ.get(KILL_ENV, KILL_POINTS[0]) not in KILL_POINTS:
+        raise ValueError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: use one of {', '.join(KILL_POINTS)}")
+
+
+def kill_point(point: str) -> None:
+    """Resume drills: the driver dies here as a crashed one would (no cleanup, no finally, no atexit)."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fires(faults: list[dict], kind: str, *, run_name: str, rank: int, epoch: int) -> bool:

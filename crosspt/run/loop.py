@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
 from crosspt.backbones.base import trainable_and_total
-from crosspt.config.schema import RunConfig, config_hash
+from crosspt.config.schema import RANDOM_BANK, RunConfig, config_hash, source_bank_problem
 from crosspt.errors import ConfigError
 from crosspt.run.artifacts import load_bank, select_sources
-from crosspt.run.checkpoint import BEST_FILE, read_checkpoint, write_checkpoint
+from crosspt.run.checkpoint import BEST_FILE, read_checkpoint, read_result, write_checkpoint
 from crosspt.run.evaluation import evaluate, flat_metrics, score_of, to_device, with_generated
 from crosspt.run.faults import active_faults, inject_at_epoch_start, parse_faults, poisons_first_loss
 from crosspt.run.model import CrossPTModel, build_model
@@ -36,8 +37,11 @@ from crosspt.tasks.specs import TaskSpec, register_task_file, resolve_tasks
 
 # the run layer's face: other layers, the benchmark and the tests import these from here
 __all__ = ["BEST_FILE", "LocalSession", "RaySession", "Session", "TrainState", "TrainingDiverged", "evaluate",
-           "flat_metrics", "load_source_bank", "parse_faults", "prepare_data", "ray_worker_loop", "run_loop",
+           "epochs", "flat_metrics", "load_source_bank", "parse_faults", "prepare_data", "ray_worker_loop", "run_loop",
            "score_of", "state_digest"]
+
+
+INITIAL_PREFIX = "initial."       # epoch 0's report carries the untrained evaluation under these keys
 
 
 class TrainingDiverged(FloatingPointError):
@@ -71,8 +75,11 @@ def load_source_bank(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
     no sources or a random (untrained) bank."""
     if cfg.prompt.n_sources == 0:
         return None
-    if not cfg.prompt.source_bank:
-        return None                      # a random (untrained) bank: ablations and tests
+    problem = source_bank_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
+    if cfg.prompt.source_bank == RANDOM_BANK:
+        return None                      # untrained random sources: the explicit ablation
     bank, meta = _read_bank(cfg, dim)
     targets = [t.name for t in tasks]
     chosen, _ = select_sources(bank, meta, cfg.prompt.n_sources, rule=cfg.prompt.source_selection,
@@ -131,25 +138,44 @@ class _Run:
 
 
 def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
-             fault: str | None = None, splits: dict | None = None) -> dict:
+             splits: dict | None = None) -> dict:
     """Train, validate each epoch, checkpoint, stop early; returns the final result dict.
 
-    `model`: a built model to train (default: built from cfg). `fault`: a `CROSSPT_FAULT` spec (testing
-    hook, see `parse_faults`); default: that env var. `splits`: precomputed k-shot splits (`prepare_data`)."""
-    run = _set_up(cfg, session, model, fault, splits)
-    state, resumed = _start(run)
+    `model`: a built model to train (default: built from cfg). `splits`: precomputed k-shot splits
+    (`prepare_data`)."""
+    steps = epochs(cfg, session, model, splits)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def epochs(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
+           splits: dict | None = None) -> Generator[int, None, dict]:
+    """`run_loop` one epoch at a time: each `next()` trains, validates and reports one epoch and yields its
+    number; the generator returns the final result (on the last epoch, or when early stopping ends the
+    run). Callers that run several loops side by side step them in lockstep (`crosspt.search.repeats`).
+
+    Resume: a checkpoint of a run that has ended (its final epoch, or early stopping: the checkpoint that
+    carries `result.json`) gives back that result without training or evaluating anything; any other
+    checkpoint continues at the epoch after it (`crosspt.run.checkpoint` says what is replayed)."""
+    run = _set_up(cfg, session, model, splits)
+    state, resumed, ended = _start(run)
+    if ended is not None:
+        return ended
     for epoch in range(state.epoch + 1, cfg.train.epochs):
         result = _run_epoch(run, state, epoch)
         if result is not None:
             return result
+        yield epoch
     # resumed after the final epoch: nothing left to train, evaluate the best state
     return _final_result(run, state, None) if resumed else {}
 
 
-def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, fault: str | None,
-            splits: dict | None) -> _Run:
+def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits: dict | None) -> _Run:
     t0 = time.time()
-    faults = active_faults(fault)
+    faults = active_faults()
     torch.manual_seed(cfg.seed)
     tasks, splits = prepare_data(cfg, splits=splits)
     device = session.device()
@@ -180,13 +206,18 @@ def _plan_temperature(model: CrossPTModel, cfg: RunConfig, splits: dict, session
     plan(cfg.train.epochs * len(batches))
 
 
-def _start(run: _Run) -> tuple[TrainState, bool]:
-    """(the state to train on from, whether it was resumed from a checkpoint)."""
+def _start(run: _Run) -> tuple[TrainState, bool, dict | None]:
+    """(the state to train on from, whether it was resumed from a checkpoint, the final result when that
+    checkpoint is of a run that has ended)."""
     checkpoint = run.session.latest_checkpoint()
     if checkpoint is not None:
+        ended = read_result(checkpoint)
         state = read_checkpoint(checkpoint, run.model, run.opt, run.config_hash)
         run.model.prompt.set_step(state.global_step)
-        return state, True
+        patience = run.cfg.train.patience
+        if ended is None and patience is not None and state.bad_epochs >= patience:
+            ended = _final_result(run, state, None)     # stopped early before it wrote its result
+        return state, True, ended
     state = TrainState()
     if run.cfg.train.eval_initial:
         # the untrained prompt is a candidate too: a run never returns a state worse on validation
@@ -194,7 +225,7 @@ def _start(run: _Run) -> tuple[TrainState, bool]:
         initial = _evaluate(run, "val")
         state.best_score, state.best_state = score_of(initial, run.tasks), run.model.trainable_state()
         state.history.append({"epoch": -1, "val_score": state.best_score, **flat_metrics("val", initial)})
-    return state, False
+    return state, False, None
 
 
 def _evaluate(run: _Run, split: str) -> dict[str, dict[str, float]]:
@@ -215,6 +246,11 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
                "temperature": run.model.prompt.temperature, "epoch_s": time.time() - started,
                "global_step": state.global_step, "final_epoch": stop, **run.params, **flat_metrics("val", val)}
     state.history.append({k: v for k, v in metrics.items() if not isinstance(v, bool)})
+    if epoch == 0 and state.history[0]["epoch"] == -1:
+        # the untrained evaluation, which can be the best epoch (-1): reported with epoch 0 under
+        # `initial.` so that trackers log it at step -1 (`crosspt.registry.tracking.TrialLogger`) and no
+        # best_val_score stands above every logged val_score
+        metrics.update({f"{INITIAL_PREFIX}{k}": v for k, v in state.history[0].items() if k != "epoch"})
     result = _final_result(run, state, val) if stop else None
     if result is not None:
         metrics.update(flat_metrics("test", result["metrics_test"]))
@@ -319,10 +355,11 @@ def state_digest(model: CrossPTModel) -> str:
 
 
 def ray_worker_loop(loop_config: dict) -> None:
-    """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker)."""
+    """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker). `splits`: the k-shot
+    splits the trial drew already (every rank trains on the same draw), else drawn here."""
     from crosspt.run.shipping import localise
 
     # a worker on another node than its trial reads the search's shipped data/bank copies (run/shipping.py)
     cfg = localise(RunConfig.model_validate(loop_config["config"]), loop_config.get("shipped"))
     session = RaySession(resume_from=loop_config.get("resume_from"))
-    run_loop(cfg, session, fault=loop_config.get("fault"))
+    run_loop(cfg, session, splits=loop_config.get("splits"))

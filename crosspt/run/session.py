@@ -2,7 +2,7 @@
 how an epoch is reported.
 
 `RaySession` inside a Ray Train worker, `LocalSession` when a one-worker run skips the worker group;
-the search's Tune trials bring their own (`crosspt.search.driver.TuneSession`).
+the search's Tune trials bring their own (`crosspt.search.trainable.TuneSession`).
 """
 from __future__ import annotations
 

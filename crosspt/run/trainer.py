@@ -10,8 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from crosspt.config.schema import RunConfig, ScalingConfig
-from crosspt.errors import CrossPTError
+from crosspt.config.schema import RunConfig, ScalingConfig, source_bank_problem
+from crosspt.errors import ConfigError, CrossPTError
 from crosspt.run.checkpoint import RESULT_FILE
 from crosspt.run.faults import FAULT_ENV
 from crosspt.tasks.data import resolve_data_dir
@@ -27,13 +27,17 @@ def pin_data_dir(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Fail fast in the driver on bad tasks/backbones/data rather than inside a worker."""
+def preflight(cfg: RunConfig) -> dict:
+    """Fail fast in the driver on bad tasks/backbones/data/banks rather than inside a worker; returns the
+    config's k-shot splits (`prepare_data`), drawn here once for whoever needs them next."""
     from crosspt.backbones.loader import resolve_backbone
     from crosspt.run.loop import prepare_data
 
+    problem = source_bank_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     resolve_backbone(cfg.backbone.name, family=cfg.backbone.family)
-    prepare_data(cfg)
+    return prepare_data(cfg)[1]
 
 
 # Ray's switch for single-machine clusters (its default on Windows/macOS): with it off, Ray takes 127.0.0.1 as
@@ -44,30 +48,35 @@ _SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # Driver env that trials on other nodes need and that no node has by itself: MLflow server credentials
 # (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN / TLS settings) and S3 storage credentials and endpoint.
-FORWARDED_ENV_PREFIXES = ("MLFLOW_TRACKING_", "AWS_")
+# And the fault-injection drill (`crosspt.run.faults`), which a worker reads from its own environment.
+FORWARDED_ENV_PREFIXES = ("MLFLOW_TRACKING_", "AWS_", FAULT_ENV)
 
 
-def init_ray(runtime_env: dict | None = None, **init_kwargs) -> None:
+def init_ray(runtime_env: dict | None = None, **init_kwargs) -> bool:
     """Join the cluster under `ray job submit` (RAY_ADDRESS set), else start a local Ray on loopback only
     (every Ray port binds 127.0.0.1; set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 to opt out). Either way the
     job's workers get `runtime_env` plus the driver's `FORWARDED_ENV_PREFIXES` variables.
 
     A RAY_ADDRESS on loopback is joined in single-node mode (a client in cluster mode looks for its raylet
     on the routable address and never connects to a head started with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0);
-    a cluster whose nodes sit on other loopback addresses (127.0.0.2, ...) is joined that way too."""
+    a cluster whose nodes sit on other loopback addresses (127.0.0.2, ...) is joined that way too.
+
+    Returns whether this call connected (False: this process was connected already, with the
+    runtime_env of that connection; whoever connected it disconnects it)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     runtime_env = with_forwarded_env(runtime_env)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         with _single_node_mode(enabled=_is_loopback(address)):
             ray.init(address=address, runtime_env=_not_in_job_env(runtime_env),
                      **{"log_to_driver": True, **init_kwargs})
-        return
+        return True
     with _single_node_mode():
         ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **init_kwargs)
+    return True
 
 
 def with_forwarded_env(runtime_env: dict | None) -> dict:
@@ -147,8 +156,7 @@ def _train_with_ray(cfg: RunConfig, output_dir: Path, resume_from, max_failures:
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"),
-                           "resume_from": str(Path(resume_from).resolve()) if resume_from else None,
-                           "fault": os.environ.get(FAULT_ENV)},          # testing hook, see run/faults.py
+                           "resume_from": str(Path(resume_from).resolve()) if resume_from else None},
         scaling_config=train_scaling(cfg.scaling),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=str(output_dir),

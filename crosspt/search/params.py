@@ -3,37 +3,24 @@ factor that does nothing in this trial's configuration reads `inactive` instead 
 
 Why: MLflow's parallel-coordinates and param-comparison views plot every param value they get. A trial
 without source prompts would show `prompt.source_len = 16` or `optim.router_lr = 0.01` as if those had
-been chosen, and the plot would draw lines through values that never acted. Values the searcher sampled
-are logged as sampled, even where they happen not to act: they are the searcher's choices.
+been chosen, and the plot would draw lines through values that never acted. What acts where is the one
+liveness table (`crosspt.config.liveness`), which the sampler also obeys: a sampled value always acts.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from crosspt.config.liveness import dead_keys
 from crosspt.config.schema import RunConfig, flatten
 from crosspt.config.space import SearchSpace
 
 INACTIVE = "inactive"
 
-# act only when there are source prompts to read
-SOURCE_KEYS = frozenset({"prompt.source_len", "prompt.learn_sources", "prompt.source_bank",
-                         "prompt.source_selection"})
-# act only when there are two or more candidate prompts to route between (one candidate gets weight 1)
-ROUTING_KEYS = frozenset({"prompt.composition", "prompt.top_k", "prompt.router", "optim.router_lr",
-                          "prompt.temperature.start", "prompt.temperature.floor", "prompt.temperature.rate"})
-
 
 def inactive_keys(cfg: RunConfig, space: SearchSpace | None = None, sampled: dict[str, Any] | None = None) -> set[str]:
-    """Config keys that do not act in `cfg` and were not sampled: source and routing keys without
-    sources or routing, `init_text` unless the init is text, and space factors whose `when:` failed."""
-    p = cfg.prompt
-    off = set()
-    if p.n_sources == 0:
-        off |= SOURCE_KEYS
-    if p.n_candidates < 2:
-        off |= ROUTING_KEYS
-    if p.init != "text":
-        off.add("prompt.init_text")
+    """Config keys that do not act in `cfg` (the liveness table, `crosspt.config.liveness`) and were not
+    sampled, plus the space's factors this trial did not sample (their `when:` failed, or they were dead)."""
+    off = dead_keys(cfg)
     if space is not None:
         off |= set(space.space)
     return off - set(sampled or {})

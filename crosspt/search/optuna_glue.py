@@ -1,0 +1,152 @@
+"""The Optuna side of a search: the sampler, the Tune searcher that keeps the study truthful, the ASHA
+scheduler over the same metric, and the study's clean-up after a crash.
+
+Imported by the driver only when a search runs (it imports Ray Tune at module level).
+"""
+from __future__ import annotations
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from crosspt.config.space import OptunaDefineByRun, SearchSpace
+
+TUNE_TRIAL_ATTR = "tune_trial_id"        # Optuna user attribute: the Tune trial an Optuna trial belongs to
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that tells the study how each trial really ended, and survives a restore.
+
+    Tune hands every ending trial's last result to `on_trial_complete`, the ones ASHA stopped too, and
+    Ray's `OptunaSearch` would then mark a stopped trial COMPLETE with its partial value: TPE would learn
+    from it as if it were a full run and the importances would count it. Here only a trial that ran its
+    last epoch (`final_epoch`) is COMPLETE; a stopped one is PRUNED at its last step (TPE ranks pruned
+    trials by how far they got), a failed one FAIL.
+
+    Restores: Optuna's sqlite study is written at once, Tune's experiment state only every few seconds, so
+    a restored trial may already be finished in the study (its driver told Optuna, then died before Tune
+    saved). Optuna refuses to update such a trial (`UpdateFinishedTrialError`, and only that error is
+    caught): its result is dropped, its value is in the study already. Every trial carries its Tune trial id
+    as a user attribute, so a resumed search can fail the trials a dead driver asked for and Tune never
+    recorded (`fail_stale_trials`)."""
+
+    def suggest(self, trial_id: str):
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and TUNE_TRIAL_ATTR not in ot_trial.user_attrs:
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self._completed_trials.add(trial_id)      # its value is in the study already
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        try:
+            if error or not result or trial_id in self._completed_trials:
+                super().on_trial_complete(trial_id, None, error)      # FAIL, or PRUNED without a value
+                return
+            self._report_last(trial_id, result)
+            if result.get("final_epoch"):
+                super().on_trial_complete(trial_id, result)           # COMPLETE with its value
+            else:
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+        self._completed_trials.add(trial_id)
+
+    def _report_last(self, trial_id: str, result: dict) -> None:
+        """The result a trial ended on (the one ASHA stopped it at, or its last epoch) goes to
+        `on_trial_complete`, not to `on_trial_result`: its intermediate value is reported here (a step
+        reported already is ignored by Optuna with a warning)."""
+        value, step = result.get(self.metric), result.get("training_iteration")
+        if isinstance(value, (int, float)) and isinstance(step, int):
+            self._ot_trials[trial_id].report(float(value), step)
+
+
+def conditional(space: SearchSpace) -> bool:
+    """Whether the space is conditional: a factor exists only given another (`when:`), or is sampled only
+    where the liveness table says it acts (`crosspt.config.liveness`)."""
+    from crosspt.config.liveness import LIVENESS
+
+    return any(p.when for p in space.space.values()) or any(k in LIVENESS for k in space.space)
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The study's sampler for `search.algorithm`.
+
+    TPE on a conditional space runs with `multivariate=True, group=True`: the independent TPE models each
+    parameter on the trials that happen to have it, so a conditional factor is modelled on a subset whose
+    other factors are ignored; grouping fits one joint model per set of co-occurring parameters (Optuna's
+    recommendation for define-by-run spaces; `benchmarks/search_signal.md` measures it on a synthetic
+    conditional objective). `random` and `qmc` are the design modes: their samples do not depend on the
+    scores, so the report's level means are not confounded by where the sampler chose to look."""
+    s = space.search
+    if s.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.algorithm == "qmc":
+        # scrambled Sobol points; a factor a trial lacks (inactive) is drawn by the independent sampler
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=s.seed,
+                                          independent_sampler=optuna.samplers.RandomSampler(seed=s.seed),
+                                          warn_independent_sampling=False)
+    grouped = conditional(space)
+    return optuna.samplers.TPESampler(seed=s.seed, constant_liar=s.constant_liar,
+                                      n_startup_trials=s.n_startup_trials,
+                                      multivariate=grouped, group=grouped, warn_independent_sampling=False)
+
+
+def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: str | None = None):
+    """Every algorithm is an Optuna study over the same define-by-run space, persisted in sqlite: PRUNED/FAIL
+    states, resume and the importances work for all of them. `family`: the backbone family, resolved once
+    by the driver for the liveness table."""
+    obj = space.objective
+    searcher = ResumableOptunaSearch(OptunaDefineByRun(space, family), metric=obj.metric, mode=obj.mode,
+                                     sampler=make_sampler(space), storage=optuna.storages.RDBStorage(optuna_url),
+                                     study_name=study_name,
+                                     points_to_evaluate=[dict(p) for p in space.search.points] or None)
+    try:     # the dashboard and the study's own plots name the objective instead of "Objective 0"
+        optuna.load_study(study_name=study_name, storage=optuna_url).set_metric_names([obj.metric])
+    except Exception:
+        pass
+    return searcher
+
+
+def make_scheduler(space: SearchSpace, epochs: int):
+    """ASHA over the objective's own metric and mode (`SearchSpace.scheduler_metric`): a rung decides on
+    the number the search selects on, reported every epoch."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sch = space.scheduler
+    if sch.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(metric=space.scheduler_metric, mode=space.objective.mode, time_attr="training_iteration",
+                         max_t=epochs, grace_period=min(sch.grace_period, epochs),
+                         reduction_factor=sch.reduction_factor)
+
+
+def delete_study(optuna_url: str, study_name: str) -> None:
+    try:
+        optuna.delete_study(study_name=study_name, storage=optuna_url)
+    except KeyError:
+        pass
+
+
+def fail_stale_trials(optuna_url: str, study_name: str, keep: set[str] = frozenset()) -> int:
+    """FAIL the study's RUNNING trials except those of the Tune trials in `keep` (the ones a restored Tune
+    continues): a dead driver asked Optuna for them and no trial will ever report. Right after a restore,
+    so that `constant_liar` does not count them as pending for the rest of the search, and at the end.
+    Returns how many it failed."""
+    try:
+        storage = optuna.storages.RDBStorage(optuna_url)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:        # no study yet
+        return 0
+    study_id, n = storage.get_study_id_from_name(study_name), 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get(TUNE_TRIAL_ATTR) in keep:
+            continue
+        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number),
+                                       optuna.trial.TrialState.FAIL)
+        n += 1
+    return n

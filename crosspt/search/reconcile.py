@@ -1,0 +1,111 @@
+"""After a crash: make MLflow agree with Tune's record of the trials.
+
+A driver killed mid-search leaves child runs RUNNING. On `--resume` (and once more when the search ends)
+each is closed with the status Tune recorded for its trial, or, for a trial Tune never recorded, ended as an
+orphan that the restored search replaces. The Optuna side is `crosspt.search.optuna_glue.fail_stale_trials`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from crosspt.registry import tracking as T
+
+
+def tune_trials(root: str) -> list:
+    """The trials in a Tune experiment's saved state (id, status, last result, error file)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return list(ExperimentAnalysis(root).trials)
+    except Exception:          # no state saved yet (the driver died at once): every child run is an orphan
+        return []
+
+
+def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trials: list,
+                         search_ended: bool = False) -> dict[str, int]:
+    """Close child runs left RUNNING by a driver that died.
+
+    A child of a trial Tune never recorded (created after the last experiment-state save) is an orphan:
+    the restored search replaces that trial, so its run ends KILLED, tagged `crosspt.orphaned`, and is
+    soft-deleted (`mlflow runs restore` brings it back). A child of a trial Tune recorded as ended is
+    closed with that trial's status. A child of an unfinished trial is left alone (the trial resumes and
+    continues it) unless the search has ended."""
+    c = T.client(uri)
+    by_id = {t.trial_id: t for t in trials}
+    counts = {"orphaned": 0, "closed": 0}
+    for run in T.child_runs(uri, experiment_id, parent_run_id):
+        if run.info.status != "RUNNING":
+            continue
+        rid, t = run.info.run_id, by_id.get(run.data.tags.get(T.TRIAL_TAG, ""))
+        if t is None:
+            c.set_tag(rid, "crosspt.orphaned", "true")
+            c.set_tag(rid, "error", "orphaned: the search driver died before Tune recorded this trial; "
+                                    "the resumed search ran a replacement")
+            c.set_terminated(rid, "KILLED")
+            c.delete_run(rid)
+            counts["orphaned"] += 1
+            continue
+        status = getattr(t, "status", "")
+        if status == "TERMINATED":
+            if (t.last_result or {}).get("final_epoch"):
+                c.set_terminated(rid, "FINISHED")
+            else:
+                c.set_tag(rid, "pruned", "true")
+                c.set_terminated(rid, "KILLED")
+        elif status == "ERROR":
+            c.set_tag(rid, "error", read_error(t)[:5000])
+            c.set_terminated(rid, "FAILED")
+        elif search_ended:
+            c.set_tag(rid, "error", f"the search ended with this trial {status or 'unfinished'}")
+            c.set_terminated(rid, "KILLED")
+        else:
+            continue
+        counts["closed"] += 1
+    return counts
+
+
+def read_error(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        return Path(path).read_text()[-2000:] if path else "trial failed"
+    except OSError:
+        return "trial failed"
+
+
+def unfinished_trial_ids(trials: list) -> set[str]:
+    """The Tune trials a restored search continues (not TERMINATED, not ERROR)."""
+    return {t.trial_id for t in trials if getattr(t, "status", "") not in ("TERMINATED", "ERROR")}
+
+
+def status_callback(uri: str, experiment_id: str, parent_run_id: str):
+    """Closes child runs the trial itself could not close: ASHA stops (KILLED + pruned), crashes (FAILED)."""
+    from ray import tune
+
+    class MlflowTrialStatus(tune.Callback):
+        def _close(self, trial, status, error=None, pruned=False):
+            try:
+                run = T.find_trial_run(uri, experiment_id, parent_run_id, trial.trial_id)
+            except Exception:
+                return
+            if run is None or run.info.status != "RUNNING":
+                return
+            c = T.client(uri)
+            if pruned:
+                c.set_tag(run.info.run_id, "pruned", "true")
+            if error:
+                c.set_tag(run.info.run_id, "error", str(error)[:5000])
+            c.set_terminated(run.info.run_id, status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            if last.get("final_epoch"):
+                self._close(trial, "FINISHED")
+            else:
+                self._close(trial, "KILLED", pruned=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = getattr(trial, "error_msg", None) or read_error(trial)
+            self._close(trial, "FAILED", error=err)
+
+    return MlflowTrialStatus()
+

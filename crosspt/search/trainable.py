@@ -1,0 +1,191 @@
+"""What one Tune trial runs: a sampled configuration -> one training run + its child MLflow run.
+
+`run_trial` is Tune's function trainable. The loop runs in the trial itself (`scaling.in_process`, one
+worker; `budget.repeats` side by side, `crosspt.search.repeats`) or in a Ray Train worker group the trial
+drives. The child run is found again on a retry or a restored search (`TrialLogger.find`): a trial that
+had finished is replayed from MLflow instead of trained again, one that failed deterministically is not
+retried, any other continues its run.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
+from crosspt.config.space import SearchSpace
+from crosspt.errors import CrossPTError
+from crosspt.registry import tracking as T
+from crosspt.run.loop import Session, TrainingDiverged
+from crosspt.run.shipping import localise
+from crosspt.search.params import trial_params
+
+RETRYABLE_TAG = "crosspt.retryable"
+
+
+class TrialNotRetried(RuntimeError):
+    """A retry of a trial whose earlier attempt failed deterministically (divergence, bad input)."""
+
+
+class TuneSession(Session):
+    """A one-worker trial running the loop in the Tune trial itself (no Train worker group)."""
+
+    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool):
+        import torch
+
+        self.logger = logger
+        self._device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+    def device(self):
+        return self._device
+
+    def latest_checkpoint(self):
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        return Path(ckpt.to_directory()) if ckpt else None
+
+    def report(self, metrics, checkpoint_dir):
+        from ray import tune
+
+        if self.logger:
+            self.logger.log_epoch(metrics, checkpoint_dir)
+        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
+
+def trial_number_of(trial_dirname: str, trial_id: str) -> int:
+    """Tune names a trial's folder `<trainable>_<trial_id>_<index>_<params>_<date>`: the index."""
+    m = re.search(re.escape(trial_id) + r"_(\d+)", trial_dirname)
+    return int(m.group(1)) if m else -1
+
+
+def run_trial(params: dict, ctx: dict) -> None:
+    """Tune's function trainable: one sampled configuration -> one training run + its child MLflow run.
+    `ctx`: `crosspt.search.driver.SearchRun.trial_context()`."""
+    from ray import tune
+
+    space = SearchSpace.model_validate(ctx["space"])
+    tctx = tune.get_context()
+    trial_id = tctx.get_trial_id()
+    number = trial_number_of(Path(tctx.get_trial_dir()).name, trial_id)
+    cfg = space.config_for(params)
+    cfg = cfg.model_copy(update={"name": f"{space.name}-trial{number:03d}"})
+    if ctx.get("data_dir"):
+        cfg.data.data_dir = ctx["data_dir"]
+    # params and the config hash name the driver's paths; the run reads this node's copies where it lacks them
+    run_cfg = localise(cfg, ctx.get("shipped"))
+    logger, splits = None, None
+    if ctx.get("tracking_uri"):
+        logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
+                               run_name=f"trial-{number:03d}")
+        prior = logger.find()             # an earlier attempt: a Tune retry, or a search restored after a crash
+        if prior is not None and prior.info.status == "FINISHED":
+            _replay_finished(prior, logger)   # it completed, but the dead driver had not recorded that: no rerun
+            return
+        if prior is not None and prior.info.status == "FAILED" and prior.data.tags.get(RETRYABLE_TAG) == "false":
+            raise TrialNotRetried(f"{prior.data.tags.get('error', 'failed')} [not retried: this configuration "
+                                  f"fails the same way every time]")
+        if prior is not None:
+            logger.resume(prior)
+        else:
+            splits = _start_run(logger, cfg, run_cfg, space, params)
+    try:
+        _train(run_cfg, space, logger, trial_id, ctx, splits)
+    except SystemExit:
+        # Tune ends a function trainable it has stopped (ASHA, or after the last epoch) with SystemExit(0)
+        if logger:
+            last = logger.last_metrics or {}
+            if last.get("final_epoch"):
+                logger.finish("FINISHED")
+            else:
+                logger.finish("KILLED", tags={"pruned": "true", "stopped_at_epoch": last.get("epoch", -1)})
+        raise
+    except BaseException as e:
+        if logger:
+            logger.finish("FAILED", error=f"{type(e).__name__}: {e}",
+                          tags={RETRYABLE_TAG: "false"} if deterministic_failure(e) else None)
+        raise
+    if logger:
+        logger.finish("FINISHED")
+
+
+def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict) -> dict:
+    """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits, drawn
+    once here: logged as the run's inputs and trained on."""
+    from crosspt.run.loop import prepare_data
+
+    all_params = {**trial_params(cfg, space, params), "search.name": space.name,
+                  "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
+    _, splits = prepare_data(run_cfg)
+    logger.start(all_params, config_to_yaml(cfg), datasets=T.split_datasets(splits, cfg.data.data_dir),
+                 tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
+                       **T.provenance_tags(cfg.data.data_dir)})
+    return splits
+
+
+def _train(cfg: RunConfig, space: SearchSpace, logger, trial_id: str, ctx: dict, splits: dict | None) -> None:
+    """The trial's training: repeats side by side, one in-process loop, or a Ray Train worker group."""
+    session = TuneSession(logger, cfg.scaling.use_gpu)
+    if space.budget.repeats > 1:
+        from crosspt.search.repeats import run_repeats
+
+        run_repeats(cfg, space, session, splits=splits)
+    elif cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
+        from crosspt.run.loop import run_loop
+
+        run_loop(cfg, session, splits=splits)
+    else:
+        _fit_trainer_in_trial(cfg, trial_id, ctx, logger, splits)
+
+
+def deterministic_failure(exc: BaseException) -> bool:
+    """Divergence and user errors (bad config/data/artifact) repeat on a retry: retrying them is pointless."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (TrainingDiverged, CrossPTError)):
+            return True
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += list(getattr(e, "exceptions", []) or [])
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    return False
+
+
+def _replay_finished(run, logger: T.TrialLogger) -> None:
+    """Report a completed trial's final metrics (from its child run) again instead of training it again;
+    the run keeps its status and end time and gets a `crosspt.replayed` count."""
+    from ray import tune
+
+    T.client(logger.uri).set_tag(run.info.run_id, "crosspt.replayed",
+                                 str(int(run.data.tags.get("crosspt.replayed", "0")) + 1))
+    m: dict[str, Any] = dict(run.data.metrics)
+    m.update({"final_epoch": True, "replayed": True})
+    if "epoch" in m:
+        m["training_iteration"] = int(m["epoch"]) + 1      # as many iterations as epochs, as in the first run
+    tune.report(m)
+
+
+def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger, splits: dict | None) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from crosspt.run.loop import ray_worker_loop
+    from crosspt.run.trainer import train_scaling
+
+    callbacks = [TuneReportCallback()] + ([T.train_callback(logger)] if logger else [])
+    trainer = TorchTrainer(
+        ray_worker_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "shipped": ctx.get("shipped"), "splits": splits},
+        scaling_config=train_scaling(cfg.scaling),
+        run_config=ray.train.RunConfig(name=f"train-{trial_id}", storage_path=ctx["train_storage"],
+                                       callbacks=callbacks,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                                       failure_config=ray.train.FailureConfig(max_failures=ctx.get("train_max_failures", 0))),
+    )
+    trainer.fit()
