@@ -1,4 +1,5 @@
-"""TPE on a conditional space: independent (before) vs `multivariate=True, group=True` (now).
+"""TPE on a conditional space: Optuna's default TPE (what crosspt uses; in Optuna 5 multivariate, ungrouped),
+`multivariate=True, group=True` (`search.tpe_group`) and the fully independent TPE (`multivariate=False`).
 
 A synthetic objective over a space shaped like the paper's (`n_sources`, `top_k` when n_sources > 1, the
 routing factors only where they act, a prompt lr), sampled through crosspt's own define-by-run walk
@@ -98,7 +99,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=10)
     a = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    lines = ["# TPE on a conditional space: independent vs multivariate+group", "",
+    variants = {
+        "default (multivariate)": lambda sp: make_sampler(sp),
+        "grouped (tpe_group)": lambda sp: make_sampler(sp.model_copy(update={"search": sp.search.model_copy(
+            update={"tpe_group": True})})),
+        "independent": lambda sp: optuna.samplers.TPESampler(seed=sp.search.seed, n_startup_trials=8,
+                                                             multivariate=False),
+    }
+    ref = "default (multivariate)"
+    lines = ["# TPE on a conditional space: Optuna's default vs grouped vs independent", "",
              f"`python jobs/search_signal_bench.py --trials {a.trials} --noise {a.noise} --target {a.target} "
              f"--seeds {a.seeds}`: synthetic objectives (optimum 1.0, N(0, {a.noise}) noise per trial) over a "
              f"CrossPT-shaped space (7 factors, `top_k` conditional on `n_sources`, the routing factors sampled "
@@ -106,28 +115,28 @@ def main(argv=None) -> int:
              f"factor's best value is fixed; `interacting`: the best prompt lr depends on the composition, the "
              f"best top_k on n_sources, the best tau0 on top_k. Trials to reach {a.target} of the noiseless "
              f"optimum (runs that never reach it count as {a.trials + 1}), and the mean best true value after "
-             f"20/40/{a.trials} trials. Every seed run is in the table.", ""]
+             f"20/40/{a.trials} trials. `default` is Optuna 5's TPESampler default (multivariate for one "
+             f"objective, ungrouped), which crosspt used before and uses now. Every seed run is in the table; "
+             f"paired differences by seed (same seed, same noise draws) with scipy's Wilcoxon signed-rank test.", ""]
     half = a.seeds // 2
     for obj, value in OBJECTIVES.items():
         rows = []
         for seed in range(a.seeds):
             space = SearchSpace.model_validate({**SPACE, "search": {**SPACE["search"], "seed": seed}})
-            grouped = make_sampler(space)
-            before = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=8)
-            for name, sampler in (("independent (before)", before), ("grouped (now)", grouped)):
-                true = run(sampler, space, a.trials, a.noise, seed, value)
+            for name, make in variants.items():
+                true = run(make(space), space, a.trials, a.noise, seed, value)
                 best = np.maximum.accumulate(true)
                 hit = next((i + 1 for i, b in enumerate(best) if b >= a.target), None)
                 rows.append({"seed": seed, "tpe": name, "trials_to_target": hit, "best_at_20": best[19],
                              "best_at_40": best[39], "best_final": best[-1]})
-                print(f"{obj} seed {seed} {name:<22} trials to {a.target}: {hit}  best@20 {best[19]:.4f}  "
+                print(f"{obj} seed {seed} {name:<24} trials to {a.target}: {hit}  best@20 {best[19]:.4f}  "
                       f"best@40 {best[39]:.4f}  best@{a.trials} {best[-1]:.4f}", flush=True)
         lines += [f"## {obj}", "",
                   f"| seeds | TPE | trials to {a.target}: median (per seed) | not reached | best@20 | best@40 | "
                   f"best@{a.trials} |", "|---|---|---|---:|---:|---:|---:|"]
         for label, seeds in ((f"0-{half - 1} (tuned on)", range(half)), (f"{half}-{a.seeds - 1} (check)",
                                                                           range(half, a.seeds))):
-            for name in ("independent (before)", "grouped (now)"):
+            for name in variants:
                 rs = [r for r in rows if r["tpe"] == name and r["seed"] in seeds]
                 hits = [r["trials_to_target"] for r in rs]
                 med = statistics.median([h if h is not None else a.trials + 1 for h in hits])
@@ -135,6 +144,20 @@ def main(argv=None) -> int:
                              f"{sum(h is None for h in hits)} | {statistics.mean(r['best_at_20'] for r in rs):.4f} | "
                              f"{statistics.mean(r['best_at_40'] for r in rs):.4f} | "
                              f"{statistics.mean(r['best_final'] for r in rs):.4f} |")
+        from scipy.stats import wilcoxon
+
+        by = {(r["seed"], r["tpe"]): r for r in rows}
+        lines.append("")
+        for name in (n for n in variants if n != ref):
+            for key, label in (("best_final", f"best@{a.trials}"), ("best_at_40", "best@40")):
+                d = [by[(sd, name)][key] - by[(sd, ref)][key] for sd in range(a.seeds)]
+                p = wilcoxon(d).pvalue if any(d) else 1.0
+                lines.append(f"- {name} - default, {label}: mean {statistics.mean(d):+.4f}, better on "
+                             f"{sum(x > 0 for x in d)} of {a.seeds} seeds, Wilcoxon p = {p:.3f}")
+            hits = [(by[(sd, name)]["trials_to_target"] or a.trials + 1, by[(sd, ref)]["trials_to_target"]
+                     or a.trials + 1) for sd in range(a.seeds)]
+            lines.append(f"- {name} vs default, trials to {a.target}: fewer on {sum(g < i for g, i in hits)} seeds, "
+                         f"more on {sum(g > i for g, i in hits)}, equal on {sum(g == i for g, i in hits)}")
         lines.append("")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -58,9 +58,17 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         proc.wait(10)
 
 
+def ensure_auth_token() -> None:
+    """Token auth needs ~/.ray/auth_token before `ray start`; `ray.init` of a local cluster makes one, but
+    on a fresh machine a test that starts a head first would find none."""
+    if not (Path.home() / ".ray" / "auth_token").is_file() and not os.environ.get("RAY_AUTH_TOKEN"):
+        subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True)
+
+
 def _ray_start(args: list[str], log, env: dict, hide: tuple[Path, ...] = ()) -> subprocess.Popen:
     """`ray start --block ...`; with `hide`, in a mount namespace of its own where each of those folders
     is an empty tmpfs: that node cannot read what the driver can (a worker machine without the shared disk)."""
+    ensure_auth_token()
     cmd = ["ray", "start", "--block", "--disable-usage-stats", *args]
     if hide:
         mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(str(h))}" for h in hide)

@@ -221,7 +221,8 @@ def test_impossible_space_rejected_before_any_trial(tmp_path):
     from crosspt.errors import ConfigError
 
     f = tmp_path / "bad.yaml"
-    f.write_text(yaml.safe_dump({"name": "bad", "base": {"prompt": {"n_sources": 1, "private_len": 0}},
+    f.write_text(yaml.safe_dump({"name": "bad", "base": {"prompt": {"n_sources": 1, "private_len": 0,
+                                                                    "source_bank": "random"}},
                                  "space": {"prompt.top_k": {"type": "int", "low": 1, "high": 3}}}))
     with pytest.raises(ConfigError, match="top_k"):
         load_space(f)

@@ -205,20 +205,21 @@ def test_stale_running_trials_are_failed_except_those_tune_continues(tmp_path):
     assert fail_stale_trials(url, "missing-study") == 0
 
 
-def test_tpe_is_grouped_on_a_conditional_space():
-    from crosspt.search.optuna_glue import make_sampler
-
-    cond = SearchSpace.model_validate(space_tree(**{
-        "prompt.n_sources": {"type": "int", "low": 0, "high": 2},
-        "prompt.top_k": {"type": "int", "low": 1, "high": "prompt.n_sources", "when": {"prompt.n_sources": ">1"}}}))
-    flat = SearchSpace.model_validate(space_tree(**{"optim.prompt_lr": {"type": "loguniform", "low": 1e-3,
-                                                                        "high": 0.1}}))
-    assert make_sampler(cond)._multivariate and make_sampler(cond)._group
-    assert not make_sampler(flat)._multivariate
-    flat.search.algorithm = "qmc"
+def test_sampler_per_algorithm():
     import optuna
 
-    assert isinstance(make_sampler(flat), optuna.samplers.QMCSampler)
+    from crosspt.search.optuna_glue import make_sampler
+
+    space = SearchSpace.model_validate(space_tree(**{
+        "prompt.n_sources": {"type": "int", "low": 0, "high": 2},
+        "prompt.top_k": {"type": "int", "low": 1, "high": "prompt.n_sources", "when": {"prompt.n_sources": ">1"}}}))
+    assert make_sampler(space)._multivariate is None and not make_sampler(space)._group   # Optuna's default
+    space.search.tpe_group = True             # measured worse on conditional spaces: opt-in
+    assert make_sampler(space)._multivariate and make_sampler(space)._group
+    space.search.algorithm = "qmc"
+    assert isinstance(make_sampler(space), optuna.samplers.QMCSampler)
+    space.search.algorithm = "random"
+    assert isinstance(make_sampler(space), optuna.samplers.RandomSampler)
 
 
 # ---- the loop: the untrained evaluation, resume of an ended run, repeats per epoch -----------------

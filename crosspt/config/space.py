@@ -119,6 +119,10 @@ class Searcher(Strict):
     # random: Optuna's RandomSampler; qmc: Optuna's QMCSampler (scrambled Sobol), the design mode for
     # attributing effects to factors (crosspt.search.optuna_glue.make_sampler)
     algorithm: Literal["optuna", "random", "qmc"] = "optuna"
+    # TPE's `group` mode (multivariate with one joint model per set of co-occurring factors, meant for
+    # conditional spaces). Off by default: on CrossPT-shaped conditional spaces it reached the optimum
+    # later than Optuna's default TPE, not sooner (benchmarks/search_signal.md, 20 seeds, two objectives)
+    tpe_group: bool = False
     seed: int = 0
     constant_liar: bool = True
     n_startup_trials: int = Field(4, ge=1)

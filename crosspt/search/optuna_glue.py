@@ -65,23 +65,17 @@ class ResumableOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].report(float(value), step)
 
 
-def conditional(space: SearchSpace) -> bool:
-    """Whether the space is conditional: a factor exists only given another (`when:`), or is sampled only
-    where the liveness table says it acts (`crosspt.config.liveness`)."""
-    from crosspt.config.liveness import LIVENESS
-
-    return any(p.when for p in space.space.values()) or any(k in LIVENESS for k in space.space)
-
-
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
     """The study's sampler for `search.algorithm`.
 
-    TPE on a conditional space runs with `multivariate=True, group=True`: the independent TPE models each
-    parameter on the trials that happen to have it, so a conditional factor is modelled on a subset whose
-    other factors are ignored; grouping fits one joint model per set of co-occurring parameters (Optuna's
-    recommendation for define-by-run spaces; `benchmarks/search_signal.md` measures it on a synthetic
-    conditional objective). `random` and `qmc` are the design modes: their samples do not depend on the
-    scores, so the report's level means are not confounded by where the sampler chose to look."""
+    TPE is Optuna's default (in Optuna 5: multivariate for a single objective, one model over the factors a
+    trial shares with the history, no grouping) unless `search.tpe_group` (Optuna's `multivariate=True,
+    group=True`: one joint model per set of co-occurring factors, meant for conditional spaces). Grouping
+    stays off because it did worse where it was measured: on two synthetic objectives over a CrossPT-shaped
+    conditional space, 20 seeds each, it reached the optimum later than the default
+    (`jobs/search_signal_bench.py`, `benchmarks/search_signal.md`). `random` and `qmc` are the design
+    modes: their samples do not depend on the scores, so the report's level means are not confounded by
+    where the sampler chose to look."""
     s = space.search
     if s.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
@@ -90,10 +84,10 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
         return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=s.seed,
                                           independent_sampler=optuna.samplers.RandomSampler(seed=s.seed),
                                           warn_independent_sampling=False)
-    grouped = conditional(space)
+    grouped = {"multivariate": True, "group": True} if s.tpe_group else {}
     return optuna.samplers.TPESampler(seed=s.seed, constant_liar=s.constant_liar,
-                                      n_startup_trials=s.n_startup_trials,
-                                      multivariate=grouped, group=grouped, warn_independent_sampling=False)
+                                      n_startup_trials=s.n_startup_trials, warn_independent_sampling=False,
+                                      **grouped)
 
 
 def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: str | None = None):
