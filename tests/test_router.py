@@ -48,7 +48,110 @@ def test_default_training_weights_average_to_evaluation_weights_at_the_floor(row
     assert torch.allclose(train.mean(0), evalw[0], atol=MEAN_TOL), (train.mean(0), evalw[0])
 
 
-@pytest.mark.parametrize("normalization", ["noisy_topk", "reference", "gate_softmax"])
+def _default_schedule_temperatures() -> dict[str, float]:
+    """tau at the start, the middle and the floor of the default config's temperature schedule."""
+    t = load_config(None, {}).prompt.temperature
+    return {where: C.scheduled_temperature(t.schedule, start=t.start, floor=t.floor, rate=t.rate, step=0,
+                                           progress=p) for where, p in (("start", 0.0), ("middle", 0.5),
+                                                                         ("floor", 1.0))}
+
+
+def _default_rule_prompt(logits: torch.Tensor, top_k: int | None, tau: float, **spec) -> CrossPTPrompt:
+    """`_prompt` with the default config's normalisation (what a run gets without naming one)."""
+    return _prompt(logits, top_k, tau, normalization=load_config(None, {}).prompt.normalization, **spec)
+
+
+# 20000 draws: the Monte-Carlo sd of a mean weight is under 0.0035 even at tau = 5 (Var(w_i) <= 1/4 / (c + 1),
+# c = k / tau >= 1), so 0.02 is > 5 sd, and far below the 0.39 gap of noisy_topk at the start
+DEFAULT_DRAWS, DEFAULT_TOL = 20000, 0.02
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "floor"])
+@pytest.mark.parametrize("rows,top_k", [([2.0, 0.0, 0.0, 0.0, 0.0], None), ([2.0, 0.0, 0.0, 0.0, 0.0], 2),
+                                        ([1.0, 0.0, -1.0, 0.5, 2.0], 3), ([0.0] * 6, None)])
+def test_default_training_weights_average_to_evaluation_weights_at_every_temperature(where, rows, top_k):
+    """Issue 21: the default rule's mean training weights are its evaluation weights at the start, the
+    middle and the floor of the default schedule (noisy_topk met them only near the floor), with exactly
+    top_k candidates in both."""
+    tau = _default_schedule_temperatures()[where]
+    torch.manual_seed(11)
+    m = _default_rule_prompt(_logits(rows), top_k, tau)
+    ids = torch.zeros(DEFAULT_DRAWS, dtype=torch.long)
+    _, _, train = m.train()(ids)
+    _, _, evalw = m.eval()(ids[:1])
+    k = top_k or len(rows)
+    assert ((train > 0).sum(-1) == k).all() and int((evalw[0] > 0).sum()) == k
+    gap = float((train.detach().mean(0) - evalw[0].detach()).abs().max())
+    assert gap < DEFAULT_TOL, f"tau {tau:.3f}: mean training {train.mean(0).tolist()} vs eval {evalw[0].tolist()}"
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "floor"])
+def test_default_router_gradient_is_the_evaluation_gradient_on_average(where):
+    """For a loss linear in the weights the expected router gradient under the default rule is the
+    evaluation gradient at every temperature of the default schedule: it does not vanish at the start
+    (noisy_topk's is ~0.16x there)."""
+    tau = _default_schedule_temperatures()[where]
+    torch.manual_seed(12)
+    g = torch.randn(5)
+    logits = _logits([2.0, 0.0, 0.0, 0.0, 0.0])
+    m = _default_rule_prompt(logits, None, tau)
+    _, _, train = m.train()(torch.zeros(DEFAULT_DRAWS, dtype=torch.long))
+    (train @ g).mean().backward()
+    mean_grad = m.router.logits.grad[0].clone()
+    m.router.logits.grad = None
+    _, _, evalw = m.eval()(torch.zeros(1, dtype=torch.long))
+    (evalw[0] @ g).backward()
+    eval_grad = m.router.logits.grad[0]
+    ratio = float(mean_grad.norm() / eval_grad.norm())
+    assert 0.9 < ratio < 1.1, f"tau {tau:.3f}: |E grad| / |eval grad| = {ratio:.3f}"
+    assert float((mean_grad - eval_grad).norm() / eval_grad.norm()) < 0.15
+
+
+def test_default_rule_breaks_ties_to_the_earlier_candidates_in_both():
+    """Equal logits (every task router at the start): training and evaluation keep the same k, the first
+    ones (torch.topk alone keeps index 2 of 5 for k = 1)."""
+    torch.manual_seed(13)
+    for top_k in (1, 2, 3):
+        m = _default_rule_prompt(_logits([0.0] * 5), top_k, tau=5.0)
+        _, _, train = m.train()(torch.zeros(64, dtype=torch.long))
+        _, _, evalw = m.eval()(torch.zeros(1, dtype=torch.long))
+        first = torch.arange(5) < top_k
+        assert torch.equal(evalw[0] > 0, first) and torch.equal(train > 0, first.expand(64, -1))
+
+
+def test_dirichlet_is_finite_and_keeps_k_at_extreme_logits():
+    """Logit gaps of 60 give kept weights near 1e-26 (Dirichlet concentrations near 0): still exactly k
+    non-zero weights, summing to 1, and finite gradients."""
+    torch.manual_seed(14)
+    logits = _logits([[30.0, -30.0, 0.0, -30.0], [0.0, 0.0, 0.0, 0.0]]).repeat(500, 1).requires_grad_(True)
+    for tau in (5.0, 0.1):
+        w = C.train_weights(logits, tau, 3, "dirichlet")
+        assert ((w > 0).sum(-1) == 3).all() and torch.allclose(w.sum(-1), torch.ones(1000))
+        (w * torch.randn(4)).sum().backward()
+        assert torch.isfinite(logits.grad).all()
+        logits.grad = None
+
+
+def test_dirichlet_dropped_candidate_learns_through_the_dense_gradient_under_wavg():
+    """A candidate top-k drops has weight exactly 0 in every training draw, but its logit still gets the
+    dense softmax's gradient: when adding it would lower the loss (wavg) it rises into the kept set."""
+    torch.manual_seed(15)
+    cands = torch.randn(4, 3, 8)                                            # [n_cand, L, d]
+    logits = torch.tensor([[1.0, 0.5, 0.0, -1.0]], requires_grad=True)      # the target, 3, is dropped
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(60):
+        kept = C.topk_mask(logits.detach(), 2, stable=True)[0]
+        w = C.train_weights(logits.expand(16, -1), 1.0, 2, "dirichlet")     # [16, 4]
+        assert bool(kept[3]) or (w[:, 3] == 0).all()
+        prompt = torch.einsum("bn,nld->bld", w, cands)
+        loss = (prompt - cands[3]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert bool(C.topk_mask(logits.detach(), 2, stable=True)[0, 3]), logits
+
+
+@pytest.mark.parametrize("normalization", ["dirichlet", "noisy_topk", "reference", "gate_softmax"])
 @pytest.mark.parametrize("top_k", [None, 1, 2])
 def test_every_rule_keeps_exactly_top_k_in_training_and_evaluation(normalization, top_k):
     torch.manual_seed(1)
