@@ -94,6 +94,16 @@ def parse_args(argv=None):
                    help="with --standard: take the sources, the probe and every single-lr cell from an earlier "
                         "run of the same settings (deterministic runs) and run the rest")
     p.add_argument("--analysis", metavar="MD", help="with --standard: a written diagnosis included in the report")
+    p.add_argument("--arms", nargs="+", metavar="ARM",
+                   help="with --standard: the single-task arms to run (pt pt_long crosspt_cat crosspt_wavg; all)")
+    p.add_argument("--multi-shots", nargs="*", type=int, metavar="K",
+                   help="with --standard: the k of the multi-task regime (none: no multi-task cells)")
+    p.add_argument("--transfer-seeds", nargs="*", type=int, metavar="SEED",
+                   help="with --standard: the seeds of the transfer matrix (none: no transfer matrix)")
+    p.add_argument("--normalizations", nargs="+", metavar="RULE",
+                   help="with --standard: run CrossPT cat and wavg again under these router rules (e.g. "
+                        "noisy_topk) beside the default, and compare them in the report")
+    p.add_argument("--no-probe", action="store_true", help="with --standard: skip the untrained probe stage")
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--source-tasks", nargs="+", help="source pool (each target leaves itself out)")
     p.add_argument("--shots", nargs="+", type=int)
@@ -208,6 +218,11 @@ def main_standard(args) -> int:
             js.write_text(json.dumps(summary, indent=1, default=str))
     else:
         extra = dict(STANDARD_FULL_EXTRA if args.full else STANDARD_QUICK_EXTRA if args.quick else STANDARD_EXTRA)
+        for key in ("arms", "multi_shots", "transfer_seeds", "normalizations"):
+            if getattr(args, key) is not None:
+                extra[key] = getattr(args, key)
+        if args.no_probe:
+            extra["probe"] = False
         st = StandardSettings(bench=settings_from(args), **extra)
         b = st.bench
         print(f"standard benchmark '{name}': targets {b.tasks}, source pool {b.source_tasks}, k={b.shots}, "
