@@ -90,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--ablate", nargs="*", type=int, metavar="SEED",
                    help="with --render: re-run PT's and CrossPT cat's k=lr_shots cells of these seeds (default "
                         "0 1 2) with the scoring heads frozen, and with neutral prompt init; added to the report")
+    p.add_argument("--planted", nargs="*", type=int, metavar="SEED",
+                   help="with --render: the planted-source probe on the run's bank (each target whose own task is "
+                        "in the pool composes the whole pool, no private prompt, under the default router rule and "
+                        "noisy_topk) on these seeds (default 0-4); added to the JSON and the report")
     p.add_argument("--reuse", metavar="JSON",
                    help="with --standard: take the sources, the probe and every single-lr cell from an earlier "
                         "run of the same settings (deterministic runs) and run the rest")
@@ -214,7 +218,15 @@ def main_standard(args) -> int:
 
             summary["ablations"] = ablate(summary, seeds=args.ablate or [0, 1, 2], parallel=args.parallel,
                                           log=lambda m: print(m, flush=True))
-        if args.trace_router is not None or args.ablate is not None:
+        if args.planted is not None:
+            from crosspt.bench.standard_run import planted
+
+            done = planted(summary, seeds=args.planted or [0, 1, 2, 3, 4], parallel=args.parallel,
+                           log=lambda m: print(m, flush=True))
+            # seeds added to an earlier probe replace their own cells only
+            keep = [r for r in summary.get("planted", []) if r["seed"] not in set(args.planted or [0, 1, 2, 3, 4])]
+            summary["planted"] = keep + done
+        if args.trace_router is not None or args.ablate is not None or args.planted is not None:
             js.write_text(json.dumps(summary, indent=1, default=str))
     else:
         extra = dict(STANDARD_FULL_EXTRA if args.full else STANDARD_QUICK_EXTRA if args.quick else STANDARD_EXTRA)

@@ -408,3 +408,55 @@ def test_placement_is_refused_where_a_family_has_one_place(minilm_path):
     with pytest.raises(ConfigError, match="placement 'before'"):
         load_backbone(str(minilm_path), [get_task("sst2")], placement="before")
     assert load_backbone(str(minilm_path), [get_task("sst2")], placement="after").family == "encoder"
+
+
+# ---- the planted-source probe (issue 21) -------------------------------------------------------------------
+def _planted_setup(data_dir, seed: int):
+    """sst2 on the offline MiniLM, 32 rows per class: a PT run gives the task's own trained prompt; the bank
+    holds it between two random prompts of the same per-token norm (unrelated, on the same scale)."""
+    import tempfile
+
+    from crosspt.backbones.loader import load_for_config
+    from crosspt.run.loop import LocalSession, prepare_data, run_loop
+    from crosspt.run.model import build_model
+
+    base = {"tasks": ["sst2"], "backbone.name": "minilm", "backbone.max_length": 32, "data.data_dir": str(data_dir),
+            "data.shots": 32, "data.val_shots": 4, "data.max_test": 8, "prompt.source_len": 4,
+            "prompt.private_len": 4, "prompt.init": "vocab", "train.batch_size": 8, "train.patience": None,
+            "train.eval_initial": False, "seed": seed}
+    pt = load_config(None, {**base, "optim.prompt_lr": 0.3, "train.epochs": 4, "train.checkpoint_every": 4})
+    tasks, splits = prepare_data(pt)
+    model = build_model(pt, tasks, backbone=load_for_config(pt, tasks))
+    with tempfile.TemporaryDirectory() as d:
+        run_loop(pt, LocalSession(d), model=model, splits=splits)
+    own = model.prompt.private.prompts[0].detach().clone()                      # [L, d]
+    rand = torch.randn(2, *own.shape, generator=torch.Generator().manual_seed(100 + seed))
+    rand = rand / rand.norm(dim=-1, keepdim=True) * own.norm(dim=-1, keepdim=True)
+    return base, tasks, splits, torch.stack([rand[0], own, rand[1]])           # own is candidate 1
+
+
+@pytest.mark.slow
+def test_planted_own_prompt_draws_the_router_under_the_default_rule(data_dir, minilm_path, tmp_path):
+    """The router alone (no private prompt, frozen bank) must find the task's own trained prompt among random
+    ones of the same norm: its weight ends clearly above uniform (1/3) and it is the top candidate."""
+    from crosspt.backbones.loader import load_for_config
+    from crosspt.run.loop import LocalSession, run_loop
+    from crosspt.run.model import build_model
+
+    torch.set_num_threads(1)
+    base, tasks, splits, bank = _planted_setup(data_dir, seed=0)
+    cfg = load_config(None, {**base, "prompt.n_sources": 3, "prompt.private_len": 0, "prompt.composition": "wavg",
+                             "optim.router_lr": 0.1, "train.epochs": 4, "train.checkpoint_every": 4})
+    assert cfg.prompt.normalization == "dirichlet"          # the default rule
+    model = build_model(cfg, tasks, backbone=load_for_config(cfg, tasks), bank=bank)
+    trace = []
+
+    class Trace(LocalSession):
+        def report(self, metrics, checkpoint_dir):
+            if not metrics.get("final_epoch"):              # the last report comes after validation's pick
+                trace.append(model.prompt.task_weights()[0].tolist())
+            return super().report(metrics, checkpoint_dir)
+
+    run_loop(cfg, Trace(tmp_path), model=model, splits=splits)
+    last = trace[-1]
+    assert last[1] > 0.5 and max(range(3), key=last.__getitem__) == 1, trace

@@ -375,6 +375,76 @@ def _ablation_lines(summary: dict) -> list[str]:
     return out + _table(["change", "method"] + targets + ["avg"], rows) + [""]
 
 
+def _one_sample(values: list[float]) -> str:
+    """Mean [95% t-interval] x100 of values that are differences already (one per seed)."""
+    if len(values) < 2:
+        return "–"
+    mu, sd = statistics.fmean(values), statistics.stdev(values)
+    half = t_quantile(len(values)) * sd / math.sqrt(len(values))
+    return f"{mu * 100:+.1f} [{(mu - half) * 100:+.1f}, {(mu + half) * 100:+.1f}]"
+
+
+def _trace_end(r: dict, kept: bool = False) -> list[float]:
+    """A cell's router weights `[n_cand]` (its one task) at its last epoch report before the end (the last
+    epoch's report comes after validation's pick is restored), or (`kept`) in the state validation kept (the
+    trace's `restored_best` entry)."""
+    return [e for e in r["router_trace"] if bool(e.get("restored_best")) == kept][-1]["weights"][0]
+
+
+def _planted_lines(summary: dict) -> list[str]:
+    """The planted-source probe (`standard_run.planted`): the router's weight on the target's own source over
+    training, and the test score against that source's own score (its pre-training run's test)."""
+    pl = summary.get("planted") or []
+    if not pl:
+        return []
+    own_score = {r["task"]: r["test"] for r in summary["records"] if r["method"] == Arm.SOURCE}
+    r0 = pl[0]
+    out = [f"Each target whose own task is in the pool composes the whole bank {r0['bank_tasks']} (its own "
+           "pre-trained prompt among the others), with no private prompt: only the router can find its own "
+           f"prompt. k={summary['standard']['lr_shots']}, router lr {r0['router_lr']}, {r0['epochs']} epochs "
+           f"without early stopping, prompt lr {r0['lr']} (only the scoring heads train besides the router); "
+           "validation picks the kept epoch as in every cell. Own-prompt score = the source's own test in the "
+           f"Sources table. Seeds {sorted({r['seed'] for r in pl})}; uniform weight {1 / len(r0['bank_tasks']):.2f}. "
+           "Weights and scores x100.", ""]
+    for t in dict.fromkeys(r["task"] for r in pl):
+        rs = [r for r in pl if r["task"] == t]
+        ref = own_score.get(t)
+        groups = list(dict.fromkeys((r["method"], r["rule"]) for r in rs))
+        of = {grp: {r["seed"]: r for r in rs if (r["method"], r["rule"]) == grp} for grp in groups}
+        rows = []
+        for (arm, rule), g in of.items():
+            top = sum(1 for r in g.values() if max(range(len(r["bank_tasks"])), key=_trace_end(r).__getitem__) == r["own"])
+            tests = {sd: r["test"] for sd, r in g.items()}
+            rows.append([LABELS[Arm(arm)], rule, _ms({sd: _trace_end(r)[r["own"]] for sd, r in g.items()}),
+                         _ms({sd: _trace_end(r, kept=True)[r["own"]] for sd, r in g.items()}),
+                         f"{top} of {len(g)}", _ms(tests),
+                         _one_sample([v - ref for v in tests.values()]) if ref is not None else "–"])
+        out += [f"**{t}** (own-prompt score {ref * 100:.1f})" if ref is not None else f"**{t}**", ""]
+        last = [e["epoch"] for e in rs[0]["router_trace"] if not e.get("restored_best")][-1]
+        out += _table(["method", "rule", f"own weight after epoch {last}", "own weight, kept epoch",
+                       f"own the top candidate after epoch {last}", "test", "test − own-prompt score [95% CI]"], rows) + [""]
+        n = min(len(r["router_trace"]) for r in rs)
+        trows = []
+        for i in range(n):
+            e = rs[0]["router_trace"][i]
+            trows.append(["kept" if e.get("restored_best") else str(e["epoch"])]
+                         + [f"{statistics.fmean(r['router_trace'][i]['weights'][0][r['own']] for r in g.values()):.3f}"
+                            for g in of.values()])
+        out += ["Weight on the own source per epoch (mean over seeds; −1 = start, kept = the state validation kept):", ""]
+        out += _table(["epoch"] + [f"{LABELS[Arm(a)]} {rule}" for a, rule in groups], trows) + [""]
+        rules = list(dict.fromkeys(r["rule"] for r in rs))
+        for arm in dict.fromkeys(r["method"] for r in rs):
+            if len(rules) != 2:
+                break
+            a, b = of.get((arm, rules[0]), {}), of.get((arm, rules[1]), {})
+            seeds = sorted(set(a) & set(b))
+            out.append(f"- {LABELS[Arm(arm)]}, {rules[0]} − {rules[1]}, paired over seeds: own weight after epoch {last} "
+                       + _one_sample([_trace_end(a[x])[a[x]["own"]] - _trace_end(b[x])[b[x]["own"]] for x in seeds])
+                       + ", test " + _d(paired({x: a[x]["test"] for x in seeds}, {x: b[x]["test"] for x in seeds})))
+        out.append("")
+    return out
+
+
 def _lr_lines(summary: dict) -> list[str]:
     picks: dict[str, Counter] = {}
     k0 = summary["standard"]["lr_shots"]
@@ -455,6 +525,8 @@ def render(summary: dict, analysis: str | None = None) -> tuple[str, dict]:
             _transfer_lines(summary, tm) + [""]
     if any(r.get("kind") == "probe" for r in recs):
         lines += ["## Before training: untrained prompts on each target", ""] + _probe_lines(summary)
+    if summary.get("planted"):
+        lines += ["## Planted source: can the router find the target's own prompt?", ""] + _planted_lines(summary)
     if summary.get("ablations"):
         lines += ["## Ablations: what the trained part costs", ""] + _ablation_lines(summary)
     lines += ["## Router weights and best epochs", ""] + _router_lines(summary) + [""] + _trace_lines(summary)

@@ -262,3 +262,42 @@ def ablate(summary: dict, *, arms=(Arm.PT, Arm.CAT), seeds: list[int] | None = N
         out.append({**{k: r[k] for k in ("method", "task", "seed", "lr", "val", "test", "best_epoch",
                                           "variant_name")}, "original_test": o["test"], "original_val": o["val"]})
     return out
+
+
+# the planted-source probe (issue 21): a target whose own task is in the source pool composes the WHOLE pool,
+# its own pre-trained prompt included, with no private prompt, so that only the router can find it; the
+# router lr and the epochs are raised from the protocol's (0.01, 5 with patience) so that its logits can move
+PLANTED = {"router_lr": 0.1, "epochs": 10, "lr": 0.03}
+
+
+def planted_variant(rule: str, router_lr: float, epochs: int) -> dict:
+    """The run-config overrides of a planted-source cell under router rule `rule`."""
+    return {"prompt": {"normalization": rule, "private_len": 0}, "optim": {"router_lr": router_lr},
+            "train": {"epochs": epochs, "patience": None, "checkpoint_every": epochs}}
+
+
+def planted(summary: dict, *, seeds: list[int], rules: tuple[str, ...] = ("dirichlet", "noisy_topk"),
+            arms: tuple[Arm, ...] = (Arm.CAT, Arm.WAVG), router_lr: float = PLANTED["router_lr"],
+            epochs: int = PLANTED["epochs"], lr: float = PLANTED["lr"], parallel: int = 1,
+            log: Log = print) -> list[dict]:
+    """The planted-source probe over a finished run's bank: for every target whose own task is in the
+    bank, CrossPT `arms` on the whole bank (no private prompt) under each of `rules`, k = lr_shots, `seeds`,
+    prompt lr `lr` (only the scoring heads train besides the router). Each record keeps the router's
+    evaluation weights per epoch (`router_trace`), the index of the target's own source and its test."""
+    from crosspt.run.artifacts import load_bank
+
+    st = settings_of(summary)
+    b = st.bench
+    bank, meta = load_bank(summary["bank"]["path"], backbone=b.backbone, source_len=b.prompt_len)
+    names = list(meta["tasks"])
+    jobs = [cell_job(st, arm, [t], st.lr_shots, sd, [lr], bank=bank, bank_tasks=names,
+                     variant=planted_variant(rule, router_lr, epochs), variant_name=f"planted {rule}")
+            for t in b.tasks if t in names for arm in arms for rule in rules for sd in seeds]
+    log(f"planted-source probe: {len(jobs)} cells (targets {[t for t in b.tasks if t in names]}, bank {names})")
+    out = []
+    for r in execute(jobs, parallel, log):
+        out.append({**{k: r[k] for k in ("method", "task", "seed", "lr", "val", "test", "best_epoch", "router_weights",
+                                         "router_trace", "bank_tasks", "wall_s")},
+                    "rule": r["variant_name"].split(" ", 1)[1], "own": names.index(r["task"]),
+                    "router_lr": router_lr, "epochs": epochs})
+    return out
