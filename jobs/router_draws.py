@@ -65,9 +65,11 @@ def rule_stats(rule: str, logits: list[float], top_k: int | None, tau: float, dr
     gap = (wd.mean(0) - ev.detach()).abs()
     i = int(gap.argmax())
     out = {"gap": float(gap[i]), "gap_se": float(wd[:, i].std() / draws ** 0.5),
-           "e_max_w": float(wd.max(-1).values.mean()), "train_mean": wd.mean(0).tolist(),
+           "e_max_w": float(wd.max(-1).values.mean()), "draw_sd": float(wd.std(0).mean()),
+           "train_mean": wd.mean(0).tolist(),
            "eval": ev.detach().tolist()}
-    mean_ratio, spread_ratio = [], []
+    mean_ratio, spread_ratio, kept_ratio = [], [], []
+    kept = ev.detach() > 0                      # what evaluation keeps: its gradient is 0 on the others
     gen = torch.Generator().manual_seed(seed + 1)
     for _ in range(losses):
         g = torch.randn(len(logits), generator=gen)
@@ -77,9 +79,11 @@ def rule_stats(rule: str, logits: list[float], top_k: int | None, tau: float, dr
         if norm < 1e-8:
             continue
         mean_ratio.append(float(per_draw.mean(0).norm()) / norm)
+        kept_ratio.append(float(per_draw.mean(0)[kept].norm()) / float(eval_grad[kept].norm()))
         spread_ratio.append(float(per_draw.norm(dim=-1).mean()) / norm)
     out["grad_mean_ratio"] = statistics.median(mean_ratio) if mean_ratio else None
     out["grad_spread_ratio"] = statistics.median(spread_ratio) if spread_ratio else None
+    out["grad_kept_ratio"] = statistics.median(kept_ratio) if kept_ratio else None
     return out
 
 
@@ -131,25 +135,35 @@ def model_stats(args, temps: dict[str, float]) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = []
     temps = res["temperatures"]
-    head = ("| case | rule | " + " | ".join(f"gap at {w} (tau {t:.3g})" for w, t in temps.items())
-            + " | " + " | ".join(f"E max w ({w})" for w in temps) + " | "
-            + " | ".join(f"\\|E grad\\| / \\|eval grad\\| ({w})" for w in temps) + " | "
-            + " | ".join(f"E\\|grad\\| / \\|eval grad\\| ({w})" for w in temps) + " |")
-    lines += [head, "|---" * (2 + 4 * len(temps)) + "|"]
+    at = [f"{w} (tau {t:.3g})" for w, t in temps.items()]
 
     def f(v):
         return "–" if v is None else f"{v:.3f}"
 
-    for case in res["cases"]:
-        for rule in RULES:
-            r = case["rules"][rule]
-            lines.append(f"| {case['name']} | {rule} | "
-                         + " | ".join(f"{r[w]['gap']:.3f} ± {r[w]['gap_se']:.3f}" for w in temps) + " | "
-                         + " | ".join(f(r[w]["e_max_w"]) for w in temps) + " | "
-                         + " | ".join(f(r[w]["grad_mean_ratio"]) for w in temps) + " | "
-                         + " | ".join(f(r[w]["grad_spread_ratio"]) for w in temps) + " |")
+    def rows(cols):
+        out = []
+        for case in res["cases"]:
+            for rule in RULES:
+                r = case["rules"][rule]
+                out.append(f"| {case['name']} | {rule} | " + " | ".join(c(r[w]) for c in cols for w in temps) + " |")
+        return out
+
+    lines = ["Mean training weights vs evaluation weights: max |E[w_train] - w_eval| over the candidates "
+             f"({res['draws']} draws; ± its Monte-Carlo standard error), the mean largest weight of a draw, and the "
+             "mean per-candidate sd of a draw's weights:", "",
+             "| case | rule | " + " | ".join(f"gap, {a}" for a in at) + " | " + " | ".join(f"E max w, {w}" for w in temps)
+             + " | " + " | ".join(f"sd of a weight, {w}" for w in temps) + " |",
+             "|---" * (2 + 3 * len(temps)) + "|"]
+    lines += rows([lambda r: f"{r['gap']:.3f} ± {r['gap_se']:.3f}", lambda r: f(r["e_max_w"]), lambda r: f(r["draw_sd"])])
+    lines += ["", f"Router gradients of a loss linear in the weights (median over {res['losses']} random losses): "
+              "the mean gradient over the draws, over the evaluation gradient (all logits, and the logits "
+              "evaluation keeps); the mean per-draw gradient norm over the evaluation gradient's:", "",
+              "| case | rule | " + " | ".join(f"\\|E grad\\| / \\|eval grad\\|, {w}" for w in temps) + " | "
+              + " | ".join(f"same, kept logits, {w}" for w in temps) + " | "
+              + " | ".join(f"E\\|grad\\| / \\|eval grad\\|, {w}" for w in temps) + " |",
+              "|---" * (2 + 3 * len(temps)) + "|"]
+    lines += rows([lambda r: f(r["grad_mean_ratio"]), lambda r: f(r["grad_kept_ratio"]), lambda r: f(r["grad_spread_ratio"])])
     m = res.get("model")
     if m:
         lines += ["", f"Real loss, CrossPT cat on MiniLM (RTE, one batch of {m['batch']} training rows, sources "

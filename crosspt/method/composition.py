@@ -26,13 +26,13 @@ Normalisation, training vs evaluation (config `prompt.normalization`, `Normaliza
           what evaluation uses is what training draws on average from the first step (ASHA's early
           rungs score the mixture training was centred on), not only near the floor as with noisy_topk.
         - Gradient: for a loss linear in the weights, `g . w`, `E[grad_l] = grad_l (g . w*)`, the
-          evaluation gradient, at every tau: it does not shrink at the start (noisy_topk's does, like
-          1/tau: about 0.16x at tau = 5; benchmarks/router.md, "Training draws vs evaluation weights").
+          evaluation gradient, at every tau: it does not shrink at the start (noisy_topk's is 0.17-0.23x
+          the evaluation gradient at tau = 5; benchmarks/router.md, "Issue 21").
         - Noise: `Var(w_i) = w*_i (1 - w*_i) / (c + 1)`; `c = |K| / tau` makes tau the noise level: at
           uniform weights `alpha_i = 1 / tau`, flat on the simplex at tau = 1, sparse above it (tau = 5,
-          5 equal logits: E[max w] = 0.70, against noisy_topk's near one-hot 0.91), close around `w*`
-          below it (tau = 0.1: sd ~0.05 per weight, about noisy_topk's per-draw spread at that tau);
-          as tau -> 0 every draw tends to `w*`.
+          6 equal logits: E[max w] = 0.66, against noisy_topk's near one-hot 0.90), close around `w*`
+          below it (tau = 0.1: sd of a weight ~0.045, noisy_topk's ~0.025); as tau -> 0 every draw
+          tends to `w*`.
         - Exactly k: the kept set is `K` in both (Dirichlet draws are > 0), so `E[w_train] = w_eval`
           holds on every candidate. A rule whose training kept a candidate that evaluation drops could
           not have that mean on it; the price is that no draw tries a dropped candidate. Dropped
@@ -60,7 +60,9 @@ Normalisation, training vs evaluation (config `prompt.normalization`, `Normaliza
         floor the mean does not match: the noise is not divided by tau, so at the default start (tau = 5)
         a draw is a near one-hot pick of a random candidate while evaluation is the softmax of the
         logits (max |E[w_train] - w_eval| = 0.39 at logits (2, 0, 0, 0, 0)), and the router's expected
-        gradient is ~0.16x the evaluation one (benchmarks/router.md).
+        gradient is 0.17-0.23x the evaluation one (benchmarks/router.md). With top-k and tied logits (every
+        router's start) the gap stays at the floor too: training splits the tied k-th place at random,
+        evaluation gives it to the candidate torch.topk happens to return (0.08 at (2, 0, 0, 0, 0), k = 2).
     reference. The authors' rule (puraminy/ATTEMPT@441b8ae, attempt/third_party/models/t5/modeling_t5.py:
         lines 1616-1620 sample `RelaxedBernoulli(temperature, logits=router)` in training, lines 1631-1642
         use the raw router logits at evaluation; lines 1678-1683 keep the top-k scores in both;
