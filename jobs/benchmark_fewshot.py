@@ -94,6 +94,8 @@ def parse_args(argv=None):
                    help="with --render: the planted-source probe on the run's bank (each target whose own task is "
                         "in the pool composes the whole pool, no private prompt, under the default router rule and "
                         "noisy_topk) on these seeds (default 0-4); added to the JSON and the report")
+    p.add_argument("--planted-targets", nargs="+", metavar="TASK",
+                   help="with --planted: only these targets (default: every target whose own task is in the pool)")
     p.add_argument("--reuse", metavar="JSON",
                    help="with --standard: take the sources, the probe and every single-lr cell from an earlier "
                         "run of the same settings (deterministic runs) and run the rest")
@@ -221,10 +223,11 @@ def main_standard(args) -> int:
         if args.planted is not None:
             from crosspt.bench.standard_run import planted
 
-            done = planted(summary, seeds=args.planted or [0, 1, 2, 3, 4], parallel=args.parallel,
-                           log=lambda m: print(m, flush=True))
-            # seeds added to an earlier probe replace their own cells only
-            keep = [r for r in summary.get("planted", []) if r["seed"] not in set(args.planted or [0, 1, 2, 3, 4])]
+            done = planted(summary, seeds=args.planted or [0, 1, 2, 3, 4], targets=args.planted_targets,
+                           parallel=args.parallel, log=lambda m: print(m, flush=True))
+            # cells added to an earlier probe replace the same (target, seed) cells only
+            again = {(r["task"], r["seed"]) for r in done}
+            keep = [r for r in summary.get("planted", []) if (r["task"], r["seed"]) not in again]
             summary["planted"] = keep + done
         if args.trace_router is not None or args.ablate is not None or args.planted is not None:
             js.write_text(json.dumps(summary, indent=1, default=str))

@@ -278,8 +278,8 @@ def planted_variant(rule: str, router_lr: float, epochs: int) -> dict:
 
 def planted(summary: dict, *, seeds: list[int], rules: tuple[str, ...] = ("dirichlet", "noisy_topk"),
             arms: tuple[Arm, ...] = (Arm.CAT, Arm.WAVG), router_lr: float = PLANTED["router_lr"],
-            epochs: int = PLANTED["epochs"], lr: float = PLANTED["lr"], parallel: int = 1,
-            log: Log = print) -> list[dict]:
+            epochs: int = PLANTED["epochs"], lr: float = PLANTED["lr"], targets: list[str] | None = None,
+            parallel: int = 1, log: Log = print) -> list[dict]:
     """The planted-source probe over a finished run's bank: for every target whose own task is in the
     bank, CrossPT `arms` on the whole bank (no private prompt) under each of `rules`, k = lr_shots, `seeds`,
     prompt lr `lr` (only the scoring heads train besides the router). Each record keeps the router's
@@ -290,10 +290,11 @@ def planted(summary: dict, *, seeds: list[int], rules: tuple[str, ...] = ("diric
     b = st.bench
     bank, meta = load_bank(summary["bank"]["path"], backbone=b.backbone, source_len=b.prompt_len)
     names = list(meta["tasks"])
+    chosen = [t for t in b.tasks if t in names and (targets is None or t in targets)]
     jobs = [cell_job(st, arm, [t], st.lr_shots, sd, [lr], bank=bank, bank_tasks=names,
                      variant=planted_variant(rule, router_lr, epochs), variant_name=f"planted {rule}")
-            for t in b.tasks if t in names for arm in arms for rule in rules for sd in seeds]
-    log(f"planted-source probe: {len(jobs)} cells (targets {[t for t in b.tasks if t in names]}, bank {names})")
+            for t in chosen for arm in arms for rule in rules for sd in seeds]
+    log(f"planted-source probe: {len(jobs)} cells (targets {chosen}, bank {names})")
     out = []
     for r in execute(jobs, parallel, log):
         out.append({**{k: r[k] for k in ("method", "task", "seed", "lr", "val", "test", "best_epoch", "router_weights",
