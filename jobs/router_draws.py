@@ -126,6 +126,8 @@ def model_stats(args, temps: dict[str, float]) -> dict:
             gs = torch.stack([grad(True, tau) for _ in range(args.model_draws)])
             rows[where] = {"tau": tau, "eval_grad_norm": float(eval_grad.norm()),
                            "mean_grad_norm": float(gs.mean(0).norm()),
+                           # the Monte-Carlo standard error of the mean gradient (as a vector norm)
+                           "mean_grad_se": float((gs.var(0).sum() / len(gs)) ** 0.5),
                            "per_draw_grad_norm": float(gs.norm(dim=-1).mean()),
                            "mean_over_eval": float(gs.mean(0).norm() / eval_grad.norm()),
                            "cosine_mean_eval": float(torch.nn.functional.cosine_similarity(gs.mean(0), eval_grad,
@@ -168,11 +170,12 @@ def table(res: dict) -> str:
     if m:
         lines += ["", f"Real loss, CrossPT cat on MiniLM (RTE, one batch of {m['batch']} training rows, sources "
                   f"{m['sources']} + private, equal logits), router-logit gradient over {m['draws']} training draws:",
-                  "", "| rule | tau | \\|eval grad\\| | \\|mean train grad\\| | mean / eval | E\\|per-draw grad\\| | "
+                  "", "| rule | tau | \\|eval grad\\| | \\|mean train grad\\| (± se) | mean / eval | E\\|per-draw grad\\| | "
                   "cosine(mean, eval) |", "|---|---|---|---|---|---|---|"]
         for rule in ("noisy_topk", "dirichlet"):
             for where, r in m[rule].items():
-                lines.append(f"| {rule} | {where} {r['tau']:.3g} | {r['eval_grad_norm']:.4f} | {r['mean_grad_norm']:.4f} | "
+                lines.append(f"| {rule} | {where} {r['tau']:.3g} | {r['eval_grad_norm']:.4f} | "
+                             f"{r['mean_grad_norm']:.4f} ± {r['mean_grad_se']:.4f} | "
                              f"{r['mean_over_eval']:.3f} | {r['per_draw_grad_norm']:.4f} | {r['cosine_mean_eval']:.3f} |")
     return "\n".join(lines)
 
