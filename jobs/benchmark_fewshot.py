@@ -90,10 +90,26 @@ def parse_args(argv=None):
     p.add_argument("--ablate", nargs="*", type=int, metavar="SEED",
                    help="with --render: re-run PT's and CrossPT cat's k=lr_shots cells of these seeds (default "
                         "0 1 2) with the scoring heads frozen, and with neutral prompt init; added to the report")
+    p.add_argument("--planted", nargs="*", type=int, metavar="SEED",
+                   help="with --render: the planted-source probe on the run's bank (each target whose own task is "
+                        "in the pool composes the whole pool, no private prompt, under the default router rule and "
+                        "noisy_topk) on these seeds (default 0-4); added to the JSON and the report")
+    p.add_argument("--planted-targets", nargs="+", metavar="TASK",
+                   help="with --planted: only these targets (default: every target whose own task is in the pool)")
     p.add_argument("--reuse", metavar="JSON",
                    help="with --standard: take the sources, the probe and every single-lr cell from an earlier "
                         "run of the same settings (deterministic runs) and run the rest")
     p.add_argument("--analysis", metavar="MD", help="with --standard: a written diagnosis included in the report")
+    p.add_argument("--arms", nargs="+", metavar="ARM",
+                   help="with --standard: the single-task arms to run (pt pt_long crosspt_cat crosspt_wavg; all)")
+    p.add_argument("--multi-shots", nargs="*", type=int, metavar="K",
+                   help="with --standard: the k of the multi-task regime (none: no multi-task cells)")
+    p.add_argument("--transfer-seeds", nargs="*", type=int, metavar="SEED",
+                   help="with --standard: the seeds of the transfer matrix (none: no transfer matrix)")
+    p.add_argument("--normalizations", nargs="+", metavar="RULE",
+                   help="with --standard: run CrossPT cat and wavg again under these router rules (e.g. "
+                        "noisy_topk) beside the default, and compare them in the report")
+    p.add_argument("--no-probe", action="store_true", help="with --standard: skip the untrained probe stage")
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--source-tasks", nargs="+", help="source pool (each target leaves itself out)")
     p.add_argument("--shots", nargs="+", type=int)
@@ -204,10 +220,24 @@ def main_standard(args) -> int:
 
             summary["ablations"] = ablate(summary, seeds=args.ablate or [0, 1, 2], parallel=args.parallel,
                                           log=lambda m: print(m, flush=True))
-        if args.trace_router is not None or args.ablate is not None:
+        if args.planted is not None:
+            from crosspt.bench.standard_run import planted
+
+            done = planted(summary, seeds=args.planted or [0, 1, 2, 3, 4], targets=args.planted_targets,
+                           parallel=args.parallel, log=lambda m: print(m, flush=True))
+            # cells added to an earlier probe replace the same (target, seed) cells only
+            again = {(r["task"], r["seed"]) for r in done}
+            keep = [r for r in summary.get("planted", []) if (r["task"], r["seed"]) not in again]
+            summary["planted"] = keep + done
+        if args.trace_router is not None or args.ablate is not None or args.planted is not None:
             js.write_text(json.dumps(summary, indent=1, default=str))
     else:
         extra = dict(STANDARD_FULL_EXTRA if args.full else STANDARD_QUICK_EXTRA if args.quick else STANDARD_EXTRA)
+        for key in ("arms", "multi_shots", "transfer_seeds", "normalizations"):
+            if getattr(args, key) is not None:
+                extra[key] = getattr(args, key)
+        if args.no_probe:
+            extra["probe"] = False
         st = StandardSettings(bench=settings_from(args), **extra)
         b = st.bench
         print(f"standard benchmark '{name}': targets {b.tasks}, source pool {b.source_tasks}, k={b.shots}, "

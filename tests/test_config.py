@@ -58,13 +58,20 @@ def test_flatten_is_scalar_only():
 # (prompt.normalization, prompt.temperature.schedule, prompt.router_bias, prompt.include_own_source,
 # prompt.placement, optim.source_lr): the default now trains differently (noisy_topk, exp over progress), so it is a new
 # configuration. Before: 84dbd5497af3acb9 and 90fb804bb97a4ef5 (still the hashes of those stored configs: see
-# test_stored_configs_keep_their_meaning_and_hash).
+# test_stored_configs_keep_their_meaning_and_hash). They moved a second time, on purpose, when the default
+# prompt.normalization became dirichlet (issue 21): before, 9b2af8f045a47fde and f07268f158b5a48b, which a
+# config naming noisy_topk still hashes to (test_noisy_topk_configs_keep_their_hash).
+_OTHER_FACTORS = {"prompt.composition": "wavg", "prompt.router": "attention", "backbone.family": "encoder",
+                  "backbone.dtype": "bfloat16", "prompt.init": "vocab", "prompt.label_semantics": "opaque",
+                  "backbone.pair_encoding": "joint", "data.shots_per": "task", "prompt.source_selection": "similar",
+                  "prompt.n_sources": 2}
+
+
 @pytest.mark.parametrize("overrides,expected", [
-    ({}, "9b2af8f045a47fde"),
-    ({"prompt.composition": "wavg", "prompt.router": "attention", "backbone.family": "encoder",
-      "backbone.dtype": "bfloat16", "prompt.init": "vocab", "prompt.label_semantics": "opaque",
-      "backbone.pair_encoding": "joint", "data.shots_per": "task", "prompt.source_selection": "similar",
-      "prompt.n_sources": 2}, "f07268f158b5a48b"),
+    ({}, "a215256c0716a7c5"),
+    (_OTHER_FACTORS, "92614f9b97280800"),
+    ({"prompt.normalization": "noisy_topk"}, "9b2af8f045a47fde"),
+    ({**_OTHER_FACTORS, "prompt.normalization": "noisy_topk"}, "f07268f158b5a48b"),
 ])
 def test_config_hash_is_stable(overrides, expected):
     assert config_hash(load_config(None, overrides)) == expected
@@ -88,6 +95,20 @@ def test_stored_configs_keep_their_meaning_and_hash(name, old_hash, router):
     # read as a new config instead, the same file means today's defaults: another configuration
     assert config_hash(build_config(yaml.safe_load(text), name)) != old_hash
     assert upgrade_stored_tree({"prompt": {"normalization": "noisy_topk"}}) == {"prompt": {"normalization": "noisy_topk"}}
+
+
+def test_noisy_topk_configs_keep_their_meaning_and_hash():
+    """A config.yaml written while noisy_topk was the default names it (dumps carry every key): it keeps
+    that rule and its hash after the default moved to dirichlet."""
+    import yaml
+
+    from crosspt.config.schema import build_config, upgrade_stored_tree
+
+    text = (Path(__file__).parent / "stored_configs" / "noisy_topk_top2.yaml").read_text()
+    old_hash = text.splitlines()[0].rsplit(" ", 1)[-1]
+    cfg = build_config(upgrade_stored_tree(yaml.safe_load(text)), "noisy_topk_top2")
+    assert cfg.prompt.normalization == "noisy_topk" and config_hash(cfg) == old_hash == "255957b4e8617ede"
+    assert load_config(None, {}).prompt.normalization == "dirichlet"
 
 
 def test_options_are_plain_strings_in_config_and_dump():

@@ -48,7 +48,110 @@ def test_default_training_weights_average_to_evaluation_weights_at_the_floor(row
     assert torch.allclose(train.mean(0), evalw[0], atol=MEAN_TOL), (train.mean(0), evalw[0])
 
 
-@pytest.mark.parametrize("normalization", ["noisy_topk", "reference", "gate_softmax"])
+def _default_schedule_temperatures() -> dict[str, float]:
+    """tau at the start, the middle and the floor of the default config's temperature schedule."""
+    t = load_config(None, {}).prompt.temperature
+    return {where: C.scheduled_temperature(t.schedule, start=t.start, floor=t.floor, rate=t.rate, step=0,
+                                           progress=p) for where, p in (("start", 0.0), ("middle", 0.5),
+                                                                         ("floor", 1.0))}
+
+
+def _default_rule_prompt(logits: torch.Tensor, top_k: int | None, tau: float, **spec) -> CrossPTPrompt:
+    """`_prompt` with the default config's normalisation (what a run gets without naming one)."""
+    return _prompt(logits, top_k, tau, normalization=load_config(None, {}).prompt.normalization, **spec)
+
+
+# 20000 draws: the Monte-Carlo sd of a mean weight is under 0.0035 even at tau = 5 (Var(w_i) <= 1/4 / (c + 1),
+# c = k / tau >= 1), so 0.02 is > 5 sd, and far below the 0.39 gap of noisy_topk at the start
+DEFAULT_DRAWS, DEFAULT_TOL = 20000, 0.02
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "floor"])
+@pytest.mark.parametrize("rows,top_k", [([2.0, 0.0, 0.0, 0.0, 0.0], None), ([2.0, 0.0, 0.0, 0.0, 0.0], 2),
+                                        ([1.0, 0.0, -1.0, 0.5, 2.0], 3), ([0.0] * 6, None)])
+def test_default_training_weights_average_to_evaluation_weights_at_every_temperature(where, rows, top_k):
+    """Issue 21: the default rule's mean training weights are its evaluation weights at the start, the
+    middle and the floor of the default schedule (noisy_topk met them only near the floor), with exactly
+    top_k candidates in both."""
+    tau = _default_schedule_temperatures()[where]
+    torch.manual_seed(11)
+    m = _default_rule_prompt(_logits(rows), top_k, tau)
+    ids = torch.zeros(DEFAULT_DRAWS, dtype=torch.long)
+    _, _, train = m.train()(ids)
+    _, _, evalw = m.eval()(ids[:1])
+    k = top_k or len(rows)
+    assert ((train > 0).sum(-1) == k).all() and int((evalw[0] > 0).sum()) == k
+    gap = float((train.detach().mean(0) - evalw[0].detach()).abs().max())
+    assert gap < DEFAULT_TOL, f"tau {tau:.3f}: mean training {train.mean(0).tolist()} vs eval {evalw[0].tolist()}"
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "floor"])
+def test_default_router_gradient_is_the_evaluation_gradient_on_average(where):
+    """For a loss linear in the weights the expected router gradient under the default rule is the
+    evaluation gradient at every temperature of the default schedule: it does not vanish at the start
+    (noisy_topk's is ~0.16x there)."""
+    tau = _default_schedule_temperatures()[where]
+    torch.manual_seed(12)
+    g = torch.randn(5)
+    logits = _logits([2.0, 0.0, 0.0, 0.0, 0.0])
+    m = _default_rule_prompt(logits, None, tau)
+    _, _, train = m.train()(torch.zeros(DEFAULT_DRAWS, dtype=torch.long))
+    (train @ g).mean().backward()
+    mean_grad = m.router.logits.grad[0].clone()
+    m.router.logits.grad = None
+    _, _, evalw = m.eval()(torch.zeros(1, dtype=torch.long))
+    (evalw[0] @ g).backward()
+    eval_grad = m.router.logits.grad[0]
+    ratio = float(mean_grad.norm() / eval_grad.norm())
+    assert 0.9 < ratio < 1.1, f"tau {tau:.3f}: |E grad| / |eval grad| = {ratio:.3f}"
+    assert float((mean_grad - eval_grad).norm() / eval_grad.norm()) < 0.15
+
+
+def test_default_rule_breaks_ties_to_the_earlier_candidates_in_both():
+    """Equal logits (every task router at the start): training and evaluation keep the same k, the first
+    ones (torch.topk alone keeps index 2 of 5 for k = 1)."""
+    torch.manual_seed(13)
+    for top_k in (1, 2, 3):
+        m = _default_rule_prompt(_logits([0.0] * 5), top_k, tau=5.0)
+        _, _, train = m.train()(torch.zeros(64, dtype=torch.long))
+        _, _, evalw = m.eval()(torch.zeros(1, dtype=torch.long))
+        first = torch.arange(5) < top_k
+        assert torch.equal(evalw[0] > 0, first) and torch.equal(train > 0, first.expand(64, -1))
+
+
+def test_dirichlet_is_finite_and_keeps_k_at_extreme_logits():
+    """Logit gaps of 60 give kept weights near 1e-26 (Dirichlet concentrations near 0): still exactly k
+    non-zero weights, summing to 1, and finite gradients."""
+    torch.manual_seed(14)
+    logits = _logits([[30.0, -30.0, 0.0, -30.0], [0.0, 0.0, 0.0, 0.0]]).repeat(500, 1).requires_grad_(True)
+    for tau in (5.0, 0.1):
+        w = C.train_weights(logits, tau, 3, "dirichlet")
+        assert ((w > 0).sum(-1) == 3).all() and torch.allclose(w.sum(-1), torch.ones(1000))
+        (w * torch.randn(4)).sum().backward()
+        assert torch.isfinite(logits.grad).all()
+        logits.grad = None
+
+
+def test_dirichlet_dropped_candidate_learns_through_the_dense_gradient_under_wavg():
+    """A candidate top-k drops has weight exactly 0 in every training draw, but its logit still gets the
+    dense softmax's gradient: when adding it would lower the loss (wavg) it rises into the kept set."""
+    torch.manual_seed(15)
+    cands = torch.randn(4, 3, 8)                                            # [n_cand, L, d]
+    logits = torch.tensor([[1.0, 0.5, 0.0, -1.0]], requires_grad=True)      # the target, 3, is dropped
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(60):
+        kept = C.topk_mask(logits.detach(), 2, stable=True)[0]
+        w = C.train_weights(logits.expand(16, -1), 1.0, 2, "dirichlet")     # [16, 4]
+        assert bool(kept[3]) or (w[:, 3] == 0).all()
+        prompt = torch.einsum("bn,nld->bld", w, cands)
+        loss = (prompt - cands[3]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert bool(C.topk_mask(logits.detach(), 2, stable=True)[0, 3]), logits
+
+
+@pytest.mark.parametrize("normalization", ["dirichlet", "noisy_topk", "reference", "gate_softmax"])
 @pytest.mark.parametrize("top_k", [None, 1, 2])
 def test_every_rule_keeps_exactly_top_k_in_training_and_evaluation(normalization, top_k):
     torch.manual_seed(1)
@@ -305,3 +408,55 @@ def test_placement_is_refused_where_a_family_has_one_place(minilm_path):
     with pytest.raises(ConfigError, match="placement 'before'"):
         load_backbone(str(minilm_path), [get_task("sst2")], placement="before")
     assert load_backbone(str(minilm_path), [get_task("sst2")], placement="after").family == "encoder"
+
+
+# ---- the planted-source probe (issue 21) -------------------------------------------------------------------
+def _planted_setup(data_dir, seed: int):
+    """sst2 on the offline MiniLM, 32 rows per class: a PT run gives the task's own trained prompt; the bank
+    holds it between two random prompts of the same per-token norm (unrelated, on the same scale)."""
+    import tempfile
+
+    from crosspt.backbones.loader import load_for_config
+    from crosspt.run.loop import LocalSession, prepare_data, run_loop
+    from crosspt.run.model import build_model
+
+    base = {"tasks": ["sst2"], "backbone.name": "minilm", "backbone.max_length": 32, "data.data_dir": str(data_dir),
+            "data.shots": 32, "data.val_shots": 4, "data.max_test": 8, "prompt.source_len": 4,
+            "prompt.private_len": 4, "prompt.init": "vocab", "train.batch_size": 8, "train.patience": None,
+            "train.eval_initial": False, "seed": seed}
+    pt = load_config(None, {**base, "optim.prompt_lr": 0.3, "train.epochs": 4, "train.checkpoint_every": 4})
+    tasks, splits = prepare_data(pt)
+    model = build_model(pt, tasks, backbone=load_for_config(pt, tasks))
+    with tempfile.TemporaryDirectory() as d:
+        run_loop(pt, LocalSession(d), model=model, splits=splits)
+    own = model.prompt.private.prompts[0].detach().clone()                      # [L, d]
+    rand = torch.randn(2, *own.shape, generator=torch.Generator().manual_seed(100 + seed))
+    rand = rand / rand.norm(dim=-1, keepdim=True) * own.norm(dim=-1, keepdim=True)
+    return base, tasks, splits, torch.stack([rand[0], own, rand[1]])           # own is candidate 1
+
+
+@pytest.mark.slow
+def test_planted_own_prompt_draws_the_router_under_the_default_rule(data_dir, minilm_path, tmp_path):
+    """The router alone (no private prompt, frozen bank) must find the task's own trained prompt among random
+    ones of the same norm: its weight ends clearly above uniform (1/3) and it is the top candidate."""
+    from crosspt.backbones.loader import load_for_config
+    from crosspt.run.loop import LocalSession, run_loop
+    from crosspt.run.model import build_model
+
+    torch.set_num_threads(1)
+    base, tasks, splits, bank = _planted_setup(data_dir, seed=0)
+    cfg = load_config(None, {**base, "prompt.n_sources": 3, "prompt.private_len": 0, "prompt.composition": "wavg",
+                             "optim.router_lr": 0.1, "train.epochs": 4, "train.checkpoint_every": 4})
+    assert cfg.prompt.normalization == "dirichlet"          # the default rule
+    model = build_model(cfg, tasks, backbone=load_for_config(cfg, tasks), bank=bank)
+    trace = []
+
+    class Trace(LocalSession):
+        def report(self, metrics, checkpoint_dir):
+            if not metrics.get("final_epoch"):              # the last report comes after validation's pick
+                trace.append(model.prompt.task_weights()[0].tolist())
+            return super().report(metrics, checkpoint_dir)
+
+    run_loop(cfg, Trace(tmp_path), model=model, splits=splits)
+    last = trace[-1]
+    assert last[1] > 0.5 and max(range(3), key=last.__getitem__) == 1, trace

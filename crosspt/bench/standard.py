@@ -73,6 +73,11 @@ class StandardSettings:
     multi_shots: list[int] = field(default_factory=lambda: [16])
     transfer_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     probe_seed: int = 0
+    probe: bool = True               # the untrained probe stage
+    arms: list[str] = field(default_factory=lambda: [str(a) for a in SINGLE])   # the single-task arms run
+    # router rules run again beside the default one for CrossPT cat and wavg (cells marked with a variant
+    # `normalization <rule>`: a before/after comparison on the same seeds, banks and lr grid)
+    normalizations: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         from crosspt.errors import ConfigError
@@ -89,6 +94,30 @@ class StandardSettings:
         if not [t for t in b.source_tasks if t not in b.tasks] and self.multi_shots:
             raise ConfigError("the multi-task regime needs a source task that is not a target "
                               f"(targets {b.tasks}, source pool {b.source_tasks})")
+        bad = [a for a in self.arms if a not in [str(x) for x in SINGLE]]
+        if bad:
+            raise ConfigError(f"arms {bad} are not single-task arms ({', '.join(str(x) for x in SINGLE)})")
+        from crosspt.method.composition import Normalization
+
+        bad = [n for n in self.normalizations if n not in [x.value for x in Normalization]]
+        if bad:
+            raise ConfigError(f"normalizations {bad}: choose from {', '.join(x.value for x in Normalization)}")
+
+    def single_arms(self) -> list[Arm]:
+        return [a for a in SINGLE if str(a) in self.arms]
+
+    def variants(self, arm: Arm) -> list[tuple[str | None, dict | None]]:
+        """(variant name, run-config overrides) of each cell an arm runs per (target, k, seed): the
+        default rules, then CrossPT again under each of `normalizations`."""
+        out: list[tuple[str | None, dict | None]] = [(None, None)]
+        if arm in (Arm.CAT, Arm.WAVG):
+            out += [(normalization_variant(n), {"prompt": {"normalization": n}}) for n in self.normalizations]
+        return out
+
+
+def normalization_variant(rule: str) -> str:
+    """The variant name of a cell run under router rule `rule` instead of the default."""
+    return f"normalization {rule}"
 
 
 # ---- jobs ---------------------------------------------------------------------------------------------

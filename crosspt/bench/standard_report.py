@@ -36,14 +36,15 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
     return {"mean": mu, "lo": lo, "hi": hi, "n": len(d), "verdict": word}
 
 
-def cells_of(records: list[dict]) -> Cells:
+def cells_of(records: list[dict], variant: str | None = None) -> Cells:
     """Test scores per (arm, task, k) and seed; a multi-task record gives one cell per task (its
-    per-task primary metric) and one for the joint mean under its own task name."""
+    per-task primary metric) and one for the joint mean under its own task name. Only the cells of
+    `variant` (None: the default rules; `normalization_variant(rule)`: CrossPT under another router rule)."""
     from crosspt.tasks.metrics import primary_metric
 
     out: Cells = {}
     for r in records:
-        if r.get("kind") != "cell" or r["method"] in (Arm.SOURCE, Arm.SPOT):
+        if r.get("kind") != "cell" or r["method"] in (Arm.SOURCE, Arm.SPOT) or r.get("variant_name") != variant:
             continue
         out.setdefault((r["method"], r["task"], r["k"]), {})[r["seed"]] = r["test"]
         if len(r["tasks"]) > 1:
@@ -98,33 +99,81 @@ def _sources(summary: dict, zero: dict[str, float]) -> list[str]:
         _table(["source task", "train rows", "val", "own test", "zero-shot test", "Δ vs zero-shot", "wall s"], rows)
 
 
-def _main_table(cells: Cells, avgs: Cells, tasks: list[str], shots: list[int], zero: dict[str, float]) -> list[str]:
-    head = ["target", "k", "Zero-shot"] + [LABELS[a] for a in SINGLE]
+def _main_table(cells: Cells, avgs: Cells, tasks: list[str], shots: list[int], zero: dict[str, float],
+                arms: Sequence[Arm] = SINGLE) -> list[str]:
+    head = ["target", "k", "Zero-shot"] + [LABELS[a] for a in arms]
     rows = []
     for t in tasks + ["avg"]:
         for k in shots:
             src = avgs if t == "avg" else cells
             z = statistics.fmean(zero[x] for x in tasks) if t == "avg" else zero.get(t)
             rows.append([f"**{t}**" if t == "avg" else t, str(k), f"{z * 100:.1f}" if z is not None else "–"]
-                        + [_ms(src.get((str(a), t, k))) for a in SINGLE])
+                        + [_ms(src.get((str(a), t, k))) for a in arms])
     return _table(head, rows)
+
+
+def _arms_run(summary: dict) -> list[Arm]:
+    """The single-task arms the run ran (`StandardSettings.arms`; every one before the option existed)."""
+    chosen = summary["standard"].get("arms") or [str(a) for a in SINGLE]
+    return [a for a in SINGLE if str(a) in chosen]
+
+
+def rule_variants(summary: dict) -> list[str]:
+    """The variant names of the router rules a run compared with its default (`normalizations`)."""
+    from crosspt.bench.standard import normalization_variant
+
+    return [normalization_variant(n) for n in summary["standard"].get("normalizations") or []]
+
+
+def _rule_lines(summary: dict, cells: Cells, tasks: list[str], shots: list[int]) -> list[str]:
+    """CrossPT cat and wavg under the default router rule and under each compared rule, against PT and
+    against each other, paired over seeds (same banks, rows, lr grid and seeds)."""
+    recs = summary["records"]
+    default = summary.get("router_rule", "the default")
+    out = []
+    for name in rule_variants(summary):
+        rule = name.split(" ", 1)[1]
+        other = cells_of(recs, name)
+        for arm in (a for a in (Arm.CAT, Arm.WAVG) if a in _arms_run(summary)):
+            a, pt = str(arm), str(Arm.PT)
+            head = ["target", "k", "PT", f"{LABELS[arm]} {default}", f"{LABELS[arm]} {rule}",
+                    f"{default} − PT", f"{rule} − PT", f"{default} − {rule}"]
+            rows = []
+            for k in shots:
+                avg_default, avg_other = average_cells(cells, [a, pt], tasks, [k]), average_cells(other, [a], tasks, [k])
+                for t in tasks + ["avg"]:
+                    here, there = (avg_default, avg_other) if t == "avg" else (cells, other)
+                    new, old, ref = here.get((a, t, k), {}), there.get((a, t, k), {}), here.get((pt, t, k), {})
+                    rows.append([f"**{t}**" if t == "avg" else t, str(k), _ms(ref), _ms(new), _ms(old)]
+                                + [_d(paired(x, y)) + _verdict(paired(x, y)) for x, y in
+                                   ((new, ref), (old, ref), (new, old))])
+            out += [f"**{LABELS[arm]}**: the default rule `{default}` vs `{rule}` (test x100, mean ± sd over "
+                    "seeds; differences paired over seeds [95% CI])", ""] + _table(head, rows) + [""]
+        out += [f"Final evaluation weights under `{rule}`:", ""] + _router_lines(summary, name, best_epochs=False) + [""]
+    return out
+
+
+def _verdict(p: dict | None) -> str:
+    return f" {p['verdict']}" if p and p["verdict"] != "no difference shown" else ""
 
 
 COMPARISONS = ((Arm.CAT, Arm.PT), (Arm.WAVG, Arm.PT), (Arm.PT_LONG, Arm.PT), (Arm.CAT, Arm.PT_LONG),
                (Arm.WAVG, Arm.PT_LONG))
 
 
-def _paired_table(cells: Cells, avgs: Cells, tasks: list[str], shots: list[int]) -> tuple[list[str], dict]:
-    head = ["target", "k"] + [f"{LABELS[a]} − {LABELS[b]}" for a, b in COMPARISONS]
+def _paired_table(cells: Cells, avgs: Cells, tasks: list[str], shots: list[int],
+                  arms: Sequence[Arm] = SINGLE) -> tuple[list[str], dict]:
+    comparisons = [(a, b) for a, b in COMPARISONS if a in arms and b in arms]
+    head = ["target", "k"] + [f"{LABELS[a]} − {LABELS[b]}" for a, b in comparisons]
     rows, found = [], {}
     for t in tasks + ["avg"]:
         for k in shots:
             src = avgs if t == "avg" else cells
             row = [f"**{t}**" if t == "avg" else t, str(k)]
-            for a, b in COMPARISONS:
+            for a, b in comparisons:
                 p = paired(src.get((str(a), t, k), {}), src.get((str(b), t, k), {}))
                 found[(str(a), str(b), t, k)] = p
-                row.append(_d(p) + (f" {p['verdict']}" if p and p["verdict"] != "no difference shown" else ""))
+                row.append(_d(p) + _verdict(p))
             rows.append(row)
     return _table(head, rows), found
 
@@ -217,9 +266,10 @@ def _probe_lines(summary: dict) -> list[str]:
     return out
 
 
-def _router_lines(summary: dict) -> list[str]:
-    """Mean final evaluation weights of the task router per target and k, and the best epochs."""
-    recs = [r for r in summary["records"] if r.get("kind") == "cell"]
+def _router_lines(summary: dict, variant: str | None = None, best_epochs: bool = True) -> list[str]:
+    """Mean final evaluation weights of the task router per target and k (the cells of `variant`), and
+    the best epochs."""
+    recs = [r for r in summary["records"] if r.get("kind") == "cell" and r.get("variant_name") == variant]
     out = []
     for arm in (Arm.CAT, Arm.WAVG, Arm.CAT_MULTI):
         for r0 in sorted({(r["task"], r["k"]) for r in recs if r["method"] == arm}):
@@ -232,6 +282,8 @@ def _router_lines(summary: dict) -> list[str]:
                 w = [statistics.fmean(r["router_weights"][ti][j] for r in rs) for j in range(len(names))]
                 out.append(f"- {LABELS[arm]}, {t}, k={r0[1]}: " + ", ".join(f"{n} {x:.2f}" for n, x in zip(names, w))
                            + f" (initial {1 / len(names):.2f} each; mean over {len(rs)} seeds)")
+    if not best_epochs:
+        return out
     best = Counter()
     for r in recs:
         if r["method"] in [str(a) for a in SINGLE + MULTI]:
@@ -323,13 +375,84 @@ def _ablation_lines(summary: dict) -> list[str]:
     return out + _table(["change", "method"] + targets + ["avg"], rows) + [""]
 
 
+def _one_sample(values: list[float]) -> str:
+    """Mean [95% t-interval] x100 of values that are differences already (one per seed)."""
+    if len(values) < 2:
+        return "–"
+    mu, sd = statistics.fmean(values), statistics.stdev(values)
+    half = t_quantile(len(values)) * sd / math.sqrt(len(values))
+    return f"{mu * 100:+.1f} [{(mu - half) * 100:+.1f}, {(mu + half) * 100:+.1f}]"
+
+
+def _trace_end(r: dict, kept: bool = False) -> list[float]:
+    """A cell's router weights `[n_cand]` (its one task) at its last epoch report before the end (the last
+    epoch's report comes after validation's pick is restored), or (`kept`) in the state validation kept (the
+    trace's `restored_best` entry)."""
+    return [e for e in r["router_trace"] if bool(e.get("restored_best")) == kept][-1]["weights"][0]
+
+
+def _planted_lines(summary: dict) -> list[str]:
+    """The planted-source probe (`standard_run.planted`): the router's weight on the target's own source over
+    training, and the test score against that source's own score (its pre-training run's test)."""
+    pl = summary.get("planted") or []
+    if not pl:
+        return []
+    own_score = {r["task"]: r["test"] for r in summary["records"] if r["method"] == Arm.SOURCE}
+    r0 = pl[0]
+    out = [f"Each target whose own task is in the pool composes the whole bank {r0['bank_tasks']} (its own "
+           "pre-trained prompt among the others), with no private prompt: only the router can find its own "
+           f"prompt. k={summary['standard']['lr_shots']}, router lr {r0['router_lr']}, {r0['epochs']} epochs "
+           f"without early stopping, prompt lr {r0['lr']} (only the scoring heads train besides the router); "
+           "validation picks the kept epoch as in every cell. Own-prompt score = the source's own test in the "
+           f"Sources table. Seeds {sorted({r['seed'] for r in pl})}; uniform weight {1 / len(r0['bank_tasks']):.2f}. "
+           "Weights and scores x100.", ""]
+    for t in dict.fromkeys(r["task"] for r in pl):
+        rs = [r for r in pl if r["task"] == t]
+        ref = own_score.get(t)
+        groups = list(dict.fromkeys((r["method"], r["rule"]) for r in rs))
+        of = {grp: {r["seed"]: r for r in rs if (r["method"], r["rule"]) == grp} for grp in groups}
+        rows = []
+        for (arm, rule), g in of.items():
+            top = sum(1 for r in g.values() if max(range(len(r["bank_tasks"])), key=_trace_end(r).__getitem__) == r["own"])
+            tests = {sd: r["test"] for sd, r in g.items()}
+            rows.append([LABELS[Arm(arm)], rule, _ms({sd: _trace_end(r)[r["own"]] for sd, r in g.items()}),
+                         _ms({sd: _trace_end(r, kept=True)[r["own"]] for sd, r in g.items()}),
+                         f"{top} of {len(g)}", _ms(tests),
+                         _one_sample([v - ref for v in tests.values()]) if ref is not None else "–"])
+        out += [f"**{t}** (own-prompt score {ref * 100:.1f})" if ref is not None else f"**{t}**", ""]
+        last = [e["epoch"] for e in rs[0]["router_trace"] if not e.get("restored_best")][-1]
+        out += _table(["method", "rule", f"own weight after epoch {last}", "own weight, kept epoch",
+                       f"own the top candidate after epoch {last}", "test", "test − own-prompt score [95% CI]"], rows) + [""]
+        n = min(len(r["router_trace"]) for r in rs)
+        trows = []
+        for i in range(n):
+            e = rs[0]["router_trace"][i]
+            trows.append(["kept" if e.get("restored_best") else str(e["epoch"])]
+                         + [f"{statistics.fmean(r['router_trace'][i]['weights'][0][r['own']] for r in g.values()):.3f}"
+                            for g in of.values()])
+        out += ["Weight on the own source per epoch (mean over seeds; −1 = start, kept = the state validation kept):", ""]
+        out += _table(["epoch"] + [f"{LABELS[Arm(a)]} {rule}" for a, rule in groups], trows) + [""]
+        rules = list(dict.fromkeys(r["rule"] for r in rs))
+        for arm in dict.fromkeys(r["method"] for r in rs):
+            if len(rules) != 2:
+                break
+            a, b = of.get((arm, rules[0]), {}), of.get((arm, rules[1]), {})
+            seeds = sorted(set(a) & set(b))
+            out.append(f"- {LABELS[Arm(arm)]}, {rules[0]} − {rules[1]}, paired over seeds: own weight after epoch {last} "
+                       + _one_sample([_trace_end(a[x])[a[x]["own"]] - _trace_end(b[x])[b[x]["own"]] for x in seeds])
+                       + ", test " + _d(paired({x: a[x]["test"] for x in seeds}, {x: b[x]["test"] for x in seeds})))
+        out.append("")
+    return out
+
+
 def _lr_lines(summary: dict) -> list[str]:
     picks: dict[str, Counter] = {}
     k0 = summary["standard"]["lr_shots"]
     for r in summary["records"]:
         if r.get("kind") == "cell" and r["k"] == k0 and len(r.get("trials", [])) > 1:
-            picks.setdefault(r["method"], Counter())[r["lr"]] += 1
-    return [f"- {LABELS[Arm(m)]}: " + ", ".join(f"lr {lr:g}: {n}" for lr, n in sorted(c.items())) for m, c in picks.items()]
+            picks.setdefault((r["method"], r.get("variant_name")), Counter())[r["lr"]] += 1
+    return [f"- {LABELS[Arm(m)]}{f' ({v})' if v else ''}: " + ", ".join(f"lr {lr:g}: {n}" for lr, n in sorted(c.items()))
+            for (m, v), c in picks.items()]
 
 
 def verdicts(found: dict, shots: list[int]) -> list[str]:
@@ -357,7 +480,7 @@ def render(summary: dict, analysis: str | None = None) -> tuple[str, dict]:
     zero = {r["task"]: r["test"] for r in recs if r["method"] == Arm.ZERO_SHOT}
     cells = cells_of(recs)
     avgs = average_cells(cells, [str(a) for a in SINGLE], tasks, shots)
-    ptab, found = _paired_table(cells, avgs, tasks, shots)
+    ptab, found = _paired_table(cells, avgs, tasks, shots, _arms_run(summary))
     tm = transfer_matrix(summary)
     walls = summary["stage_wall_s"]
     n_cells = Counter(r.get("kind") for r in recs)
@@ -379,22 +502,31 @@ def render(summary: dict, analysis: str | None = None) -> tuple[str, dict]:
         lines += ["## Diagnosis", "", analysis.strip(), ""]
     lines += ["## Sources", ""] + _sources(summary, zero) + [""]
     lines += ["## Single-task: test score x100, mean ± std over seeds", ""] + \
-        _main_table(cells, avgs, tasks, shots, zero) + [""]
+        _main_table(cells, avgs, tasks, shots, zero, _arms_run(summary)) + [""]
     lines += ["## Paired differences (test x100), mean over seeds [95% CI, t with n−1 dof]", "",
               "A verdict word follows a difference whose CI excludes 0. avg: per seed the mean over the "
               "targets, then paired over seeds.", ""] + ptab + [""]
-    lines += ["## Multi-task regime (all targets trained jointly)", "",
+    if any(r["method"] in [str(a) for a in MULTI] for r in recs):
+        lines += ["## Multi-task regime (all targets trained jointly)", "",
               f"PT multi-task: one {s['prompt_len']}-token prompt shared by every target. CrossPT cat multi-task: "
               f"the sources no target owns ({summary['multi_bank']}) fine-tuned jointly (learn_sources), a private "
               "prompt and a router row per target. lr picked by mean validation over the targets.", ""] + \
         _multi_table(cells, tasks, shots) + [""]
+    if rule_variants(summary):
+        lines += ["## Router rules: the default and the compared ones", "",
+                  "The same cells (banks, rows, seeds, lr grid picked on validation) under each router rule."
+                  , ""] + _rule_lines(summary, cells, tasks, shots)
     png = "standard_transfer.png"
-    lines += ["## Transfer matrix", "",
+    if tm:
+        lines += ["## Transfer matrix", "",
               f"Each source prompt initialises PT on each target (SPoT-style; k={sd['lr_shots']}, seeds "
               f"{sd['transfer_seeds']}, the lr PT picked on validation for that target and seed); test minus "
               f"PT's test on the same seeds, x100 [95% CI].", "", f"![transfer matrix]({png})", ""] + \
-        _transfer_lines(summary, tm) + [""]
-    lines += ["## Before training: untrained prompts on each target", ""] + _probe_lines(summary)
+            _transfer_lines(summary, tm) + [""]
+    if any(r.get("kind") == "probe" for r in recs):
+        lines += ["## Before training: untrained prompts on each target", ""] + _probe_lines(summary)
+    if summary.get("planted"):
+        lines += ["## Planted source: can the router find the target's own prompt?", ""] + _planted_lines(summary)
     if summary.get("ablations"):
         lines += ["## Ablations: what the trained part costs", ""] + _ablation_lines(summary)
     lines += ["## Router weights and best epochs", ""] + _router_lines(summary) + [""] + _trace_lines(summary)
@@ -419,7 +551,9 @@ def write_report(summary: dict, out: Path, name: str, analysis: str | None = Non
     md = out / f"{name}.md"
     md.write_text(text.replace("standard_transfer.png", f"{name}_transfer.png")
                   .replace("standard_router.png", f"{name}_router.png"))
-    files = {"md": md, "transfer": heatmap(summary, tm, out / f"{name}_transfer.png")}
+    files = {"md": md}
+    if tm:
+        files["transfer"] = heatmap(summary, tm, out / f"{name}_transfer.png")
     router = router_plot(summary, out / f"{name}_router.png")
     if router:
         files["router"] = router

@@ -66,24 +66,27 @@ def _save_bank(st: StandardSettings, recs: list[dict], out_dir: Path) -> tuple[t
 
 def _lr_grid_jobs(st: StandardSettings, banks: dict, multi_bank: tuple) -> list[dict]:
     b = st.bench
-    jobs = _single_jobs(st, st.lr_shots, banks, lambda arm, t, sd: b.lrs)
+    jobs = _single_jobs(st, st.lr_shots, banks, lambda arm, t, sd, variant: b.lrs)
     if st.lr_shots in st.multi_shots:
         jobs += _multi_jobs(st, st.lr_shots, multi_bank, lambda arm, sd: b.lrs)
     return jobs
 
 
 def _single_jobs(st: StandardSettings, k: int, banks: dict, lrs_of) -> list[dict]:
-    """Every single-task arm on every target and seed at `k`, with the lr grid `lrs_of(arm, target, seed)`:
-    CrossPT composes the target's leave-one-out bank, PT long has its composed length."""
+    """Every single-task arm (and rule variant, `StandardSettings.variants`) on every target and seed at
+    `k`, with the lr grid `lrs_of(arm, target, seed, variant name)`: CrossPT composes the target's
+    leave-one-out bank, PT long has its composed length."""
     b, jobs = st.bench, []
     for t in b.tasks:
         src, names = banks[t]
         for sd in b.seeds:
-            for arm in SINGLE:
+            for arm in st.single_arms():
                 kw = {"bank": src, "bank_tasks": names} if arm in (Arm.CAT, Arm.WAVG) else {}
                 if arm is Arm.PT_LONG:
                     kw = {"prompt_len": (len(names) + 1) * b.prompt_len}
-                jobs.append(cell_job(st, arm, [t], k, sd, lrs_of(arm, t, sd), **kw))
+                for name, over in st.variants(arm):
+                    extra = {"variant": over, "variant_name": name} if name else {}
+                    jobs.append(cell_job(st, arm, [t], k, sd, lrs_of(arm, t, sd, name), **kw, **extra))
     return jobs
 
 
@@ -100,18 +103,18 @@ def _multi_jobs(st: StandardSettings, k: int, multi_bank: tuple, lrs_of) -> list
 def _reuse_jobs(st: StandardSettings, banks: dict, multi_bank: tuple, grid: list[dict]) -> list[dict]:
     """The other k with the lr picked at lr_shots, and the transfer matrix with PT's picked lr."""
     b = st.bench
-    pick = {(r["method"], r["task"], r["seed"]): r["lr"] for r in grid}
+    pick = {(r["method"], r["task"], r["seed"], r.get("variant_name")): r["lr"] for r in grid}
     jobs = []
     for k in (k for k in b.shots if k != st.lr_shots):
-        jobs += _single_jobs(st, k, banks, lambda arm, t, sd: [pick[(str(arm), t, sd)]])
+        jobs += _single_jobs(st, k, banks, lambda arm, t, sd, variant: [pick[(str(arm), t, sd, variant)]])
         if k in st.multi_shots:
             task = "+".join(b.tasks)
-            jobs += _multi_jobs(st, k, multi_bank, lambda arm, sd: [pick[(str(arm), task, sd)]])
+            jobs += _multi_jobs(st, k, multi_bank, lambda arm, sd: [pick[(str(arm), task, sd, None)]])
     for t in b.tasks:
         src, names = banks[t]
         for sd in st.transfer_seeds:
             for name, prompt in zip(names, src):
-                jobs.append(cell_job(st, Arm.SPOT, [t], st.lr_shots, sd, [pick[(str(Arm.PT), t, sd)]],
+                jobs.append(cell_job(st, Arm.SPOT, [t], st.lr_shots, sd, [pick[(str(Arm.PT), t, sd, None)]],
                                      source=prompt, source_name=name))
     return jobs
 
@@ -127,8 +130,8 @@ def _reusable(st: StandardSettings, earlier: dict | None) -> tuple[dict, dict]:
         return {}, {}
     from crosspt.errors import ConfigError
 
-    if earlier["settings"] != asdict(st.bench) or earlier["standard"] != {k: v for k, v in asdict(st).items()
-                                                                           if k != "bench"}:
+    # through settings_of: keys added to StandardSettings since the earlier run read as their defaults
+    if earlier["settings"] != asdict(st.bench) or asdict(settings_of(earlier)) != asdict(st):
         raise ConfigError("--reuse: the earlier run was made with other settings; rerun it whole")
     recs = earlier["records"]
     first = [r for r in recs if r.get("kind") in ("zero_shot", "probe") or r["method"] == Arm.SOURCE]
@@ -171,10 +174,14 @@ def run_standard(st: StandardSettings, out_dir: str | Path, *, parallel: int = 1
     rest = [t for t in pool if t not in b.tasks]
     multi_bank = (bank[[meta["tasks"].index(t) for t in rest]], rest) if rest else (None, [])
     probes = [r for r in early["records"] if r.get("kind") == "probe"] if early else \
-        _stage("probe", [probe_job(st, t, *banks[t]) for t in b.tasks], walls, parallel, cpus_per_job, log)
+        _stage("probe", [probe_job(st, t, *banks[t]) for t in b.tasks], walls, parallel, cpus_per_job, log) \
+        if st.probe else []
     grid = _stage("lr_grid", _lr_grid_jobs(st, banks, multi_bank), walls, parallel, cpus_per_job, log)
     again = _stage("reuse", _reuse_jobs(st, banks, multi_bank, grid), walls, parallel, cpus_per_job, log, known)
+    from crosspt.config.schema import load_config
+
     return {"settings": asdict(b), "standard": {k: v for k, v in asdict(st).items() if k != "bench"},
+            "router_rule": load_config(None, {}).prompt.normalization,      # the default the CrossPT cells ran
             "wall_s": time.time() - t0 + (sum(early["walls"][k] for k in ("sources", "probe")) if early else 0.0),
             "stage_wall_s": walls, "parallel": parallel, "reused_stages": ["sources", "probe"] if early else [],
             "bank": {"path": bank_path, "tasks": meta["tasks"], "metrics": meta.get("metrics", {})},
@@ -254,4 +261,44 @@ def ablate(summary: dict, *, arms=(Arm.PT, Arm.CAT), seeds: list[int] | None = N
         o = orig[(r["method"], r["task"], r["seed"])]
         out.append({**{k: r[k] for k in ("method", "task", "seed", "lr", "val", "test", "best_epoch",
                                           "variant_name")}, "original_test": o["test"], "original_val": o["val"]})
+    return out
+
+
+# the planted-source probe (issue 21): a target whose own task is in the source pool composes the WHOLE pool,
+# its own pre-trained prompt included, with no private prompt, so that only the router can find it; the
+# router lr and the epochs are raised from the protocol's (0.01, 5 with patience) so that its logits can move
+PLANTED = {"router_lr": 0.1, "epochs": 10, "lr": 0.03}
+
+
+def planted_variant(rule: str, router_lr: float, epochs: int) -> dict:
+    """The run-config overrides of a planted-source cell under router rule `rule`."""
+    return {"prompt": {"normalization": rule, "private_len": 0}, "optim": {"router_lr": router_lr},
+            "train": {"epochs": epochs, "patience": None, "checkpoint_every": epochs}}
+
+
+def planted(summary: dict, *, seeds: list[int], rules: tuple[str, ...] = ("dirichlet", "noisy_topk"),
+            arms: tuple[Arm, ...] = (Arm.CAT, Arm.WAVG), router_lr: float = PLANTED["router_lr"],
+            epochs: int = PLANTED["epochs"], lr: float = PLANTED["lr"], targets: list[str] | None = None,
+            parallel: int = 1, log: Log = print) -> list[dict]:
+    """The planted-source probe over a finished run's bank: for every target whose own task is in the
+    bank, CrossPT `arms` on the whole bank (no private prompt) under each of `rules`, k = lr_shots, `seeds`,
+    prompt lr `lr` (only the scoring heads train besides the router). Each record keeps the router's
+    evaluation weights per epoch (`router_trace`), the index of the target's own source and its test."""
+    from crosspt.run.artifacts import load_bank
+
+    st = settings_of(summary)
+    b = st.bench
+    bank, meta = load_bank(summary["bank"]["path"], backbone=b.backbone, source_len=b.prompt_len)
+    names = list(meta["tasks"])
+    chosen = [t for t in b.tasks if t in names and (targets is None or t in targets)]
+    jobs = [cell_job(st, arm, [t], st.lr_shots, sd, [lr], bank=bank, bank_tasks=names,
+                     variant=planted_variant(rule, router_lr, epochs), variant_name=f"planted {rule}")
+            for t in chosen for arm in arms for rule in rules for sd in seeds]
+    log(f"planted-source probe: {len(jobs)} cells (targets {chosen}, bank {names})")
+    out = []
+    for r in execute(jobs, parallel, log):
+        out.append({**{k: r[k] for k in ("method", "task", "seed", "lr", "val", "test", "best_epoch", "router_weights",
+                                         "router_trace", "bank_tasks", "wall_s")},
+                    "rule": r["variant_name"].split(" ", 1)[1], "own": names.index(r["task"]),
+                    "router_lr": router_lr, "epochs": epochs})
     return out

@@ -69,8 +69,9 @@ class PromptConfig(Strict):
     private_len: int = Field(16, ge=0)
     composition: Composition = Composition.CAT
     top_k: int | None = Field(None, ge=1)
-    # training draws vs evaluation weights (crosspt.method.composition: noisy_topk | reference | gate_softmax)
-    normalization: Normalization = Normalization.NOISY_TOPK
+    # training draws vs evaluation weights (crosspt.method.composition: dirichlet | noisy_topk | reference |
+    # gate_softmax)
+    normalization: Normalization = Normalization.DIRICHLET
     router: RouterKind = RouterKind.TASK
     router_bias: float = 0.0            # initial router logit of the private prompt (sources start at 0)
     temperature: TemperatureConfig = TemperatureConfig()

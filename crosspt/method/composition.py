@@ -11,22 +11,58 @@ logits and weights `[B, n_cand]`.
 Normalisation, training vs evaluation (config `prompt.normalization`, `Normalization`)
     Every rule keeps k candidates (`prompt.top_k`; all when unset) and gives the dropped ones a weight
     of exactly 0 (masked out of `cat`, absent from `wavg`); the kept weights sum to 1, so a composed
-    prompt stays on the scale of one prompt whatever k is. Training draws noisy weights (the noise
-    explores candidate subsets); evaluation is deterministic, so a task router's evaluation weights
+    prompt stays on the scale of one prompt whatever k is. Training draws noisy weights (the older
+    rules' noise also explores candidate subsets; dirichlet's varies the weights within evaluation's
+    subset); evaluation is deterministic, so a task router's evaluation weights
     are a constant per task, which is what lets the composed prompt collapse to one `[L, d]` tensor
     (`CrossPTPrompt.collapsed`, the pyfunc bundle, the PEFT export). Evaluation keeps the same k.
 
-    noisy_topk (default). Training scores `s = l + tau * eps`, `eps ~ Logistic(0, 1)` i.i.d. per
-        candidate (`eps = log u - log(1 - u)`, `u ~ U(0, 1)`: the log-odds noise of a relaxed-Bernoulli
-        gate, scaled by the annealed temperature `tau`); keep the top-k of `s`, softmax of `s` over the
-        kept. Evaluation: the same rule with the noise at 0, i.e. top-k of `l`, softmax of `l` over the
+    dirichlet (default). Evaluation: keep the top-k of the logits `l` (`K`; ties go to the earlier
+        candidate: bank order, the private prompt last), `w* = softmax(l)` over `K`, 0 elsewhere. Training:
+        the same `K`, and `w_K ~ Dirichlet(alpha)`, `alpha = c(tau) * w*_K`, `c(tau) = |K| / tau`, 0
+        elsewhere; drawn with `rsample` (implicit reparameterisation: the draw is differentiable in
+        `alpha`, so in `l`). Why this rule:
+        - Mean: `E[w_i] = alpha_i / sum(alpha) = w*_i` exactly, at every tau and for every logits, so
+          what evaluation uses is what training draws on average from the first step (ASHA's early
+          rungs score the mixture training was centred on), not only near the floor as with noisy_topk.
+        - Gradient: for a loss linear in the weights, `g . w`, `E[grad_l] = grad_l (g . w*)`, the
+          evaluation gradient, at every tau: it does not shrink at the start (noisy_topk's is 0.17-0.23x
+          the evaluation gradient at tau = 5; benchmarks/router.md, "Issue 21").
+        - Noise: `Var(w_i) = w*_i (1 - w*_i) / (c + 1)`; `c = |K| / tau` makes tau the noise level: at
+          uniform weights `alpha_i = 1 / tau`, flat on the simplex at tau = 1, sparse above it (tau = 5,
+          6 equal logits: E[max w] = 0.66, against noisy_topk's near one-hot 0.90), close around `w*`
+          below it (tau = 0.1: sd of a weight ~0.045, noisy_topk's ~0.025); as tau -> 0 every draw
+          tends to `w*`.
+        - Exactly k: the kept set is `K` in both (Dirichlet draws are > 0), so `E[w_train] = w_eval`
+          holds on every candidate. A rule whose training kept a candidate that evaluation drops could
+          not have that mean on it; the price is that no draw tries a dropped candidate. Dropped
+          candidates still get a gradient: backward treats each dropped weight as its dense softmax
+          `p_j = softmax(l)_j` (straight-through; the forward value `p_j - p_j` is exactly 0), so
+          `dL/dl_j = p_j (g_j - sum_{m not in K} p_m g_m)` and each kept logit gets
+          `-p_i sum_{m not in K} p_m g_m`, `g = dL/dw`. With `wavg`, `g_j = <dL/dprompt, P_j>` is the
+          first-order effect of adding candidate j: a dropped candidate that would help rises into
+          `K`. With `cat` a dropped candidate's segment is masked (`g_j = 0`); it re-enters only when a
+          kept logit sinks below it (the kept logits' gradient sums to 0, so the worst kept one sinks),
+          and with `top_k: 1` the kept weight is always 1: a `cat` router with k = 1 does not learn.
+        - Ties: at the start all logits are equal (router_bias 0); `K` is then the first k candidates,
+          by an explicit stable tie-break (torch.topk breaks ties arbitrarily), the same in both.
+    noisy_topk (the default before dirichlet). Training scores `s = l + tau * eps`,
+        `eps ~ Logistic(0, 1)` i.i.d. per candidate (`eps = log u - log(1 - u)`, `u ~ U(0, 1)`: the
+        log-odds noise of a relaxed-Bernoulli gate, scaled by the annealed temperature `tau`); keep the
+        top-k of `s`, softmax of `s` over the kept. Evaluation: the same rule with the noise at 0, i.e. top-k of `l`, softmax of `l` over the
         kept. Why it converges: when the k-th and (k+1)-th logits differ by `delta > 0`, the kept set
         differs from the logits' top-k only if `tau * |eps_i - eps_j| > delta` for some pair, which has
         probability `<= n^2 * 2 exp(-delta / tau)` -> 0; on the kept set, softmax is smooth, so
         `|softmax(l + tau eps) - softmax(l)| <= tau * max|eps|/2` per draw, and because `eps` is symmetric
         with mean 0 the first-order term cancels in the mean: `E[w_train] - w_eval = O(tau^2)` (about
         `tau^2 * pi^2/6 * |d^2 softmax|`, under 0.01 at tau = 0.1 for any logits). As tau anneals to its
-        floor every training draw tends to the evaluation weights, not only their mean.
+        floor every training draw tends to the evaluation weights, not only their mean. Away from the
+        floor the mean does not match: the noise is not divided by tau, so at the default start (tau = 5)
+        a draw is a near one-hot pick of a random candidate while evaluation is the softmax of the
+        logits (max |E[w_train] - w_eval| = 0.39 at logits (2, 0, 0, 0, 0)), and the router's expected
+        gradient is 0.17-0.23x the evaluation one (benchmarks/router.md). With top-k and tied logits (every
+        router's start) the gap stays at the floor too: training splits the tied k-th place at random,
+        evaluation gives it to the candidate torch.topk happens to return (0.08 at (2, 0, 0, 0, 0), k = 2).
     reference. The authors' rule (puraminy/ATTEMPT@441b8ae, attempt/third_party/models/t5/modeling_t5.py:
         lines 1616-1620 sample `RelaxedBernoulli(temperature, logits=router)` in training, lines 1631-1642
         use the raw router logits at evaluation; lines 1678-1683 keep the top-k scores in both;
@@ -66,6 +102,7 @@ class Composition(str, Enum):
 class Normalization(str, Enum):
     """How router logits become candidate weights, in training and at evaluation (config
     `prompt.normalization`); the module docstring gives each rule and its maths."""
+    DIRICHLET = "dirichlet"          # eval: top-k softmax of logits; training: Dirichlet draw with that mean
     NOISY_TOPK = "noisy_topk"        # logits + tau * logistic noise, top-k, softmax; eval: noise 0
     REFERENCE = "reference"          # the authors': relaxed-Bernoulli gates / their sum, softmax
     GATE_SOFTMAX = "gate_softmax"    # before this option: softmax of gates; eval ignores top-k
@@ -110,15 +147,19 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return torch.log(u) - torch.log1p(-u)
 
 
-def topk_mask(scores: torch.Tensor, k: int | None) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, k: int | None, stable: bool = False) -> torch.Tensor:
     """Boolean mask `[..., n]` keeping the k largest of `scores` `[..., n]` along the last dim (all when k
-    is None or >= n)."""
+    is None or >= n). `stable`: equal scores go to the earlier index (torch.topk breaks ties arbitrarily:
+    5 equal scores, k = 1 keeps index 2); the older rules keep torch.topk so their results reproduce."""
     n = scores.shape[-1]
     if k is None or k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
-    idx = scores.topk(k, dim=-1).indices
+    if stable:
+        idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    else:
+        idx = scores.topk(k, dim=-1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
 
 
@@ -132,10 +173,37 @@ def topk_softmax(scores: torch.Tensor, top_k: int | None) -> torch.Tensor:
     return masked_softmax(scores, topk_mask(scores, top_k))
 
 
+def dirichlet_concentration(temperature: float, n_kept: int) -> float:
+    """`c(tau) = n_kept / tau`: the total concentration of the `dirichlet` rule's draw (module docstring;
+    uniform weights give every kept candidate `alpha = 1 / tau`)."""
+    return n_kept / temperature
+
+
+def dirichlet_weights(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """One training draw of the `dirichlet` rule `[B, n_cand]` from `logits` `[B, n_cand]`: on the
+    evaluation's kept set, `Dirichlet(c(tau) * w_eval)` (mean exactly `w_eval`, reparameterised); exactly 0
+    elsewhere, with the dense softmax's gradient for the dropped (straight-through; module docstring)."""
+    keep = topk_mask(logits, top_k, stable=True)
+    w_eval = masked_softmax(logits, keep)                                      # [B, n], 0 off the kept
+    n_kept = int(keep[0].sum())
+    idx = keep.nonzero()[:, -1].reshape(*keep.shape[:-1], n_kept)             # [B, k] kept indices
+    # every row keeps exactly n_kept: gather them to `[B, k]`, draw, scatter back (float32: the sampler
+    # and its gradient kernel, also under a bf16 autocast)
+    alpha = dirichlet_concentration(temperature, n_kept) * w_eval.gather(-1, idx).float()
+    draw = torch.distributions.Dirichlet(alpha).rsample().to(logits.dtype)     # [B, k], each > 0
+    weights = torch.zeros_like(w_eval).scatter(-1, idx, draw)
+    if n_kept < logits.shape[-1]:
+        dense = F.softmax(logits, dim=-1)
+        weights = weights + (dense - dense.detach()) * (~keep).to(dense.dtype)    # 0 forward, grad of p_j
+    return weights
+
+
 def train_weights(logits: torch.Tensor, temperature: float, top_k: int | None,
-                  normalization: str = Normalization.NOISY_TOPK) -> torch.Tensor:
+                  normalization: str = Normalization.DIRICHLET) -> torch.Tensor:
     """Training-time router weights `[B, n_cand]` from `logits` `[B, n_cand]` at temperature `temperature`:
     one noisy draw of the `normalization` rule (module docstring), exactly `top_k` non-zero weights."""
+    if normalization == Normalization.DIRICHLET:
+        return dirichlet_weights(logits, temperature, top_k)
     if normalization == Normalization.NOISY_TOPK:
         return topk_softmax(logits + temperature * logistic_noise(logits), top_k)
     gates = relaxed_bernoulli_gates(logits, temperature)
@@ -150,10 +218,13 @@ def train_weights(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 def eval_weights(logits: torch.Tensor, top_k: int | None = None,
-                 normalization: str = Normalization.NOISY_TOPK) -> torch.Tensor:
+                 normalization: str = Normalization.DIRICHLET) -> torch.Tensor:
     """Evaluation-time router weights `[B, n_cand]` from `logits` `[B, n_cand]`: the deterministic
-    counterpart of `train_weights` (top-k of the logits, softmax over the kept; `gate_softmax`: softmax
-    of all the logits, its historical counterpart that ignores top-k)."""
+    counterpart of `train_weights` (top-k of the logits, softmax over the kept; `dirichlet`: ties to the
+    earlier candidate; `gate_softmax`: softmax of all the logits, its historical counterpart that ignores
+    top-k)."""
+    if normalization == Normalization.DIRICHLET:
+        return masked_softmax(logits, topk_mask(logits, top_k, stable=True))
     if normalization == Normalization.GATE_SOFTMAX:
         return F.softmax(logits, dim=-1)
     if normalization in (Normalization.NOISY_TOPK, Normalization.REFERENCE):
@@ -246,7 +317,7 @@ def compose_weighted(bank: torch.Tensor, private: torch.Tensor, task_ids: torch.
 def compose(bank: torch.Tensor, private: torch.Tensor, logits: torch.Tensor | None, task_ids: torch.Tensor, *,
             composition: str = Composition.CAT, temperature: float | None = None, top_k: int | None = None,
             training: bool = False, example_logits: torch.Tensor | None = None,
-            normalization: str = Normalization.NOISY_TOPK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            normalization: str = Normalization.DIRICHLET) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole method in one call: (bank, private, router logits, task ids) -> (prompt, mask, weights).
 
     `bank` `[n_src, L_s, d]`, `private` `[n_tasks, L_p, d]`, `logits` `[n_tasks, n_cand]`.

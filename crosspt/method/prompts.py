@@ -55,7 +55,7 @@ class PromptSpec:
     temp_floor: float = 0.1
     temp_rate: float = 1e-3                         # read by the `step` schedule only
     temp_schedule: str = C.Schedule.EXP.value       # a `Schedule` value
-    normalization: str = C.Normalization.NOISY_TOPK.value   # a `Normalization` value
+    normalization: str = C.Normalization.DIRICHLET.value    # a `Normalization` value
     router_bias: float = 0.0                        # initial logit of the private prompt (others 0)
     learn_sources: bool = False
     init: str = PromptInit.RANDOM.value             # a `PromptInit` value other than "auto"
