@@ -167,3 +167,61 @@ def test_each_lr_of_a_cell_trains_and_scores_as_if_run_alone(data_dir):
     for tr in both["trials"]:
         assert tr["val"] == alone[tr["lr"]]["val"] and tr["best_epoch"] == alone[tr["lr"]]["best_epoch"]
     assert both["test"] == alone[both["lr"]]["test"]
+
+
+def _summary_with(records: list[dict], **standard) -> dict:
+    """A finished run's summary around `records` (what the report reads; nothing trained)."""
+    from dataclasses import asdict
+
+    from crosspt.bench.settings import BenchSettings
+    from crosspt.bench.standard import StandardSettings
+
+    st = StandardSettings(bench=BenchSettings(tasks=["rte", "mrpc"], shots=[16], seeds=[0, 1, 2]), lr_shots=16,
+                          transfer_seeds=[], **standard)
+    return {"name": "t", "settings": asdict(st.bench), "standard": {k: v for k, v in asdict(st).items() if k != "bench"},
+            "router_rule": "dirichlet",
+            "wall_s": 1.0, "stage_wall_s": {}, "parallel": 1, "bank": {"tasks": ["sst2"], "path": "-"},
+            "banks": {}, "multi_bank": [], "records": records}
+
+
+def _cell(method, task, seed, test, variant=None, weights=None):
+    return {"kind": "cell", "method": method, "task": task, "tasks": [task], "k": 16, "seed": seed, "test": test,
+            "lr": 0.3, "trials": [{}, {}], "best_epoch": 1, "variant_name": variant, "bank_tasks": ["sst2"],
+            "router_weights": weights}
+
+
+def test_rule_variant_cells_stay_out_of_the_default_rows_and_are_paired_with_them():
+    """--normalizations: a CrossPT cell run under another router rule is its own row (never averaged into the
+    default's), and the report pairs the two rules over the same seeds."""
+    recs = [_cell("pt", t, s, 0.50 + s / 100) for t in ("rte", "mrpc") for s in range(3)]
+    recs += [_cell("crosspt_cat", t, s, 0.60 + s / 100, weights=[[0.4, 0.6]]) for t in ("rte", "mrpc") for s in range(3)]
+    recs += [_cell("crosspt_cat", t, s, 0.55, "normalization noisy_topk", [[0.5, 0.5]]) for t in ("rte", "mrpc")
+             for s in range(3)]
+    recs += [{"kind": "zero_shot", "method": "zero_shot", "task": t, "k": 16, "seed": 0, "test": 0.6} for t in ("rte", "mrpc")]
+    summary = _summary_with(recs, arms=["pt", "crosspt_cat"], normalizations=["noisy_topk"])
+    assert SR.cells_of(recs)[("crosspt_cat", "rte", 16)] == {0: 0.60, 1: 0.61, 2: 0.62}
+    assert SR.cells_of(recs, "normalization noisy_topk")[("crosspt_cat", "rte", 16)] == {0: 0.55, 1: 0.55, 2: 0.55}
+    text, _ = SR.render(summary)
+    rules = text.split("## Router rules")[1].split("\n## ")[0]
+    avg = next(line for line in rules.splitlines() if line.startswith("| **avg**"))
+    # PT, default, noisy_topk, default - PT (+10.0, sd 0), noisy_topk - PT, default - noisy_topk (+6.0 ± t*sd/sqrt 3)
+    assert avg.split(" | ")[1:6] == ["16", "51.0 ± 1.0", "61.0 ± 1.0", "55.0 ± 0.0", "+10.0 [+10.0, +10.0] better"]
+    assert "+6.0 [+3.5, +8.5] better" in avg
+    assert "rte, k=16: sst2 0.50, private 0.50" in rules                 # the variant's router weights
+    assert "PT long" not in text.split("## Paired differences")[1].split("\n## ")[0]   # arms not run: no columns
+
+
+def test_planted_probe_reports_the_own_sources_weight_and_its_score():
+    trace = [{"epoch": -1, "weights": [[0.5, 0.5]]}, {"epoch": 0, "weights": [[0.3, 0.7]]},
+             {"epoch": 1, "weights": [[0.2, 0.8]]}, {"epoch": 2, "restored_best": True, "weights": [[0.3, 0.7]]}]
+    pl = [{"method": "crosspt_wavg", "task": "sst2", "seed": s, "lr": 0.03, "val": 0.7, "test": 0.74 + s / 100,
+           "best_epoch": 0, "router_weights": [[0.3, 0.7]], "router_trace": trace, "bank_tasks": ["qnli", "sst2"],
+           "rule": rule, "own": 1, "router_lr": 0.1, "epochs": 3, "wall_s": 1.0}
+          for s in range(3) for rule in ("dirichlet", "noisy_topk")]
+    summary = _summary_with([{"kind": "cell", "method": "source", "task": "sst2", "test": 0.756}], arms=["pt"])
+    summary["planted"] = pl
+    lines = "\n".join(SR._planted_lines(summary))
+    assert "**sst2** (own-prompt score 75.6)" in lines
+    # own weight after the last epoch before the restore (epoch 1): 0.80; kept state 0.70; top 3 of 3
+    assert "| CrossPT wavg | dirichlet | 80.0 ± 0.0 | 70.0 ± 0.0 | 3 of 3 | 75.0 ± 1.0 | -0.6 [-3.1, +1.9] |" in lines
+    assert "| 1 | 0.800 | 0.800 |" in lines

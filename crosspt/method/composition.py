@@ -147,19 +147,28 @@ def logistic_noise(like: torch.Tensor) -> torch.Tensor:
     return torch.log(u) - torch.log1p(-u)
 
 
+def topk_indices(scores: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Indices `[..., k]` of the k largest of `scores` `[..., n]` along the last dim, equal scores to the
+    earlier index (a stable sort; torch.topk breaks ties arbitrarily: 5 equal scores, k = 1 keeps index 2);
+    all n indices in order when k is None or >= n."""
+    n = scores.shape[-1]
+    if k is None or k >= n:
+        return torch.arange(n, device=scores.device).expand(*scores.shape[:-1], n)
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def topk_mask(scores: torch.Tensor, k: int | None, stable: bool = False) -> torch.Tensor:
     """Boolean mask `[..., n]` keeping the k largest of `scores` `[..., n]` along the last dim (all when k
-    is None or >= n). `stable`: equal scores go to the earlier index (torch.topk breaks ties arbitrarily:
-    5 equal scores, k = 1 keeps index 2); the older rules keep torch.topk so their results reproduce."""
+    is None or >= n). `stable`: ties to the earlier index (`topk_indices`); the older rules keep
+    torch.topk's arbitrary tie-break so that their results reproduce."""
     n = scores.shape[-1]
     if k is None or k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
-    if stable:
-        idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    else:
-        idx = scores.topk(k, dim=-1).indices
+    idx = topk_indices(scores, k) if stable else scores.topk(k, dim=-1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
 
 
@@ -183,18 +192,19 @@ def dirichlet_weights(logits: torch.Tensor, temperature: float, top_k: int | Non
     """One training draw of the `dirichlet` rule `[B, n_cand]` from `logits` `[B, n_cand]`: on the
     evaluation's kept set, `Dirichlet(c(tau) * w_eval)` (mean exactly `w_eval`, reparameterised); exactly 0
     elsewhere, with the dense softmax's gradient for the dropped (straight-through; module docstring)."""
-    keep = topk_mask(logits, top_k, stable=True)
-    w_eval = masked_softmax(logits, keep)                                      # [B, n], 0 off the kept
-    n_kept = int(keep[0].sum())
-    idx = keep.nonzero()[:, -1].reshape(*keep.shape[:-1], n_kept)             # [B, k] kept indices
-    # every row keeps exactly n_kept: gather them to `[B, k]`, draw, scatter back (float32: the sampler
-    # and its gradient kernel, also under a bf16 autocast)
-    alpha = dirichlet_concentration(temperature, n_kept) * w_eval.gather(-1, idx).float()
+    if logits.numel() == 0:
+        return torch.zeros_like(logits)
+    idx = topk_indices(logits, top_k)                                          # [B, k], as eval_weights keeps
+    # the evaluation weights on the kept (a softmax over them), the draw's concentration (float32: the
+    # sampler and its gradient kernel, also under a bf16 autocast), scattered back to `[B, n]`
+    w_kept = F.softmax(logits.gather(-1, idx).float(), dim=-1)                 # [B, k]
+    alpha = dirichlet_concentration(temperature, idx.shape[-1]) * w_kept
     draw = torch.distributions.Dirichlet(alpha).rsample().to(logits.dtype)     # [B, k], each > 0
-    weights = torch.zeros_like(w_eval).scatter(-1, idx, draw)
-    if n_kept < logits.shape[-1]:
+    weights = torch.zeros_like(logits).scatter(-1, idx, draw)
+    if idx.shape[-1] < logits.shape[-1]:
+        dropped = torch.ones_like(logits, dtype=torch.bool).scatter(-1, idx, False)
         dense = F.softmax(logits, dim=-1)
-        weights = weights + (dense - dense.detach()) * (~keep).to(dense.dtype)    # 0 forward, grad of p_j
+        weights = weights + (dense - dense.detach()) * dropped.to(dense.dtype)    # 0 forward, grad of p_j
     return weights
 
 
