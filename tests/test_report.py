@@ -8,6 +8,7 @@ import json
 import math
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,6 +354,10 @@ def test_report_from_mlflow_alone_logs_md_html_json_and_the_importance_plot(tmp_
     logged = {a.path for a in c.list_artifacts(parent, "report")} | {a.path for a in c.list_artifacts(parent, "plots")}
     assert {"report/report.md", "report/report.html", "report/report.json", "report/importance.png",
             "report/factors.json", "report/levels.json", "plots/param_importances.png"} <= logged, logged
+    # a second report replaces the tables: MLflow's log_table alone appends (two reports' rows in one table)
+    assert main(["report", "--parent", parent, "--tracking-uri", uri, "--out", str(tmp_path / "again")]) == 0
+    table = json.loads(Path(c.download_artifacts(parent, "report/factors.json", str(tmp_path))).read_text())
+    assert table["columns"][0] == "factor" and len(table["data"]) == 2, table
 
 
 def test_importances_on_the_optuna_study_for_the_dashboard(tmp_path):

@@ -62,15 +62,16 @@ def verdict_text(rep: Report, r: FactorResult, n_tested: int) -> str:
     if r.verdict == Verdict.TOO_FEW:
         return f"too few trials to tell (trials per level: {counts}; {r.note})"
     ps = f"p {_p(r.p)}" + (f", {_p(r.p_adjusted)} after Holm over {n_tested} factors" if n_tested > 1 else "")
+    trials = f"{r.n} trials" + (f"; {r.note}" if r.note else "")
     if r.estimate is None:
-        return f"{'effect' if r.verdict == Verdict.EFFECT else 'no detectable effect'} ({ps}; {r.n} trials)"
+        return f"{'effect' if r.verdict == Verdict.EFFECT else 'no detectable effect'} ({ps}; {trials})"
     est, lo, hi = _diff(rep, r)
     if r.verdict == Verdict.EFFECT:
         better = "beats" if rep.mode == "max" else "is lower than"
         return (f"{r.best} {better} {r.worst} by {_f(est)}{_unit(rep)} [95% CI {_f(lo)}, {_f(hi)}] "
-                f"({ps}; {r.n} trials)")
+                f"({ps}; {trials})")
     return (f"no detectable effect ({r.best} vs {r.worst}: {_f(est, True)}{_unit(rep)} [{_f(lo)}, {_f(hi)}]; "
-            f"{ps}; {r.n} trials)")
+            f"{ps}; {trials})")
 
 
 def _tested(results: list[FactorResult]) -> int:
@@ -89,7 +90,7 @@ def design_note(rep: Report) -> str:
     if rep.algorithm is None:
         return "Searcher unknown: the tests assume each trial's levels were drawn at random (`random` or `qmc`)."
     if rep.adaptive:
-        return (f"**The searcher was adaptive (`{rep.algorithm}`, TPE)**: it chose later trials by earlier scores, "
+        return (f"**The searcher was adaptive** (`{rep.algorithm}`, TPE): it chose later trials by earlier scores, "
                 "so levels were not randomly assigned and a level can look better for the company it kept. The "
                 "tests below assume random assignment; read them as hints. For attribution, search with "
                 "`search.algorithm: random` or `qmc`.")
@@ -111,25 +112,29 @@ def blocks(rep: Report) -> list[tuple]:
     n = _tested(rep.results)
     out += [("p", design_note(rep)),
             ("h2", "Verdicts"), ("ul", [f"`{r.factor}`: {verdict_text(rep, r, n)}" for r in rep.results])]
+    pruning = bool(rep.counts.get("PRUNED"))          # prune rates are all 0 otherwise: no column
     head = ["factor", "verdict", f"best − worst ({unit}) [95% CI]", "p", "p (Holm)", "importance [noise]",
-            "trials per level", "pruned per level", "adjusted for"]
+            "trials per level", *["pruned per level"] * pruning, "adjusted for"]
     rows = []
     for r in rep.results:
-        est = "-" if r.estimate is None else (lambda e, lo, hi: f"{_f(e, True)} [{_f(lo)}, {_f(hi)}]")(*_diff(rep, r))
+        est, lo, hi = _diff(rep, r) if r.estimate is not None else (None, None, None)
+        est = "-" if est is None else f"{_f(est, True)} [{_f(lo)}, {_f(hi)}]"
         imp = "-" if r.importance is None else f"{r.importance:.2f} [{r.noise:.2f}]"
         pr = rep.prune_rates.get(r.factor, {})
         rows.append([f"`{r.factor}`", r.verdict.value, est, _p(r.p), _p(r.p_adjusted), imp,
-                     ", ".join(str(v) for v in r.n_per_level.values()) or "-",
-                     ", ".join(f"{100 * v:.0f}%" for v in pr.values()) or "-", ", ".join(r.adjusted_for) or "-"])
+                     ", ".join(f"{k}: {v}" for k, v in r.n_per_level.items()) or "-",
+                     *[", ".join(f"{k}: {100 * v:.0f}%" for k, v in pr.items()) or "-"] * pruning,
+                     ", ".join(r.adjusted_for) or "-"])
     out += [("h2", "Factors"), ("table", head, rows),
             ("p", f"`effect` only when the Holm-adjusted p < {ALPHA}. p: permutation test of the factor's levels "
                   f"({N_PERMUTATIONS} permutations, exact below that), beyond the factors in *adjusted for*. "
                   "best − worst: the two levels with the best and worst mean, the difference corrected for "
                   "picking them after the fact, with Tukey's simultaneous 95% interval. Importance: the share of "
                   "the objective's variance the factor explains; [noise]: the 95th percentile of that share with "
-                  "the factor's levels shuffled: below it, a factor looks like noise. Pruned per level: the share "
-                  "of each level's trials ASHA stopped (a level pruned more has only its survivors below). "
-                  f"False-effect rate, coverage and power of these numbers: `{CALIBRATION}`."),
+                  "the factor's levels shuffled: below it, a factor looks like noise. "
+                  + ("Pruned per level: the share of each level's trials ASHA stopped (a level pruned more has only "
+                     "its survivors below). " if pruning else "")
+                  + f"False-effect rate, coverage and power of these numbers: `{CALIBRATION}`."),
             ("fig", "importance"), ("fig", "effects")]
     out.append(("h2", "Levels"))
     for r in rep.results:
@@ -137,11 +142,11 @@ def blocks(rep: Report) -> list[tuple]:
             continue
         test = {lv.level: lv for lv in rep.test_levels.get(r.factor, [])}
         pr = rep.prune_rates.get(r.factor, {})
-        rows = [[lv.level, str(lv.n), f"{100 * pr[lv.level]:.0f}%" if lv.level in pr else "-",
+        rows = [[lv.level, str(lv.n), *[f"{100 * pr[lv.level]:.0f}%" if lv.level in pr else "-"] * pruning,
                  _level(rep, lv), _level(rep, test.get(lv.level))] for lv in r.levels]
         note = f" (means at the average of {', '.join(r.adjusted_for)})" if r.adjusted_for else ""
-        out += [("h3", r.factor + note),
-                ("table", ["level", "trials", "pruned", f"{rep.metric} [95% CI]", "test_score [95% CI]"], rows)]
+        out += [("h3", r.factor + note), ("table", ["level", "trials", *["pruned"] * pruning,
+                                                    f"{rep.metric} [95% CI]", "test_score [95% CI]"], rows)]
     if rep.rung_results:
         m = _tested(rep.rung_results)
         out += [("h2", f"Every trial at epoch {rep.rung_epoch + 1} (pruned ones included)"),

@@ -97,7 +97,7 @@ class FactorResult:
     importance: float | None = None              # share of the objective's variance
     noise: float | None = None                   # 95th percentile of that share with the levels shuffled
     adjusted_for: list[str] = field(default_factory=list)
-    note: str = ""                               # why too_few / not_varied / inactive
+    note: str = ""                               # why too_few / not_varied / inactive; levels left out
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -164,6 +164,9 @@ def _factor(f: Factor, factors: Sequence[Factor], rows: Sequence[TrialRow], mode
     level_names = [names[k] for k in kept_levels]
     y = np.array([r.value(metric) for r in sub], dtype=float)
     res = FactorResult(f.key, Verdict.TOO_FEW, n, n_per_level)
+    single = [names[k] for k in range(len(names)) if k not in kept_levels]
+    if single:
+        res.note = f"left out, one trial each: {', '.join(single)}"
     others = [g for g in factors if g.key != f.key]
     Z, adjusted_for = _adjusters(others, sub, x, len(level_names), y)
     res.adjusted_for = adjusted_for
@@ -174,8 +177,8 @@ def _factor(f: Factor, factors: Sequence[Factor], rows: Sequence[TrialRow], mode
         return res
     arrangements = _log_arrangements(np.bincount(x))
     if arrangements < math.log(1 / ALPHA) + 1e-9:
-        res.note = (f"{len(y)} trials in levels of {'/'.join(str(c) for c in np.bincount(x))}: "
-                    f"p cannot fall below {ALPHA}")
+        res.note = "; ".join([res.note] * bool(res.note) + [
+            f"{len(y)} trials in levels of {'/'.join(str(c) for c in np.bincount(x))}: p cannot fall below {ALPHA}"])
         return res
     total = float(((y - y.mean()) ** 2).sum())
     if total <= 0:                       # every trial scored the same: nothing to attribute

@@ -137,6 +137,22 @@ def load_search(uri: str, experiment: str | None = None, parent_run_id: str | No
                       algorithm, rung)
 
 
+def _log_table(c, run_id: str, table: dict[str, list], path: str, logged: set[str]) -> None:
+    """`log_table`, except that a table an earlier report logged is replaced: `log_table` appends to an
+    existing file, so a second `crosspt report` (of a running search, say) would stack both reports' rows."""
+    if path not in logged:
+        c.log_table(run_id, table, path)
+        return
+    import tempfile
+
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        pd.DataFrame(table).to_json(local, orient="split", index=False, date_format="iso")   # log_table's format
+        c.log_artifact(run_id, str(local), str(Path(path).parent))
+
+
 def log_importance_plot(c, parent_run_id: str, rep: Report) -> None:
     """The parent run's importance plot (`IMPORTANCE_PLOT`), drawn from the report's numbers: the one
     importance method (stats.py), replacing Optuna's default (fANOVA over whatever trials completed)."""
@@ -195,8 +211,9 @@ def report_search(uri: str, *, experiment: str | None = None, parent_run_id: str
         c = T.client(uri)
         c.log_artifacts(s.parent_run_id, str(md.parent), REPORT_DIR)
         if rep.enough:
+            logged = {a.path for a in c.list_artifacts(s.parent_run_id, REPORT_DIR)}
             for name, table in tables(rep).items():
-                c.log_table(s.parent_run_id, table, f"{REPORT_DIR}/{name}")
+                _log_table(c, s.parent_run_id, table, f"{REPORT_DIR}/{name}", logged)
             log_importance_plot(c, s.parent_run_id, rep)
     if optuna_url and study_name and rep.enough:
         publish_to_study(rep, optuna_url, study_name)
