@@ -35,16 +35,17 @@ def importance_figure(results: Sequence[FactorResult], title: str = ""):
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(len(shown), 1)))
     colours = ["C3" if r.verdict == Verdict.EFFECT else "C7" for r in shown]
     ax.barh(range(len(shown)), [r.importance for r in shown], color=colours)
-    ax.scatter([r.noise for r in shown], range(len(shown)), marker="|", s=400, color="k", label="noise level (95%)")
+    ax.scatter([r.noise for r in shown], range(len(shown)), marker="|", s=400, color="k")
     for i, r in enumerate(shown):
         ax.text(max(r.importance, r.noise) + 0.01, i, f"{r.verdict.value}  p_adj {r.p_adjusted:.2g}", va="center",
                 fontsize=8)
     ax.set_yticks(range(len(shown)), [r.factor for r in shown], fontsize=8)
     ax.set_xlim(0, 1.25)
-    ax.set_xlabel("share of the objective's variance explained (red: effect, Holm-adjusted p < 0.05)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("bar: share of the objective's variance explained (red: effect, Holm-adjusted p < 0.05)\n"
+                  "black tick: noise level, the share with the factor's levels shuffled (95th percentile)", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    fig.tight_layout()                  # MLflow's log_figure saves the figure as it is
     return fig
 
 
