@@ -53,7 +53,7 @@ def cmd_report(args) -> int:
     uri = T.resolve_tracking_uri(args.tracking_uri)
     rep, md = report_search(uri, experiment=args.experiment, parent_run_id=args.parent, out=args.out)
     print(format_table(rep))
-    print(f"written: {md}")
+    print(f"written: {md}, {md.with_name('report.html').name} (figures inline), {md.with_name('report.json').name}")
     return 0
 
 
@@ -61,11 +61,13 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="Ray Tune + Optuna + ASHA search over the CrossPT factors")
     add_search_flags(p)
     p.set_defaults(func=cmd_search)
-    r = sub.add_parser("report", help="design-factor report of a search (importances, effects with CIs, best, "
-                                      "Pareto front); works on a running search")
+    r = sub.add_parser("report", help="design-factor report of a search (permutation tests per factor with Holm's "
+                                      "correction, effects with simultaneous CIs, importances with a noise level, "
+                                      "best, Pareto front); works on a running search")
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", help="MLflow experiment: its latest search")
     which.add_argument("--parent", help="the search's parent run id")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    r.add_argument("--out", help="folder for report.md and its PNGs (default: ./report-<parent run id>)")
+    r.add_argument("--out", help="folder for report.md, report.html, report.json and the PNGs "
+                                 "(default: ./report-<parent run id>)")
     r.set_defaults(func=cmd_report)

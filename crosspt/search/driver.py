@@ -106,7 +106,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     summary.update({"wall_s": time.time() - t0, "tracking_uri": uri, "experiment": exp_name,
                     "experiment_id": experiment_id, "parent_run_id": parent_run_id,
                     "storage": paths.root})
-    log_parent(c, parent_run_id, summary, space, paths.optuna_url, paths.study_name)
+    log_parent(c, parent_run_id, summary, space)
     c.set_terminated(parent_run_id, "FINISHED")
     summary["report"] = _report(c, uri, parent_run_id, paths)
     if bank:
@@ -267,7 +267,8 @@ def _report(c, uri: str, parent_run_id: str, paths: SearchPaths) -> dict:
 
     out = paths.local_base / f"{paths.study_name}_report"
     try:
-        rep, md = report_search(uri, parent_run_id=parent_run_id, out=out)
+        rep, md = report_search(uri, parent_run_id=parent_run_id, out=out, optuna_url=paths.optuna_url,
+                                study_name=paths.study_name)
     except Exception as e:
         c.set_tag(parent_run_id, "crosspt.report", f"failed: {type(e).__name__}: {e}"[:500])
         return {"dir": str(out), "table": f"report: failed ({type(e).__name__}: {e})", "error": str(e)}

@@ -84,9 +84,9 @@ def parent_note(space: SearchSpace, summary: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace, optuna_url: str, study_name: str) -> None:
+def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None:
     """The parent run's record of the finished search: trials.csv and its table, counts, the best trial's
-    score, params and run id, the description, the importance plot."""
+    score, params and run id, the description."""
     trials, metric_key = summary["trials"], space.objective.metric
     # the one rule (T.best_finished_child, which `promote` uses too) picks the best, ties included: Tune's
     # row order and MLflow's start-time order can break a tie differently
@@ -117,30 +117,8 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace, optuna_
             c.set_tag(parent_run_id, "crosspt.best_run_id", run.info.run_id)
             summary["best_run_id"] = run.info.run_id
     c.set_tag(parent_run_id, NOTE_TAG, parent_note(space, summary))
-    _importance_plot(c, parent_run_id, optuna_url, study_name)
-
-
-def _importance_plot(c, parent_run_id: str, optuna_url: str, study_name: str) -> None:
-    """Optuna's fANOVA parameter importances over the COMPLETE trials (pruned and failed ones carry no
-    final value), as a PNG on the parent run; needs >= 2 of them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=optuna_url)
-        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(complete) < 2 or not any(t.params for t in complete):
-            return
-        ax = optuna.visualization.matplotlib.plot_param_importances(study)
-        ax.figure.set_size_inches(8, 4)
-        ax.figure.tight_layout()
-        c.log_figure(parent_run_id, ax.figure, "plots/param_importances.png")
-        plt.close(ax.figure)
-    except Exception as e:  # importance needs variance in params/values; a plot never fails a search
-        c.set_tag(parent_run_id, "importance_plot", f"skipped: {type(e).__name__}: {e}"[:500])
+    # no importance plot here: the report (search.report.store) draws the one importance method on the parent
+    # run and on the Optuna study; Optuna's default fANOVA over completed trials disagreed with it
 
 
 def format_summary(summary: dict, objective: str) -> str:

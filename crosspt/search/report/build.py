@@ -1,0 +1,147 @@
+"""Every number of one search's report, from plain rows: the factor analysis (`stats.analyse`) of the
+objective over the finished trials, the same at the common rung over finished and pruned trials, prune
+rates, the best trial, the Pareto front and the strongest interaction. No MLflow, no plotting."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from crosspt.search.report.rows import (Factor, TrialRow, active_rows, at_rung, finished, level_codes, levels,
+                                        with_bins)
+from crosspt.search.report.stats import FactorResult, LevelStat, analyse
+
+MIN_TRIALS = 2                       # fewer finished trials: nothing to compare, the report says so
+# `search.algorithm` values whose trials draw each factor's level independently of earlier scores: the
+# design the tests assume (exact). Anything else (TPE) chooses later trials by earlier results.
+RANDOMISED = frozenset({"random", "qmc"})
+
+
+@dataclass
+class Interaction:
+    a: str
+    b: str
+    strength: float                              # weighted mean square of the non-additive part
+    a_levels: list[str]
+    b_levels: list[str]
+    means: list[list[float | None]]              # [a level][b level]
+    counts: list[list[int]]
+
+
+@dataclass
+class Report:
+    title: str
+    metric: str
+    mode: str
+    factors: list[Factor]                        # most important first
+    rows: list[TrialRow]
+    best: TrialRow | None
+    running: bool = False
+    algorithm: str | None = None                 # the searcher (`search.algorithm`), when known
+    counts: dict[str, int] = field(default_factory=dict)
+    results: list[FactorResult] = field(default_factory=list)         # objective, finished trials
+    test_levels: dict[str, list[LevelStat]] = field(default_factory=dict)   # test_score per level (no test)
+    rung_epoch: int | None = None                # 0-based epoch every finished and pruned trial reached
+    rung_results: list[FactorResult] = field(default_factory=list)    # objective at that epoch, all of them
+    prune_rates: dict[str, dict[str, float]] = field(default_factory=dict)  # factor -> level -> pruned share
+    interaction: Interaction | None = None
+    pareto: list[TrialRow] = field(default_factory=list)
+    scale: tuple[float, str] = (100.0, "pts")
+
+    @property
+    def enough(self) -> bool:
+        return len(finished(self.rows)) >= MIN_TRIALS
+
+    @property
+    def adaptive(self) -> bool:
+        """The searcher chose trials from earlier scores (TPE): levels were not randomly assigned."""
+        return self.algorithm is not None and self.algorithm not in RANDOMISED
+
+    def result(self, key: str) -> FactorResult:
+        return next(r for r in self.results if r.factor == key)
+
+
+def score_scale(rows: Sequence[TrialRow]) -> tuple[float, str]:
+    """Scores in [0, 1] read as points (x100); anything else in its own units."""
+    vals = [v for r in rows for v in r.values("objective")]
+    return (100.0, "pts") if vals and all(0 <= v <= 1 for v in vals) else (1.0, "")
+
+
+def prune_rates(factors: Sequence[Factor], rows: Sequence[TrialRow]) -> dict[str, dict[str, float]]:
+    """Per factor and level: the share of its trials that ASHA stopped, among finished and pruned ones.
+    A level pruned more often did worse early: its finished trials are the survivors."""
+    done = [r for r in rows if r.state in ("FINISHED", "PRUNED")]
+    out = {}
+    for f in factors:
+        names, codes = level_codes(f, done)
+        pruned = np.array([r.state == "PRUNED" for r in done])
+        out[f.key] = {n: float(pruned[codes == k].mean()) for k, n in enumerate(names) if (codes == k).any()}
+    return out
+
+
+def build_report(title: str, metric: str, mode: str, factors: list[Factor], rows: list[TrialRow],
+                 best_trial_id: str | None, running: bool = False, algorithm: str | None = None,
+                 rung_epoch: int | None = None) -> Report:
+    """Every number of the report from plain rows; `best_trial_id` comes from the one best-trial rule
+    (`crosspt.registry.tracking.best_finished_child`); rows carry their rung value when `rung_epoch` is
+    set (a search that pruned trials)."""
+    done = finished(rows)
+    counts = {s: sum(r.state == s for r in rows) for s in ("FINISHED", "PRUNED", "FAILED", "RUNNING")}
+    best = next((r for r in rows if r.trial_id == best_trial_id), None)
+    rep = Report(title, metric, mode, list(factors), list(rows), best, running, algorithm, counts,
+                 scale=score_scale(done))
+    if not rep.enough:
+        return rep
+    # numeric factors binned once, over every trial that got far enough to compare
+    binned = with_bins(factors, [r for r in rows if r.state in ("FINISHED", "PRUNED")] or done)
+    results = analyse(binned, done, mode)
+    order = sorted(range(len(binned)), key=lambda i: -(results[i].importance or 0.0))
+    rep.factors, rep.results = [binned[i] for i in order], [results[i] for i in order]
+    rep.test_levels = {r.factor: r.levels for r in analyse(rep.factors, done, mode, "test_score", n_permutations=0)}
+    rep.prune_rates = prune_rates(rep.factors, rows)
+    if rung_epoch is not None and counts["PRUNED"] and len(at_rung(rows)) >= MIN_TRIALS:
+        rep.rung_epoch = rung_epoch
+        rep.rung_results = analyse(rep.factors, at_rung(rows), mode, "rung")
+    rep.interaction = strongest_interaction(rep.factors, done)
+    rep.pareto = pareto_front(done, mode)
+    return rep
+
+
+# ---- descriptive: interaction, Pareto front -------------------------------------------------------
+def interaction(fa: Factor, fb: Factor, rows: Sequence[TrialRow]) -> Interaction | None:
+    """Cell means of the objective over (level of a, level of b), and how far they are from additive:
+    `mean over cells of n * (cell - row - col + grand)^2 / N`. None unless both factors vary together.
+    Descriptive only: with a few trials per cell nothing here is tested."""
+    both = active_rows(active_rows(finished(rows), fa.key), fb.key)
+    la, lb = levels(fa, both), levels(fb, both)
+    if len(la) < 2 or len(lb) < 2:
+        return None
+    row_of = {id(r): i for i, members in enumerate(la.values()) for r in members}
+    col_of = {id(r): j for j, members in enumerate(lb.values()) for r in members}
+    cells: dict[tuple[int, int], list[float]] = {}
+    for r in both:
+        cells.setdefault((row_of[id(r)], col_of[id(r)]), []).append(float(r.objective))
+    grand = float(np.mean([float(r.objective) for r in both]))
+    row_m = [float(np.mean([float(r.objective) for r in v])) for v in la.values()]
+    col_m = [float(np.mean([float(r.objective) for r in v])) for v in lb.values()]
+    strength = sum(len(v) * (np.mean(v) - row_m[i] - col_m[j] + grand) ** 2 for (i, j), v in cells.items()) / len(both)
+    means = [[float(np.mean(cells[(i, j)])) if (i, j) in cells else None for j in range(len(lb))] for i in range(len(la))]
+    counts = [[len(cells.get((i, j), [])) for j in range(len(lb))] for i in range(len(la))]
+    return Interaction(fa.key, fb.key, float(strength), list(la), list(lb), means, counts)
+
+
+def strongest_interaction(factors: Sequence[Factor], rows: Sequence[TrialRow]) -> Interaction | None:
+    found = [x for i, a in enumerate(factors) for b in factors[i + 1:] if (x := interaction(a, b, rows))]
+    return max(found, key=lambda x: x.strength) if found else None
+
+
+def pareto_front(rows: Sequence[TrialRow], mode: str = "max") -> list[TrialRow]:
+    """Finished rows no other row beats on both score and (fewer) trainable params, by params."""
+    pts = [r for r in finished(rows) if r.trainable_params is not None]
+    sign = 1 if mode == "max" else -1
+
+    def dominated(r: TrialRow) -> bool:
+        return any(o.trainable_params <= r.trainable_params and sign * o.objective >= sign * r.objective
+                   and (o.trainable_params, o.objective) != (r.trainable_params, r.objective) for o in pts)
+    return sorted((r for r in pts if not dominated(r)), key=lambda r: r.trainable_params)
