@@ -379,3 +379,39 @@ def test_a_search_reads_as_a_search_in_mlflow_and_optuna(ray_head, tiny_t5_path,
     assert {"metrics.`best_val_score`", "params.`prompt.n_sources`", "params.`optim.prompt_lr`",
             "tags.`pruned`"} <= set(columns)
     assert runs_page(s).endswith("&viewStateShareKey=crosspt-reads")
+
+
+HUB_CHECK = """
+import sys
+from crosspt.backbones.loader import load_backbone
+from crosspt.errors import ArtifactError
+from crosspt.registry.revision import backbone_revision, pinned_source
+from crosspt.tasks.specs import resolve_tasks
+
+name, sha = sys.argv[1:3]
+assert backbone_revision(name) == sha, backbone_revision(name)
+folder = pinned_source(name, sha)
+assert folder.endswith("/snapshots/" + sha), folder
+assert load_backbone(folder, resolve_tasks(["sst2"])).embed_dim == 64
+try:
+    pinned_source(name, "f" * 40)
+except ArtifactError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_hub_backbone_is_pinned_to_the_commit_it_was_trained_at(tiny_t5_path, tmp_path):
+    """A hub id resolves to the commit of the snapshot it loads (here from a local HF cache, offline);
+    loading a model pins that commit's snapshot, and a commit the cache does not hold is refused in one line
+    (online it would be downloaded)."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--crosspt-test--tiny-t5"
+    shutil.copytree(tiny_t5_path, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", HUB_CHECK, "crosspt-test/tiny-t5", sha], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    refused = [line for line in out.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 1 and "at commit ffffffff" in refused[0] and "not available offline" in refused[0], out.stdout

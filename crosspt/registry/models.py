@@ -55,6 +55,9 @@ def tracking_uri_of(uri: str | None) -> str:
 def _client(uri: str):
     from mlflow import MlflowClient
 
+    from crosspt.registry.tracking import prepare_store
+
+    prepare_store(uri)              # a new sqlite store is created once, under its lock
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

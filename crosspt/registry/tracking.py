@@ -18,9 +18,9 @@ import hashlib
 import json
 import os
 import re
-import threading
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +37,7 @@ BACKBONE_REVISION_TAG = "crosspt.backbone.revision"   # a hub commit or sha256: 
 PRUNED_TAG = "pruned"                  # a trial the scheduler stopped early (`close_pruned`)
 # metrics that are the same at every epoch: logged once (step 0), not charted as per-step lines
 ONCE_METRICS = ("trainable_params", "total_params")
-# a router's metrics: logged only for runs that have one (two or more candidate prompts)
+# a router's metrics: logged only for runs whose router has them (TrialLogger.routed)
 ROUTER_METRICS = ("temperature",)
 INITIAL_PREFIX = "initial."     # = crosspt.run.loop.INITIAL_PREFIX, repeated so that tracking never imports torch
 SEARCH_TAG = "crosspt.search"
@@ -330,7 +330,9 @@ class TrialLogger:
                  trial_number: int | None, run_name: str, routed: bool = True):
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.trial_id, self.trial_number, self.run_name = trial_id, trial_number, run_name
-        self.routed = routed            # the run has a router (>= 2 candidate prompts): its metrics and plot
+        # the run's router has a temperature (ROUTER_METRICS are logged only then); the router heatmap needs
+        # no flag: a prompt artifact with fewer than two candidates has none
+        self.routed = routed
         self.run_id: str | None = None
         self.last_metrics: dict | None = None
         self._logged_best_epoch = None
