@@ -169,9 +169,9 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
     assert epochs[0] < 4 and epochs[-1] == 4, summary["trials"]
     assert summary["num_stopped"] == 1
     children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
-    statuses = sorted((r.info.status, r.data.tags.get("pruned")) for r in children)
+    statuses = sorted((r.info.status, r.data.tags.get("pruned", "")) for r in children)
     # the stopped trial ended as the search meant it to: FINISHED, tagged pruned (KILLED draws a red cross)
-    assert statuses == [("FINISHED", None), ("FINISHED", "true")]
+    assert statuses == [("FINISHED", ""), ("FINISHED", "true")]
     # Optuna (random search goes through it too: the study exists) learns the same: the stopped trial is PRUNED at its last
     # rung, never COMPLETE with a partial value
     import optuna

@@ -76,7 +76,10 @@ def backbone_revision(name: str) -> str | None:
 
     source = resolve_backbone(name)["source"]
     if Path(source).is_dir():
-        return folder_hash(source)
+        try:
+            return folder_hash(source)
+        except OSError:            # an unreadable file: unknown, never a failed run
+            return None
     return _hub_commit(source)
 
 
