@@ -221,7 +221,9 @@ def test_four_trials_share_one_fake_gpu(tiny_t5_path, data_dir, tmp_path, monkey
         assert summary["num_trials"] == 4 and summary["num_failed"] == 0
         children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
         assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
-        assert all(r.data.params["scaling.gpus_per_worker"] == "0.25" for r in children)
+        configs = [yaml.safe_load(Path(T.client(uri).download_artifacts(r.info.run_id, "config.yaml", str(tmp_path / r.info.run_id))).read_text())
+                   for r in children]
+        assert all(cfg["scaling"]["gpus_per_worker"] == 0.25 for cfg in configs)
         windows = sorted((r.info.start_time, r.info.end_time) for r in children)
         print("search child runs (s from the first start): "
               + ", ".join(f"{(a - windows[0][0]) / 1e3:.1f}..{(b - windows[0][0]) / 1e3:.1f}" for a, b in windows))
@@ -314,10 +316,10 @@ def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_d
             per_node[ip] = per_node.get(ip, 0) + 1
         assert per_node == {"127.0.0.3": samples}, per_node
         # the data reached the worker node through the object store: its cache holds RTE's files, and the
-        # runs still name the driver's folder (reproducible params)
+        # runs still name the driver's folder (reproducible records)
         shipped = sorted(str(f.relative_to(node_cache)) for f in node_cache.rglob("*.tsv"))
         assert shipped and all("/glue_data/RTE/" in f for f in shipped), shipped
-        assert all(r.data.params["data.data_dir"] == str(driver_data) for r in children)
+        assert all(r.data.tags["crosspt.data_source"] == str(driver_data) for r in children)
         print(f"\nmulti-node: trials per node {per_node}; driver killed at {killed_at:.0f}s with {finished_before} "
               f"FINISHED; resume {resume_s:.0f}s -> {samples} trials FINISHED; {len(keys)} objects in the bucket "
               f"({len(ckpt_trials)} trials with checkpoints); wall {time.time() - t0:.0f}s")

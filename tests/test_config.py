@@ -60,7 +60,10 @@ def test_flatten_is_scalar_only():
 # configuration. Before: 84dbd5497af3acb9 and 90fb804bb97a4ef5 (still the hashes of those stored configs: see
 # test_stored_configs_keep_their_meaning_and_hash). They moved a second time, on purpose, when the default
 # prompt.normalization became dirichlet (issue 21): before, 9b2af8f045a47fde and f07268f158b5a48b, which a
-# config naming noisy_topk still hashes to (test_noisy_topk_configs_keep_their_hash).
+# config naming noisy_topk and data.train_pool: all still hashes to (test_noisy_topk_configs_keep_their_hash).
+# And a third time with data.train_pool (issue 23): a target's validation sample now comes from the target half
+# of the train split, other rows (a config.yaml written before the key keeps its rows and hash:
+# test_config_before_train_pool_keeps_its_rows_and_hash in test_trust.py).
 _OTHER_FACTORS = {"prompt.composition": "wavg", "prompt.router": "attention", "backbone.family": "encoder",
                   "backbone.dtype": "bfloat16", "prompt.init": "vocab", "prompt.label_semantics": "opaque",
                   "backbone.pair_encoding": "joint", "data.shots_per": "task", "prompt.source_selection": "similar",
@@ -68,10 +71,10 @@ _OTHER_FACTORS = {"prompt.composition": "wavg", "prompt.router": "attention", "b
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ({}, "a215256c0716a7c5"),
-    (_OTHER_FACTORS, "92614f9b97280800"),
-    ({"prompt.normalization": "noisy_topk"}, "9b2af8f045a47fde"),
-    ({**_OTHER_FACTORS, "prompt.normalization": "noisy_topk"}, "f07268f158b5a48b"),
+    ({}, "dde546487cc292e3"),
+    (_OTHER_FACTORS, "486884200ce02cb3"),
+    ({"prompt.normalization": "noisy_topk", "data.train_pool": "all"}, "9b2af8f045a47fde"),
+    ({**_OTHER_FACTORS, "prompt.normalization": "noisy_topk", "data.train_pool": "all"}, "f07268f158b5a48b"),
 ])
 def test_config_hash_is_stable(overrides, expected):
     assert config_hash(load_config(None, overrides)) == expected

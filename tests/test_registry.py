@@ -231,7 +231,10 @@ def test_pretrained_bank_is_registered_and_used_by_the_search(world):
     children = _children(world)
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     for r in children:
-        assert Path(r.data.params["prompt.source_bank"]).is_file()
+        import yaml
+
+        cfg = c.download_artifacts(r.info.run_id, "config.yaml", str(world["tmp"] / r.info.run_id))
+        assert Path(yaml.safe_load(Path(cfg).read_text())["prompt"]["source_bank"]).is_file()
         local = c.download_artifacts(r.info.run_id, "prompts/prompts.safetensors", str(world["tmp"] / r.info.run_id))
         tensors, _ = load_prompt_artifact(local)
         assert torch.equal(tensors["prompt.bank.prompts"], bank)      # frozen bank, "order" selection of 2
@@ -259,7 +262,7 @@ def test_promote_then_predict_and_evaluate_reproduce_the_trial(world, capsys, tm
     c = _client(uri)
     mv = c.get_model_version_by_alias("glue-crosspt", "champion")
     assert str(mv.version) == "1" and mv.tags["source_run_id"] == best.info.run_id
-    assert mv.tags["config_hash"] == best.data.params["config_hash"]
+    assert mv.tags["config_hash"] == best.data.tags["crosspt.config_hash"]
 
     # idempotent: promoting the same run again adds no version
     code, out, err = run_cli(["promote", "--experiment", "regsearch", "--model-name", "glue-crosspt",

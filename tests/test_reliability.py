@@ -330,7 +330,8 @@ def test_resume_works_from_every_kill_point(point, kill_table, ray_head, tiny_t5
 def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     """The bookkeeping `--resume` does first, on a real sqlite MLflow store: children of trials Tune never
     recorded are orphans (KILLED, tagged, soft-deleted); children of trials Tune recorded as ended get
-    that status; children of unfinished trials stay RUNNING for the resumed trial to continue."""
+    that status (a trial the scheduler stopped: FINISHED, tagged pruned); children of unfinished trials stay
+    RUNNING for the resumed trial to continue."""
     from crosspt.search.reconcile import reconcile_child_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -350,7 +351,7 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     assert status["orphan"].info.status == "KILLED" and status["orphan"].info.lifecycle_stage == "deleted"
     assert status["orphan"].data.tags["crosspt.orphaned"] == "true"
     assert status["done"].info.status == "FINISHED"
-    assert status["pruned"].info.status == "KILLED" and status["pruned"].data.tags["pruned"] == "true"
+    assert status["pruned"].info.status == "FINISHED" and status["pruned"].data.tags["pruned"] == "true"
     assert status["crashed"].info.status == "FAILED" and status["crashed"].data.tags["error"]
     assert status["running"].info.status == "RUNNING"
     # once the search has ended nothing stays RUNNING
@@ -366,7 +367,7 @@ SECRET = "sekrit-7f3a9c"
 @pytest.fixture(scope="module")
 def faulty_search(ray_head, tiny_t5_path, data_dir, tmp_path_factory):
     """One search, max_retries=1, three trials with injected faults at epoch 1 (after a checkpoint):
-    trial001 raises every time, trial002's loss becomes NaN, trial003's process dies once (exit).
+    trial000 raises every time, trial001's loss becomes NaN, trial002's process dies once (exit).
     The driver's environment holds a fake secret, and the space's base a tracking URI with a password."""
     from crosspt.search.driver import run_search
     from crosspt.config.space import SearchSpace
@@ -382,8 +383,8 @@ def faulty_search(ray_head, tiny_t5_path, data_dir, tmp_path_factory):
     tree["base"]["tracking"] = {"tracking_uri": f"http://alice:{SECRET}x@127.0.0.1:{free_port()}"}
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CROSSPT_FAULT", f"raise@epoch=1,run=trial001;nan@epoch=1,run=trial002;"
-                                   f"exit@epoch=1,run=trial003,once={marker}")
+        mp.setenv("CROSSPT_FAULT", f"raise@epoch=1,run=trial000;nan@epoch=1,run=trial001;"
+                                   f"exit@epoch=1,run=trial002,once={marker}")
         mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
         mp.setenv("CROSSPT_TEST_PASSWORD", SECRET)
         t0 = time.time()
@@ -395,7 +396,7 @@ def faulty_search(ray_head, tiny_t5_path, data_dir, tmp_path_factory):
 
 def _child(fs, number: int):
     runs = T.child_runs(fs.uri, fs.summary["experiment_id"], fs.summary["parent_run_id"])
-    return next(r for r in runs if r.data.params.get("trial_number") == str(number))
+    return next(r for r in runs if r.info.run_name == f"trial{number:03d}")
 
 
 @pytest.mark.slow
@@ -418,20 +419,20 @@ def test_failing_trials_end_failed_and_the_search_goes_on(faulty_search):
     assert "TrainingDiverged" in csv and "InjectedFault" in csv          # the error column
     assert c.get_run(s["parent_run_id"]).data.metrics["num_failed"] == 2
 
-    # trial001 raised at epoch 1, was retried once (max_retries=1) from its epoch-0 checkpoint, raised again
-    r1 = _child(faulty_search, 1)
+    # trial000 raised at epoch 1, was retried once (max_retries=1) from its epoch-0 checkpoint, raised again
+    r1 = _child(faulty_search, 0)
     assert r1.info.status == "FAILED" and r1.data.tags["error"].startswith("InjectedFault")
     assert r1.data.tags.get("crosspt.restarts") == "1" and "crosspt.retryable" not in r1.data.tags
     assert r1.data.tags["crosspt.previous_error"].startswith("InjectedFault")     # the first attempt's
     assert [m.step for m in c.get_metric_history(r1.info.run_id, "epoch")] == [0]
-    # trial002 diverged: stopped at the first non-finite loss, marked not retryable, and its retry refused
+    # trial001 diverged: stopped at the first non-finite loss, marked not retryable, and its retry refused
     # at once (no epoch trained again)
-    r2 = _child(faulty_search, 2)
+    r2 = _child(faulty_search, 1)
     assert r2.info.status == "FAILED" and r2.data.tags["error"].startswith("TrainingDiverged: loss became nan at epoch 1")
     assert r2.data.tags.get("crosspt.retryable") == "false" and "crosspt.restarts" not in r2.data.tags
     assert [m.step for m in c.get_metric_history(r2.info.run_id, "epoch")] == [0]
-    # trial003's process died at epoch 1 (once): Tune restarted it from its checkpoint and it finished
-    r3 = _child(faulty_search, 3)
+    # trial002's process died at epoch 1 (once): Tune restarted it from its checkpoint and it finished
+    r3 = _child(faulty_search, 2)
     assert faulty_search.marker.is_file()
     assert r3.info.status == "FINISHED" and r3.data.tags.get("crosspt.restarts") == "1"
     assert sorted(m.step for m in c.get_metric_history(r3.info.run_id, "epoch")) == [0, 1]
@@ -449,10 +450,8 @@ def test_no_secret_reaches_mlflow_params_or_tags(faulty_search):
         for k, v in {**r.data.params, **r.data.tags}.items():
             assert SECRET not in f"{k}={v}", (r.info.run_name, k)
             seen += 1
-    assert seen > 50
-    params = _child(faulty_search, 3).data.params
-    assert params["tracking.tracking_uri"].startswith("http://alice:***@127.0.0.1:")
-    for r in runs[1:]:
+    assert seen > 40
+    for r in runs[1:]:                  # the configuration is config.yaml (params are the searched factors)
         text = Path(c.download_artifacts(r.info.run_id, "config.yaml", str(faulty_search.tmp / r.info.run_id))).read_text()
         assert SECRET not in text and "alice:***@" in text
     space_yaml = Path(c.download_artifacts(s["parent_run_id"], "search_space.yaml", str(faulty_search.tmp))).read_text()

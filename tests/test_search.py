@@ -16,10 +16,7 @@ from crosspt.config.space import SearchSpace, load_space
 from crosspt.registry import tracking as T
 
 REPO = Path(__file__).resolve().parents[1]
-FACTORS = ["prompt.n_sources", "prompt.source_len", "prompt.private_len", "optim.prompt_lr", "optim.router_lr",
-           "prompt.init", "prompt.prefix", "prompt.label_semantics", "prompt.composition", "prompt.top_k",
-           "prompt.temperature.start", "prompt.temperature.floor", "prompt.temperature.rate",
-           "prompt.learn_sources"]
+FACTORS = ["prompt.n_sources", "prompt.top_k", "prompt.composition", "optim.prompt_lr"]     # tiny_space's
 
 
 def tiny_space(backbone: Path, name: str, num_samples: int = 3, **extra) -> SearchSpace:
@@ -53,16 +50,16 @@ def check_children(uri: str, summary: dict, n: int) -> list:
     children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
     assert len(children) == n
     for r in children:
-        assert r.info.status in ("FINISHED", "KILLED"), (r.info.run_name, r.info.status, r.data.tags.get("error"))
-        missing = [f for f in FACTORS if f not in r.data.params]
-        assert not missing, missing
-        if r.data.params["prompt.n_sources"] == "0":      # nothing to route: no fake router/source values
-            assert r.data.params["optim.router_lr"] == r.data.params["prompt.source_len"] == "inactive"
-        assert "trial_number" in r.data.params and int(r.data.params["trial_number"]) >= 1
+        assert r.info.status == "FINISHED", (r.info.run_name, r.info.status, r.data.tags.get("error"))
+        assert sorted(r.data.params) == sorted(FACTORS), r.data.params       # the searched factors, nothing else
+        routed = r.data.params["prompt.n_sources"] != "0"
+        if not routed:                                     # nothing to route: no fake router values
+            assert r.data.params["prompt.composition"] == r.data.params["prompt.top_k"] == "inactive"
+        assert r.info.run_name == f"trial{int(r.data.tags['crosspt.trial_number']):03d}"
         assert "val_score" in r.data.metrics and "best_val_score" in r.data.metrics
         arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
                {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
-        assert "prompts/prompts.safetensors" in arts and "plots/router_heatmap.png" in arts
+        assert "prompts/prompts.safetensors" in arts and ("plots/router_heatmap.png" in arts) == routed
         # the artifact is a real safetensors prompt file with the run's metadata
         local = c.download_artifacts(r.info.run_id, "prompts/prompts.safetensors")
         from crosspt.run.artifacts import load_prompt_artifact
@@ -115,7 +112,7 @@ def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
     assert exp.tags.get("mlflow.note.content", "").startswith("crosspt search `")
     parent = c.get_run(summary["parent_run_id"])
     note = parent.data.tags["mlflow.note.content"]
-    assert "Budget:" in note and "Best trial" in note and summary["best"]["trial_id"] in note, note
+    assert "Budget:" in note and "Best trial" in note and summary["best"]["trial"] in note, note
     assert summary["best"]["status"] == "FINISHED"
     assert c.get_run(summary["best_run_id"]).info.status == "FINISHED"
     children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
@@ -172,8 +169,9 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
     assert epochs[0] < 4 and epochs[-1] == 4, summary["trials"]
     assert summary["num_stopped"] == 1
     children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
-    statuses = sorted((r.info.status, r.data.tags.get("pruned")) for r in children)
-    assert statuses == [("FINISHED", None), ("KILLED", "true")]
+    statuses = sorted((r.info.status, r.data.tags.get("pruned", "")) for r in children)
+    # the stopped trial ended as the search meant it to: FINISHED, tagged pruned (KILLED draws a red cross)
+    assert statuses == [("FINISHED", ""), ("FINISHED", "true")]
     # Optuna (random search goes through it too: the study exists) learns the same: the stopped trial is PRUNED at its last
     # rung, never COMPLETE with a partial value
     import optuna
@@ -206,7 +204,7 @@ def test_ray_job_submit_smoke(ray_head, data_dir, tmp_path):
     assert "succeeded" in (out.stdout + out.stderr).lower()
     summary = json.loads((tmp_path / "summary.json").read_text())
     children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
-    assert len(children) == 2 and all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
 
 
 @pytest.mark.slow

@@ -52,13 +52,17 @@ def cmd_pretrain_sources(args) -> int:
 
 # ---- promote ---------------------------------------------------------------------------------------------
 def add_promote_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", help="search experiment: its best FINISHED child run is promoted")
+    p.add_argument("--experiment", help="search experiment: the best FINISHED child run of its latest search is "
+                                        "promoted (--parent-run-id: of that search; --all-searches: of any)")
     p.add_argument("--metric", default="best_val_score", help="child-run metric that ranks runs (default best_val_score)")
     p.add_argument("--mode", choices=["max", "min"], default="max")
     p.add_argument("--model-name", required=True, help="registered model name")
     p.add_argument("--alias", default="champion", help="alias to point at the promoted version (default champion)")
     p.add_argument("--run-id", help="promote this run instead of the best child run")
-    p.add_argument("--parent-run-id", help="only consider child runs of this search (parent run id)")
+    p.add_argument("--parent-run-id", help="the search whose child runs compete (default: the experiment's latest)")
+    p.add_argument("--all-searches", action="store_true",
+                   help="let the child runs of every search in the experiment compete (other tasks, shots or "
+                        "splits are not comparable: only for searches of one design)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--force", action="store_true", help="move the alias even if it points to another version")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
@@ -69,7 +73,7 @@ def cmd_promote(args) -> int:
 
     result = promote(model_name=args.model_name, alias=args.alias, experiment=args.experiment, metric=args.metric,
                      mode=args.mode, run_id=args.run_id, parent_run_id=args.parent_run_id,
-                     tracking_uri=args.tracking_uri, force=args.force)
+                     tracking_uri=args.tracking_uri, force=args.force, all_searches=args.all_searches)
     print(json.dumps(result, indent=2, default=str) if args.as_json else describe(result))
     return 0
 

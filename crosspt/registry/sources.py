@@ -35,6 +35,9 @@ def source_config(cfg: RunConfig, task: str) -> RunConfig:
     if p["init"] == "source":
         p["init"] = "auto"
     tree["scaling"].update(num_workers=1, in_process=True)
+    # the source half of the task's train split only: no target ever validates on a row a source prompt
+    # was trained or selected on (crosspt.tasks.data.TrainPool)
+    tree["data"]["train_pool"] = "source"
     return build_config(tree, f"source config for '{task}'")
 
 
@@ -224,6 +227,7 @@ def _save_source_bank(out: Path, prompts: list, cfg: RunConfig, names: list[str]
     bank = torch.stack([torch.tensor(np.array(p, dtype=np.float32)) for p in prompts])       # [n, L, d]
     bank_path = save_bank(out / BANK_FILE, bank, backbone=cfg.backbone.name, tasks=names, metrics=metrics,
                           extra={"config_hash": config_hash(cfg), "seed": cfg.seed, "shots": cfg.data.shots,
+                                 "train_pool": "source",
                                  "label_semantics": cfg.prompt.label_semantics, "prefix": cfg.prompt.prefix,
                                  "run_id": run_id})
     load_bank(bank_path)                                                        # round-trip check

@@ -3,9 +3,16 @@
 Everything goes through an explicit `MlflowClient` and run ids (no global "active run"), because
 trials log from Ray actors in other processes. The experiment is created once, by the driver, with an
 absolute artifact location (Ray workers change directory).
+
+A new sqlite store is created and migrated by the first client of a process (MLflow runs its alembic
+migrations on first use); two processes that open a new store at once race through those migrations and
+one dies (`CommandError: Online migration expected to match one row ...`). `client` therefore opens a
+sqlite store once per process under a file lock beside it (`prepare_store`): the first process creates
+and migrates, the others wait and find it ready. A server migrates its own store when it starts.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -13,6 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +31,14 @@ from crosspt.errors import ConfigError
 
 MAX_PARAM_LEN = 6000        # MLflow 3's limit on a param value
 MAX_KEY_LEN = 250
-TRIAL_TAG = "crosspt.trial_id"
+TRIAL_TAG = "crosspt.trial_id"         # Tune's trial id: how a trial finds its child run again
+CONFIG_HASH_TAG = "crosspt.config_hash"
+BACKBONE_REVISION_TAG = "crosspt.backbone.revision"   # a hub commit or sha256: of a local folder (registry/revision.py)
+PRUNED_TAG = "pruned"                  # a trial the scheduler stopped early (`close_pruned`)
+# metrics that are the same at every epoch: logged once (step 0), not charted as per-step lines
+ONCE_METRICS = ("trainable_params", "total_params")
+# a router's metrics: logged only for runs whose router has them (TrialLogger.routed)
+ROUTER_METRICS = ("temperature",)
 INITIAL_PREFIX = "initial."     # = crosspt.run.loop.INITIAL_PREFIX, repeated so that tracking never imports torch
 SEARCH_TAG = "crosspt.search"
 
@@ -56,10 +71,66 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise ConfigError(f"MLflow tracking server not reachable at {uri} ({reason})") from None
 
 
+def check_store_reaches_nodes(uri: str, nodes: int, shared: bool = False) -> None:
+    """Refuse a sqlite store for a search on a cluster of several nodes: trials log from the node they run
+    on, and a trial on another node would open (and create) a sqlite file at that path on its own disk,
+    so its runs would never reach this store. `shared`: the path is on storage every node mounts at the
+    same place (`tracking.shared_store: true`), which makes it one file."""
+    if sqlite_path(uri) is not None and nodes > 1 and not shared:
+        raise ConfigError(f"tracking store {uri} is a sqlite file on this machine but the Ray cluster has "
+                          f"{nodes} nodes: trials on the others would log to their own local file; use an MLflow "
+                          f"server (--tracking-uri http://HOST:PORT), or set tracking.shared_store: true when "
+                          f"every node mounts that path from shared storage")
+
+
 def client(uri: str):
     from mlflow import MlflowClient
 
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path):
+    """An exclusive `flock` on `path` (created) for the block: processes on this machine (and on a shared
+    filesystem that supports flock) take turns."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+_PREPARED: set[str] = set()
+_PREPARING = threading.Lock()
+
+
+def prepare_store(uri: str) -> None:
+    """Create or migrate a sqlite tracking store (tracking and model-registry tables) once, under a file
+    lock beside it, so that searches started at once on a new store do not race through MLflow's
+    migrations; once per process (MLflow keeps one engine per URI). Other URIs pass through."""
+    db = sqlite_path(uri)
+    if db is None or uri in _PREPARED:
+        return
+    from mlflow import MlflowClient
+
+    with _PREPARING, file_lock(db.with_name(db.name + ".lock")):
+        if uri in _PREPARED:
+            return
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)             # the tracking store: created or migrated here
+        c.search_registered_models(max_results=1)       # the registry store on the same file
+        _PREPARED.add(uri)
 
 
 def artifact_root_for(uri: str) -> str | None:
@@ -75,17 +146,64 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name`, created (or restored) when needed. Two searches that create the same
+    new experiment at once: the one that loses the race takes the winner's."""
+    from mlflow.exceptions import MlflowException
+
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        for k, v in EXPERIMENT_KIND.items():
-            if exp.tags.get(k) is None:             # made by an older crosspt, or by hand
-                c.set_experiment_tag(exp.experiment_id, k, v)
-        return exp.experiment_id
-    root = artifact_root_for(uri)
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None, tags=EXPERIMENT_KIND)
+    if exp is None:
+        root = artifact_root_for(uri)
+        try:
+            return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                       tags=EXPERIMENT_KIND)
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    for k, v in EXPERIMENT_KIND.items():
+        if exp.tags.get(k) is None:             # made by an older crosspt, or by hand
+            c.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
+
+
+# ---- the runs table as a search reads ------------------------------------------------------------
+# MLflow 3.17's runs table opens with the columns Source, Models and Dataset only, whatever the runs log:
+# a metric or param column shows once someone picks it. Its "saved views" are experiment tags
+# (`mlflow.sharedViewState.<key>`, an envelope around the table's UI state) that a link opens
+# (`&viewStateShareKey=<key>`) and the view menu lists; a search saves one with its factors and scores.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+
+
+def view_key(search_name: str) -> str:
+    return "crosspt-" + re.sub(r"[^A-Za-z0-9_-]+", "-", search_name)[:80]
+
+
+def search_view_state(factors: list[str], metric: str, mode: str) -> dict:
+    """The runs table's UI state of a search: run name, the score metrics, the searched factors, whether a
+    trial was pruned, sorted best first."""
+    def col(kind: str, name: str) -> str:
+        return f"{kind}.`{name}`"
+
+    metrics = list(dict.fromkeys([metric, "test_score", "trainable_params"]))
+    return {"selectedColumns": [col("attributes", "Duration"), *(col("metrics", m) for m in metrics),
+                                *(col("params", f) for f in factors), col("tags", PRUNED_TAG)],
+            "orderByKey": col("metrics", metric), "orderByAsc": mode == "min",
+            "runsHiddenMode": "SHOW_ALL"}
+
+
+def save_search_view(c, experiment_id: str, search_name: str, factors: list[str], metric: str, mode: str) -> str:
+    """Save (or replace) the search's view of the runs table on its experiment; returns its key."""
+    now = int(time.time() * 1000)
+    key = view_key(search_name)
+    envelope = {"name": f"crosspt search {search_name}", "createdAt": now, "updatedAt": now,
+                "state": json.dumps(search_view_state(factors, metric, mode))}
+    c.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, json.dumps(envelope))
+    return key
 
 
 # ---- provenance: what code and data a run used ---------------------------------------------------
@@ -209,12 +327,16 @@ class TrialLogger:
     it (no duplicates), else `start` creates it."""
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str | None, trial_id: str | None,
-                 trial_number: int | None, run_name: str):
+                 trial_number: int | None, run_name: str, routed: bool = True):
         self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
         self.trial_id, self.trial_number, self.run_name = trial_id, trial_number, run_name
+        # the run's router has a temperature (ROUTER_METRICS are logged only then); the router heatmap needs
+        # no flag: a prompt artifact with fewer than two candidates has none
+        self.routed = routed
         self.run_id: str | None = None
         self.last_metrics: dict | None = None
         self._logged_best_epoch = None
+        self._logged_once = False
 
     def find(self):
         """This trial's child run from an earlier attempt (a retry, or a restored search), or None."""
@@ -224,6 +346,7 @@ class TrialLogger:
         """Continue `found`, this trial's run from an earlier attempt: RUNNING again, restarts counted."""
         c = client(self.uri)
         self.run_id = found.info.run_id
+        self._logged_once = all(k in found.data.metrics for k in ONCE_METRICS)
         c.update_run(self.run_id, status="RUNNING")
         c.set_tag(self.run_id, "crosspt.restarts", str(int(found.data.tags.get("crosspt.restarts", "0")) + 1))
         if "error" in found.data.tags:        # a retry: the earlier attempt's error is history now
@@ -241,8 +364,7 @@ class TrialLogger:
             "crosspt.trial_number": str(self.trial_number)}
         run = c.create_run(self.experiment_id, run_name=self.run_name, tags={**trial_tags, **(tags or {})})
         self.run_id = run.info.run_id
-        log_params(c, self.run_id, {**params, **({} if self.trial_number is None else
-                                                  {"trial_number": self.trial_number})})
+        log_params(c, self.run_id, params)
         if datasets:
             c.log_inputs(self.run_id, datasets=datasets)
         c.log_text(self.run_id, redact(config_yaml), "config.yaml")
@@ -252,10 +374,16 @@ class TrialLogger:
         c = client(self.uri)
         self.last_metrics = dict(metrics)
         # the untrained evaluation (`crosspt.run.loop.INITIAL_PREFIX` keys of epoch 0) at step -1
-        initial = {k[len(INITIAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(INITIAL_PREFIX)}
+        kept = {k: v for k, v in metrics.items() if self.routed or k not in ROUTER_METRICS}
+        initial = {k[len(INITIAL_PREFIX):]: v for k, v in kept.items() if k.startswith(INITIAL_PREFIX)}
         if initial:
-            log_metrics(c, self.run_id, initial, step=-1)
-        log_metrics(c, self.run_id, {k: v for k, v in metrics.items() if not k.startswith(INITIAL_PREFIX)},
+            log_metrics(c, self.run_id, {k: v for k, v in initial.items() if k not in ONCE_METRICS}, step=-1)
+        once = {k: kept[k] for k in ONCE_METRICS if k in kept}
+        if once and not self._logged_once:
+            log_metrics(c, self.run_id, once, step=0)
+            self._logged_once = True
+        log_metrics(c, self.run_id, {k: v for k, v in kept.items()
+                                     if not k.startswith(INITIAL_PREFIX) and k not in ONCE_METRICS},
                     step=int(metrics.get("epoch", 0)))
         if checkpoint_dir is None:
             return
@@ -278,10 +406,11 @@ class TrialLogger:
         cands = [f"source{i}" for i in range(n_src)] + (["private"] if int(meta.get("private_len", 0)) else [])
         src_names = meta.get("source_tasks") or []
         cands = [f"src:{src_names[i]}" if i < len(src_names) else c_ for i, c_ in enumerate(cands)]
-        with tempfile.TemporaryDirectory() as d:
-            png = router_heatmap(tensors["router_weights"].numpy(), list(meta["tasks"]), cands,
-                                 Path(d) / "router_heatmap.png")
-            c.log_artifact(self.run_id, str(png), "plots")
+        if len(cands) >= 2:          # one candidate has no router: its "weights" are all 1.00
+            with tempfile.TemporaryDirectory() as d:
+                png = router_heatmap(tensors["router_weights"].numpy(), list(meta["tasks"]), cands,
+                                     Path(d) / "router_heatmap.png")
+                c.log_artifact(self.run_id, str(png), "plots")
         result = checkpoint_dir / "result.json"
         if result.is_file():
             c.log_artifact(self.run_id, str(result))
@@ -293,6 +422,27 @@ class TrialLogger:
         for k, v in (tags or {}).items():
             c.set_tag(self.run_id, k, str(v))
         c.set_terminated(self.run_id, status)
+
+    def finish_pruned(self, epoch) -> None:
+        close_pruned(client(self.uri), self.run_id, epoch)
+
+
+def close_pruned(c, run_id: str, epoch=None) -> None:
+    """End a child run the scheduler stopped early: FINISHED (it ended as the search meant it to, and the
+    UI draws KILLED like FAILED, with a red cross) with the tag `pruned=true`, which keeps its score out
+    of every "best trial" (`best_finished_child`), and a description saying so."""
+    when = f" after epoch {int(epoch)}" if isinstance(epoch, (int, float)) and epoch >= 0 else ""
+    c.set_tag(run_id, PRUNED_TAG, "true")
+    if when:
+        c.set_tag(run_id, "stopped_at_epoch", str(int(epoch)))
+    c.set_tag(run_id, "mlflow.note.content",
+              f"Pruned: the scheduler (ASHA) stopped this trial{when}. Its scores are from fewer epochs than a "
+              f"finished trial's, so it never counts as the search's best.")
+    c.set_terminated(run_id, "FINISHED")
+
+
+def is_pruned(run) -> bool:
+    return run.data.tags.get(PRUNED_TAG) == "true"
 
 
 def train_callback(logger: TrialLogger):
@@ -318,18 +468,33 @@ def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: s
 
 
 # The one rule for "the best trial" (the search's parent run, its summary, `crosspt promote`): FINISHED
-# child runs only, by the objective metric, ties to the earliest start. A trial ASHA stopped (KILLED,
-# tagged pruned) scored fewer epochs than a finished one, so its score never competes; failed ones neither.
+# child runs only, not pruned, by the objective metric, ties to the earliest start. A trial ASHA stopped
+# (tagged pruned: FINISHED since this version, KILLED before) scored fewer epochs than a finished one, so
+# its score never competes; failed ones neither.
 def best_finished_child(c, experiment_id: str, metric: str, mode: str, parent_run_id: str | None = None):
-    """The best FINISHED child run (of one parent, or of any search in the experiment), or None."""
+    """The best FINISHED, unpruned child run (of one parent, or of any search in the experiment), or None."""
     parent = f"= '{parent_run_id}'" if parent_run_id else "LIKE '%'"
-    found = c.search_runs([experiment_id], max_results=1,
-                          filter_string=f"attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` {parent}",
-                          order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}",
-                                    "attributes.start_time ASC"])
-    run = found[0] if found else None
-    value = run.data.metrics.get(metric) if run else None
-    return run if value is not None and value == value else None      # a NaN or missing score is no best
+    token = None
+    while True:
+        page = c.search_runs([experiment_id], max_results=200, page_token=token,
+                             filter_string=f"attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` {parent}",
+                             order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}",
+                                       "attributes.start_time ASC"])
+        for run in page:
+            value = run.data.metrics.get(metric)
+            if not is_pruned(run) and value is not None and value == value:    # a NaN or missing score is no best
+                return run
+        token = page.token
+        if not token:
+            return None
+
+
+def latest_search(c, experiment_id: str):
+    """The parent run of the experiment's latest search (by start time), or None: what `crosspt report`
+    and `crosspt promote` read when no parent run is named."""
+    found = c.search_runs([experiment_id], filter_string=f"tags.`{SEARCH_TAG}` LIKE '%'",
+                          order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
 
 
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:

@@ -31,7 +31,7 @@ def parse_faults(spec: str | None) -> list[dict]:
     KIND: `raise` (InjectedFault at the start of epoch N), `nan` (the first loss of epoch N becomes NaN,
     so the real divergence check stops the run), `exit` (the process dies at the start of epoch N, like a
     killed worker). `rank` limits it to one Ray Train rank, `run` to runs whose config name contains
-    SUBSTR (search trials are named `<space>-trialNNN`), `once` fires only while PATH does not exist and
+    SUBSTR (search trials are named `trialNNN`, NNN the Optuna trial number from 000), `once` fires only while PATH does not exist and
     then creates it (a transient fault: a retry succeeds). For tests and drills only."""
     faults = []
     for part in (spec or "").split(";"):

@@ -64,7 +64,8 @@ def prepare_data(cfg: RunConfig, splits: dict | None = None):
         return tasks, splits
     data_dir = resolve_data_dir(cfg.data.data_dir)
     splits = {t.name: make_splits(t, data_dir, shots=cfg.data.shots, per=cfg.data.shots_per,
-                                  val_shots=cfg.data.val_shots, seed=cfg.seed, max_test=cfg.data.max_test)
+                                  val_shots=cfg.data.val_shots, seed=cfg.seed, max_test=cfg.data.max_test,
+                                  pool=cfg.data.train_pool)
               for t in tasks}
     return tasks, splits
 

@@ -64,32 +64,34 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     base, uri, data_dir, splits = _checked_inputs(space, data_dir, tracking_uri)
     exp_name = experiment or (base.tracking.experiment if base.tracking.experiment != "crosspt" else space.name)
     paths = search_paths(space, storage_path, uri, exp_name)
-    state = claim_state(paths, space.name, exp_name, resume, overwrite)
-    space, bank = _pretrained_bank(space, uri, data_dir, paths)
-    from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
-    trial_space = resolve_space_banks(space, uri, dest_dir=paths.banks_dir())
-
-    experiment_id = T.ensure_experiment(uri, exp_name)
-    c = T.client(uri)
-    if resume:
-        parent_run_id = _reopen_parent(c, uri, experiment_id, state["parent_run_id"], paths)
-    else:
-        parent_run_id = _open_parent(c, space, base, experiment_id, paths, splits,
-                                     {"experiment_id": experiment_id, "tracking_uri": uri,
-                                      "optuna": paths.optuna_url, "experiment": exp_name})
-    restore = resume and paths.has_tune_state()
-    if resume and not restore:
-        # the driver died before Tune saved any trial: the trials start afresh under the same parent run,
-        # and the study the dead driver may have asked from starts again with them
-        from crosspt.search.optuna_glue import delete_study
-
-        delete_study(paths.optuna_url, paths.study_name)
-    kill_point("before_ray")
     # a connection this search made is its own, closed at the end: the next search in this process then
-    # connects with its own runtime_env (tracking URI, forwarded drills and credentials)
+    # connects with its own runtime_env (tracking URI, forwarded drills and credentials). Connected before
+    # anything is claimed or created: a store the cluster's other nodes cannot reach is refused first
     connected = init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                                    **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
     try:
+        T.check_store_reaches_nodes(uri, alive_nodes(), base.tracking.shared_store)
+        state = claim_state(paths, space.name, exp_name, resume, overwrite)
+        space, bank = _pretrained_bank(space, uri, data_dir, paths)
+        from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
+        trial_space = resolve_space_banks(space, uri, dest_dir=paths.banks_dir())
+
+        experiment_id = T.ensure_experiment(uri, exp_name)
+        c = T.client(uri)
+        if resume:
+            parent_run_id = _reopen_parent(c, uri, experiment_id, state["parent_run_id"], paths)
+        else:
+            parent_run_id = _open_parent(c, space, base, experiment_id, paths, splits,
+                                         {"experiment_id": experiment_id, "tracking_uri": uri,
+                                          "optuna": paths.optuna_url, "experiment": exp_name})
+        restore = resume and paths.has_tune_state()
+        if resume and not restore:
+            # the driver died before Tune saved any trial: the trials start afresh under the same parent run,
+            # and the study the dead driver may have asked from starts again with them
+            from crosspt.search.optuna_glue import delete_study
+
+            delete_study(paths.optuna_url, paths.study_name)
+        kill_point("before_ray")
         from crosspt.config.liveness import family_of
 
         run = SearchRun(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths,
@@ -105,7 +107,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
             ray.shutdown()
     summary.update({"wall_s": time.time() - t0, "tracking_uri": uri, "experiment": exp_name,
                     "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                    "storage": paths.root})
+                    "storage": paths.root, "search": space.name})
     log_parent(c, parent_run_id, summary, space)
     c.set_terminated(parent_run_id, "FINISHED")
     summary["report"] = _report(c, uri, parent_run_id, paths)
@@ -119,6 +121,13 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
                                            mode=space.objective.mode, parent_run_id=parent_run_id,
                                            tracking_uri=uri, force=promote_force)
     return summary
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are alive now."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 def _checked_inputs(space: SearchSpace, data_dir: str | None, tracking_uri: str | None):
@@ -182,7 +191,7 @@ def ship_inputs(space: SearchSpace, base: RunConfig, data_dir: str | None):
 def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
     from ray import tune
 
-    from crosspt.search.optuna_glue import fail_stale_trials, make_scheduler, make_searcher
+    from crosspt.search.optuna_glue import fail_stale_trials, make_scheduler, make_searcher, trial_dirname
     from crosspt.search.reconcile import reconcile_child_runs, status_callback, tune_trials, unfinished_trial_ids
     from crosspt.search.resources import derive_concurrency, trial_resources
     from crosspt.search.summary import summarize
@@ -199,9 +208,13 @@ def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
         fail_stale_trials(paths.optuna_url, paths.study_name, keep=unfinished_trial_ids(tune_trials(paths.root)))
     else:
         kill_point("before_tuner")
+        searcher = make_searcher(space, paths.optuna_url, paths.study_name, run.family)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=make_searcher(space, paths.optuna_url, paths.study_name, run.family),
+            # one name per trial (`trial003`: Optuna's trial number) in Tune, MLflow and Optuna; the folder
+            # keeps Tune's trial id too, which `tune_trials` and the summary match on
+            tune_config=tune.TuneConfig(search_alg=searcher, trial_name_creator=searcher.trial_name,
+                                        trial_dirname_creator=trial_dirname,
                                         scheduler=make_scheduler(space, run.base.train.epochs),
                                         num_samples=space.budget.num_samples,
                                         max_concurrent_trials=derive_concurrency(space, run.base),
@@ -244,6 +257,8 @@ def _open_parent(c, space: SearchSpace, base: RunConfig, experiment_id: str, pat
     if not c.get_experiment(experiment_id).tags.get(NOTE_TAG):   # the experiments list shows this line
         c.set_experiment_tag(experiment_id, NOTE_TAG, f"crosspt search `{search_name}`"
                              + (f": {space.description}" if space.description else ""))
+    # the runs table opens with its factors and scores through the summary's link (summary.runs_page)
+    T.save_search_view(c, experiment_id, search_name, list(space.space), space.objective.metric, space.objective.mode)
     # at once: from here on a killed driver leaves a search that --resume can continue
     paths.write_state({"parent_run_id": parent_run_id, **state})
     T.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,

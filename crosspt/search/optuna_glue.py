@@ -11,6 +11,34 @@ from ray.tune.search.optuna import OptunaSearch
 from crosspt.config.space import OptunaDefineByRun, SearchSpace
 
 TUNE_TRIAL_ATTR = "tune_trial_id"        # Optuna user attribute: the Tune trial an Optuna trial belongs to
+TRIAL_NAME_ATTR = "trial_name"           # ... its name (`trial_name`): the MLflow run name, Tune's trial name
+MLFLOW_RUN_ATTR = "mlflow_run_id"        # ... and its MLflow child run
+SQLITE_TIMEOUT_S = 60                    # several searches share one optuna.db: wait for its write lock
+
+
+def trial_name(number: int) -> str:
+    """The one name of a trial: `trial003` is the study's trial number 3 (what Optuna's dashboard shows), the
+    MLflow child run's name, Tune's trial name, the report's and the summary's trial."""
+    return f"trial{number:03d}"
+
+
+def trial_dirname(trial) -> str:
+    """Tune's `trial_dirname_creator`: `<trial name>_<Tune trial id>` (the id is what the summary and the
+    reconciliation match a folder on)."""
+    return f"{trial}_{trial.trial_id}"
+
+
+def rdb_storage(optuna_url: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage of a search. A new sqlite file is created (tables, alembic version) under a file
+    lock beside it: two searches that open the same new `optuna.db` at once otherwise race through the
+    table creation and one dies (`UNIQUE constraint failed: alembic_version.version_num`)."""
+    from crosspt.registry.tracking import file_lock, sqlite_path
+
+    db = sqlite_path(optuna_url)
+    if db is None:
+        return optuna.storages.RDBStorage(optuna_url)
+    with file_lock(db.with_name(db.name + ".lock")):
+        return optuna.storages.RDBStorage(optuna_url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -27,22 +55,46 @@ class ResumableOptunaSearch(OptunaSearch):
     saved). Optuna refuses to update such a trial (`UpdateFinishedTrialError`, and only that error is
     caught): its result is dropped, its value is in the study already. Every trial carries its Tune trial id
     as a user attribute, so a resumed search can fail the trials a dead driver asked for and Tune never
-    recorded (`fail_stale_trials`)."""
+    recorded (`fail_stale_trials`), and its name and MLflow run id (reported by the trial with its first
+    result), so the dashboard leads to the run.
+
+    Names: Tune asks `trial_name` (its `trial_name_creator`) for the name of a trial it has just asked this
+    searcher for: `trial003` for the study's trial number 3."""
 
     def suggest(self, trial_id: str):
         params = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and TUNE_TRIAL_ATTR not in ot_trial.user_attrs:
-            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        if ot_trial is not None:
+            if TUNE_TRIAL_ATTR not in ot_trial.user_attrs:
+                ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+                ot_trial.set_user_attr(TRIAL_NAME_ATTR, trial_name(ot_trial.number))
         return params
 
+    def trial_name(self, trial) -> str:
+        """Tune's `trial_name_creator`: the name of the Optuna trial this searcher suggested for `trial`."""
+        ot_trial = getattr(self, "_ot_trials", {}).get(trial.trial_id)
+        return trial_name(ot_trial.number) if ot_trial is not None else f"trial_{trial.trial_id}"
+
+    def _record_run(self, trial_id: str, result: dict | None) -> None:
+        """The trial's MLflow child run id (each result carries it) as a user attribute, once."""
+        ot_trial = self._ot_trials.get(trial_id)
+        run_id = (result or {}).get(MLFLOW_RUN_ATTR)
+        if ot_trial is not None and run_id and ot_trial.user_attrs.get(MLFLOW_RUN_ATTR) != run_id:
+            try:
+                ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+
     def on_trial_result(self, trial_id: str, result: dict):
+        self._record_run(trial_id, result)
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
             self._completed_trials.add(trial_id)      # its value is in the study already
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        # a trial ASHA stops at its first result reaches the searcher here only, not in on_trial_result
+        self._record_run(trial_id, result)
         try:
             if error or not result or trial_id in self._completed_trials:
                 super().on_trial_complete(trial_id, None, error)      # FAIL, or PRUNED without a value
@@ -96,11 +148,11 @@ def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: 
     by the driver for the liveness table."""
     obj = space.objective
     searcher = ResumableOptunaSearch(OptunaDefineByRun(space, family), metric=obj.metric, mode=obj.mode,
-                                     sampler=make_sampler(space), storage=optuna.storages.RDBStorage(optuna_url),
+                                     sampler=make_sampler(space), storage=rdb_storage(optuna_url),
                                      study_name=study_name,
                                      points_to_evaluate=[dict(p) for p in space.search.points] or None)
     try:     # the dashboard and the study's own plots name the objective instead of "Objective 0"
-        optuna.load_study(study_name=study_name, storage=optuna_url).set_metric_names([obj.metric])
+        optuna.load_study(study_name=study_name, storage=rdb_storage(optuna_url)).set_metric_names([obj.metric])
     except Exception:
         pass
     return searcher
@@ -121,7 +173,7 @@ def make_scheduler(space: SearchSpace, epochs: int):
 
 def delete_study(optuna_url: str, study_name: str) -> None:
     try:
-        optuna.delete_study(study_name=study_name, storage=optuna_url)
+        optuna.delete_study(study_name=study_name, storage=rdb_storage(optuna_url))
     except KeyError:
         pass
 
@@ -132,7 +184,7 @@ def fail_stale_trials(optuna_url: str, study_name: str, keep: set[str] = frozens
     so that `constant_liar` does not count them as pending for the rest of the search, and at the end.
     Returns how many it failed."""
     try:
-        storage = optuna.storages.RDBStorage(optuna_url)
+        storage = rdb_storage(optuna_url)
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:        # no study yet
         return 0

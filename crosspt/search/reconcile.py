@@ -50,8 +50,7 @@ def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trial
             if (t.last_result or {}).get("final_epoch"):
                 c.set_terminated(rid, "FINISHED")
             else:
-                c.set_tag(rid, "pruned", "true")
-                c.set_terminated(rid, "KILLED")
+                T.close_pruned(c, rid, (t.last_result or {}).get("epoch"))
         elif status == "ERROR":
             c.set_tag(rid, "error", read_error(t)[:5000])
             c.set_terminated(rid, "FAILED")
@@ -78,7 +77,8 @@ def unfinished_trial_ids(trials: list) -> set[str]:
 
 
 def status_callback(uri: str, experiment_id: str, parent_run_id: str):
-    """Closes child runs the trial itself could not close: ASHA stops (KILLED + pruned), crashes (FAILED)."""
+    """Closes child runs the trial itself could not close: ASHA stops (FINISHED + pruned, `T.close_pruned`),
+    crashes (FAILED)."""
     from ray import tune
 
     class MlflowTrialStatus(tune.Callback):
@@ -91,7 +91,8 @@ def status_callback(uri: str, experiment_id: str, parent_run_id: str):
                 return
             c = T.client(uri)
             if pruned:
-                c.set_tag(run.info.run_id, "pruned", "true")
+                T.close_pruned(c, run.info.run_id, (trial.last_result or {}).get("epoch"))
+                return
             if error:
                 c.set_tag(run.info.run_id, "error", str(error)[:5000])
             c.set_terminated(run.info.run_id, status)
@@ -101,7 +102,7 @@ def status_callback(uri: str, experiment_id: str, parent_run_id: str):
             if last.get("final_epoch"):
                 self._close(trial, "FINISHED")
             else:
-                self._close(trial, "KILLED", pruned=True)
+                self._close(trial, "FINISHED", pruned=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             err = getattr(trial, "error_msg", None) or read_error(trial)

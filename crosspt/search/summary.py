@@ -35,13 +35,16 @@ def _trial_id_of(path: str | None, trials: list) -> str:
 
 
 def summarize(results, space: SearchSpace, trials: list | None = None) -> dict:
-    """Every trial (status, params, metrics) and the best one by the objective."""
+    """Every trial (name, status, params, metrics) and the best one by the objective."""
     obj = space.objective
+    names = {t.trial_id: str(t) for t in trials or [] if t.trial_id}
     rows = []
     for r in results:
         m = r.metrics or {}
+        tid = m.get("trial_id") or _trial_id_of(getattr(r, "path", None), trials or [])
         rows.append({
-            "trial_id": m.get("trial_id") or _trial_id_of(getattr(r, "path", None), trials or []),
+            "trial_id": tid,
+            "trial": names.get(tid) or tid,
             "status": "ERROR" if r.error else ("FINISHED" if m.get("final_epoch") else "STOPPED"),
             "epochs": m.get("training_iteration", 0),
             obj.metric: m.get(obj.metric),
@@ -78,7 +81,7 @@ def parent_note(space: SearchSpace, summary: dict | None = None) -> str:
         best, m = summary.get("best"), space.objective.metric
         lines += ["", f"Result: {summary['num_trials']} trials, {summary['num_stopped']} stopped early, "
                       f"{summary['num_failed']} failed"]
-        lines += [f"Best trial (finished trials only): `{best['trial_id']}` {m} = {best[m]:.4f}"
+        lines += [f"Best trial (finished trials only): `{best.get('trial', best['trial_id'])}` {m} = {best[m]:.4f}"
                   + (f", child run `{summary['best_run_id']}`" if summary.get("best_run_id") else "")
                   + f"; {json.dumps(best['params'], default=str)}"] if best else ["No trial finished."]
     return "\n".join(lines)
@@ -96,9 +99,9 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None
         summary["best"] = next((t for t in trials if t["trial_id"] == tid), summary["best"])
     best = summary["best"]
     keys = sorted({k for t in trials for k in t["params"]})
-    columns = ["trial_id", "status", "epochs", "objective", "test_score", *keys, "error"]
-    rows = [[t["trial_id"], t["status"], t["epochs"], t.get(metric_key), t["test_score"],
-             *[t["params"].get(k, "") for k in keys], t["error"]] for t in trials]
+    columns = ["trial", "trial_id", "status", "epochs", "objective", "test_score", *keys, "error"]
+    rows = [[t.get("trial", t["trial_id"]), t["trial_id"], t["status"], t["epochs"], t.get(metric_key),
+             t["test_score"], *[t["params"].get(k, "") for k in keys], t["error"]] for t in trials]
     buf = io.StringIO()
     csv.writer(buf).writerows([columns, *rows])
     c.log_text(parent_run_id, buf.getvalue(), "trials.csv")          # for spreadsheets and scripts
@@ -108,9 +111,12 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None
     T.log_metrics(c, parent_run_id, {"num_trials": summary["num_trials"], "num_failed": summary["num_failed"],
                                      "num_stopped": summary["num_stopped"], "wall_s": summary["wall_s"]})
     if best:
-        T.log_metrics(c, parent_run_id, {f"best_{metric_key}": best[metric_key],
-                                         **({"best_test_score": best["test_score"]} if best["test_score"] is not None else {})})
-        T.log_params(c, parent_run_id, {f"best.{k}": v for k, v in best["params"].items()})
+        # named as on the child runs: the parent's `best_val_score` is the best trial's `best_val_score`
+        # (the objective), its `test_score` that trial's test score; the trial is the `best.trial` param
+        T.log_metrics(c, parent_run_id, {metric_key: best[metric_key],
+                                         **({"test_score": best["test_score"]} if best["test_score"] is not None else {})})
+        T.log_params(c, parent_run_id, {"best.trial": best.get("trial", best["trial_id"]),
+                                        **{f"best.{k}": v for k, v in best["params"].items()}})
         if run is None or run.data.tags.get(T.TRIAL_TAG) != best["trial_id"]:
             run = T.find_trial_run(summary["tracking_uri"], summary["experiment_id"], parent_run_id, best["trial_id"])
         if run:
@@ -123,18 +129,18 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None
 
 def format_summary(summary: dict, objective: str) -> str:
     lines = [f"{'trial':<10}{'status':<10}{'epochs':>7}{objective:>16}{'test':>10}  params"]
-    for t in sorted(summary["trials"], key=lambda t: t["trial_id"]):
+    for t in sorted(summary["trials"], key=lambda t: t.get("trial", t["trial_id"])):
         v = t.get(objective)
         test = t.get("test_score")
         params = ", ".join(f"{k.split('.')[-1]}={_short(v_)}" for k, v_ in t["params"].items())
-        lines.append(f"{t['trial_id'][-8:]:<10}{t['status']:<10}{t['epochs']:>7}"
+        lines.append(f"{t.get('trial', t['trial_id'][-8:]):<10}{t['status']:<10}{t['epochs']:>7}"
                      f"{(f'{v:.4f}' if isinstance(v, float) else str(v)):>16}"
                      f"{(f'{test:.4f}' if isinstance(test, float) else '-'):>10}  {params}")
     b = summary.get("best")
     lines.append(f"{summary['num_trials']} trials ({summary['num_stopped']} stopped early by ASHA, "
                  f"{summary['num_failed']} failed) in {summary['wall_s']:.1f}s")
     if b:
-        lines.append(f"best: trial {b['trial_id']} {objective}={b.get(objective):.4f}"
+        lines.append(f"best: trial {b.get('trial', b['trial_id'])} {objective}={b.get(objective):.4f}"
                      + (f" test_score={b['test_score']:.4f}" if b.get("test_score") is not None else ""))
         lines.append("best config: " + json.dumps(b["params"], default=str))
     lines.append(f"MLflow: {summary['tracking_uri']}  experiment '{summary['experiment']}'  "
@@ -148,10 +154,12 @@ def format_summary(summary: dict, objective: str) -> str:
 def runs_page(summary: dict) -> str:
     """Where the search's runs table is in the MLflow UI. MLflow 3.17's UI has a global GenAI / Model
     training switch (GenAI by default) that wins over the experiment's `mlflow.experimentKind` tag, so the
-    link names the workflow; for a sqlite store, behind `mlflow ui --backend-store-uri URI`."""
+    link names the workflow, and the search's saved view (its factors and scores as columns,
+    `T.save_search_view`); for a sqlite store, behind `mlflow ui --backend-store-uri URI`."""
     uri = summary["tracking_uri"]
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{summary['experiment_id']}/runs?workflowType=machine_learning"
+    view = f"&viewStateShareKey={T.view_key(summary['search'])}" if summary.get("search") else ""
+    return f"{base}/#/experiments/{summary['experiment_id']}/runs?workflowType=machine_learning{view}"
 
 
 def _short(v: Any) -> str:

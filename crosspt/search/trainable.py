@@ -19,9 +19,10 @@ from crosspt.errors import CrossPTError
 from crosspt.registry import tracking as T
 from crosspt.run.loop import Session, TrainingDiverged
 from crosspt.run.shipping import localise
-from crosspt.search.params import trial_params
+from crosspt.search.params import logged_params
 
 RETRYABLE_TAG = "crosspt.retryable"
+MLFLOW_RUN_KEY = "mlflow_run_id"     # = optuna_glue.MLFLOW_RUN_ATTR: each report names the trial's child run
 
 
 class TrialNotRetried(RuntimeError):
@@ -51,6 +52,7 @@ class TuneSession(Session):
 
         if self.logger:
             self.logger.log_epoch(metrics, checkpoint_dir)
+            metrics = {**metrics, MLFLOW_RUN_KEY: self.logger.run_id}    # the searcher tells Optuna
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
 
@@ -61,6 +63,18 @@ def trial_number_of(trial_dirname: str, trial_id: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def trial_identity(tctx) -> tuple[str, int]:
+    """(name, number) of the running trial: `("trial003", 3)`, the name the searcher gave it (Optuna's
+    trial number, `crosspt.search.optuna_glue.trial_name`). A trial of a search started before trials had
+    names (restored) is numbered by its folder as then."""
+    name = tctx.get_trial_name() or ""
+    m = re.fullmatch(r"trial(\d+)", name)
+    if m:
+        return name, int(m.group(1))
+    number = trial_number_of(Path(tctx.get_trial_dir()).name, tctx.get_trial_id())
+    return f"trial{number:03d}", number
+
+
 def run_trial(params: dict, ctx: dict) -> None:
     """Tune's function trainable: one sampled configuration -> one training run + its child MLflow run.
     `ctx`: `crosspt.search.driver.SearchRun.trial_context()`."""
@@ -69,17 +83,20 @@ def run_trial(params: dict, ctx: dict) -> None:
     space = SearchSpace.model_validate(ctx["space"])
     tctx = tune.get_context()
     trial_id = tctx.get_trial_id()
-    number = trial_number_of(Path(tctx.get_trial_dir()).name, trial_id)
+    name, number = trial_identity(tctx)
     cfg = space.config_for(params)
-    cfg = cfg.model_copy(update={"name": f"{space.name}-trial{number:03d}"})
+    cfg = cfg.model_copy(update={"name": name})         # the trial's one name, in config.yaml too
     if ctx.get("data_dir"):
         cfg.data.data_dir = ctx["data_dir"]
     # params and the config hash name the driver's paths; the run reads this node's copies where it lacks them
     run_cfg = localise(cfg, ctx.get("shipped"))
     logger, splits = None, None
     if ctx.get("tracking_uri"):
+        from crosspt.config.liveness import is_live
+
+        # a router's temperature is logged only where it acts (the liveness table); plots check themselves
         logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
-                               run_name=f"trial-{number:03d}")
+                               run_name=name, routed=is_live("prompt.temperature.start", cfg))
         prior = logger.find()             # an earlier attempt: a Tune retry, or a search restored after a crash
         if prior is not None and prior.info.status == "FINISHED":
             _replay_finished(prior, logger)   # it completed, but the dead driver had not recorded that: no rerun
@@ -100,7 +117,7 @@ def run_trial(params: dict, ctx: dict) -> None:
             if last.get("final_epoch"):
                 logger.finish("FINISHED")
             else:
-                logger.finish("KILLED", tags={"pruned": "true", "stopped_at_epoch": last.get("epoch", -1)})
+                logger.finish_pruned(last.get("epoch", -1))
         raise
     except BaseException as e:
         if logger:
@@ -113,14 +130,22 @@ def run_trial(params: dict, ctx: dict) -> None:
 
 def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict) -> dict:
     """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits, drawn
-    once here: logged as the run's inputs and trained on."""
+    once here: logged as the run's inputs and trained on.
+
+    Params are the searched factors only (`logged_params`): they are the runs table's and the charts'
+    columns. The whole configuration is the `config.yaml` artifact; what identifies it (config hash,
+    tasks, backbone and its revision) are tags."""
+    from crosspt.registry.revision import backbone_revision
     from crosspt.run.loop import prepare_data
 
-    all_params = {**trial_params(cfg, space, params), "search.name": space.name,
-                  "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
     _, splits = prepare_data(run_cfg)
-    logger.start(all_params, config_to_yaml(cfg), datasets=T.split_datasets(splits, cfg.data.data_dir),
+    revision = backbone_revision(run_cfg.backbone.name)
+    logger.start(logged_params(cfg, space, params), config_to_yaml(cfg),
+                 datasets=T.split_datasets(splits, cfg.data.data_dir),
                  tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
+                       T.CONFIG_HASH_TAG: config_hash(cfg), "crosspt.tasks": ",".join(cfg.tasks),
+                       "crosspt.backbone": T.redact(cfg.backbone.name),
+                       **({T.BACKBONE_REVISION_TAG: revision} if revision else {}),
                        **T.provenance_tags(cfg.data.data_dir)})
     return splits
 
@@ -164,7 +189,7 @@ def _replay_finished(run, logger: T.TrialLogger) -> None:
     T.client(logger.uri).set_tag(run.info.run_id, "crosspt.replayed",
                                  str(int(run.data.tags.get("crosspt.replayed", "0")) + 1))
     m: dict[str, Any] = dict(run.data.metrics)
-    m.update({"final_epoch": True, "replayed": True})
+    m.update({"final_epoch": True, "replayed": True, MLFLOW_RUN_KEY: run.info.run_id})
     if "epoch" in m:
         m["training_iteration"] = int(m["epoch"]) + 1      # as many iterations as epochs, as in the first run
     tune.report(m)

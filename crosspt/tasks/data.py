@@ -8,6 +8,7 @@ names the file and the line.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,25 @@ class ShotsPer(str, Enum):
     """What k counts in a k-shot sample (config `data.shots_per`); see `kshot_sample`."""
     CLASS = "class"    # k examples of every class (2k uniformly drawn for regression tasks)
     TASK = "task"      # k examples in total
+
+
+class TrainPool(str, Enum):
+    """Which rows of a task's train split a run's k-shot samples come from (config `data.train_pool`).
+
+    Every task's train split is cut in two halves by a hash of each row's uid (`pool_half`), the same cut
+    for every seed, k and run. Source pre-training (`crosspt pretrain-sources`) trains and validates on the
+    source half only; a target run draws its validation sample from the other half only. So no source
+    prompt was trained on, or selected (best epoch) by, a row that a target validates on: with
+    `prompt.init: own_source` (or a bank holding the target's own source) the target's validation score
+    would otherwise rise for the wrong reason."""
+    TARGET = "target"  # validation from the target half; train drawn first from the whole split, as before
+    SOURCE = "source"  # train and validation from the source half only
+    ALL = "all"        # no cut (how runs drew before the cut existed: stored configs without the key)
+
+
+def pool_half(uid: str) -> TrainPool:
+    """The half of its train split a row is in: a hash of its uid, not of the seed."""
+    return TrainPool.SOURCE if hashlib.sha256(uid.encode()).digest()[0] & 1 == 0 else TrainPool.TARGET
 
 
 @dataclass(frozen=True)
@@ -387,32 +407,51 @@ def _check_all_classes(spec: TaskSpec, examples: Sequence[Example], what: str) -
 
 def make_splits(task: TaskSpec | str, data_dir: str | os.PathLike | None, *, shots: int | None,
                 per: str = ShotsPer.CLASS.value, val_shots: int | None = None, seed: int = 0,
-                max_test: int | None = None, test_seed: int = 0) -> dict[str, list[Example]]:
+                max_test: int | None = None, test_seed: int = 0,
+                pool: str = TrainPool.ALL.value) -> dict[str, list[Example]]:
     """{"train", "val", "test"}: disjoint k-shot train/val carved from the train split; test is the
     official dev split. shots=None trains on all train examples not drawn for val (val_shots needed).
+
+    `pool` (`TrainPool`): `source` draws train and val from the source half of the train split only;
+    `target` draws train as `all` does (the same rows for a seed) and val from the target half only.
 
     The max_test subset uses `test_seed`, not `seed`, so runs with different seeds are scored on the
     same test examples.
     """
     task = get_task(task) if isinstance(task, str) else task
-    pool = load_split(task, "train", data_dir)
+    pool = TrainPool(pool)
+    rows = load_split(task, "train", data_dir)
+    if pool == TrainPool.SOURCE:
+        rows = [e for e in rows if pool_half(e.uid) == TrainPool.SOURCE]
+
+    def val_rows(candidates: list[Example]) -> list[Example]:
+        return [e for e in candidates if pool_half(e.uid) == TrainPool.TARGET] if pool == TrainPool.TARGET \
+            else candidates
+
+    where = "" if pool == TrainPool.ALL else f", from the {pool.value} half of the train split (data.train_pool)"
     if shots is None:
         if val_shots is None:
             raise DataError(f"task '{task.name}': full-data training (shots=None) needs val_shots")
-        val = kshot_sample(pool, val_shots, per=per, seed=f"{seed}/val", spec=task)
+        try:
+            val = kshot_sample(val_rows(rows), val_shots, per=per, seed=f"{seed}/val", spec=task)
+        except DataError as e:
+            raise DataError(f"{e} (val sample{where})") from None
         taken = {e.uid for e in val}
-        train = [e for e in pool if e.uid not in taken]
+        train = [e for e in rows if e.uid not in taken]
     else:
-        train = kshot_sample(pool, shots, per=per, seed=seed, spec=task)
+        try:
+            train = kshot_sample(rows, shots, per=per, seed=seed, spec=task)
+        except DataError as e:
+            raise DataError(f"{e} (train sample{where})") from None
         taken = {e.uid for e in train}
-        rest = [e for e in pool if e.uid not in taken]
+        rest = val_rows([e for e in rows if e.uid not in taken])
         if not rest:
-            raise DataError(f"task '{task.name}': nothing left for the val sample after drawing train")
+            raise DataError(f"task '{task.name}': nothing left for the val sample after drawing train{where}")
         try:
             val = kshot_sample(rest, val_shots if val_shots is not None else shots, per=per,
                                seed=f"{seed}/val", spec=task)
         except DataError as e:
-            raise DataError(f"{e} (val sample, after removing the {len(train)} train examples)") from None
+            raise DataError(f"{e} (val sample, after removing the {len(train)} train examples{where})") from None
     _check_all_classes(task, train, "train")
     _check_all_classes(task, val, "val")
 

@@ -178,7 +178,9 @@ def publish_to_study(rep: Report, optuna_url: str, study_name: str) -> None:
     is a fixed PED-ANOVA over completed trials that cannot be swapped for this method."""
     import optuna
 
-    study = optuna.load_study(study_name=study_name, storage=optuna_url)
+    from crosspt.search.optuna_glue import rdb_storage
+
+    study = optuna.load_study(study_name=study_name, storage=rdb_storage(optuna_url))
     study.set_user_attr(STUDY_ATTR, study_importances(rep))
     try:
         from optuna_dashboard import save_note
