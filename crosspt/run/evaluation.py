@@ -38,7 +38,7 @@ def evaluate(model: CrossPTModel, examples_by_task: dict, session: Session, batc
                 if with_generation:
                     preds, gen = model.predict_ranked_and_generated(batch)
                 else:
-                    preds = gen = model.predict(batch, generate=generate)
+                    preds = gen = model.predict(batch, generate=generate)   # gen: scored only with_generation
             mine += [(e.uid, float(p), float(g), float(e.label))
                      for e, p, g in zip(batch_examples, preds.float().cpu(), gen.float().cpu())]
         merged = {uid: (p, g, y) for part in session.gather(mine) for uid, p, g, y in part}
@@ -46,7 +46,8 @@ def evaluate(model: CrossPTModel, examples_by_task: dict, session: Session, batc
         cast = float if task.is_regression else int
         labels = [cast(merged[u][2]) for u in order]
         ranked[task.name] = compute_metrics(task, [cast(merged[u][0]) for u in order], labels)
-        generated[task.name] = compute_metrics(task, [cast(merged[u][1]) for u in order], labels)
+        if with_generation:
+            generated[task.name] = compute_metrics(task, [cast(merged[u][1]) for u in order], labels)
     model.train()
     return with_generated(ranked, generated) if with_generation else ranked
 
