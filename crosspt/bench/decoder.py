@@ -62,20 +62,21 @@ class DecoderSettings:
             raise ConfigError(f"unknown decoder-benchmark arm(s) {bad}; choose from {', '.join(map(str, ARMS))}")
 
 
-def _cells(ds: DecoderSettings, st: StandardSettings, bank, names, seeds, lrs_of) -> list[dict]:
-    b, jobs = ds.bench, []
-    for t in b.tasks:
-        for k in b.shots:
-            for sd in seeds:
-                for arm in map(Arm, ds.arms):
-                    kw = {"bank": bank, "bank_tasks": names} if arm in (Arm.CAT, Arm.WAVG) else {}
-                    jobs.append(cell_job(st, arm, [t], k, sd, lrs_of(arm, t, k), **kw))
+def _cells(ds: DecoderSettings, st: StandardSettings, target: str, bank, names, seeds, lrs_of) -> list[dict]:
+    jobs = []
+    for k in ds.bench.shots:
+        for sd in seeds:
+            for arm in map(Arm, ds.arms):
+                kw = {"bank": bank, "bank_tasks": names} if arm in (Arm.CAT, Arm.WAVG) else {}
+                jobs.append(cell_job(st, arm, [target], k, sd, lrs_of(arm, k), **kw))
     return jobs
 
 
 def run_decoder(ds: DecoderSettings, out_dir: str | Path, *, parallel: int = 1, cpus_per_job: float = 1.0,
-                log: Log = print) -> dict:
-    """Every stage and the step timing; returns the summary (settings, every record, bank, walls, timing)."""
+                log: Log = print, partial: Callable[[dict], None] | None = None) -> dict:
+    """Every stage and the step timing; returns the summary (settings, every record, bank, walls, timing).
+    Targets run one after the other (lr grid, then the other seeds); `partial(summary so far)` is called after
+    each target, so a long run leaves a usable table behind as it goes."""
     from crosspt.bench.standard_run import _save_bank, _stage
 
     ds.check()
@@ -83,32 +84,45 @@ def run_decoder(ds: DecoderSettings, out_dir: str | Path, *, parallel: int = 1, 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0, walls = time.time(), {}
+
+    def stage(name: str, jobs: list[dict]) -> list[dict]:
+        w: dict[str, float] = {}
+        out = _stage(name, jobs, w, parallel, cpus_per_job, log)
+        walls[name] = walls.get(name, 0.0) + w[name]
+        return out
+
     jobs = [cell_job(st, Arm.SOURCE, [t], ds.source_rows, ds.source_seed, [ds.source_lr]) for t in b.source_tasks]
     jobs += [zero_shot_job(st, t) for t in b.tasks]
-    first = _stage("sources", jobs, walls, parallel, cpus_per_job, log)
-    bank, meta, bank_path = _save_bank(st, first, out_dir)
+    records = stage("sources", jobs)
+    bank, meta, bank_path = _save_bank(st, records, out_dir)
     names = list(meta["tasks"])                        # no target is in the pool: every target composes all of it
-    grid = _stage("lr_grid", _cells(ds, st, bank, names, [ds.lr_seed], lambda arm, t, k: list(b.lrs)),
-                  walls, parallel, cpus_per_job, log)
-    pick = {(r["method"], r["task"], r["k"]): r["lr"] for r in grid}
     rest = [sd for sd in b.seeds if sd != ds.lr_seed]
-    again = _stage("reuse", _cells(ds, st, bank, names, rest, lambda arm, t, k: [pick[(str(arm), t, k)]]),
-                   walls, parallel, cpus_per_job, log)
+
+    def summary(timing: dict) -> dict:
+        return {"settings": asdict(b), "decoder": {k: v for k, v in asdict(ds).items() if k != "bench"},
+                "wall_s": time.time() - t0, "stage_wall_s": dict(walls), "parallel": parallel,
+                "bank": {"path": bank_path, "tasks": names, "metrics": meta.get("metrics", {})},
+                "records": [{k: v for k, v in r.items() if k != "prompt"} for r in records], "timing": timing}
+
+    for target in b.tasks:
+        grid = stage("lr_grid", _cells(ds, st, target, bank, names, [ds.lr_seed], lambda arm, k: list(b.lrs)))
+        pick = {(r["method"], r["k"]): r["lr"] for r in grid}
+        records += grid + stage("reuse", _cells(ds, st, target, bank, names, rest,
+                                                lambda arm, k: [pick[(str(arm), k)]]))
+        if partial:
+            partial(summary({}))
     t = time.time()
     timing = {task: step_timing(b, task, b.shots[0], ds.lr_seed, ds.timing_repeats, log) for task in b.tasks}
     walls["timing"] = time.time() - t
-    records = [{k: v for k, v in r.items() if k != "prompt"} for r in first + grid + again]
-    return {"settings": asdict(b), "decoder": {k: v for k, v in asdict(ds).items() if k != "bench"},
-            "wall_s": time.time() - t0, "stage_wall_s": walls, "parallel": parallel,
-            "bank": {"path": bank_path, "tasks": names, "metrics": meta.get("metrics", {})},
-            "records": records, "timing": timing}
+    return summary(timing)
 
 
 # ---- train-step and scoring time --------------------------------------------------------------------------
-def _seconds(fn) -> float:
-    t = time.perf_counter()
+def _seconds(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of `fn()`: on a shared machine the CPU time of this process is the steadier one."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def step_timing(s: BenchSettings, task: str, k: int, seed: int, repeats: int = 5, log: Log = print) -> dict:
@@ -155,19 +169,26 @@ def step_timing(s: BenchSettings, task: str, k: int, seed: int, repeats: int = 5
     fns = {"step_ours": ours, "step_plain_hf": plain, "score_one_pass": one_pass, "score_two_passes": two_passes}
     for fn in fns.values():
         fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            out[name].append(_seconds(fn))
-    res = {name: statistics.median(v) for name, v in out.items()}
+            w, c = _seconds(fn)
+            wall[name].append(w)
+            cpu[name].append(c)
+    res = {name: statistics.median(v) for name, v in wall.items()}
+    res.update({f"{name}_cpu": statistics.median(v) for name, v in cpu.items()})
     res.update({"step_ratio": res["step_ours"] / res["step_plain_hf"],
-                "score_ratio": res["score_one_pass"] / res["score_two_passes"], "batch_rows": B,
+                "score_ratio": res["score_one_pass"] / res["score_two_passes"],
+                "step_ratio_cpu": res["step_ours_cpu"] / res["step_plain_hf_cpu"],
+                "score_ratio_cpu": res["score_one_pass_cpu"] / res["score_two_passes_cpu"], "batch_rows": B,
                 "prompt_len": L, "input_len": int(batch["input_ids"].shape[1]),
                 "test_rows": int(test["labels"].numel()),
-                "repeats": repeats, "threads": torch.get_num_threads(), "runs_s": out})
+                "repeats": repeats, "threads": torch.get_num_threads(), "runs_wall_s": wall, "runs_cpu_s": cpu})
     log(f"  timing {task}: step {res['step_ours']:.2f}s vs plain HF {res['step_plain_hf']:.2f}s "
-        f"(x{res['step_ratio']:.2f}); {res['test_rows']} test rows ranked+generated in one pass "
-        f"{res['score_one_pass']:.2f}s vs two {res['score_two_passes']:.2f}s (x{res['score_ratio']:.2f})")
+        f"(x{res['step_ratio']:.2f}; CPU x{res['step_ratio_cpu']:.2f}); {res['test_rows']} test rows ranked+generated "
+        f"in one pass {res['score_one_pass']:.2f}s vs two {res['score_two_passes']:.2f}s (x{res['score_ratio']:.2f}; "
+        f"CPU x{res['score_ratio_cpu']:.2f})")
     return res
 
 
@@ -233,14 +254,17 @@ def render(summary: dict) -> str:
             lines.append(f"| {LABELS[Arm(r['method'])]} | {r['task']} | {r['seed']} | {tr['lr']:g} | "
                          f"{100 * tr['val']:.1f} | {tr.get('wall_s', float('nan')):.0f} | {ep} |")
     lines += ["", "## Train step and scoring time", "",
-              "Median of interleaved repeats on one process (the same batch for both columns).", "",
-              "| task | rows x (prompt + input) tokens | train step (s) | plain HF fwd/bwd (s) | ratio | "
-              "test rows | ranked+generated one pass (s) | two passes (s) | ratio |",
+              "Median of interleaved repeats in one process, the same rows for both columns; wall seconds, and in "
+              "brackets this process's CPU seconds (steadier on a shared machine).", "",
+              "| task | rows x (prompt + input) tokens | train step | plain HF fwd/bwd | ratio | "
+              "test rows | ranked+generated, one pass | the two apart | ratio |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t, tm in summary.get("timing", {}).items():
-        lines.append(f"| {t} | {tm['batch_rows']} x ({tm['prompt_len']} + {tm['input_len']}) | {tm['step_ours']:.2f} | "
-                     f"{tm['step_plain_hf']:.2f} | {tm['step_ratio']:.2f} | {tm['test_rows']} | "
-                     f"{tm['score_one_pass']:.2f} | {tm['score_two_passes']:.2f} | {tm['score_ratio']:.2f} |")
+        def ws(key: str) -> str:
+            return f"{tm[key]:.2f} ({tm.get(key + '_cpu', float('nan')):.2f})"
+        lines.append(f"| {t} | {tm['batch_rows']} x ({tm['prompt_len']} + {tm['input_len']}) | {ws('step_ours')} | "
+                     f"{ws('step_plain_hf')} | {ws('step_ratio')} | {tm['test_rows']} | {ws('score_one_pass')} | "
+                     f"{ws('score_two_passes')} | {ws('score_ratio')} |")
     walls = summary["stage_wall_s"]
     lines += ["", f"Wall {summary['wall_s'] / 60:.1f} min in all: " +
               ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) + f" (parallel {summary['parallel']})."]
