@@ -8,6 +8,7 @@ on the same frozen backbone, k-shot samples, seeds, step budget and learning-rat
     python jobs/benchmark_fewshot.py --speed                  # speed / memory / Ray-overhead ratios
     python jobs/benchmark_fewshot.py --standard --parallel 2  # benchmarks/standard.md (see below)
     python jobs/benchmark_fewshot.py --standard --quick       # the same stages on a sliver (the CI test)
+    python jobs/benchmark_fewshot.py --decoder                # benchmarks/decoder.md: SmolLM2, ranked + generated
     ray job submit --working-dir . -- python jobs/benchmark_fewshot.py --standard --full --parallel 32 \
         --cpus-per-job 2                                      # the paper protocol on a GPU cluster (T5-base)
 
@@ -68,6 +69,18 @@ STANDARD_FULL = dict(tasks=["rte", "mrpc", "stsb", "cola", "sst2", "qnli"],
                      max_length=256, prompt_len=10, batch_size=16, backbone="google/t5-base-lm-adapt")
 STANDARD_FULL_EXTRA = dict(source_rows=20000, source_val=1000, source_epochs=3, source_batch=32, lr_shots=16,
                            multi_shots=[16, 32], transfer_seeds=[0, 1, 2, 3, 4])
+# --decoder (benchmarks/decoder.md): the offline SmolLM2-135M on SST-2 and RTE, k=16, seeds 0-2, zero-shot, PT and
+# CrossPT cat/wavg over a one-task source bank (QNLI), test and generation scored on 200 dev rows. Sized to the CPU
+# budget (see benchmarks/decoder.md): two lrs searched at seed 0 only, 3 epochs, max_length 64 (longer inputs lose
+# premise tokens, never the hypothesis or the answer cue), two torch threads, jobs one after the other.
+DECODER = dict(tasks=["sst2", "rte"], source_tasks=["qnli"], shots=[16], seeds=[0, 1, 2], lrs=[0.3, 0.03], epochs=3,
+               patience=2, max_test=200, max_length=64, prompt_len=8, threads=2, generate=True, backbone="smollm2")
+DECODER_EXTRA = dict(source_rows=200, source_val=32, source_epochs=1, source_lr=0.3, source_batch=16, lr_seed=0)
+# --decoder --quick: the same stages on a sliver (the CI test, with a tiny backbone passed as --backbone)
+DECODER_QUICK = dict(tasks=["rte"], source_tasks=["mrpc"], shots=[2], seeds=[0, 1], lrs=[0.3, 0.03], epochs=1,
+                     patience=1, max_test=6, max_length=32, prompt_len=2, threads=1, generate=True, batch_size=4,
+                     eval_batch_size=4, backbone="smollm2")
+DECODER_QUICK_EXTRA = dict(source_rows=8, source_val=4, source_epochs=1, source_batch=4, timing_repeats=1)
 FULL = dict(tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"],
             source_tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"], shots=[16, 32], seeds=[0, 1, 2],
             lrs=[0.3, 0.1, 0.03], epochs=20, patience=5, max_test=1000, max_length=128, prompt_len=10)
@@ -83,6 +96,9 @@ def parse_args(argv=None):
                    help="the standard benchmark: strong sources, transfer matrix, single- and multi-task, "
                         "k=16/32, seeds 0-4 (with --quick: a CI-sized sliver; with --full: the GPU protocol)")
     p.add_argument("--full", action="store_true", help="with --standard: the paper protocol (T5-base, GPU cluster)")
+    p.add_argument("--decoder", action="store_true",
+                   help="the decoder benchmark (benchmarks/decoder.md): SmolLM2, zero-shot / PT / CrossPT cat and "
+                        "wavg, ranked and generated scores, train-step time against plain HF")
     p.add_argument("--render", metavar="JSON", help="with --standard: render the report of a finished run's JSON")
     p.add_argument("--trace-router", nargs="*", type=int, metavar="SEED",
                    help="with --render: re-run CrossPT cat's k=lr_shots cells of these seeds (default 0 1 2) "
@@ -143,6 +159,8 @@ def parse_args(argv=None):
 
 
 def _preset(args) -> dict:
+    if args.decoder:
+        return dict(DECODER_QUICK if args.quick else DECODER)
     if args.standard:
         return dict(STANDARD_FULL if args.full else STANDARD_QUICK if args.quick else STANDARD)
     return dict(QUICK if args.quick else FULL)
@@ -260,6 +278,32 @@ def main_standard(args) -> int:
     return 0
 
 
+def main_decoder(args) -> int:
+    from crosspt.bench.decoder import DecoderSettings, render, run_decoder
+
+    name = args.name or ("decoder_quick" if args.quick else "decoder")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ds = DecoderSettings(bench=settings_from(args), **(DECODER_QUICK_EXTRA if args.quick else DECODER_EXTRA))
+    b = ds.bench
+    print(f"decoder benchmark '{name}': targets {b.tasks}, source pool {b.source_tasks}, k={b.shots}, seeds {b.seeds}, "
+          f"lrs {b.lrs} at seed {ds.lr_seed}, {b.epochs} epochs, backbone {b.backbone}, parallel {args.parallel}",
+          flush=True)
+    js, md = out / f"{name}.json", out / f"{name}.md"
+
+    def write(summary: dict) -> None:          # after every target too: a long run leaves its table as it goes
+        summary["name"] = name
+        js.write_text(json.dumps(summary, indent=1, default=str))
+        md.write_text(render(summary))
+
+    summary = run_decoder(ds, out / f"{name}_artifacts", parallel=args.parallel, cpus_per_job=args.cpus_per_job,
+                          log=lambda m: print(m, flush=True), partial=write)
+    write(summary)
+    print(md.read_text())
+    print(f"wrote {md}, {js}; wall {summary['wall_s']:.0f}s")
+    return 0
+
+
 def main_speed(args) -> int:
     from crosspt.bench.speed import render_speed, run_speed
 
@@ -282,4 +326,5 @@ if __name__ == "__main__":
     from crosspt.cli.main import run_cli
 
     a = parse_args()
-    sys.exit(run_cli(main_speed if a.speed else main_standard if a.standard else main_benchmark, a))
+    sys.exit(run_cli(main_speed if a.speed else main_decoder if a.decoder else main_standard if a.standard
+                     else main_benchmark, a))

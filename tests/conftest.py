@@ -65,6 +65,14 @@ def tiny_decoder_path(tmp_path_factory, minilm_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory, minilm_path) -> Path:
+    """A random tiny Llama (SmolLM2's architecture) with a byte-level BPE tokenizer, saved to a tmp folder."""
+    from tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """A real Ray head on 127.0.0.1 started by the tests; the test process joins it as a driver."""
     import ray

@@ -159,6 +159,34 @@ def test_format_input():
         format_input(rte, ("X",), True)
 
 
+def test_fit_texts_cuts_the_longest_text_and_keeps_the_template():
+    """Words as tokens: the formatted input is cut inside its texts, longest first (the first on ties), never in
+    the template, so a long premise cannot push the hypothesis or an answer cue out of the budget."""
+    import re
+
+    from crosspt.tasks.formatting import fit_texts, shorten_longest_first
+
+    assert shorten_longest_first([10, 3], 5) == [5, 3]
+    assert shorten_longest_first([4, 4], 3) == [2, 3]             # ties: the first text loses first
+    assert shorten_longest_first([2, 1], 9) == [0, 0]
+    rte = get_task("rte")
+
+    def render(ts):
+        return (format_input(rte, ts) + " answer:").split()
+
+    def ends(text):
+        return [m.end() for m in re.finditer(r"\S+", text)]
+
+    premise, hypothesis = " ".join(f"p{i}" for i in range(50)), "the cat sleeps"
+    out = fit_texts((premise, hypothesis), render, ends, 12)
+    assert out == "rte: sentence1: p0 p1 p2 p3 p4 sentence2: the cat sleeps answer:".split()
+    assert fit_texts(("a b", "c"), render, ends, 12) == render(("a b", "c"))      # fits: unchanged
+    both = fit_texts((premise, premise), render, ends, 13)     # 9 text tokens: the first text gives up the odd one
+    assert both == "rte: sentence1: p0 p1 p2 p3 sentence2: p0 p1 p2 p3 p4 answer:".split()
+    with pytest.raises(ConfigError, match="max_length 3 is too short for the input: its template alone takes 4"):
+        fit_texts((premise, hypothesis), render, ends, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # loading the real files
 

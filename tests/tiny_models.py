@@ -116,3 +116,52 @@ def build_tiny_decoder(path, *, d_model: int = 64, layers: int = 2, heads: int =
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_bpe_tokenizer(vocab_size: int = 2000):
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 / SmolLM2 style: a word's leading space is part of its token,
+    "Ġpositive") trained on GLUE-like words and the built-in label words; `<|endoftext|>` = bos/unk,
+    `<|im_end|>` = eos = pad, nothing added automatically (like SmolLM2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from crosspt.tasks.specs import OPAQUE_WORDS, get_task, list_tasks
+
+    words = set(tiny_vocab(1500)) | set(OPAQUE_WORDS)
+    for name in list_tasks():
+        t = get_task(name)
+        for mode_words in t.label_words.values():
+            words |= set(mode_words)
+        words |= set(t.label_names) | {t.prefix} | set(t.text_fields)
+    corpus = [" ".join(sorted(w for w in words if w.isascii() and not w.startswith("[")))] * 3
+    corpus += ["answer: positive", "answer: not_entailment", "sentence1: a sentence2: b\nanswer: yes"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>", model_max_length=512)
+
+
+def build_tiny_llama(path, *, d_model: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                     seed: int = 0, initializer_range: float = 0.2) -> Path:
+    """Save a random tiny Llama (RoPE, grouped-query attention, tied embeddings: SmolLM2's architecture) with
+    a byte-level BPE tokenizer to `path`; return the path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tiny_bpe_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        initializer_range=initializer_range, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

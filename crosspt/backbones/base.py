@@ -36,6 +36,7 @@ from torch import nn
 from crosspt.errors import ConfigError, DataError, UnknownTaskError
 from crosspt.method.prompts import PromptInit
 from crosspt.tasks import specs as _tasks
+from crosspt.tasks.formatting import fit_texts
 from crosspt.tasks.specs import LabelSemantics, TaskSpec
 
 
@@ -98,6 +99,24 @@ def compact_prompt(prompt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     order = torch.sort(mask.long(), dim=1, stable=True).indices          # zeros first
     prompt = prompt.gather(1, order.unsqueeze(-1).expand(-1, -1, prompt.shape[-1]))
     return prompt, mask.gather(1, order)
+
+
+_LEADING_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")
+
+
+def _leading_answer(task: TaskSpec, text: str, candidates: Sequence[str]) -> int | float | None:
+    """The candidate (class index) or number (regression) that `text` begins with, after leading blanks,
+    quotes and punctuation; a candidate must end at a word boundary. None when it begins with neither."""
+    t = re.sub(r"^[\s\"'`*:.,;!?()\[\]-]+", "", text or "").lower()
+    if task.is_regression:
+        m = _LEADING_NUMBER.match(t)
+        return float(m.group(0)) if m and math.isfinite(float(m.group(0))) else None
+    by_length = sorted(range(len(candidates)), key=lambda i: -len(candidates[i]))
+    for i in by_length:
+        c = candidates[i].strip().lower()
+        if c and t.startswith(c) and (len(t) == len(c) or not (t[len(c)].isalnum() or t[len(c)] == "_")):
+            return i
+    return None
 
 
 class Backbone(nn.Module, ABC):
@@ -212,7 +231,13 @@ class Backbone(nn.Module, ABC):
         return [_tasks.label_text(task, i, self.label_semantics) for i in range(task.num_classes)]
 
     def parse_generated(self, task: TaskSpec, text: str) -> float | int:
-        """Generated text -> class index / float; unparsable -> -1 (classification) or nan."""
+        """Generated text -> class index / float; unparsable -> -1 (classification) or nan.
+
+        Reads the answer the text STARTS with: a language model that writes the label word often goes on
+        ("positive.", "Positive review", "entailment\nThe ..."); the first word(s) are its answer. The exact
+        label (case and surrounding space aside) always parses; otherwise the longest candidate that the text
+        begins with, up to a word boundary ("not_entailment" before "not"), or for regression the leading
+        number."""
         value = _tasks.parse_label_text(task, text, self.label_semantics)
         if value is None:  # tolerate tokenizers whose decode inserts spaces ("3. 8", "not _ x")
             squashed = re.sub(r"\s+", "", text or "").lower()
@@ -227,6 +252,8 @@ class Backbone(nn.Module, ABC):
                     if squashed == re.sub(r"\s+", "", c).lower():
                         value = i
                         break
+        if value is None:
+            value = _leading_answer(task, text, self.candidates(task))
         if value is None:
             return float("nan") if task.is_regression else -1
         return float(value) if task.is_regression else int(value)
@@ -281,6 +308,25 @@ class Backbone(nn.Module, ABC):
         return compact_prompt(prompt, prompt_mask.to(device=self.device).long())
 
     # -- data -------------------------------------------------------------------------------
+    def _token_ends(self, text: str) -> list[int]:
+        """Character end offset of each token of `text` tokenised alone (no special tokens); whitespace
+        words where the tokenizer gives no offsets (`fit_texts` re-renders and tightens either way)."""
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return [int(e) for _, e in enc["offset_mapping"]]
+        except (NotImplementedError, ValueError, TypeError, KeyError):
+            return [m.end() for m in re.finditer(r"\S+", text)]
+
+    def fit_input(self, task: TaskSpec, texts: Sequence[str], render, max_tokens: int | None = None) -> list[int]:
+        """Token ids `render(texts)` of an example's formatted input within `max_tokens` (default
+        `max_length`): the texts are cut, longest first, never the template (crosspt.tasks.formatting)."""
+        texts = tuple(texts)
+        if len(texts) != len(task.text_fields):
+            raise ValueError(f"task '{task.name}' expects {len(task.text_fields)} texts "
+                             f"({', '.join(task.text_fields)}), got {len(texts)}")
+        return fit_texts(texts, render, self._token_ends, self.max_length if max_tokens is None else max_tokens,
+                         what=f"task '{task.name}'")
+
     @abstractmethod
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         """Tokenise `crosspt.data.Example`s (mixed tasks allowed) into tensors.
@@ -318,6 +364,10 @@ class RankBackbone(Backbone):
         embeds = self.word_embeddings()(batch["input_ids"])
         return torch.cat([prompt, embeds], dim=1), torch.cat([prompt_mask, batch["attention_mask"].long()], dim=1)
 
+    def format_text(self, task: TaskSpec, texts: Sequence[str]) -> str:
+        """The text of an example's input as the family feeds it (before truncation)."""
+        return _tasks.format_input(task, tuple(texts), self.with_prefix)
+
     @abstractmethod
     def prompted_logits(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None, batch: dict,
                         **model_kw) -> torch.Tensor:
@@ -340,17 +390,29 @@ class RankBackbone(Backbone):
             return self._generate(prompt, prompt_mask, batch)
         return self._rank_predictions(batch["task_ids"], self.candidate_scores(prompt, prompt_mask, batch))
 
+    @torch.no_grad()
+    def predict_ranked_and_generated(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranked `[B]`, generated `[B]`) predictions for a prompt `[B, L, d]` (mask `[B, L]`); a family that
+        can share the prompted input's forward pass between the two overrides this (the decoder)."""
+        return self.predict(prompt, prompt_mask, batch), self.predict(prompt, prompt_mask, batch, generate=True)
+
     # rows * candidates * target length * vocab floats per scoring chunk (~256 MB in fp32)
     SCORE_BUDGET = 64_000_000
 
-    def _scores_by_task(self, task_ids: list[int], floats_per_row, score_rows) -> list[torch.Tensor]:
+    def _scores_by_task(self, task_ids: list[int], floats_per_row, score_rows, *,
+                        lengths: list[int] | None = None, max_rows: int | None = None) -> list:
         """Per example: the `[C]` scores of its task's candidates. Rows are grouped by task (one
         candidate set each) and scored in chunks that keep `floats_per_row(task) * rows` within
-        SCORE_BUDGET; the family's `score_rows(task, rows) -> [n, C]` does the forward passes."""
+        SCORE_BUDGET (and at most `max_rows` rows); the family's `score_rows(task, rows) -> [n, C]` does the
+        forward passes. With `lengths` (real input tokens per row) a task's rows are taken longest first, so a
+        chunk holds rows of similar length and pads little (a family that drops all-padding columns per chunk
+        then computes over about the real tokens only)."""
         scores: list[torch.Tensor | None] = [None] * len(task_ids)
         for t in sorted(set(task_ids)):
             rows = [i for i, x in enumerate(task_ids) if x == t]
-            chunk = max(1, self.SCORE_BUDGET // max(1, floats_per_row(t)))
+            if lengths is not None:
+                rows.sort(key=lambda i: -lengths[i])
+            chunk = max(1, min(max_rows or len(rows), self.SCORE_BUDGET // max(1, floats_per_row(t))))
             for s in range(0, len(rows), chunk):
                 part = rows[s:s + chunk]
                 per = score_rows(t, torch.tensor(part, device=self.device))

@@ -1,22 +1,38 @@
-"""Decoder-only family (any AutoModelForCausalLM: GPT-2, Llama-style, ...).
+"""Decoder-only family (any AutoModelForCausalLM: GPT-2, Llama-style such as SmolLM2, ...).
+
+Text, per example: `format_input(task, texts)` + ANSWER_CUE ("... sentence: X\\nanswer:"), then the label as the
+tokenizer writes it right after the cue, then eos. Byte-level BPE and SentencePiece fold the space before a word
+into the word's token (" positive" is one token, "positive" another), so a label is tokenised IN CONTEXT, after
+the cue, and split off (`label_ids`). The cue marks where the answer goes: without it a chat-tuned LM continues
+the sentence instead of answering (SmolLM2 zero-shot on SST-2 wrote "\\nThe film is a ..." for most rows). The
+input is cut to `max_length` by its texts, longest first, never through the cue (crosspt.tasks.formatting).
 
 Sequence layout, per row:
 
-    [soft prompt L] [left padding] [bos?] [format_input tokens] [label tokens + eos] [right padding]
+    [soft prompt L] [left padding] [bos?] [input ... answer:] [label tokens + eos] [right padding]
 
-Inputs are LEFT-padded and label/candidate blocks RIGHT-padded, so every row's label starts at the
-same column `L + T_in`: the logits needed are one contiguous slice at the end (`logits_to_keep`
-where the model supports it, so the vocabulary projection runs on the label block only).
-Position ids are derived from the attention mask (cumsum - 1), so neither padding nor masked-out
-prompt tokens shift the positions of the real tokens.
+Inputs are LEFT-padded and label/candidate blocks RIGHT-padded, so every row's label starts at the same
+column. Position ids are derived from the attention mask (cumsum - 1), so neither padding nor masked-out prompt
+tokens shift the positions of the real tokens.
+
+Shared work is done once, through the model's key/value cache (transformers' `cache`, `past_key_values` before 5):
+- The soft prompt comes first, so its keys/values do not depend on the input: rows with the same prompt (one
+  task's prompt under PT, or any deterministic router: every evaluation) run it as ONE sequence whose cache is
+  indexed out to the rows; in training the gradient of the rows sums back through that index.
+- The prompted input runs once per example: ranked scoring repeats its cache over the task's candidates and
+  runs only the candidate tokens; generation extends it one token at a time; `predict_ranked_and_generated`
+  serves both from the same pass.
+- The vocabulary projection runs only where a next token is scored (`logits_to_keep`): the last input
+  position (the first label token) and the label positions, never over the input.
 
 Loss: token-mean cross entropy over label tokens only (the eos included).
-Predict: rank classification by the summed log-likelihood of each candidate's tokens (see the
-seq2seq module for why summed), one forward per (example, candidate) pair, chunked;
-`generate=True` decodes greedily (no KV cache; labels are a few tokens) and parses the text.
+Predict: rank classification by the summed log-likelihood of each candidate's tokens (see the seq2seq module
+for why summed); `generate=True` decodes greedily and parses the answer the text starts with
+(`Backbone.parse_generated`).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Sequence
 
@@ -27,7 +43,13 @@ from crosspt.tasks import specs as _tasks
 from crosspt.backbones.base import Family, RankBackbone, pad_sequences, positions_from_mask
 from crosspt.errors import DataError
 
-_ANCHOR = "answer:"
+ANSWER_CUE = "\nanswer:"          # appended to every formatted input: where the label goes
+_ANCHOR = ANSWER_CUE.strip()       # the label is tokenised after this, then split off
+_EXTRA_GEN_TOKENS = 2              # greedy decoding may write this many tokens past the longest candidate
+# On CPU, scoring chunks of at most this many rows, taken longest first: rows of similar length pad little (50 SST-2
+# dev rows: 56 columns for 31.6 real tokens a row in one chunk). CPU compute is per token, padded or not, and the
+# per-call overhead of 16 rows is small next to their forward pass; an accelerator prefers big batches.
+_CPU_CHUNK_ROWS = 16
 
 
 class DecoderBackbone(RankBackbone):
@@ -46,12 +68,17 @@ class DecoderBackbone(RankBackbone):
         params = inspect.signature(self.model.forward).parameters
         self._takes_positions = "position_ids" in params
         self._takes_keep = "logits_to_keep" in params
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"   # renamed in transformers 5
         self._label_cache: dict[str, list[int]] = {}
         self._cand_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- tokenisation -----------------------------------------------------------------------
+    def format_text(self, task, texts: Sequence[str]) -> str:
+        """The text of an example's input: the task's formatted texts and the answer cue."""
+        return _tasks.format_input(task, tuple(texts), self.with_prefix) + ANSWER_CUE
+
     def label_ids(self, text: str) -> list[int]:
-        """Token ids of a label as it reads after the input (space-prefixed), plus eos."""
+        """Token ids of a label as it reads after the answer cue (space-prefixed), plus eos."""
         if text not in self._label_cache:
             tok = self.tokenizer
             base = tok(_ANCHOR, add_special_tokens=False)["input_ids"]
@@ -61,14 +88,15 @@ class DecoderBackbone(RankBackbone):
             self._label_cache[text] = list(ids) + ([self.eos_id] if self.eos_id is not None else [])
         return self._label_cache[text]
 
-    def _input_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._bos + list(ids)[: max(1, self.max_length - len(self._bos))]
+    def _input_ids(self, task, texts: Sequence[str]) -> list[int]:
+        """bos (if the model uses one) + the tokens of `format_text`, its texts cut to fit `max_length`."""
+        def render(ts: tuple[str, ...]) -> list[int]:
+            return self._bos + list(self.tokenizer(self.format_text(task, ts), add_special_tokens=False)["input_ids"])
+        return self.fit_input(task, texts, render)
 
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
-        ins = [self._input_ids(_tasks.format_input(self.tasks[t], tuple(ex.texts), self.with_prefix))
-               for ex, t in zip(examples, tids)]
+        ins = [self._input_ids(self.tasks[t], ex.texts) for ex, t in zip(examples, tids)]
         input_ids, mask = pad_sequences(ins, self.pad_id, side="left")
         labels, ok = self._labels_tensor(examples, tids, train=train)
         batch = {"input_ids": input_ids, "attention_mask": mask,
@@ -80,44 +108,101 @@ class DecoderBackbone(RankBackbone):
         return batch
 
     # -- core -------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, m: torch.Tensor, keep: int, **model_kw) -> torch.Tensor:
-        """Logits `[N, keep, V]` of the last `keep` positions of embeddings `x` `[N, S, d]` (mask `m` `[N, S]`)."""
-        kw = {"inputs_embeds": x, "attention_mask": m, "use_cache": False, **model_kw}
+    def _run(self, x: torch.Tensor, mask: torch.Tensor, *, cache=None, keep: int = 0, use_cache: bool = False):
+        """The model on embeddings `x` `[N, T, d]` placed after what `cache` holds; `mask` `[N, S]` covers both
+        (S = cached + T). -> (logits `[N, keep, V]` of the last `keep` positions (0: all T), the cache after
+        this call or None). A passed cache is extended in place."""
+        kw = {"inputs_embeds": x, "attention_mask": mask, "use_cache": use_cache or cache is not None}
+        if cache is not None:
+            kw[self._cache_arg] = cache
         if self._takes_positions:
-            kw["position_ids"] = positions_from_mask(m)
-        if self._takes_keep:
+            kw["position_ids"] = positions_from_mask(mask)[:, -x.shape[1]:]
+        if self._takes_keep and keep:
             kw["logits_to_keep"] = keep
-        logits = self.model(**kw).logits
-        return logits[:, -keep:]
+        out = self.model(**kw)
+        logits = out.logits[:, -keep:] if keep else out.logits
+        if not kw["use_cache"]:
+            return logits, None
+        new = getattr(out, "cache", None)
+        return logits, new if new is not None else getattr(out, "past_key_values", None)
+
+    def _prompt_cache(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, task_ids: torch.Tensor):
+        """Key/value cache over N rows of the soft prompt `[N, L, d]` (mask `[N, L]`, tasks `[N]`); None when L == 0.
+
+        Rows of the SAME task with equal prompt and mask are run once and the cache indexed out to them. The
+        gradient of such a group reaches its first row only, as the sum of the group's: the prompt module
+        builds a task's rows from the same parameters by the same function, so equal values have equal
+        Jacobians and the parameters receive exactly what per-row passes would give them (for PT, a
+        `prompts[task_ids]` gather, trivially). Rows of different tasks never merge, even when equal (tasks
+        whose prompts start from the same init)."""
+        N, L = prompt.shape[:2]
+        if L == 0:
+            return None
+        with torch.no_grad():
+            rows = torch.cat([task_ids.view(N, 1).float(), prompt.detach().flatten(1).float(), prompt_mask.float()],
+                             dim=1)
+            _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        n_distinct = int(inverse.max()) + 1
+        if n_distinct == N:
+            return self._run(prompt, prompt_mask, keep=1, use_cache=True)[1]
+        first = torch.full((n_distinct,), N, dtype=torch.long, device=prompt.device).scatter_reduce(
+            0, inverse, torch.arange(N, device=prompt.device), reduce="amin")    # one row per distinct prompt
+        cache = self._run(prompt[first], prompt_mask[first], keep=1, use_cache=True)[1]
+        cache.batch_select_indices(inverse)
+        return cache
+
+    def _prefix(self, prompt, prompt_mask, input_ids, input_mask, task_ids):
+        """One pass over the prompted inputs (prompt `[N, L, d]`, ids `[N, T]`, tasks `[N]`): (their cache, mask
+        `[N, L + T]`, log-probs `[N, V]` of the token after the input)."""
+        cache = self._prompt_cache(prompt, prompt_mask, task_ids)
+        m = torch.cat([prompt_mask, input_mask.long()], dim=1)
+        logits, cache = self._run(self.word_embeddings()(input_ids), m, cache=cache, keep=1, use_cache=True)
+        return cache, m, F.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def _rows_prefix(self, prompt, prompt_mask, batch, r: torch.Tensor):
+        """`_prefix` of the batch rows `r`, without the columns that are padding in every one of them."""
+        ids, im = batch["input_ids"][r], batch["attention_mask"][r]
+        cols = im.any(0)
+        return self._prefix(prompt[r], prompt_mask[r], ids[:, cols], im[:, cols], batch["task_ids"][r])
 
     def prompted_logits(self, prompt, prompt_mask, batch, **model_kw) -> torch.Tensor:
         """Logits `[B, T, V]` over the input positions, with the prompt `[B, L, d]` prepended."""
         batch = self._to_device(batch)
         x, m = self._prompted(prompt, prompt_mask, batch)
-        return self._forward(x, m, batch["input_ids"].shape[1], **model_kw)
+        T = batch["input_ids"].shape[1]
+        kw = {"inputs_embeds": x, "attention_mask": m, "use_cache": False, **model_kw}
+        if self._takes_positions:
+            kw["position_ids"] = positions_from_mask(m)
+        if self._takes_keep:
+            kw["logits_to_keep"] = T
+        return self.model(**kw).logits[:, -T:]
 
-    def _label_logprobs(self, prompt, prompt_mask, input_ids, input_mask, label_ids, label_mask):
-        """Token log-probs `[N, T_l]` (0 at padding) of right-padded labels after the inputs."""
+    def _label_logprobs(self, prompt, prompt_mask, input_ids, input_mask, label_ids, label_mask, task_ids):
+        """Token log-probs `[N, T_l]` (0 at padding) of right-padded labels `[N, T_l]` after the prompted inputs."""
         emb = self.word_embeddings()
-        x = torch.cat([prompt, emb(input_ids), emb(label_ids)], dim=1)
+        cache = self._prompt_cache(prompt, prompt_mask, task_ids)
+        x = torch.cat([emb(input_ids), emb(label_ids)], dim=1)
         m = torch.cat([prompt_mask, input_mask.long(), label_mask.long()], dim=1)
         T_l = label_ids.shape[1]
-        logits = self._forward(x, m, T_l + 1)[:, :T_l]           # position p predicts token p+1
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logits, _ = self._run(x, m, cache=cache, keep=T_l + 1)       # position p predicts token p+1
+        logp = F.log_softmax(logits[:, :T_l].float(), dim=-1)
         tok = logp.gather(-1, label_ids.unsqueeze(-1)).squeeze(-1)
-        return tok * label_mask.to(tok.dtype)
+        return torch.where(label_mask.bool(), tok, torch.zeros_like(tok))
 
     def loss(self, prompt, prompt_mask, batch) -> torch.Tensor:
-        """Token-mean cross entropy (a scalar) over the label tokens, prompt `[B, L, d]` prepended."""
+        """Token-mean cross entropy (a scalar) over the label tokens, prompt `[B, L, d]` prepended. Rows of one
+        task with equal prompts share one pass over the prompt (`_prompt_cache`: their gradient is summed into
+        the first of them)."""
         batch = self._to_device(batch)
         if "target_ids" not in batch:
             raise DataError("batch has no targets (unlabelled examples?): collate labelled examples for the loss")
         prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
         tok = self._label_logprobs(prompt, prompt_mask, batch["input_ids"], batch["attention_mask"],
-                                   batch["target_ids"], batch["target_mask"])
+                                   batch["target_ids"], batch["target_mask"], batch["task_ids"])
         n = batch["target_mask"].sum().clamp(min=1)
         return -tok.sum() / n + self._head_zero()
 
+    # -- scoring ----------------------------------------------------------------------------
     def _candidates(self, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A task's right-padded candidate label ids `[C, T_c]` and mask `[C, T_c]` (cached)."""
         if task_id not in self._cand_cache:
@@ -126,54 +211,103 @@ class DecoderBackbone(RankBackbone):
         ids, mask = self._cand_cache[task_id]
         return ids.to(self.device), mask.to(self.device)
 
-    @torch.no_grad()
-    def candidate_scores(self, prompt, prompt_mask, batch) -> list[torch.Tensor]:
-        """Per example: summed log-likelihood `[C]` of each candidate string of its task."""
-        batch = self._to_device(batch)
-        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+    def _rank_from(self, cache, m: torch.Tensor, first: torch.Tensor, task_id: int) -> torch.Tensor:
+        """Summed log-likelihoods `[n, C]` of the task's candidates after a prefix (`_prefix`: its cache over n
+        rows, mask `[n, S]`, next-token log-probs `[n, V]`). Consumes the cache (repeated over the candidates)."""
+        cand, cmask = self._candidates(task_id)                 # [C, Tc]
+        C, Tc = cand.shape
+        n = m.shape[0]
+        scores = first[:, cand[:, 0]]                           # the first token's log-prob comes with the prefix
+        if Tc == 1:
+            return scores
+        cache.batch_repeat_interleave(C)                        # row k*C + c = candidate c of example k
+        x = self.word_embeddings()(cand[:, :-1]).repeat(n, 1, 1)
+        mm = torch.cat([m.repeat_interleave(C, dim=0), cmask[:, :-1].repeat(n, 1)], dim=1)
+        logits, _ = self._run(x, mm, cache=cache)               # [n*C, Tc-1, V]: position j predicts token j+1
+        rest, rmask = cand[:, 1:].repeat(n, 1), cmask[:, 1:].repeat(n, 1).bool()
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, rest.unsqueeze(-1)).squeeze(-1)
+        return scores + torch.where(rmask, logp, torch.zeros_like(logp)).sum(-1).view(n, C)
 
-        def score_rows(t: int, r: torch.Tensor) -> torch.Tensor:
-            cand, cmask = self._candidates(t)
-            C, n = cand.shape[0], len(r)
-            ids, im = batch["input_ids"][r], batch["attention_mask"][r]
-            keep = im.any(0)                             # drop columns that are padding in every row
-            ids, im = ids[:, keep], im[:, keep]
-            tok = self._label_logprobs(
-                prompt[r].repeat_interleave(C, 0), prompt_mask[r].repeat_interleave(C, 0),
-                ids.repeat_interleave(C, 0), im.repeat_interleave(C, 0), cand.repeat(n, 1), cmask.repeat(n, 1))
-            return tok.sum(-1).view(n, C)
-
-        def floats_per_row(t: int) -> int:
-            C, Tc = self._candidates(t)[0].shape
-            return C * (Tc + 1) * vocab
-
-        return self._scores_by_task(batch["task_ids"].tolist(), floats_per_row, score_rows)
-
-    def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
-        """Greedy decoding after the prompted input `[B, L + T, d]`, up to eos; parsed predictions `[B]`."""
-        batch = self._to_device(batch)
-        tids = batch["task_ids"].tolist()
-        longest = max(self._candidates(t)[0].shape[1] for t in set(tids))
+    def _greedy_from(self, cache, m: torch.Tensor, first: torch.Tensor, steps: int) -> list[list[int]]:
+        """Greedy continuation (token ids per row, up to eos or `steps` tokens) of a prefix (`_prefix`: cache over
+        n rows, mask `[n, S]`, next-token log-probs `[n, V]`). Extends the cache."""
         emb = self.word_embeddings()
-        x, m = self._prompted(prompt, prompt_mask, batch)
-        B = x.shape[0]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        out = []
-        for _ in range(longest + 1):
-            nxt = self._forward(x, m, 1)[:, -1].argmax(-1)
+        nxt = first.argmax(-1)
+        out = [nxt]
+        done = nxt == self.eos_id if self.eos_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        ones = torch.ones(m.shape[0], 1, dtype=m.dtype, device=m.device)
+        for _ in range(steps - 1):
+            if bool(done.all()):
+                break
+            m = torch.cat([m, ones], dim=1)
+            logits, cache = self._run(emb(nxt).unsqueeze(1), m, cache=cache, keep=1, use_cache=True)
+            nxt = logits[:, -1].argmax(-1)
             out.append(nxt)
             if self.eos_id is not None:
                 done |= nxt == self.eos_id
-            if bool(done.all()):
-                break
-            x = torch.cat([x, emb(nxt).unsqueeze(1)], dim=1)
-            m = torch.cat([m, torch.ones(B, 1, dtype=m.dtype, device=m.device)], dim=1)
-        gen = torch.stack(out, 1).tolist()
+        return torch.stack(out, 1).tolist()
+
+    def _parsed(self, task_id: int, generated: list[list[int]]) -> list[float | int]:
+        """Generated token ids per row, cut at eos, decoded and parsed (`parse_generated`)."""
         values = []
-        for t, ids in zip(tids, gen):
+        for ids in generated:
             if self.eos_id is not None and self.eos_id in ids:
                 ids = ids[:ids.index(self.eos_id)]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            values.append(self.parse_generated(self.tasks[t], text))
+            values.append(self.parse_generated(self.tasks[task_id], text))
+        return values
+
+    def _gen_steps(self, task_id: int) -> int:
+        return self._candidates(task_id)[0].shape[1] + _EXTRA_GEN_TOKENS
+
+    def _floats_per_row(self, width: int):
+        """Floats one row of a task costs in a scoring chunk: candidate logits and the cache repeated over the
+        candidates (the prompted input is `width` tokens)."""
+        cfg = self.model.config
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 1
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or self.embed_dim // heads
+        kv = 2 * layers * kv_heads * head_dim
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+
+        def floats(t: int) -> int:
+            C, Tc = self._candidates(t)[0].shape
+            return C * (Tc * vocab + (width + Tc + _EXTRA_GEN_TOKENS) * kv)
+        return floats
+
+    def _by_task(self, prompt, prompt_mask, batch, rows_fn) -> list:
+        """`rows_fn(task, prefix) -> per-row values` over the batch grouped by task, in scoring chunks."""
+        batch = self._to_device(batch)
+        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
+        width = prompt.shape[1] + batch["input_ids"].shape[1]
+        return self._scores_by_task(batch["task_ids"].tolist(), self._floats_per_row(width),
+                                    lambda t, r: rows_fn(t, self._rows_prefix(prompt, prompt_mask, batch, r)),
+                                    lengths=batch["attention_mask"].sum(1).tolist(),
+                                    max_rows=_CPU_CHUNK_ROWS if self.device.type == "cpu" else None)
+
+    @torch.no_grad()
+    def candidate_scores(self, prompt, prompt_mask, batch) -> list[torch.Tensor]:
+        """Per example: summed log-likelihood `[C]` of each candidate string of its task."""
+        return self._by_task(prompt, prompt_mask, batch, lambda t, pre: self._rank_from(*pre, t))
+
+    @torch.no_grad()
+    def _generate(self, prompt, prompt_mask, batch) -> torch.Tensor:
+        """Greedy decoding after the prompted input, from its cache; parsed predictions `[B]`."""
+        values = self._by_task(prompt, prompt_mask, batch,
+                               lambda t, pre: self._parsed(t, self._greedy_from(*pre, self._gen_steps(t))))
         return self._predictions_tensor(values, batch["task_ids"])
+
+    @torch.no_grad()
+    def predict_ranked_and_generated(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranked `[B]`, generated `[B]`) predictions from ONE pass over each prompted input: generation
+        continues a copy of the prefix cache that ranking repeats over the candidates."""
+        def both(t, pre):
+            cache, m, first = pre
+            generated = self._parsed(t, self._greedy_from(copy.deepcopy(cache), m, first, self._gen_steps(t)))
+            return list(zip(self._rank_from(cache, m, first, t), generated))
+
+        pairs = self._by_task(prompt, prompt_mask, batch, both)
+        tids = batch["task_ids"]
+        return (self._rank_predictions(tids, [p[0] for p in pairs]),
+                self._predictions_tensor([p[1] for p in pairs], tids))

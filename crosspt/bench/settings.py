@@ -29,6 +29,7 @@ class BenchSettings:
     router_lr: float = 0.01            # fixed (not searched) for every method with a router
     data_dir: str | None = None
     threads: int | None = None         # torch threads per job (None: torch's default)
+    generate: bool = False             # also score test by greedy generation (seq2seq/decoder: gen_* metrics)
 
     def src_k(self) -> int:
         return self.source_shots or max(self.shots)

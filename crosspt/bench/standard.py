@@ -227,7 +227,8 @@ def _test_of(model, tasks, splits: dict, s: BenchSettings) -> tuple[float, dict]
     from crosspt.run.loop import LocalSession, evaluate, score_of
 
     with tempfile.TemporaryDirectory(prefix="crosspt_std_", ignore_cleanup_errors=True) as d:
-        test = evaluate(model, {t: sp["test"] for t, sp in splits.items()}, LocalSession(d), s.eval_batch_size)
+        test = evaluate(model, {t: sp["test"] for t, sp in splits.items()}, LocalSession(d), s.eval_batch_size,
+                        with_generation=s.generate and model.generates)
     return score_of(test, tasks), test
 
 
@@ -241,6 +242,7 @@ def run_cell(job: dict, cache) -> dict:
     tasks, splits = cache.get(cfg0)
     trials, best = [], None
     for lr in job["lrs"]:
+        started = time.time()
         cfg = config_for(job, lr)
         # a backbone of its own per lr: its per-task scoring heads train with the prompt, so a shared one
         # would start each lr from the previous lr's heads and score the kept model with the last one's
@@ -248,6 +250,8 @@ def run_cell(job: dict, cache) -> dict:
         res, trace = _train_on_val(model, cfg, splits)
         trials.append({"lr": lr, "val": float(res["best_val_score"]), "best_epoch": res["best_epoch"],
                        "epochs_run": res["epochs_run"], "router_weights": res.get("router_weights"),
+                       "wall_s": time.time() - started, "epoch_s": [h["epoch_s"] for h in res["history"]
+                                                                    if "epoch_s" in h],
                        **({"router_trace": trace} if cfg.prompt.n_sources else {})})
         if best is None or trials[-1]["val"] > best[1]["val"]:
             best = (model, trials[-1])

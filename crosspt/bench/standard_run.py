@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from crosspt.bench.harness import execute, leave_one_out_bank
-from crosspt.bench.standard import SINGLE, Arm, StandardSettings, cell_job, probe_job, zero_shot_job
+from crosspt.bench.standard import Arm, StandardSettings, cell_job, probe_job, zero_shot_job
 
 Log = Callable[[str], None]
 STAGES = ("sources", "probe", "lr_grid", "reuse")

@@ -18,7 +18,7 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run config YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted config key (repeatable), e.g. --set prompt.private_len=8")
-    p.add_argument("--backbone", help="hub id, local path, or 'minilm' (offline default)")
+    p.add_argument("--backbone", help="hub id, local path, 'minilm' (offline default) or 'smollm2' (offline decoder)")
     p.add_argument("--tasks", help="comma-separated task names (or task YAML files)")
     p.add_argument("--shots", type=int, help="examples per class")
     p.add_argument("--seed", type=int)
@@ -90,6 +90,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare_backbone(args) -> int:
+    """Resolve a backbone now (the built-in `smollm2` is dequantised into the user cache once); print where."""
+    from crosspt.backbones.loader import resolve_backbone
+
+    t0 = time.time()
+    info = resolve_backbone(args.name)
+    print(f"{info['name']}: {info['family']} ({info['model_type']}) at {info['source']}  ({time.time() - t0:.1f}s)")
+    return 0
+
+
 def train_run_logger(cfg):
     """The MLflow run of one `crosspt train`: the same params (inactive keys marked), config, dataset
     inputs, provenance tags, per-epoch metrics and prompt artifacts as a search's child run, without the
@@ -138,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare-backbone", help="resolve a backbone once, offline (smollm2: dequantise its GGUF "
+                                                "file into the user cache), and print where it is")
+    p.add_argument("name", help="'smollm2', 'minilm', a local folder or a hub id")
+    p.set_defaults(func=cmd_prepare_backbone)
 
     _register_optional(sub)
     return parser

@@ -31,7 +31,7 @@ class Strict(BaseModel):
 
 
 class BackboneConfig(Strict):
-    name: str = "minilm"                # hub id, local path, or "minilm" (offline all-MiniLM-L6-v2)
+    name: str = "minilm"                # hub id, local path, "minilm" (offline all-MiniLM-L6-v2) or "smollm2"
     family: Family = Family.AUTO
     pair_encoding: PairEncoding = PairEncoding.AUTO     # encoder family only
     max_length: int = Field(128, ge=8, le=4096)

@@ -88,8 +88,6 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
     from safetensors.torch import save_file
 
-    from crosspt.tasks import specs as _tasks
-
     family = predictor.backbone.family
     spec = predictor.task(task)
     task_type = peft_task_type(family)
@@ -114,8 +112,8 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
         "backbone": backbone_name,
         "num_virtual_tokens": int(prompt.shape[0]),
         "token_dim": int(prompt.shape[1]),
-        "input_template": _tasks.format_input(spec, tuple("{" + f + "}" for f in spec.text_fields),
-                                              predictor.config.prompt.prefix),
+        # the family's own text (the decoder appends its answer cue), the one the prompt was trained on
+        "input_template": predictor.backbone.format_text(spec, tuple("{" + f + "}" for f in spec.text_fields)),
         "text_fields": list(spec.text_fields),
         "label_semantics": sem,
         "candidates": list(predictor.backbone.candidates(spec)),

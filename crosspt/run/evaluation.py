@@ -20,29 +20,36 @@ def to_device(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 @lean_heap()                # big no-grad batches: their freed buffers go back to the OS (run/memory.py)
 def evaluate(model: CrossPTModel, examples_by_task: dict, session: Session, batch_size: int,
-             dtype_cfg: str = "auto", generate: bool = False) -> dict[str, dict[str, float]]:
+             dtype_cfg: str = "auto", generate: bool = False,
+             with_generation: bool = False) -> dict[str, dict[str, float]]:
     """Full-split metrics per task: every rank predicts its shard, predictions are gathered. `generate`:
-    predictions decoded greedily and parsed (seq2seq/decoder) instead of ranked over the label words."""
+    predictions decoded greedily and parsed (seq2seq/decoder) instead of ranked over the label words.
+    `with_generation` (a generating model): both, from one pass where the backbone can share it (the decoder
+    runs each prompted input once for both), the generated metrics beside the ranked ones as `gen_<metric>`."""
     model.eval()
     device = session.device()
-    results = {}
+    ranked, generated = {}, {}
     for task in model.tasks:
         examples = examples_by_task[task.name]
-        mine: list[tuple[str, float, float]] = []
+        mine: list[tuple[str, float, float, float]] = []
         for batch_examples in eval_batches(examples, batch_size, shard=(session.rank, session.world_size)):
             batch = to_device(model.backbone.collate(batch_examples, train=False), device)
             with autocast(device, dtype_cfg):
-                preds = model.predict(batch, generate=generate)
-            mine += [(e.uid, float(p), float(e.label)) for e, p in zip(batch_examples, preds.float().cpu())]
-        merged = {uid: (p, y) for part in session.gather(mine) for uid, p, y in part}
-        preds = [merged[u][0] for u in sorted(merged)]
-        labels = [merged[u][1] for u in sorted(merged)]
-        if not task.is_regression:
-            preds = [int(p) for p in preds]
-            labels = [int(y) for y in labels]
-        results[task.name] = compute_metrics(task, preds, labels)
+                if with_generation:
+                    preds, gen = model.predict_ranked_and_generated(batch)
+                else:
+                    preds = gen = model.predict(batch, generate=generate)   # gen: scored only with_generation
+            mine += [(e.uid, float(p), float(g), float(e.label))
+                     for e, p, g in zip(batch_examples, preds.float().cpu(), gen.float().cpu())]
+        merged = {uid: (p, g, y) for part in session.gather(mine) for uid, p, g, y in part}
+        order = sorted(merged)
+        cast = float if task.is_regression else int
+        labels = [cast(merged[u][2]) for u in order]
+        ranked[task.name] = compute_metrics(task, [cast(merged[u][0]) for u in order], labels)
+        if with_generation:
+            generated[task.name] = compute_metrics(task, [cast(merged[u][1]) for u in order], labels)
     model.train()
-    return results
+    return with_generated(ranked, generated) if with_generation else ranked
 
 
 def score_of(metrics: dict[str, dict[str, float]], tasks) -> float:

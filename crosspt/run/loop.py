@@ -26,7 +26,7 @@ from crosspt.config.schema import RANDOM_BANK, RunConfig, config_hash, source_ba
 from crosspt.errors import ConfigError
 from crosspt.run.artifacts import load_bank, select_sources
 from crosspt.run.checkpoint import BEST_FILE, read_checkpoint, read_result, write_checkpoint
-from crosspt.run.evaluation import evaluate, flat_metrics, score_of, to_device, with_generated
+from crosspt.run.evaluation import evaluate, flat_metrics, score_of, to_device
 from crosspt.run.faults import active_faults, inject_at_epoch_start, parse_faults, poisons_first_loss
 from crosspt.run.model import CrossPTModel, build_model
 from crosspt.run.precision import autocast
@@ -315,10 +315,9 @@ def _final_result(run: _Run, state: TrainState, val: dict | None) -> dict:
     if state.best_state is not None:
         model.load_trainable_state(state.best_state)
     digests = run.session.gather(state_digest(model))    # DDP must leave every rank identical
-    test = _evaluate(run, "test")
-    if model.generates:          # generation-based metrics beside the ranked ones (test split, best state)
-        test = with_generated(test, evaluate(model, run.split("test"), run.session, run.cfg.train.eval_batch_size,
-                                             run.cfg.backbone.dtype, generate=True))
+    # generating backbones: the generation-based metrics beside the ranked ones (test split, best state)
+    test = evaluate(model, run.split("test"), run.session, run.cfg.train.eval_batch_size, run.cfg.backbone.dtype,
+                    with_generation=model.generates)
     at_best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
     val_best = {t.name: {k[len(f"val_{t.name}_"):]: v for k, v in at_best.items() if k.startswith(f"val_{t.name}_")}
                 for t in tasks} if at_best else (val or {})

@@ -46,6 +46,12 @@ class CrossPTModel(nn.Module):
             return self.backbone.predict(prompt, mask, batch, generate=True)
         return self.backbone.predict(prompt, mask, batch)
 
+    @torch.no_grad()
+    def predict_ranked_and_generated(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ranked `[B]`, generated `[B]`) predictions of a generating backbone, sharing what the two can share."""
+        prompt, mask, _ = self.compose(batch)
+        return self.backbone.predict_ranked_and_generated(prompt, mask, batch)
+
     @property
     def generates(self) -> bool:
         """Whether the backbone can also decode its answer (seq2seq, decoder), not only rank the labels."""
