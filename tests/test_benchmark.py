@@ -3,9 +3,12 @@ the PEFT reference paths, and the GPU check's CPU (--tiny) mode. Fast: tiny mode
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,16 +295,26 @@ def test_jobs_of_one_runner_draw_the_splits_once(data_dir, tiny_t5_path, monkeyp
 
 
 # ---- GPU check, CPU mode ------------------------------------------------------------------------------
-def test_gpu_check_tiny_runs_on_cpu(capsys):
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "jobs" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_gpu_check_tiny_runs_on_cpu_without_ray_mlflow_optuna_datasets(tmp_path):
+    """`jobs/gpu_check.py --tiny` runs every part (the step variants, host syncs, profile, one trial process)
+    where ray, mlflow, optuna and datasets cannot be imported, as on the GPU machine."""
+    blocked = tmp_path / "blocked"
     for name in ("ray", "mlflow", "optuna", "datasets"):
-        assert name not in getattr(mod, "__dict__", {})
-    res = mod.main(["--tiny", "--steps", "2", "--warmup", "1"])
-    out = capsys.readouterr().out
-    assert "step time ratio" in out and res["pt"]["examples_per_s"] > 0
-    assert res["crosspt"]["composed_len"] == res["pt"]["composed_len"]
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "gpu_check.json"
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "gpu_check.py"), "--tiny", "--cpu", "--concurrency", "1",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step time ratio CrossPT / PT" in p.stdout and "Trials per GPU" in p.stdout
+    res = json.loads(out.read_text())
+    st = res["steps"]
+    assert {"pt", "crosspt", "crosspt_old_syncs"} <= set(st["steps"]) and st["steps"]["pt"]["examples_per_s"] > 0
+    assert st["syncs"]["counted_ours_per_step"] == 0, st["syncs"]
+    assert st["profile"]["ops"]
+    [level] = res["concurrency"]
+    assert level["trials"] == 1 and level["failed"] == 0 and level["start_to_first_step_s"] > 0
 
 
 # ---- speed mode pieces ---------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ def check_children(uri: str, summary: dict, n: int) -> list:
             assert r.data.params["optim.router_lr"] == r.data.params["prompt.source_len"] == "inactive"
         assert "trial_number" in r.data.params and int(r.data.params["trial_number"]) >= 1
         assert "val_score" in r.data.metrics and "best_val_score" in r.data.metrics
+        # what the trial paid besides training; its k-shot splits came drawn from the driver, no file read
+        m = r.data.metrics
+        assert m["trial.start_to_first_step_s"] > 0 and m["trial.last_step_to_end_s"] >= 0
+        assert 0 < m["trial.eval_s"] < m["trial.wall_s"] and m["trial.data_preparations"] == 0
         arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
                {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
         assert "prompts/prompts.safetensors" in arts and "plots/router_heatmap.png" in arts

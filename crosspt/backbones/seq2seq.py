@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
 from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import Family, Placement, RankBackbone, compact_prompt
+from crosspt.backbones.base import Family, Placement, RankBackbone, compact_prompt, pad_sequences
 from crosspt.errors import DataError
 
 
@@ -39,6 +39,7 @@ class Seq2SeqBackbone(RankBackbone):
             raise ValueError(f"seq2seq prompt placement must be 'before' or 'after', got '{placement}'")
         self.placement = placement
         self._cand_cache: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self._target_cache: dict[str, torch.Tensor] = {}       # target text -> ids `[T]` (`_targets`)
 
     def _prompted(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder input `[B, L + T, d]` and mask `[B, L + T]`: the prompt `[B, L, d]` (mask `[B, L]`)
@@ -52,20 +53,35 @@ class Seq2SeqBackbone(RankBackbone):
 
     # -- data -------------------------------------------------------------------------------
     def _targets(self, texts: list[str]) -> torch.Tensor:
-        """Target token ids `[N, T_t]` of N texts (with eos), padding -> -100 (ignored by the loss)."""
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-        ids = enc["input_ids"].clone()
-        ids[enc["attention_mask"] == 0] = -100
+        """Target token ids `[N, T_t]` of N texts (with eos), padding -> -100 (ignored by the loss); each
+        distinct text tokenised once (label words repeat in every batch)."""
+        cache = self._target_cache
+        todo = sorted({t for t in texts if t not in cache})
+        if todo:
+            for t, ids in zip(todo, self.tokenizer(todo)["input_ids"]):
+                cache[t] = torch.tensor(ids, dtype=torch.long)
+        ids, _ = pad_sequences([cache[t] for t in texts], -100, side=self.tokenizer.padding_side)
         return ids
+
+    def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:
+        """Each example's formatted, truncated input ids `[T_i]` (cached: `Backbone._per_example`)."""
+        def encode(todo):
+            texts = [_tasks.format_input(self.tasks[self.task_id(ex.task)], tuple(ex.texts), self.with_prefix)
+                     for ex in todo]
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            return [torch.tensor(ids, dtype=torch.long) for ids in enc["input_ids"]]
+        return self._per_example(examples, encode)
+
+    def input_length(self, examples: Sequence) -> list[int]:
+        return [len(ids) for ids in self._input_ids(examples)]
 
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
-        texts = [_tasks.format_input(self.tasks[t], tuple(ex.texts), self.with_prefix)
-                 for ex, t in zip(examples, tids)]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        # the same ids and mask as tokenising the batch with padding (each text is tokenised on its own)
+        input_ids, attention_mask = pad_sequences(self._input_ids(examples), self.tokenizer.pad_token_id,
+                                                  side=self.tokenizer.padding_side)
         labels, ok = self._labels_tensor(examples, tids, train=train)
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "task_ids": torch.tensor(tids, dtype=torch.long), "labels": labels}
         if all(ok):
             batch["target_ids"] = self._targets(

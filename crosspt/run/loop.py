@@ -29,7 +29,7 @@ from crosspt.run.checkpoint import BEST_FILE, read_checkpoint, read_result, writ
 from crosspt.run.evaluation import evaluate, flat_metrics, score_of, to_device, with_generated
 from crosspt.run.faults import active_faults, inject_at_epoch_start, parse_faults, poisons_first_loss
 from crosspt.run.model import CrossPTModel, build_model
-from crosspt.run.precision import autocast
+from crosspt.run.precision import autocast, compute_dtype
 from crosspt.run.session import LocalSession, RaySession, Session
 from crosspt.run.state import TrainState
 from crosspt.tasks.data import make_splits, multitask_batches, resolve_data_dir
@@ -37,7 +37,7 @@ from crosspt.tasks.specs import TaskSpec, register_task_file, resolve_tasks
 
 # the run layer's face: other layers, the benchmark and the tests import these from here
 __all__ = ["BEST_FILE", "LocalSession", "RaySession", "Session", "TrainState", "TrainingDiverged", "evaluate",
-           "epochs", "flat_metrics", "load_source_bank", "parse_faults", "prepare_data", "ray_worker_loop", "run_loop",
+           "data_preparations", "epochs", "flat_metrics", "load_source_bank", "parse_faults", "prepare_data", "ray_worker_loop", "run_loop",
            "score_of", "state_digest"]
 
 
@@ -49,6 +49,15 @@ class TrainingDiverged(FloatingPointError):
 
 
 # ---- data and model -----------------------------------------------------------------------------
+_prepared = 0         # k-shot draws from task files in this process (`data_preparations`)
+
+
+def data_preparations() -> int:
+    """How many times this process has read task files to draw k-shot splits (`prepare_data` without
+    `splits`): a trial reads them once, or not at all when it is handed its splits."""
+    return _prepared
+
+
 def prepare_data(cfg: RunConfig, splits: dict | None = None):
     """Task specs and k-shot splits `{task: {"train"|"val"|"test": [Example]}}`: deterministic from
     cfg.seed, identical on every worker.
@@ -62,6 +71,8 @@ def prepare_data(cfg: RunConfig, splits: dict | None = None):
         if set(splits) != {t.name for t in tasks}:
             raise ConfigError(f"precomputed splits cover tasks {sorted(splits)}, the config trains {cfg.tasks}")
         return tasks, splits
+    global _prepared
+    _prepared += 1
     data_dir = resolve_data_dir(cfg.data.data_dir)
     splits = {t.name: make_splits(t, data_dir, shots=cfg.data.shots, per=cfg.data.shots_per,
                                   val_shots=cfg.data.val_shots, seed=cfg.seed, max_test=cfg.data.max_test)
@@ -105,10 +116,11 @@ def _read_bank(cfg: RunConfig, dim: int) -> tuple[torch.Tensor, dict]:
     return load_bank(cfg.prompt.source_bank, backbone=cfg.backbone.name, dim=dim, source_len=cfg.prompt.source_len)
 
 
-def _build_model(cfg: RunConfig, tasks: list[TaskSpec]) -> CrossPTModel:
+def _build_model(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device) -> CrossPTModel:
     from crosspt.backbones.loader import load_for_config
 
-    backbone = load_for_config(cfg, tasks)
+    # the frozen weights are read from disk in the dtype the device computes in (run/precision.py)
+    backbone = load_for_config(cfg, tasks, torch_dtype=compute_dtype(device, cfg.backbone.dtype))
     dim = backbone.embed_dim                     # the bank's width is the backbone's
     return build_model(cfg, tasks, bank=load_source_bank(cfg, dim, tasks), backbone=backbone,
                        own_sources=load_own_sources(cfg, dim, tasks))
@@ -175,12 +187,14 @@ def epochs(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
 
 def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits: dict | None) -> _Run:
     t0 = time.time()
+    # when the run's phases happened (`Session.clock`): what a trial pays besides training
+    session.clock = {"loop_start": t0, "eval_s": 0.0}
     faults = active_faults()
     torch.manual_seed(cfg.seed)
     tasks, splits = prepare_data(cfg, splits=splits)
     device = session.device()
     if model is None:
-        model = _build_model(cfg, tasks)
+        model = _build_model(cfg, tasks, device)
     model.to(device)
     model.train()
     trainable, total = trainable_and_total(model)
@@ -228,8 +242,13 @@ def _start(run: _Run) -> tuple[TrainState, bool, dict | None]:
     return state, False, None
 
 
-def _evaluate(run: _Run, split: str) -> dict[str, dict[str, float]]:
-    return evaluate(run.model, run.split(split), run.session, run.cfg.train.eval_batch_size, run.cfg.backbone.dtype)
+def _evaluate(run: _Run, split: str, generate: bool = False) -> dict[str, dict[str, float]]:
+    started = time.time()
+    try:
+        return evaluate(run.model, run.split(split), run.session, run.cfg.train.eval_batch_size,
+                        run.cfg.backbone.dtype, generate=generate)
+    finally:
+        run.session.clock["eval_s"] += time.time() - started
 
 
 def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
@@ -260,29 +279,84 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
 
 
 def _train_epoch(run: _Run, state: TrainState, epoch: int) -> float:
-    """One pass over this rank's shard of the training batches; returns its mean loss."""
+    """One pass over this rank's shard of the training batches; returns its mean loss.
+
+    The steps never wait for the device: the loss and its finiteness stay there (`_LossTally`) and are read
+    every `DIVERGENCE_CHECK_STEPS` steps and at the end of the epoch, so a diverged run stops at most that
+    many steps late, with the first non-finite loss and its step in the message."""
     cfg, model, session = run.cfg, run.model, run.session
     where = {"run_name": cfg.name, "rank": session.rank, "epoch": epoch}
     inject_at_epoch_start(run.faults, **where)
     poison = poisons_first_loss(run.faults, **where)
     per_worker_bs = max(1, cfg.train.batch_size // session.world_size)
-    losses = []
+    tally = _LossTally(run.device)
     for batch_examples in multitask_batches(run.split("train"), per_worker_bs, seed=cfg.seed, epoch=epoch,
                                             shard=(session.rank, session.world_size)):
-        batch = to_device(model.backbone.collate(batch_examples, train=True), run.device)
-        model.prompt.set_step(state.global_step)
-        _warm_up(run, state.global_step)
-        with autocast(run.device, cfg.backbone.dtype):
-            loss = run.ddp(batch)
-        if poison:
-            loss, poison = loss * float("nan"), False
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {epoch}, step {state.global_step}")
-        _optimizer_step(run, loss)
-        losses.append(float(loss.detach()))
-        state.global_step += 1
+        # collate works on the host (token ids cached per example by the backbone): no device involved
+        _train_step(run, state, model.backbone.collate(batch_examples, train=True), tally, poison=poison)
+        poison = False
+        if tally.steps % DIVERGENCE_CHECK_STEPS == 0:
+            tally.check(epoch)
+    mean = tally.finish(epoch)
+    run.session.clock["last_step"] = time.time()
     model.prompt.set_step(state.global_step)
-    return sum(losses) / max(1, len(losses))
+    return mean
+
+
+def _train_step(run: _Run, state: TrainState, batch: dict, tally: _LossTally, poison: bool = False) -> None:
+    """One optimizer step on a collated batch (tensors `[B, ...]` on the host) without a host sync: the
+    batch goes up through pinned memory without blocking, the temperature is a Python float (the prompt's
+    host copy of the step), and the loss is added to `tally` on the device."""
+    clock = run.session.clock
+    if "first_step" not in clock:
+        clock["first_step"] = time.time()
+    batch = to_device(batch, run.device)
+    run.model.prompt.set_step(state.global_step)
+    _warm_up(run, state.global_step)
+    with autocast(run.device, run.cfg.backbone.dtype):
+        loss = run.ddp(batch)
+    if poison:                                    # the `nan` drill (crosspt.run.faults)
+        loss = loss * float("nan")
+    tally.add(loss, state.global_step)
+    _optimizer_step(run, loss)
+    state.global_step += 1
+
+
+DIVERGENCE_CHECK_STEPS = 16      # steps between the host's reads of the divergence flag
+
+
+class _LossTally:
+    """An epoch's training loss kept on the device: the sum (float64, so that the mean is the one summing
+    the Python floats gave, to the bit), and the first non-finite loss with its step (-1: none yet).
+    `check` and `finish` are its only host reads."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        value = loss.detach().float()
+        self.sum += value.double()
+        first = ~torch.isfinite(value) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, value, self.bad_loss)
+        self.steps += 1
+
+    def check(self, epoch: int) -> None:
+        """TrainingDiverged naming the first non-finite loss of the epoch so far, if there was one."""
+        self._raise_if_bad(epoch, int(self.bad_step))
+
+    def finish(self, epoch: int) -> float:
+        """The epoch's mean loss, after the last `check` (one host read for both)."""
+        bad_step, total = torch.stack([self.bad_step.double(), self.sum]).tolist()
+        self._raise_if_bad(epoch, int(bad_step))
+        return total / max(1, self.steps)
+
+    def _raise_if_bad(self, epoch: int, bad_step: int) -> None:
+        if bad_step >= 0:
+            raise TrainingDiverged(f"loss became {float(self.bad_loss)} at epoch {epoch}, step {bad_step}")
 
 
 def _warm_up(run: _Run, step: int) -> None:
@@ -315,9 +389,10 @@ def _final_result(run: _Run, state: TrainState, val: dict | None) -> dict:
         model.load_trainable_state(state.best_state)
     digests = run.session.gather(state_digest(model))    # DDP must leave every rank identical
     test = _evaluate(run, "test")
-    if model.generates:          # generation-based metrics beside the ranked ones (test split, best state)
-        test = with_generated(test, evaluate(model, run.split("test"), run.session, run.cfg.train.eval_batch_size,
-                                             run.cfg.backbone.dtype, generate=True))
+    if model.generates and run.cfg.train.generated_metrics:
+        # generation-based metrics beside the ranked ones (test split, best state): a second pass that
+        # decodes token by token, so it costs more than the ranked one (opt-in for search trials)
+        test = with_generated(test, _evaluate(run, "test", generate=True))
     at_best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
     val_best = {t.name: {k[len(f"val_{t.name}_"):]: v for k, v in at_best.items() if k.startswith(f"val_{t.name}_")}
                 for t in tasks} if at_best else (val or {})

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,8 @@ from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.config.space import SearchSpace
 from crosspt.errors import CrossPTError
 from crosspt.registry import tracking as T
-from crosspt.run.loop import Session, TrainingDiverged
-from crosspt.run.shipping import localise
+from crosspt.run.loop import Session, TrainingDiverged, data_preparations
+from crosspt.run.shipping import localise, shipped_splits
 from crosspt.search.params import trial_params
 
 RETRYABLE_TAG = "crosspt.retryable"
@@ -29,13 +32,18 @@ class TrialNotRetried(RuntimeError):
 
 
 class TuneSession(Session):
-    """A one-worker trial running the loop in the Tune trial itself (no Train worker group)."""
+    """A one-worker trial running the loop in the Tune trial itself (no Train worker group).
+
+    Each epoch's metrics go to the trial's MLflow run at once (one batched call); its prompts, their router
+    heatmap and the result only when the trial ends (`upload_prompts`): drawing a plot whenever the best
+    epoch moved cost more than the epoch's metrics."""
 
     def __init__(self, logger: T.TrialLogger | None, use_gpu: bool):
         import torch
 
         self.logger = logger
         self._device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self._prompts: Path | None = None          # the latest checkpoint's prompt files, not uploaded yet
 
     def device(self):
         return self._device
@@ -50,9 +58,35 @@ class TuneSession(Session):
         from ray import tune
 
         if self.logger:
-            self.logger.log_epoch(metrics, checkpoint_dir)
+            self.logger.log_epoch(metrics, None)
+            if checkpoint_dir is not None:
+                self._keep_prompts(Path(checkpoint_dir))
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
+
+    def _keep_prompts(self, checkpoint_dir: Path) -> None:
+        """Copy what `TrialLogger.log_prompts` uploads (KBs) out of the checkpoint, which the loop deletes."""
+        from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE
+
+        if not (checkpoint_dir / BEST_FILE).is_file():
+            return
+        keep = Path(tempfile.mkdtemp(prefix="crosspt_prompts_"))
+        for name in (BEST_FILE, RESULT_FILE):
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, keep / name)
+        self.discard_prompts()
+        self._prompts = keep
+
+    def upload_prompts(self) -> None:
+        """Upload the latest kept prompts (the best epoch's) with their heatmap, once, as the trial ends."""
+        if self.logger and self._prompts is not None:
+            self.logger.log_prompts(self._prompts)
+        self.discard_prompts()
+
+    def discard_prompts(self) -> None:
+        if self._prompts is not None:
+            shutil.rmtree(self._prompts, ignore_errors=True)
+            self._prompts = None
 
 
 def trial_number_of(trial_dirname: str, trial_id: str) -> int:
@@ -76,7 +110,10 @@ def run_trial(params: dict, ctx: dict) -> None:
         cfg.data.data_dir = ctx["data_dir"]
     # params and the config hash name the driver's paths; the run reads this node's copies where it lacks them
     run_cfg = localise(cfg, ctx.get("shipped"))
-    logger, splits = None, None
+    started, prepared = time.time(), data_preparations()
+    # the k-shot splits the driver drew for this configuration's data keys (none: the trial draws them)
+    splits = shipped_splits(cfg, ctx.get("shipped"))
+    logger = None
     if ctx.get("tracking_uri"):
         logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
                                run_name=f"trial-{number:03d}")
@@ -90,12 +127,15 @@ def run_trial(params: dict, ctx: dict) -> None:
         if prior is not None:
             logger.resume(prior)
         else:
-            splits = _start_run(logger, cfg, run_cfg, space, params)
+            splits = _start_run(logger, cfg, run_cfg, space, params, splits)
+    session = TuneSession(logger, run_cfg.scaling.use_gpu)
     try:
-        _train(run_cfg, space, logger, trial_id, ctx, splits)
+        _train(run_cfg, space, session, trial_id, ctx, splits)
     except SystemExit:
         # Tune ends a function trainable it has stopped (ASHA, or after the last epoch) with SystemExit(0)
         if logger:
+            session.upload_prompts()
+            _log_timing(logger, session, started, prepared)
             last = logger.last_metrics or {}
             if last.get("final_epoch"):
                 logger.finish("FINISHED")
@@ -104,34 +144,64 @@ def run_trial(params: dict, ctx: dict) -> None:
         raise
     except BaseException as e:
         if logger:
+            try:
+                session.upload_prompts()
+            except Exception:          # noqa: BLE001 - the trial's own error is the one to report
+                session.discard_prompts()
             logger.finish("FAILED", error=f"{type(e).__name__}: {e}",
                           tags={RETRYABLE_TAG: "false"} if deterministic_failure(e) else None)
         raise
     if logger:
+        session.upload_prompts()
+        _log_timing(logger, session, started, prepared)
         logger.finish("FINISHED")
 
 
-def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict) -> dict:
-    """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits, drawn
-    once here: logged as the run's inputs and trained on."""
+TIMING_PREFIX = "trial."
+
+
+def _log_timing(logger: T.TrialLogger, session: TuneSession, started: float, prepared: int) -> None:
+    """What the trial paid besides training, as metrics of its run (`trial.*`): seconds from the trial's start
+    (this function trainable called: actor start-up not included) to its first optimizer step, and from the
+    end of its last step to now (the trial's end but for this call and closing the run); seconds evaluating;
+    the whole trial; how many times it read task files to draw k-shot splits. The loop's clock (`Session.clock`)
+    exists only where the loop ran in this process (not in a Train worker group)."""
+    now, clock = time.time(), session.clock or {}
+    timing = {"wall_s": now - started, "data_preparations": data_preparations() - prepared}
+    if "first_step" in clock:
+        timing["start_to_first_step_s"] = clock["first_step"] - started
+    if "last_step" in clock:
+        timing["last_step_to_end_s"] = now - clock["last_step"]
+    if "eval_s" in clock:
+        timing["eval_s"] = clock["eval_s"]
+    T.log_metrics(T.client(logger.uri), logger.run_id, {TIMING_PREFIX + k: v for k, v in timing.items()})
+
+
+def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict,
+               splits: dict | None) -> dict:
+    """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits (the
+    shipped ones, else drawn once here): logged as the run's inputs and trained on."""
     from crosspt.run.loop import prepare_data
 
     all_params = {**trial_params(cfg, space, params), "search.name": space.name,
                   "search.seed": space.search.seed, "config_hash": config_hash(cfg)}
-    _, splits = prepare_data(run_cfg)
+    if splits is None:
+        _, splits = prepare_data(run_cfg)
     logger.start(all_params, config_to_yaml(cfg), datasets=T.split_datasets(splits, cfg.data.data_dir),
                  tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
                        **T.provenance_tags(cfg.data.data_dir)})
     return splits
 
 
-def _train(cfg: RunConfig, space: SearchSpace, logger, trial_id: str, ctx: dict, splits: dict | None) -> None:
+def _train(cfg: RunConfig, space: SearchSpace, session: TuneSession, trial_id: str, ctx: dict,
+           splits: dict | None) -> None:
     """The trial's training: repeats side by side, one in-process loop, or a Ray Train worker group."""
-    session = TuneSession(logger, cfg.scaling.use_gpu)
+    logger = session.logger
     if space.budget.repeats > 1:
-        from crosspt.search.repeats import run_repeats
+        from crosspt.search.repeats import repeat_configs, run_repeats
 
-        run_repeats(cfg, space, session, splits=splits)
+        rest = [shipped_splits(c, ctx.get("shipped")) for c in repeat_configs(cfg, space.budget.repeats)[1:]]
+        run_repeats(cfg, space, session, splits=[splits, *rest])
     elif cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
         from crosspt.run.loop import run_loop
 
