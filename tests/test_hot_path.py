@@ -91,6 +91,42 @@ def test_hot_path_keeps_the_results_of_a_fixed_seed(name, tiny_t5_path, data_dir
     assert loop.flat_metrics("test", test) == pytest.approx(loop.flat_metrics("test", want["test"]), rel=1e-6)
 
 
+def _finish(steps):
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def test_a_process_reuses_its_frozen_backbone_with_fresh_heads(minilm_path, data_dir, tmp_path, monkeypatch):
+    """The next run of the same backbone in a process (the next trial of a reused Tune actor) gets the last
+    run's frozen model instead of loading it again, with the trained scoring heads reset: the same numbers
+    as the first run. A backbone in use is never handed to a second run: that one loads its own."""
+    from crosspt.backbones import loader
+
+    loads = []
+    real = loader.load_for_config
+    monkeypatch.setattr(loader, "load_for_config", lambda *a, **k: loads.append(1) or real(*a, **k))
+    monkeypatch.setattr(loop, "_backbones", loop._KeptBackbone())
+    cfg = _cfg("minilm", data_dir, **{"tasks": ["rte", "stsb"], "data.shots": 2, "data.max_test": 8,
+                                      "prompt.private_len": 4, "optim.head_lr": 0.5})
+    first = loop.run_loop(cfg, loop.LocalSession(tmp_path / "a"))
+    kept = loop._backbones.backbone
+    assert len(loads) == 1 and not loop._backbones.busy
+    assert any(not torch.equal(p, initial) for p, initial in zip(kept.head_parameters(), loop._backbones.heads))
+    second = loop.epochs(cfg, loop.LocalSession(tmp_path / "b"))
+    next(second)                                          # set up, epoch 0 trained: it holds the kept backbone
+    assert len(loads) == 1 and loop._backbones.busy and loop._backbones.backbone is kept
+    third = loop.run_loop(cfg, loop.LocalSession(tmp_path / "c"))
+    assert len(loads) == 2                                # the kept one was taken: its own load
+    second = _finish(second)
+    for other in (second, third):
+        assert [h["val_score"] for h in other["history"]] == [h["val_score"] for h in first["history"]]
+        assert other["metrics_test"] == first["metrics_test"]
+        assert other["rank_state_digests"] == first["rank_state_digests"]
+
+
 class _CountingTokenizer:
     """The backbone's tokenizer, recording every text it is asked to tokenise."""
 

@@ -196,6 +196,12 @@ class Backbone(nn.Module, ABC):
         """Trainable per-task tensors owned by the backbone (none by default)."""
         return []
 
+    @property
+    def random_heads(self) -> bool:
+        """Whether some head parameter starts from random values (drawn from the global RNG at construction):
+        such a backbone cannot be reset to a fresh one's state by copying its initial heads back."""
+        return False
+
     def _head_zero(self) -> torch.Tensor:
         """0 * sum of every head parameter, a scalar `[]`: keeps all of them in the autograd graph (DDP)."""
         z = torch.zeros((), device=self.device)

@@ -159,6 +159,10 @@ class EncoderBackbone(Backbone):
     def head_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in self._heads]
 
+    @property
+    def random_heads(self) -> bool:
+        return "class_vectors" in self._heads            # `index` label semantics: learned class vectors
+
     # -- tokenisation -----------------------------------------------------------------------
     def _tok(self, a: str, b: str | None = None) -> tuple[list[int], list[int]]:
         enc = self.tokenizer(a, b, truncation=True, max_length=self.max_length)

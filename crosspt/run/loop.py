@@ -117,13 +117,59 @@ def _read_bank(cfg: RunConfig, dim: int) -> tuple[torch.Tensor, dict]:
 
 
 def _build_model(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device) -> CrossPTModel:
-    from crosspt.backbones.loader import load_for_config
-
-    # the frozen weights are read from disk in the dtype the device computes in (run/precision.py)
-    backbone = load_for_config(cfg, tasks, torch_dtype=compute_dtype(device, cfg.backbone.dtype))
+    backbone = _backbones.take(cfg, tasks, device)
     dim = backbone.embed_dim                     # the bank's width is the backbone's
-    return build_model(cfg, tasks, bank=load_source_bank(cfg, dim, tasks), backbone=backbone,
-                       own_sources=load_own_sources(cfg, dim, tasks))
+    try:
+        return build_model(cfg, tasks, bank=load_source_bank(cfg, dim, tasks), backbone=backbone,
+                           own_sources=load_own_sources(cfg, dim, tasks))
+    except BaseException:
+        _backbones.release(backbone)
+        raise
+
+
+class _KeptBackbone:
+    """The frozen backbone of this process's last run, handed to the next run that needs the same one.
+
+    Why: a Tune actor runs one trial after another (`reuse_actors`), and every trial loading the same frozen
+    weights again (read from disk, converted to the compute dtype, moved to the GPU) was most of a trial's
+    start after its data. Only the frozen model and the tokenizer carry over: the trainable heads are reset
+    to their initial values (`Backbone.head_parameters`), and a backbone is handed to one run at a time.
+    Adapters whose heads start random (`Backbone.random_heads`) are always loaded afresh, so a run's
+    numbers never depend on what ran before it in the process."""
+
+    def __init__(self):
+        self.key, self.backbone, self.heads, self.busy = None, None, None, False
+
+    @staticmethod
+    def _key(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device):
+        p = cfg.prompt
+        return (cfg.backbone.model_dump(mode="json"), p.label_semantics, p.prefix, p.placement, tuple(tasks), str(device),
+                str(compute_dtype(device, cfg.backbone.dtype)))
+
+    def take(self, cfg: RunConfig, tasks: list[TaskSpec], device: torch.device):
+        from crosspt.backbones.loader import load_for_config
+
+        key = self._key(cfg, tasks, device)
+        if self.backbone is not None and not self.busy and self.key == key:
+            with torch.no_grad():
+                for p, initial in zip(self.backbone.head_parameters(), self.heads):
+                    p.copy_(initial)
+            self.busy = True
+            return self.backbone
+        # the frozen weights are read from disk in the dtype the device computes in (run/precision.py)
+        backbone = load_for_config(cfg, tasks, torch_dtype=compute_dtype(device, cfg.backbone.dtype))
+        if not backbone.random_heads and not self.busy:
+            self.key, self.backbone, self.busy = key, backbone, True
+            self.heads = [p.detach().clone() for p in backbone.head_parameters()]
+        return backbone
+
+    def release(self, backbone) -> None:
+        """The run that took `backbone` has ended: the next run may have it."""
+        if backbone is self.backbone:
+            self.busy = False
+
+
+_backbones = _KeptBackbone()
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -173,16 +219,19 @@ def epochs(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
     carries `result.json`) gives back that result without training or evaluating anything; any other
     checkpoint continues at the epoch after it (`crosspt.run.checkpoint` says what is replayed)."""
     run = _set_up(cfg, session, model, splits)
-    state, resumed, ended = _start(run)
-    if ended is not None:
-        return ended
-    for epoch in range(state.epoch + 1, cfg.train.epochs):
-        result = _run_epoch(run, state, epoch)
-        if result is not None:
-            return result
-        yield epoch
-    # resumed after the final epoch: nothing left to train, evaluate the best state
-    return _final_result(run, state, None) if resumed else {}
+    try:
+        state, resumed, ended = _start(run)
+        if ended is not None:
+            return ended
+        for epoch in range(state.epoch + 1, cfg.train.epochs):
+            result = _run_epoch(run, state, epoch)
+            if result is not None:
+                return result
+            yield epoch
+        # resumed after the final epoch: nothing left to train, evaluate the best state
+        return _final_result(run, state, None) if resumed else {}
+    finally:                 # ended, failed, or abandoned by its caller (a pruned trial): the backbone is free
+        _backbones.release(run.model.backbone)
 
 
 def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits: dict | None) -> _Run:
@@ -195,13 +244,17 @@ def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits
     device = session.device()
     if model is None:
         model = _build_model(cfg, tasks, device)
-    model.to(device)
-    model.train()
-    trainable, total = trainable_and_total(model)
-    ddp = session.wrap(model)
-    o = cfg.optim
-    opt = torch.optim.AdamW(model.param_groups(o.prompt_lr, o.router_lr, o.head_lr, o.weight_decay, o.source_lr))
-    _plan_temperature(model, cfg, splits, session)
+    try:
+        model.to(device)
+        model.train()
+        trainable, total = trainable_and_total(model)
+        ddp = session.wrap(model)
+        o = cfg.optim
+        opt = torch.optim.AdamW(model.param_groups(o.prompt_lr, o.router_lr, o.head_lr, o.weight_decay, o.source_lr))
+        _plan_temperature(model, cfg, splits, session)
+    except BaseException:
+        _backbones.release(model.backbone)
+        raise
     return _Run(cfg=cfg, session=session, device=device, model=model, ddp=ddp, opt=opt,
                 base_lrs=[g["lr"] for g in opt.param_groups], tasks=tasks, splits=splits, faults=faults,
                 config_hash=config_hash(cfg), params={"trainable_params": trainable, "total_params": total}, t0=t0)
