@@ -295,6 +295,7 @@ def test_jobs_of_one_runner_draw_the_splits_once(data_dir, tiny_t5_path, monkeyp
 
 
 # ---- GPU check, CPU mode ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_gpu_check_tiny_runs_on_cpu_without_ray_mlflow_optuna_datasets(tmp_path):
     """`jobs/gpu_check.py --tiny` runs every part (the step variants, host syncs, profile, one trial process)
     where ray, mlflow, optuna and datasets cannot be imported, as on the GPU machine."""
