@@ -328,3 +328,18 @@ def test_promoted_prompt_predicts_like_the_composed_model_and_step_timing_runs(d
     st = S.measure_step_ratio(s, rounds=1, steps=1, log=lambda m: None)
     assert st["composed_len"]["pt"] == st["composed_len"]["crosspt_cat"] == 5 * s.prompt_len
     assert st["ratio_crosspt_cat_vs_pt"] > 0
+
+
+def test_speed_before_after_table_reads_each_sides_runs():
+    """`--speed-compare`: parts measured in separate runs merge per side, and the table shows both columns."""
+    before = S.merge_speed([{"settings": {}, "step": {"median_step_s": {"pt": 0.2, "crosspt_cat": 0.21},
+                                                      "ratio_crosspt_cat_vs_pt": 1.05}, "wall_s": 10},
+                            {"ray": {"plain_s": 100.0, "in_process": {"ratio_vs_plain": 1.113},
+                                     "worker_group": {"ratio_vs_plain": 1.5}}, "wall_s": 20}])
+    after = S.merge_speed([{"settings": {}, "trial": {"fixed_s": 3.0, "eval_share": 0.25, "data_preparations": 0.0},
+                            "wall_s": 5}])
+    assert before["wall_s"] == 30 and "step" in before and "ray" in before
+    text = S.render_before_after(before, after, before_label="old", after_label="new")
+    assert "| **in-process search / plain loop** | 1.113 | - | <= 1.05 |" in text
+    assert "| smoke trial: evaluation share of its wall | - | 25% |" in text
+    assert "| train step PT (same batches, CPU) | 200.0 ms | - |" in text

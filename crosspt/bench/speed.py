@@ -611,6 +611,67 @@ def _trial_table(tr: dict) -> list[str]:
     return lines
 
 
+def merge_speed(results: Sequence[dict]) -> dict:
+    """One side's results from several speed runs (each with some of the parts): the parts merged, the run
+    settings of the first."""
+    out: dict[str, Any] = {"runs": len(results), "wall_s": sum(r.get("wall_s", 0) for r in results)}
+    for r in results:
+        for k, v in r.items():
+            if k not in ("wall_s",):
+                out.setdefault(k, v)
+    return out
+
+
+def render_before_after(before: dict, after: dict, *, before_label: str, after_label: str, note: str = "") -> str:
+    """The speed table with a before and an after column (each side `merge_speed` of its runs)."""
+    def get(res, *path):
+        for p in path:
+            if not isinstance(res, dict) or p not in res:
+                return None
+            res = res[p]
+        return res
+
+    def fmt(v, spec):
+        return "-" if v is None else spec.format(v)
+
+    def ray_ratio(res, key):
+        return get(res, "ray", key, "ratio_vs_plain")
+
+    rows = [
+        ("train step PT (same batches, CPU)", ("step", "median_step_s", "pt"), "{:.1f} ms", 1e3, ""),
+        ("train step CrossPT cat, equal composed length", ("step", "median_step_s", "crosspt_cat"), "{:.1f} ms", 1e3, ""),
+        ("step ratio CrossPT cat / PT", ("step", "ratio_crosspt_cat_vs_pt"), "{:.3f}", 1, "<= 1.10"),
+        ("plain loop: trials x epochs (rte), mean of the runs before and after the searches",
+         ("ray", "plain_s"), "{:.1f} s", 1, ""),
+        ("**in-process search / plain loop**", None, "{:.3f}", 1, "<= 1.05"),
+        ("worker-group search / plain loop", None, "{:.3f}", 1, "(<= 1.15)"),
+        ("identical val/test scores in-process vs plain loop", ("ray", "identical_in_process_vs_plain"), "{}", 1, "True"),
+        ("identical val/test scores in-process vs worker group", ("ray", "identical_in_process_vs_worker_group"), "{}", 1,
+         "True"),
+        ("smoke trial: fixed cost, start -> first step + last step -> end", ("trial", "fixed_s"), "{:.1f} s", 1, ""),
+        ("smoke trial: start -> first step", ("trial", "start_to_first_step_s"), "{:.1f} s", 1, ""),
+        ("smoke trial: last step -> end", ("trial", "last_step_to_end_s"), "{:.1f} s", 1, ""),
+        ("smoke trial: evaluation share of its wall", ("trial", "eval_share"), "{:.0%}", 1, ""),
+        ("smoke trial: data preparations (task-file reads) per trial", ("trial", "data_preparations"), "{:.1f}", 1,
+         "<= 1"),
+        ("smoke search: wall outside its trials, per trial (driver, Tune, actors)",
+         ("trial", "outside_trials_per_trial_s"), "{:.1f} s", 1, ""),
+        ("smoke search: wall (one trial at a time)", ("trial", "search_wall_s"), "{:.0f} s", 1, ""),
+    ]
+    lines = [f"| measurement | before: {before_label} | after: {after_label} | target |", "|---|---|---|---|"]
+    for label, path, spec, scale, target in rows:
+        cells = []
+        for res in (before, after):
+            if path is None:
+                v = ray_ratio(res, "in_process" if "in-process" in label else "worker_group")
+            else:
+                v = get(res, *path)
+                v = v * scale if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            cells.append(fmt(v, spec))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {target} |")
+    return "\n".join(lines + ([""] + [note] if note else [])) + "\n"
+
+
 def render_speed(res: dict) -> str:
     st, inf, rss, ray, settings = res.get("step"), res.get("inference"), res.get("rss"), res.get("ray"), res["settings"]
     lines = ["# Speed and memory (same process, same batches)", "",
