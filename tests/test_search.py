@@ -178,6 +178,15 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
     children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
     statuses = sorted((r.info.status, r.data.tags.get("pruned")) for r in children)
     assert statuses == [("FINISHED", None), ("KILLED", "true")]
+    # each trial's end is in its run, the stopped one's too: its best prompts (the heatmap only for the trial
+    # that finished: it is drawn before the last report) and its timings
+    c = T.client(uri)
+    for r in children:
+        arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
+               {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+        assert "prompts/prompts.safetensors" in arts, (r.info.status, arts)
+        assert ("plots/router_heatmap.png" in arts) == (r.info.status == "FINISHED"), (r.info.status, arts)
+        assert r.data.metrics["trial.wall_s"] > 0 and r.data.metrics["trial.start_to_first_step_s"] > 0
     # Optuna (random search goes through it too: the study exists) learns the same: the stopped trial is PRUNED at its last
     # rung, never COMPLETE with a partial value
     import optuna

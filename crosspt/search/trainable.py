@@ -20,6 +20,7 @@ from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.config.space import SearchSpace
 from crosspt.errors import CrossPTError
 from crosspt.registry import tracking as T
+from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE
 from crosspt.run.loop import Session, TrainingDiverged, data_preparations
 from crosspt.run.shipping import localise, shipped_splits
 from crosspt.search.params import trial_params
@@ -35,15 +36,23 @@ class TuneSession(Session):
     """A one-worker trial running the loop in the Tune trial itself (no Train worker group).
 
     Each epoch's metrics go to the trial's MLflow run at once (one batched call); its prompts, their router
-    heatmap and the result only when the trial ends (`upload_prompts`): drawing a plot whenever the best
-    epoch moved cost more than the epoch's metrics."""
+    heatmap and the result once, as the trial ends (`end`): drawing a plot whenever the best epoch moved
+    cost more than the epoch's metrics. The end's work happens before the last report, not after it: Tune
+    gives a function trainable's thread no time once its last result is in (an actor handed to the next
+    trial waits 2 s for it, then is replaced by a new one; a stopped actor waits for nothing). A trial
+    stopped early (ASHA) learns it inside a report, so it can only upload its prompts, without the plot."""
 
-    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool):
+    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool, started: float | None = None,
+                 prepared: int | None = None):
         import torch
 
         self.logger = logger
         self._device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self._prompts: Path | None = None          # the latest checkpoint's prompt files, not uploaded yet
+        # when the trial started, and the process's task-file reads then (`data_preparations`)
+        self.started = time.time() if started is None else started
+        self._prepared = data_preparations() if prepared is None else prepared
+        self.ended = False
 
     def device(self):
         return self._device
@@ -61,13 +70,28 @@ class TuneSession(Session):
             self.logger.log_epoch(metrics, None)
             if checkpoint_dir is not None:
                 self._keep_prompts(Path(checkpoint_dir))
+            if metrics.get("final_epoch"):
+                self.end()
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
 
+    def end(self, plots: bool = True) -> None:
+        """The trial's end in its run, once: the best prompts (with the router heatmap and the result when
+        `plots`) and the `trial.*` timings."""
+        if self.ended or not self.logger:
+            return
+        self.ended = True
+        try:
+            if self._prompts is not None and plots:
+                self.logger.log_prompts(self._prompts)
+            elif self._prompts is not None:
+                T.client(self.logger.uri).log_artifact(self.logger.run_id, str(self._prompts / BEST_FILE), "prompts")
+        finally:
+            self.discard_prompts()
+        self._log_timing()
+
     def _keep_prompts(self, checkpoint_dir: Path) -> None:
         """Copy what `TrialLogger.log_prompts` uploads (KBs) out of the checkpoint, which the loop deletes."""
-        from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE
-
         if not (checkpoint_dir / BEST_FILE).is_file():
             return
         keep = Path(tempfile.mkdtemp(prefix="crosspt_prompts_"))
@@ -77,16 +101,30 @@ class TuneSession(Session):
         self.discard_prompts()
         self._prompts = keep
 
-    def upload_prompts(self) -> None:
-        """Upload the latest kept prompts (the best epoch's) with their heatmap, once, as the trial ends."""
-        if self.logger and self._prompts is not None:
-            self.logger.log_prompts(self._prompts)
-        self.discard_prompts()
-
     def discard_prompts(self) -> None:
         if self._prompts is not None:
             shutil.rmtree(self._prompts, ignore_errors=True)
             self._prompts = None
+
+    def _log_timing(self) -> None:
+        """What the trial paid besides training, as metrics of its run (`trial.*`): seconds from the trial's
+        start (the function trainable called: actor start-up not included) to its first optimizer step, and
+        from the end of its last step to its end (this call: its last report and the run's closing follow);
+        seconds evaluating; the whole trial; how many times it read task files to draw k-shot splits. The
+        loop's clock (`Session.clock`) exists only where the loop ran in this process (not in a Train worker
+        group, nor for `budget.repeats`)."""
+        now, clock = time.time(), self.clock or {}
+        timing = {"wall_s": now - self.started, "data_preparations": data_preparations() - self._prepared}
+        if "first_step" in clock:
+            timing["start_to_first_step_s"] = clock["first_step"] - self.started
+        if "last_step" in clock:
+            timing["last_step_to_end_s"] = now - clock["last_step"]
+        if "eval_s" in clock:
+            timing["eval_s"] = clock["eval_s"]
+        T.log_metrics(T.client(self.logger.uri), self.logger.run_id, {TIMING_PREFIX + k: v for k, v in timing.items()})
+
+
+TIMING_PREFIX = "trial."
 
 
 def trial_number_of(trial_dirname: str, trial_id: str) -> int:
@@ -128,14 +166,13 @@ def run_trial(params: dict, ctx: dict) -> None:
             logger.resume(prior)
         else:
             splits = _start_run(logger, cfg, run_cfg, space, params, splits)
-    session = TuneSession(logger, run_cfg.scaling.use_gpu)
+    session = TuneSession(logger, run_cfg.scaling.use_gpu, started, prepared)
     try:
         _train(run_cfg, space, session, trial_id, ctx, splits)
     except SystemExit:
         # Tune ends a function trainable it has stopped (ASHA, or after the last epoch) with SystemExit(0)
         if logger:
-            session.upload_prompts()
-            _log_timing(logger, session, started, prepared)
+            session.end(plots=False)          # stopped early: little time left (`TuneSession`)
             last = logger.last_metrics or {}
             if last.get("final_epoch"):
                 logger.finish("FINISHED")
@@ -145,36 +182,15 @@ def run_trial(params: dict, ctx: dict) -> None:
     except BaseException as e:
         if logger:
             try:
-                session.upload_prompts()
+                session.end(plots=False)
             except Exception:          # noqa: BLE001 - the trial's own error is the one to report
                 session.discard_prompts()
             logger.finish("FAILED", error=f"{type(e).__name__}: {e}",
                           tags={RETRYABLE_TAG: "false"} if deterministic_failure(e) else None)
         raise
     if logger:
-        session.upload_prompts()
-        _log_timing(logger, session, started, prepared)
+        session.end()                         # a run resumed after its end reports nothing: ends here
         logger.finish("FINISHED")
-
-
-TIMING_PREFIX = "trial."
-
-
-def _log_timing(logger: T.TrialLogger, session: TuneSession, started: float, prepared: int) -> None:
-    """What the trial paid besides training, as metrics of its run (`trial.*`): seconds from the trial's start
-    (this function trainable called: actor start-up not included) to its first optimizer step, and from the
-    end of its last step to now (the trial's end but for this call and closing the run); seconds evaluating;
-    the whole trial; how many times it read task files to draw k-shot splits. The loop's clock (`Session.clock`)
-    exists only where the loop ran in this process (not in a Train worker group)."""
-    now, clock = time.time(), session.clock or {}
-    timing = {"wall_s": now - started, "data_preparations": data_preparations() - prepared}
-    if "first_step" in clock:
-        timing["start_to_first_step_s"] = clock["first_step"] - started
-    if "last_step" in clock:
-        timing["last_step_to_end_s"] = now - clock["last_step"]
-    if "eval_s" in clock:
-        timing["eval_s"] = clock["eval_s"]
-    T.log_metrics(T.client(logger.uri), logger.run_id, {TIMING_PREFIX + k: v for k, v in timing.items()})
 
 
 def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict,
