@@ -186,7 +186,8 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
                {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
         assert "prompts/prompts.safetensors" in arts, (r.info.status, arts)
         assert ("plots/router_heatmap.png" in arts) == (r.info.status == "FINISHED"), (r.info.status, arts)
-        assert r.data.metrics["trial.wall_s"] > 0 and r.data.metrics["trial.start_to_first_step_s"] > 0
+        m = r.data.metrics
+        assert m["trial.wall_s"] > 0 and m["trial.start_to_first_step_s"] > 0 and 0 < m["trial.cpu_s"]
     # Optuna (random search goes through it too: the study exists) learns the same: the stopped trial is PRUNED at its last
     # rung, never COMPLETE with a partial value
     import optuna

@@ -415,7 +415,8 @@ def measure_ray_overhead(s: BenchSettings, out_dir: Path, *, task: str = "rte", 
 
 
 # ---- what a trial pays besides training ----------------------------------------------------------------
-TRIAL_TIMES = ("start_to_first_step_s", "last_step_to_end_s", "eval_s", "wall_s", "data_preparations")
+TRIAL_TIMES = ("start_to_first_step_s", "last_step_to_end_s", "eval_s", "wall_s", "data_preparations",
+               "start_to_first_step_cpu_s", "last_step_to_end_cpu_s", "eval_cpu_s", "cpu_s")
 
 
 def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Path = "search_spaces/smoke.yaml",
@@ -456,13 +457,21 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
     timed = [x for x in trials if x["wall_s"] is not None and x["start_to_first_step_s"] is not None]
 
     def mean(k):
-        return statistics.fmean(x[k] for x in timed) if timed else float("nan")
+        vals = [x[k] for x in timed if x[k] is not None]
+        return statistics.fmean(vals) if vals else None
 
+    cpu = [x for x in timed if x["cpu_s"] is not None]
     res = {"space": str(space_path), "trials": trials, "search_wall_s": wall, "ray_init_s": init_s,
            "fixed_s": mean("start_to_first_step_s") + mean("last_step_to_end_s"),
            "start_to_first_step_s": mean("start_to_first_step_s"), "last_step_to_end_s": mean("last_step_to_end_s"),
            "eval_share": sum(x["eval_s"] for x in timed) / sum(x["wall_s"] for x in timed) if timed else float("nan"),
            "data_preparations": mean("data_preparations"),
+           # the same in the trial process's CPU seconds: on a shared machine these do not move with the load
+           "fixed_cpu_s": (mean("start_to_first_step_cpu_s") + mean("last_step_to_end_cpu_s")) if cpu else None,
+           "start_to_first_step_cpu_s": mean("start_to_first_step_cpu_s"),
+           "last_step_to_end_cpu_s": mean("last_step_to_end_cpu_s"),
+           "eval_cpu_share": sum(x["eval_cpu_s"] for x in cpu) / sum(x["cpu_s"] for x in cpu) if cpu else None,
+           "load_avg": os.getloadavg(),
            "outside_trials_per_trial_s": (wall - sum(x["wall_s"] for x in timed)) / max(1, len(timed))}
     log(f"smoke trials: fixed cost {res['fixed_s']:.1f}s per trial (start -> first step "
         f"{res['start_to_first_step_s']:.1f}s, last step -> end {res['last_step_to_end_s']:.1f}s), evaluation "
@@ -591,23 +600,33 @@ def _ray_rows(ray: dict) -> list[str]:
 
 
 def _trial_rows(tr: dict) -> list[str]:
-    return [f"| smoke trials ({len(tr['trials'])}, one at a time): fixed cost per trial, start -> first step + "
+    rows = [f"| smoke trials ({len(tr['trials'])}, one at a time): fixed cost per trial, start -> first step + "
             f"last step -> end | {tr['fixed_s']:.1f} s ({tr['start_to_first_step_s']:.1f} + {tr['last_step_to_end_s']:.1f}) | |",
-            f"| smoke trials: evaluation share of a trial's wall | {tr['eval_share'] * 100:.0f}% | |",
-            f"| smoke trials: data preparations (task-file reads) per trial | {tr['data_preparations']:.1f} | <= 1 |",
-            f"| smoke search: wall outside its trials per trial (driver, Tune, actor start-up) | "
-            f"{tr['outside_trials_per_trial_s']:.1f} s (search {tr['search_wall_s']:.0f} s) | |"]
+            f"| smoke trials: evaluation share of a trial's wall | {tr['eval_share'] * 100:.0f}% | |"]
+    if tr.get("fixed_cpu_s") is not None:
+        rows += [f"| smoke trials, the trial process's CPU seconds: fixed cost (start -> first step + last step -> end) | "
+                 f"{tr['fixed_cpu_s']:.1f} s ({tr['start_to_first_step_cpu_s']:.1f} + {tr['last_step_to_end_cpu_s']:.1f}) | |",
+                 f"| smoke trials: evaluation share of a trial's CPU seconds | {tr['eval_cpu_share'] * 100:.0f}% | |"]
+    return rows + [
+        f"| smoke trials: data preparations (task-file reads) per trial | {tr['data_preparations']:.1f} | <= 1 |",
+        f"| smoke search: wall outside its trials per trial (driver, Tune, actor start-up) | "
+        f"{tr['outside_trials_per_trial_s']:.1f} s (search {tr['search_wall_s']:.0f} s) | |"]
 
 
 def _trial_table(tr: dict) -> list[str]:
-    lines = ["", f"Smoke-space trials ({tr['space']}, in-process, max_concurrent_trials 1), from their runs' `trial.*` metrics:",
-             "", "| trial | status | epochs | start -> first step (s) | last step -> end (s) | evaluating (s) | wall (s) "
+    load = f"; load average {', '.join(f'{x:.1f}' for x in tr['load_avg'])} at the end" if tr.get("load_avg") else ""
+    lines = ["", f"Smoke-space trials ({tr['space']}, in-process, max_concurrent_trials 1{load}), from their runs' "
+                 "`trial.*` metrics (wall seconds, CPU seconds of the trial's process in brackets):",
+             "", "| trial | status | epochs | start -> first step (s) | last step -> end (s) | evaluating (s) | trial (s) "
                  "| data preparations |", "|---|---|---|---|---|---|---|---|"]
     for x in tr["trials"]:
         def f(k, fmt="{:.1f}"):
-            return fmt.format(x[k]) if x[k] is not None else "-"
+            wall = fmt.format(x[k]) if x.get(k) is not None else "-"
+            cpu = "cpu_s" if k == "wall_s" else k[:-len("_s")] + "_cpu_s"
+            return wall + (f" ({x[cpu]:.1f})" if x.get(cpu) is not None else "")
         lines.append(f"| {x['trial']} | {x['status']} | {x['epochs']} | {f('start_to_first_step_s')} | "
-                     f"{f('last_step_to_end_s')} | {f('eval_s')} | {f('wall_s')} | {f('data_preparations', '{:.0f}')} |")
+                     f"{f('last_step_to_end_s')} | {f('eval_s')} | {f('wall_s')} | "
+                     f"{x['data_preparations'] if x.get('data_preparations') is not None else '-'} |")
     return lines
 
 
@@ -652,6 +671,10 @@ def render_before_after(before: dict, after: dict, *, before_label: str, after_l
         ("smoke trial: start -> first step", ("trial", "start_to_first_step_s"), "{:.1f} s", 1, ""),
         ("smoke trial: last step -> end", ("trial", "last_step_to_end_s"), "{:.1f} s", 1, ""),
         ("smoke trial: evaluation share of its wall", ("trial", "eval_share"), "{:.0%}", 1, ""),
+        ("smoke trial, in its process's CPU seconds: fixed cost", ("trial", "fixed_cpu_s"), "{:.1f} s", 1, ""),
+        ("smoke trial, CPU seconds: start -> first step", ("trial", "start_to_first_step_cpu_s"), "{:.1f} s", 1, ""),
+        ("smoke trial, CPU seconds: last step -> end", ("trial", "last_step_to_end_cpu_s"), "{:.1f} s", 1, ""),
+        ("smoke trial, CPU seconds: evaluation share", ("trial", "eval_cpu_share"), "{:.0%}", 1, ""),
         ("smoke trial: data preparations (task-file reads) per trial", ("trial", "data_preparations"), "{:.1f}", 1,
          "<= 1"),
         ("smoke search: wall outside its trials, per trial (driver, Tune, actors)",

@@ -237,7 +237,7 @@ def epochs(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
 def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits: dict | None) -> _Run:
     t0 = time.time()
     # when the run's phases happened (`Session.clock`): what a trial pays besides training
-    session.clock = {"loop_start": t0, "eval_s": 0.0}
+    session.clock = {"loop_start": t0, "loop_start_cpu": time.process_time(), "eval_s": 0.0, "eval_cpu_s": 0.0}
     faults = active_faults()
     torch.manual_seed(cfg.seed)
     tasks, splits = prepare_data(cfg, splits=splits)
@@ -296,12 +296,13 @@ def _start(run: _Run) -> tuple[TrainState, bool, dict | None]:
 
 
 def _evaluate(run: _Run, split: str, generate: bool = False) -> dict[str, dict[str, float]]:
-    started = time.time()
+    started, started_cpu = time.time(), time.process_time()
     try:
         return evaluate(run.model, run.split(split), run.session, run.cfg.train.eval_batch_size,
                         run.cfg.backbone.dtype, generate=generate)
     finally:
         run.session.clock["eval_s"] += time.time() - started
+        run.session.clock["eval_cpu_s"] += time.process_time() - started_cpu
 
 
 def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
@@ -351,7 +352,7 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> float:
         if tally.steps % DIVERGENCE_CHECK_STEPS == 0:
             tally.check(epoch)
     mean = tally.finish(epoch)
-    run.session.clock["last_step"] = time.time()
+    run.session.clock.update(last_step=time.time(), last_step_cpu=time.process_time())
     model.prompt.set_step(state.global_step)
     return mean
 
@@ -362,7 +363,7 @@ def _train_step(run: _Run, state: TrainState, batch: dict, tally: _LossTally, po
     host copy of the step), and the loss is added to `tally` on the device."""
     clock = run.session.clock
     if "first_step" not in clock:
-        clock["first_step"] = time.time()
+        clock.update(first_step=time.time(), first_step_cpu=time.process_time())
     batch = to_device(batch, run.device)
     run.model.prompt.set_step(state.global_step)
     _warm_up(run, state.global_step)

@@ -42,15 +42,15 @@ class TuneSession(Session):
     trial waits 2 s for it, then is replaced by a new one; a stopped actor waits for nothing). A trial
     stopped early (ASHA) learns it inside a report, so it can only upload its prompts, without the plot."""
 
-    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool, started: float | None = None,
+    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool, started: tuple[float, float] | None = None,
                  prepared: int | None = None):
         import torch
 
         self.logger = logger
         self._device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self._prompts: Path | None = None          # the latest checkpoint's prompt files, not uploaded yet
-        # when the trial started, and the process's task-file reads then (`data_preparations`)
-        self.started = time.time() if started is None else started
+        # when the trial started (wall, this process's CPU seconds), and the process's task-file reads then
+        self.started, self.started_cpu = started or (time.time(), time.process_time())
         self._prepared = data_preparations() if prepared is None else prepared
         self.ended = False
 
@@ -110,17 +110,21 @@ class TuneSession(Session):
         """What the trial paid besides training, as metrics of its run (`trial.*`): seconds from the trial's
         start (the function trainable called: actor start-up not included) to its first optimizer step, and
         from the end of its last step to its end (this call: its last report and the run's closing follow);
-        seconds evaluating; the whole trial; how many times it read task files to draw k-shot splits. The
-        loop's clock (`Session.clock`) exists only where the loop ran in this process (not in a Train worker
-        group, nor for `budget.repeats`)."""
-        now, clock = time.time(), self.clock or {}
-        timing = {"wall_s": now - self.started, "data_preparations": data_preparations() - self._prepared}
+        seconds evaluating; the whole trial; each also in this process's CPU seconds (`*_cpu_s`, `cpu_s`: what
+        the trial itself spent, whatever else ran on the machine); how many times it read task files to draw
+        k-shot splits. The loop's clock (`Session.clock`) exists only where the loop ran in this process (not
+        in a Train worker group, nor for `budget.repeats`)."""
+        now, now_cpu, clock = time.time(), time.process_time(), self.clock or {}
+        timing = {"wall_s": now - self.started, "cpu_s": now_cpu - self.started_cpu,
+                  "data_preparations": data_preparations() - self._prepared}
         if "first_step" in clock:
             timing["start_to_first_step_s"] = clock["first_step"] - self.started
+            timing["start_to_first_step_cpu_s"] = clock["first_step_cpu"] - self.started_cpu
         if "last_step" in clock:
             timing["last_step_to_end_s"] = now - clock["last_step"]
+            timing["last_step_to_end_cpu_s"] = now_cpu - clock["last_step_cpu"]
         if "eval_s" in clock:
-            timing["eval_s"] = clock["eval_s"]
+            timing["eval_s"], timing["eval_cpu_s"] = clock["eval_s"], clock["eval_cpu_s"]
         T.log_metrics(T.client(self.logger.uri), self.logger.run_id, {TIMING_PREFIX + k: v for k, v in timing.items()})
 
 
@@ -148,7 +152,7 @@ def run_trial(params: dict, ctx: dict) -> None:
         cfg.data.data_dir = ctx["data_dir"]
     # params and the config hash name the driver's paths; the run reads this node's copies where it lacks them
     run_cfg = localise(cfg, ctx.get("shipped"))
-    started, prepared = time.time(), data_preparations()
+    started, prepared = (time.time(), time.process_time()), data_preparations()
     # the k-shot splits the driver drew for this configuration's data keys (none: the trial draws them)
     splits = shipped_splits(cfg, ctx.get("shipped"))
     logger = None
