@@ -155,6 +155,12 @@ def parse_args(argv=None):
     p.add_argument("--speed-parts", nargs="+", default=list(SPEED_PARTS), choices=SPEED_PARTS,
                    help="which speed measurements to run")
     p.add_argument("--speed-name", default="speed", help="output file stem of the speed mode")
+    p.add_argument("--speed-compare", action="store_true",
+                   help="render a before/after speed table from finished speed runs' JSON (--before, --after)")
+    p.add_argument("--before", nargs="+", metavar="JSON", help="with --speed-compare: the before side's speed JSONs")
+    p.add_argument("--after", nargs="+", metavar="JSON", help="with --speed-compare: the after side's speed JSONs")
+    p.add_argument("--before-label", default="before")
+    p.add_argument("--after-label", default="after")
     return p.parse_args(argv)
 
 
@@ -304,6 +310,28 @@ def main_decoder(args) -> int:
     return 0
 
 
+def main_speed_compare(args) -> int:
+    """Before/after of the speed mode: each side's runs (parts measured in separate runs) merged, one table
+    with both columns, then each side's own tables."""
+    from crosspt.bench.speed import merge_speed, render_before_after, render_speed
+
+    sides = {k: merge_speed([json.loads(Path(f).read_text()) for f in files])
+             for k, files in (("before", args.before), ("after", args.after))}
+    text = "\n".join(["# Speed: before / after", "", render_before_after(
+        sides["before"], sides["after"], before_label=args.before_label, after_label=args.after_label),
+        "## Before: " + args.before_label, "", render_speed(sides["before"]).split("\n", 2)[2],
+        "## After: " + args.after_label, "", render_speed(sides["after"]).split("\n", 2)[2]])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / f"{args.speed_name}.md", out / f"{args.speed_name}.json"
+    md.write_text(text)
+    js.write_text(json.dumps({"before_label": args.before_label, "after_label": args.after_label, **sides},
+                             indent=1, default=str))
+    print(text)
+    print(f"wrote {md}, {js}")
+    return 0
+
+
 def main_speed(args) -> int:
     from crosspt.bench.speed import render_speed, run_speed
 
@@ -326,5 +354,5 @@ if __name__ == "__main__":
     from crosspt.cli.main import run_cli
 
     a = parse_args()
-    sys.exit(run_cli(main_speed if a.speed else main_decoder if a.decoder else main_standard if a.standard
-                     else main_benchmark, a))
+    sys.exit(run_cli(main_speed_compare if a.speed_compare else main_speed if a.speed else
+                     main_decoder if a.decoder else main_standard if a.standard else main_benchmark, a))

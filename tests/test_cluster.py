@@ -359,3 +359,25 @@ def test_shipped_inputs_land_in_a_node_cache_only_where_missing(tmp_path, data_d
     gone = here.model_copy(update={"data": here.data.model_copy(update={"data_dir": str(empty)})})
     assert shipping.missing_here(gone, unusable) == (True, False)
     assert shipping.missing_here(gone, None) == (False, False)               # nothing shipped: read as given
+
+
+def test_k_shot_splits_are_drawn_once_per_data_key_and_shipped_by_key(data_dir, monkeypatch):
+    """The driver draws a search's k-shot splits once per data key (tasks, seed, shots, ...), not per trial:
+    configurations that differ in anything else share one draw; a trial whose key was not drawn draws its
+    own (nothing is fetched for it)."""
+    from crosspt.run import loop, shipping
+
+    seeds = []
+    real = loop.prepare_data
+    monkeypatch.setattr(loop, "prepare_data", lambda cfg, splits=None: seeds.append(cfg.seed) or real(cfg, splits))
+    base = load_config(None, {"tasks": ["rte"], "data.data_dir": str(data_dir), "data.shots": 4})
+    other_lr = load_config(None, {"tasks": ["rte"], "data.data_dir": str(data_dir), "data.shots": 4,
+                                  "optim.prompt_lr": 0.2, "prompt.private_len": 3})
+    repeat = load_config(None, {"tasks": ["rte"], "data.data_dir": str(data_dir), "data.shots": 4, "seed": 1000})
+    drawn = shipping.draw_splits([(base, None), (other_lr, None), (repeat, None)])
+    assert seeds == [0, 1000] and len(drawn) == 2
+    assert shipping.split_key(other_lr) == shipping.split_key(base) != shipping.split_key(repeat)
+    assert drawn[shipping.split_key(base)]["rte"]["train"] == real(base)[1]["rte"]["train"]
+    shipped = shipping.manifest({"data": {}, "banks": {}}, ref=None, splits=drawn, splits_ref="not an object ref")
+    more_shots = load_config(None, {"tasks": ["rte"], "data.data_dir": str(data_dir), "data.shots": 8})
+    assert shipping.shipped_splits(more_shots, shipped) is None and shipping.shipped_splits(base, None) is None

@@ -145,3 +145,22 @@ def test_a_source_bank_fixes_the_source_length(tmp_path):
                                  "space": {"prompt.source_len": {"type": "choice", "values": [4, 8]}}}))
     with pytest.raises(ConfigError, match="source_len.*one length"):
         load_space(f)
+
+
+def test_search_trials_cap_the_test_split_and_leave_generation_off():
+    """A space's trials score at most `budget.max_test` test examples per task and skip the generated metrics,
+    unless the base says otherwise; a plain run keeps the whole dev split and generation."""
+    from crosspt.config.space import SearchSpace
+
+    base = {"tasks": ["rte"], "backbone": {"name": "minilm"}}
+    tree = {"name": "s", "base": base, "space": {"optim.prompt_lr": {"type": "loguniform", "low": 1e-3, "high": 0.1}}}
+    cfg = SearchSpace.model_validate(tree).config_for({"optim.prompt_lr": 0.01})
+    assert cfg.data.max_test == 1000 and cfg.train.generated_metrics is False
+    assert SearchSpace.model_validate({**tree, "budget": {"max_test": 50}}).base_config().data.max_test == 50
+    own = SearchSpace.model_validate({**tree, "base": {**base, "data": {"max_test": None},
+                                                       "train": {"generated_metrics": True}}})
+    assert own.base_config().data.max_test is None and own.base_config().train.generated_metrics is True
+    plain = load_config(None, {})
+    assert plain.data.max_test is None and plain.train.generated_metrics is True
+    # whether the generated metrics are computed changes no learned value: the same configuration
+    assert config_hash(load_config(None, {"train.generated_metrics": False})) == config_hash(plain)

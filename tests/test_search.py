@@ -57,6 +57,10 @@ def check_children(uri: str, summary: dict, n: int) -> list:
             assert r.data.params["prompt.composition"] == r.data.params["prompt.top_k"] == "inactive"
         assert r.info.run_name == f"trial{int(r.data.tags['crosspt.trial_number']):03d}"
         assert "val_score" in r.data.metrics and "best_val_score" in r.data.metrics
+        # what the trial paid besides training; its k-shot splits came drawn from the driver, no file read
+        m = r.data.metrics
+        assert m["trial.start_to_first_step_s"] > 0 and m["trial.last_step_to_end_s"] >= 0
+        assert 0 < m["trial.eval_s"] < m["trial.wall_s"] and m["trial.data_preparations"] == 0
         arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
                {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
         assert "prompts/prompts.safetensors" in arts and ("plots/router_heatmap.png" in arts) == routed
@@ -172,6 +176,17 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
     statuses = sorted((r.info.status, r.data.tags.get("pruned", "")) for r in children)
     # the stopped trial ended as the search meant it to: FINISHED, tagged pruned (KILLED draws a red cross)
     assert statuses == [("FINISHED", ""), ("FINISHED", "true")]
+    # each trial's end is in its run, the stopped one's too: its best prompts (the heatmap only for the trial
+    # that finished: it is drawn before the last report) and its timings
+    c = T.client(uri)
+    for r in children:
+        pruned = r.data.tags.get("pruned") == "true"
+        arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
+               {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+        assert "prompts/prompts.safetensors" in arts, (pruned, arts)
+        assert ("plots/router_heatmap.png" in arts) == (not pruned), (pruned, arts)
+        m = r.data.metrics
+        assert m["trial.wall_s"] > 0 and m["trial.start_to_first_step_s"] > 0 and 0 < m["trial.cpu_s"]
     # Optuna (random search goes through it too: the study exists) learns the same: the stopped trial is PRUNED at its last
     # rung, never COMPLETE with a partial value
     import optuna

@@ -76,11 +76,12 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "ri
     for i, s in enumerate(seqs):
         if not len(s):
             continue
+        row = s if torch.is_tensor(s) else torch.as_tensor(list(s), dtype=torch.long)
         if side == "right":
-            ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            ids[i, :len(s)] = row
             mask[i, :len(s)] = 1
         else:
-            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            ids[i, width - len(s):] = row
             mask[i, width - len(s):] = 1
     return ids, mask
 
@@ -93,8 +94,12 @@ def positions_from_mask(mask: torch.Tensor) -> torch.LongTensor:
 
 def compact_prompt(prompt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move masked-out tokens of `prompt` `[B, L, d]` (mask `[B, L]`) to the front, keeping the kept tokens'
-    order (differentiable): -> (prompt `[B, L, d]`, mask `[B, L]`)."""
-    if prompt.shape[1] == 0 or bool(mask.bool().all()):
+    order (differentiable): -> (prompt `[B, L, d]`, mask `[B, L]`).
+
+    Always sorts, even a mask of all ones (a stable sort leaves it as it is, to the bit): asking the mask
+    first whether it has a zero would be a host sync per call. Callers that know their mask is full pass
+    none (`Backbone._check_prompt`)."""
+    if prompt.shape[1] == 0:
         return prompt, mask
     order = torch.sort(mask.long(), dim=1, stable=True).indices          # zeros first
     prompt = prompt.gather(1, order.unsqueeze(-1).expand(-1, -1, prompt.shape[-1]))
@@ -143,6 +148,7 @@ class Backbone(nn.Module, ABC):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.model.eval()
+        self._token_cache: dict = {}          # `_per_example`
 
     # -- shapes -----------------------------------------------------------------------------
     @property
@@ -208,6 +214,12 @@ class Backbone(nn.Module, ABC):
     def head_parameters(self) -> list[nn.Parameter]:
         """Trainable per-task tensors owned by the backbone (none by default)."""
         return []
+
+    @property
+    def random_heads(self) -> bool:
+        """Whether some head parameter starts from random values (drawn from the global RNG at construction):
+        such a backbone cannot be reset to a fresh one's state by copying its initial heads back."""
+        return False
 
     def _head_zero(self) -> torch.Tensor:
         """0 * sum of every head parameter, a scalar `[]`: keeps all of them in the autograd graph (DDP)."""
@@ -297,12 +309,13 @@ class Backbone(nn.Module, ABC):
     def _check_prompt(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None,
                       batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the prompt `[B, L, d]` and mask `[B, L]`, cast to the model's dtype/device and compact
-        (`compact_prompt`); a missing mask means all ones."""
+        (`compact_prompt`); a missing mask means all ones (nothing to compact: the composition decided once
+        that it never masks a token, `crosspt.run.model.CrossPTModel`)."""
         if prompt.dim() != 3 or prompt.shape[0] != batch_size or prompt.shape[2] != self.embed_dim:
             raise ValueError(f"prompt must be [B={batch_size}, L, d={self.embed_dim}], got {tuple(prompt.shape)}")
         prompt = prompt.to(device=self.device, dtype=self.dtype)
         if prompt_mask is None:
-            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device)
+            return prompt, torch.ones(prompt.shape[:2], dtype=torch.long, device=self.device)
         if tuple(prompt_mask.shape) != tuple(prompt.shape[:2]):
             raise ValueError(f"prompt_mask must be {tuple(prompt.shape[:2])}, got {tuple(prompt_mask.shape)}")
         return compact_prompt(prompt, prompt_mask.to(device=self.device).long())
@@ -326,6 +339,29 @@ class Backbone(nn.Module, ABC):
                              f"({', '.join(task.text_fields)}), got {len(texts)}")
         return fit_texts(texts, render, self._token_ends, self.max_length if max_tokens is None else max_tokens,
                          what=f"task '{task.name}'")
+
+    def _per_example(self, examples: Sequence, encode) -> list:
+        """`encode(examples)`'s value for each example (its token ids), computed once per example for the
+        life of this backbone: a run tokenises each split once, not every batch of every epoch. Keyed by
+        uid and texts (a uid names the same texts within a data folder; the texts guard against another)."""
+        cache = self._token_cache
+        keys = [(ex.uid, tuple(ex.texts)) for ex in examples]
+        todo = list({k: ex for k, ex in zip(keys, examples) if k not in cache}.items())
+        if todo:
+            for (k, _), value in zip(todo, encode([ex for _, ex in todo])):
+                cache[k] = value
+        return [cache[k] for k in keys]
+
+    def input_length(self, examples: Sequence) -> list[int]:
+        """Per example, how long its input is (what its batch is padded to): characters here; families
+        that cache token ids count tokens."""
+        return [sum(len(t) for t in ex.texts) for ex in examples]
+
+    def by_length(self, examples: Sequence) -> list:
+        """`examples` shortest input first (`input_length`; ties in their given order): evaluation batches
+        of like lengths carry little padding."""
+        lengths = self.input_length(examples)
+        return [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
 
     @abstractmethod
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:

@@ -88,16 +88,23 @@ class DecoderBackbone(RankBackbone):
             self._label_cache[text] = list(ids) + ([self.eos_id] if self.eos_id is not None else [])
         return self._label_cache[text]
 
-    def _input_ids(self, task, texts: Sequence[str]) -> list[int]:
-        """bos (if the model uses one) + the tokens of `format_text`, its texts cut to fit `max_length`."""
-        def render(ts: tuple[str, ...]) -> list[int]:
-            return self._bos + list(self.tokenizer(self.format_text(task, ts), add_special_tokens=False)["input_ids"])
-        return self.fit_input(task, texts, render)
+    def _input_ids(self, examples: Sequence) -> list[list[int]]:
+        """Per example, bos (if the model uses one) + the tokens of `format_text`, its texts cut to fit
+        `max_length`; computed once per example (`Backbone._per_example`)."""
+        def ids(ex) -> list[int]:
+            task = self.tasks[self.task_id(ex.task)]
+
+            def render(ts: tuple[str, ...]) -> list[int]:
+                return self._bos + list(self.tokenizer(self.format_text(task, ts), add_special_tokens=False)["input_ids"])
+            return self.fit_input(task, ex.texts, render)
+        return self._per_example(examples, lambda todo: [ids(ex) for ex in todo])
+
+    def input_length(self, examples: Sequence) -> list[int]:
+        return [len(ids) for ids in self._input_ids(examples)]
 
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
-        ins = [self._input_ids(self.tasks[t], ex.texts) for ex, t in zip(examples, tids)]
-        input_ids, mask = pad_sequences(ins, self.pad_id, side="left")
+        input_ids, mask = pad_sequences(self._input_ids(examples), self.pad_id, side="left")
         labels, ok = self._labels_tensor(examples, tids, train=train)
         batch = {"input_ids": input_ids, "attention_mask": mask,
                  "task_ids": torch.tensor(tids, dtype=torch.long), "labels": labels}

@@ -111,6 +111,7 @@ class EncoderBackbone(Backbone):
             else:
                 kinds.append(KIND_LABEL)
         self.register_buffer("task_kind", torch.tensor(kinds, dtype=torch.long), persistent=False)
+        self._kinds = list(kinds)          # the same on the host: collate reads it without touching the device
         self.register_buffer("task_num_classes", torch.tensor([t.num_classes for t in self.tasks]),
                              persistent=False)
         cfg = self.model.config
@@ -158,6 +159,10 @@ class EncoderBackbone(Backbone):
     def head_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in self._heads]
 
+    @property
+    def random_heads(self) -> bool:
+        return "class_vectors" in self._heads            # `index` label semantics: learned class vectors
+
     # -- tokenisation -----------------------------------------------------------------------
     def _tok(self, a: str, b: str | None = None) -> tuple[list[int], list[int]]:
         enc = self.tokenizer(a, b, truncation=True, max_length=self.max_length)
@@ -171,29 +176,63 @@ class EncoderBackbone(Backbone):
         types, _ = pad_sequences([r[1] for r in rows], 0)
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
+    def _rows(self, examples: Sequence) -> list[tuple]:
+        """Each example's tokenised sides, `((ids, types),)` (label kind: one sequence) or
+        `((ids, types), (ids, types))` (bi-encoded pair), ids and types `[T]` (cached: `_per_example`)."""
+        def encode(todo):
+            out = []
+            for ex in todo:
+                t, texts = self.task_id(ex.task), tuple(ex.texts)
+                if len(texts) != len(self.tasks[t].text_fields):
+                    raise ValueError(f"task '{self.tasks[t].name}' expects {len(self.tasks[t].text_fields)} "
+                                     f"texts, got {len(texts)}")
+                sides = [self._tok(*texts)] if self._kinds[t] == KIND_LABEL else \
+                    [self._tok(texts[0]), self._tok(texts[1])]
+                out.append(tuple((torch.tensor(ids, dtype=torch.long), torch.tensor(types, dtype=torch.long))
+                                 for ids, types in sides))
+            return out
+        return self._per_example(examples, encode)
+
+    def input_length(self, examples: Sequence) -> list[int]:
+        return [max(len(ids) for ids, _ in sides) for sides in self._rows(examples)]
+
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
-        a_rows, b_rows, b_idx = [], [], []
-        for i, (ex, t) in enumerate(zip(examples, tids)):
-            texts = tuple(ex.texts)
-            if len(texts) != len(self.tasks[t].text_fields):
-                raise ValueError(f"task '{self.tasks[t].name}' expects {len(self.tasks[t].text_fields)} texts, "
-                                 f"got {len(texts)}")
-            if int(self.task_kind[t]) == KIND_LABEL:
-                a_rows.append(self._tok(*texts))
-            else:
-                a_rows.append(self._tok(texts[0]))
-                b_rows.append(self._tok(texts[1]))
-                b_idx.append(i)
+        rows = self._rows(examples)
+        b_idx = [i for i, sides in enumerate(rows) if len(sides) > 1]
         labels, _ = self._labels_tensor(examples, tids, train=train)
-        batch = self._pad(a_rows)
-        b = self._pad(b_rows) if b_rows else {k: torch.zeros(0, 0, dtype=torch.long)
-                                               for k in ("input_ids", "attention_mask", "token_type_ids")}
+        batch = self._pad([sides[0] for sides in rows])
+        b = self._pad([rows[i][1] for i in b_idx]) if b_idx else \
+            {k: torch.zeros(0, 0, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
         batch.update({f"b_{k}": v for k, v in b.items()})
         batch["b_rows"] = torch.tensor(b_idx, dtype=torch.long)
         batch["task_ids"] = torch.tensor(tids, dtype=torch.long)
         batch["labels"] = labels
+        # which rows take which scoring path, decided here on the host: found on the device they would be
+        # nonzero()/boolean masks, each a host sync in every step (`_row_groups`)
+        kinds = [self._kinds[t] for t in tids]
+
+        def rows_of(keep, over=range(len(kinds))):
+            return torch.tensor([j for j, i in enumerate(over) if keep(kinds[i])], dtype=torch.long)
+
+        batch.update({"label_rows": rows_of(lambda k: k == KIND_LABEL), "cls_rows": rows_of(lambda k: k != KIND_REG),
+                      "reg_rows": rows_of(lambda k: k == KIND_REG),
+                      "b_pair": rows_of(lambda k: k == KIND_PAIR, b_idx), "b_reg": rows_of(lambda k: k == KIND_REG, b_idx)})
         return batch
+
+    _GROUPS = ("label_rows", "cls_rows", "reg_rows", "b_pair", "b_reg")
+
+    def _row_groups(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Row indices `[n]` of each scoring path: `label_rows`, `cls_rows` (not regression) and `reg_rows` of
+        the batch, `b_pair` and `b_reg` among its bi-encoded rows (`b_rows`). From `collate`; found on the
+        device (host syncs) only for a batch built some other way."""
+        if all(k in batch for k in self._GROUPS):
+            return {k: batch[k] for k in self._GROUPS}
+        kind = self.task_kind[batch["task_ids"]]
+        k_b = kind[batch["b_rows"]]
+        return {"label_rows": (kind == KIND_LABEL).nonzero().squeeze(-1),
+                "cls_rows": (kind != KIND_REG).nonzero().squeeze(-1), "reg_rows": (kind == KIND_REG).nonzero().squeeze(-1),
+                "b_pair": (k_b == KIND_PAIR).nonzero().squeeze(-1), "b_reg": (k_b == KIND_REG).nonzero().squeeze(-1)}
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, input_ids: torch.Tensor,
@@ -281,9 +320,9 @@ class EncoderBackbone(Backbone):
         K = self.max_classes
         logits = torch.zeros(B, K, device=u.device)
         reg = torch.zeros(B, device=u.device)
-        kind = self.task_kind[tids]
+        groups = self._row_groups(batch)
 
-        label_rows = (kind == KIND_LABEL).nonzero().squeeze(-1)
+        label_rows = groups["label_rows"]
         if label_rows.numel():
             t = tids[label_rows]
             if self.label_semantics == LabelSemantics.INDEX:
@@ -296,17 +335,17 @@ class EncoderBackbone(Backbone):
         if nb:
             c = (u[brows] * v).sum(-1)
             t = tids[brows]
-            k_b = kind[brows]
-            pair_sel = (k_b == KIND_PAIR).nonzero().squeeze(-1)
+            pair_sel = groups["b_pair"]
             if pair_sel.numel():
                 rows, tp, cp = brows[pair_sel], t[pair_sel], c[pair_sel]
                 simple_logit = self.pair_log_scale[tp].exp() * (cp - self.pair_threshold[tp])
-                onehot = F.one_hot(self.similar_class[tp], K).to(cp.dtype)
+                # one-hot by comparison: F.one_hot checks its indices' range on the host (a sync) on CPU
+                onehot = (torch.arange(K, device=cp.device) == self.similar_class[tp].unsqueeze(-1)).to(cp.dtype)
                 simple = onehot * simple_logit.unsqueeze(-1)
                 general = self.pair_class_scale[tp] * cp.unsqueeze(-1) + self.pair_class_bias[tp]
                 out = torch.where(self.pair_simple[tp].unsqueeze(-1), simple, general)
                 logits = logits.index_put((rows,), out)
-            reg_sel = (k_b == KIND_REG).nonzero().squeeze(-1)
+            reg_sel = groups["b_reg"]
             if reg_sel.numel():
                 rows, tr, cr = brows[reg_sel], t[reg_sel], c[reg_sel]
                 lo, hi = self.reg_range[tr, 0], self.reg_range[tr, 1]
@@ -320,14 +359,15 @@ class EncoderBackbone(Backbone):
         """Mean over the batch (a scalar) of cross entropy (classification) or squared error (regression)."""
         batch = self._to_device(batch)
         logits, reg = self._outputs(prompt, prompt_mask, batch)
-        is_reg = self.task_kind[batch["task_ids"]] == KIND_REG
+        groups = self._row_groups(batch)
+        cls_rows, reg_rows = groups["cls_rows"], groups["reg_rows"]
         labels = batch["labels"]
         per = torch.zeros(labels.shape[0], device=logits.device)
-        if (~is_reg).any():
-            y = labels[~is_reg].long()
-            per = per.masked_scatter(~is_reg, F.cross_entropy(logits[~is_reg], y, reduction="none"))
-        if is_reg.any():
-            per = per.masked_scatter(is_reg, (reg[is_reg] - labels[is_reg].float()) ** 2)
+        if cls_rows.numel():
+            ce = F.cross_entropy(logits[cls_rows], labels[cls_rows].long(), reduction="none")
+            per = per.index_put((cls_rows,), ce)
+        if reg_rows.numel():
+            per = per.index_put((reg_rows,), (reg[reg_rows] - labels[reg_rows].float()) ** 2)
         return per.mean() + self._head_zero()
 
     @torch.no_grad()
@@ -335,8 +375,8 @@ class EncoderBackbone(Backbone):
         """Predictions `[B]`: argmax class (long), or float when the batch holds a regression task."""
         batch = self._to_device(batch)
         logits, reg = self._outputs(prompt, prompt_mask, batch)
-        is_reg = self.task_kind[batch["task_ids"]] == KIND_REG
-        if is_reg.any():
+        if self._row_groups(batch)["reg_rows"].numel():
+            is_reg = self.task_kind[batch["task_ids"]] == KIND_REG
             return torch.where(is_reg, reg, logits.argmax(-1).float()).cpu()
         return logits.argmax(-1).cpu()
 

@@ -41,6 +41,7 @@ class Seq2SeqBackbone(RankBackbone):
         self.placement = placement
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._cand_cache: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self._target_cache: dict[str, torch.Tensor] = {}       # target text -> ids `[T]` (`_targets`)
 
     def _prompted(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder input `[B, L + T, d]` and mask `[B, L + T]`: the prompt `[B, L, d]` (mask `[B, L]`)
@@ -53,22 +54,34 @@ class Seq2SeqBackbone(RankBackbone):
                               torch.cat([batch["attention_mask"].long(), prompt_mask.long()], dim=1))
 
     # -- data -------------------------------------------------------------------------------
-    def _input_ids(self, task, texts) -> list[int]:
-        """Token ids (with the tokenizer's eos) of the formatted input, its texts cut to fit `max_length`
-        longest first: the tokenizer's own truncation would cut the end of the string, i.e. the second text."""
-        return self.fit_input(task, texts, lambda ts: list(self.tokenizer(self.format_text(task, ts))["input_ids"]))
-
     def _targets(self, texts: list[str]) -> torch.Tensor:
-        """Target token ids `[N, T_t]` of N texts (with eos), padding -> -100 (ignored by the loss)."""
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-        ids = enc["input_ids"].clone()
-        ids[enc["attention_mask"] == 0] = -100
+        """Target token ids `[N, T_t]` of N texts (with eos), padding -> -100 (ignored by the loss); each
+        distinct text tokenised once (label words repeat in every batch)."""
+        cache = self._target_cache
+        todo = sorted({t for t in texts if t not in cache})
+        if todo:
+            for t, ids in zip(todo, self.tokenizer(todo)["input_ids"]):
+                cache[t] = torch.tensor(ids, dtype=torch.long)
+        ids, _ = pad_sequences([cache[t] for t in texts], -100, side=self.tokenizer.padding_side)
         return ids
+
+    def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:
+        """Each example's token ids `[T_i]` (with the tokenizer's eos) of its formatted input, its texts cut to
+        fit `max_length` longest first (the tokenizer's own truncation would cut the end of the string, i.e.
+        the second text); computed once per example (`Backbone._per_example`)."""
+        def ids(ex) -> torch.Tensor:
+            task = self.tasks[self.task_id(ex.task)]
+            return torch.tensor(self.fit_input(task, ex.texts, lambda ts: list(
+                self.tokenizer(self.format_text(task, ts))["input_ids"])), dtype=torch.long)
+        return self._per_example(examples, lambda todo: [ids(ex) for ex in todo])
+
+    def input_length(self, examples: Sequence) -> list[int]:
+        return [len(ids) for ids in self._input_ids(examples)]
 
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
-        input_ids, mask = pad_sequences([self._input_ids(self.tasks[t], ex.texts) for ex, t in zip(examples, tids)],
-                                        self.pad_id, side="right")
+        # each example's ids fitted on its own (cached), padded on the right like the tokenizer's batch
+        input_ids, mask = pad_sequences(self._input_ids(examples), self.pad_id, side="right")
         labels, ok = self._labels_tensor(examples, tids, train=train)
         batch = {"input_ids": input_ids, "attention_mask": mask,
                  "task_ids": torch.tensor(tids, dtype=torch.long), "labels": labels}

@@ -31,6 +31,7 @@ class SpeedPart(StrEnum):
     INFERENCE = "inference"
     RSS = "rss"
     RAY = "ray"
+    TRIAL = "trial"
 
 
 SPEED_PARTS = tuple(str(p) for p in SpeedPart)
@@ -413,6 +414,72 @@ def measure_ray_overhead(s: BenchSettings, out_dir: Path, *, task: str = "rte", 
     return res
 
 
+# ---- what a trial pays besides training ----------------------------------------------------------------
+TRIAL_TIMES = ("start_to_first_step_s", "last_step_to_end_s", "eval_s", "wall_s", "data_preparations",
+               "start_to_first_step_cpu_s", "last_step_to_end_cpu_s", "eval_cpu_s", "cpu_s")
+
+
+def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Path = "search_spaces/smoke.yaml",
+                        log: Log = print) -> dict:
+    """The smoke space as a real search (in-process trials, MLflow in sqlite), one trial at a time so that
+    trials do not share the CPUs: per trial the `trial.*` timings its run logged (start -> first optimizer
+    step, last step -> end, seconds evaluating, wall, task-file reads), and the search's wall outside its
+    trials (driver, Ray, actor start-up) per trial."""
+    import yaml
+
+    from crosspt.config.space import SearchSpace
+    from crosspt.registry import tracking as T
+    from crosspt.search.driver import run_search
+
+    tree = yaml.safe_load(Path(space_path).read_text())
+    tree.setdefault("resources", {})["max_concurrent_trials"] = 1
+    if s.threads:
+        tree["base"].setdefault("scaling", {})["cpus_per_worker"] = int(s.threads)
+    space = SearchSpace.model_validate(tree)
+    init_s = init_ray_local()
+    root = Path(out_dir) / "trial_costs"
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    t = time.time()
+    summ = run_search(space, data_dir=s.data_dir, tracking_uri=uri, storage_path=str(root / "ray_results"),
+                      overwrite=True, verbose=0)
+    wall = time.time() - t
+    import ray
+
+    ray.shutdown()
+    trials = []
+    for run in T.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]):
+        m = run.data.metrics
+        trials.append({"trial": run.data.params.get("trial_number"), "status": run.info.status,
+                       "epochs": int(m.get("epoch", -1)) + 1,
+                       **{k: m.get(f"trial.{k}") for k in TRIAL_TIMES}})
+    trials.sort(key=lambda x: int(x["trial"] or 0))
+    timed = [x for x in trials if x["wall_s"] is not None and x["start_to_first_step_s"] is not None]
+
+    def mean(k):
+        vals = [x[k] for x in timed if x[k] is not None]
+        return statistics.fmean(vals) if vals else None
+
+    cpu = [x for x in timed if x["cpu_s"] is not None]
+    res = {"space": str(space_path), "trials": trials, "search_wall_s": wall, "ray_init_s": init_s,
+           "fixed_s": mean("start_to_first_step_s") + mean("last_step_to_end_s"),
+           "start_to_first_step_s": mean("start_to_first_step_s"), "last_step_to_end_s": mean("last_step_to_end_s"),
+           "eval_share": sum(x["eval_s"] for x in timed) / sum(x["wall_s"] for x in timed) if timed else float("nan"),
+           "data_preparations": mean("data_preparations"),
+           # the same in the trial process's CPU seconds: on a shared machine these do not move with the load
+           "fixed_cpu_s": (mean("start_to_first_step_cpu_s") + mean("last_step_to_end_cpu_s")) if cpu else None,
+           "start_to_first_step_cpu_s": mean("start_to_first_step_cpu_s"),
+           "last_step_to_end_cpu_s": mean("last_step_to_end_cpu_s"),
+           "eval_cpu_share": sum(x["eval_cpu_s"] for x in cpu) / sum(x["cpu_s"] for x in cpu) if cpu else None,
+           "load_avg": os.getloadavg(),
+           "outside_trials_per_trial_s": (wall - sum(x["wall_s"] for x in timed)) / max(1, len(timed))}
+    log(f"smoke trials: fixed cost {res['fixed_s']:.1f}s per trial (start -> first step "
+        f"{res['start_to_first_step_s']:.1f}s, last step -> end {res['last_step_to_end_s']:.1f}s), evaluation "
+        f"{res['eval_share'] * 100:.0f}% of trial wall, {res['data_preparations']:.1f} data preparations per trial, "
+        f"{res['outside_trials_per_trial_s']:.1f}s per trial outside the trials")
+    return res
+
+
 # ---- the whole speed mode ------------------------------------------------------------------------------
 def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray_epochs: int = 12,
               skip_ray: bool = False, parts: Sequence[str] = SPEED_PARTS, log: Log = print) -> dict:
@@ -430,6 +497,8 @@ def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray
         res["rss"] = measure_rss(s, log=log)
     if SpeedPart.RAY in parts and not skip_ray:
         res["ray"] = measure_ray_overhead(s, out_dir, n_trials=ray_trials, epochs=ray_epochs, log=log)
+    if SpeedPart.TRIAL in parts and not skip_ray:
+        res["trial"] = measure_trial_costs(s, out_dir, log=log)
     res["wall_s"] = time.time() - t0
     return res
 
@@ -530,6 +599,102 @@ def _ray_rows(ray: dict) -> list[str]:
     return lines
 
 
+def _trial_rows(tr: dict) -> list[str]:
+    rows = [f"| smoke trials ({len(tr['trials'])}, one at a time): fixed cost per trial, start -> first step + "
+            f"last step -> end | {tr['fixed_s']:.1f} s ({tr['start_to_first_step_s']:.1f} + {tr['last_step_to_end_s']:.1f}) | |",
+            f"| smoke trials: evaluation share of a trial's wall | {tr['eval_share'] * 100:.0f}% | |"]
+    if tr.get("fixed_cpu_s") is not None:
+        rows += [f"| smoke trials, the trial process's CPU seconds: fixed cost (start -> first step + last step -> end) | "
+                 f"{tr['fixed_cpu_s']:.1f} s ({tr['start_to_first_step_cpu_s']:.1f} + {tr['last_step_to_end_cpu_s']:.1f}) | |",
+                 f"| smoke trials: evaluation share of a trial's CPU seconds | {tr['eval_cpu_share'] * 100:.0f}% | |"]
+    return rows + [
+        f"| smoke trials: data preparations (task-file reads) per trial | {tr['data_preparations']:.1f} | <= 1 |",
+        f"| smoke search: wall outside its trials per trial (driver, Tune, actor start-up) | "
+        f"{tr['outside_trials_per_trial_s']:.1f} s (search {tr['search_wall_s']:.0f} s) | |"]
+
+
+def _trial_table(tr: dict) -> list[str]:
+    load = f"; load average {', '.join(f'{x:.1f}' for x in tr['load_avg'])} at the end" if tr.get("load_avg") else ""
+    lines = ["", f"Smoke-space trials ({tr['space']}, in-process, max_concurrent_trials 1{load}), from their runs' "
+                 "`trial.*` metrics (wall seconds, CPU seconds of the trial's process in brackets):",
+             "", "| trial | status | epochs | start -> first step (s) | last step -> end (s) | evaluating (s) | trial (s) "
+                 "| data preparations |", "|---|---|---|---|---|---|---|---|"]
+    for x in tr["trials"]:
+        def f(k, fmt="{:.1f}"):
+            wall = fmt.format(x[k]) if x.get(k) is not None else "-"
+            cpu = "cpu_s" if k == "wall_s" else k[:-len("_s")] + "_cpu_s"
+            return wall + (f" ({x[cpu]:.1f})" if x.get(cpu) is not None else "")
+        lines.append(f"| {x['trial']} | {x['status']} | {x['epochs']} | {f('start_to_first_step_s')} | "
+                     f"{f('last_step_to_end_s')} | {f('eval_s')} | {f('wall_s')} | "
+                     f"{x['data_preparations'] if x.get('data_preparations') is not None else '-'} |")
+    return lines
+
+
+def merge_speed(results: Sequence[dict]) -> dict:
+    """One side's results from several speed runs (each with some of the parts): the parts merged, the run
+    settings of the first."""
+    out: dict[str, Any] = {"runs": len(results), "wall_s": sum(r.get("wall_s", 0) for r in results)}
+    for r in results:
+        for k, v in r.items():
+            if k not in ("wall_s",):
+                out.setdefault(k, v)
+    return out
+
+
+def render_before_after(before: dict, after: dict, *, before_label: str, after_label: str, note: str = "") -> str:
+    """The speed table with a before and an after column (each side `merge_speed` of its runs)."""
+    def get(res, *path):
+        for p in path:
+            if not isinstance(res, dict) or p not in res:
+                return None
+            res = res[p]
+        return res
+
+    def fmt(v, spec):
+        return "-" if v is None else spec.format(v)
+
+    def ray_ratio(res, key):
+        return get(res, "ray", key, "ratio_vs_plain")
+
+    rows = [
+        ("train step PT (same batches, CPU)", ("step", "median_step_s", "pt"), "{:.1f} ms", 1e3, ""),
+        ("train step CrossPT cat, equal composed length", ("step", "median_step_s", "crosspt_cat"), "{:.1f} ms", 1e3, ""),
+        ("step ratio CrossPT cat / PT", ("step", "ratio_crosspt_cat_vs_pt"), "{:.3f}", 1, "<= 1.10"),
+        ("plain loop: trials x epochs (rte), mean of the runs before and after the searches",
+         ("ray", "plain_s"), "{:.1f} s", 1, ""),
+        ("**in-process search / plain loop**", None, "{:.3f}", 1, "<= 1.05"),
+        ("worker-group search / plain loop", None, "{:.3f}", 1, "(<= 1.15)"),
+        ("identical val/test scores in-process vs plain loop", ("ray", "identical_in_process_vs_plain"), "{}", 1, "True"),
+        ("identical val/test scores in-process vs worker group", ("ray", "identical_in_process_vs_worker_group"), "{}", 1,
+         "True"),
+        ("smoke trial: fixed cost, start -> first step + last step -> end", ("trial", "fixed_s"), "{:.1f} s", 1, ""),
+        ("smoke trial: start -> first step", ("trial", "start_to_first_step_s"), "{:.1f} s", 1, ""),
+        ("smoke trial: last step -> end", ("trial", "last_step_to_end_s"), "{:.1f} s", 1, ""),
+        ("smoke trial: evaluation share of its wall", ("trial", "eval_share"), "{:.0%}", 1, ""),
+        ("smoke trial, in its process's CPU seconds: fixed cost", ("trial", "fixed_cpu_s"), "{:.1f} s", 1, ""),
+        ("smoke trial, CPU seconds: start -> first step", ("trial", "start_to_first_step_cpu_s"), "{:.1f} s", 1, ""),
+        ("smoke trial, CPU seconds: last step -> end", ("trial", "last_step_to_end_cpu_s"), "{:.1f} s", 1, ""),
+        ("smoke trial, CPU seconds: evaluation share", ("trial", "eval_cpu_share"), "{:.0%}", 1, ""),
+        ("smoke trial: data preparations (task-file reads) per trial", ("trial", "data_preparations"), "{:.1f}", 1,
+         "<= 1"),
+        ("smoke search: wall outside its trials, per trial (driver, Tune, actors)",
+         ("trial", "outside_trials_per_trial_s"), "{:.1f} s", 1, ""),
+        ("smoke search: wall (one trial at a time)", ("trial", "search_wall_s"), "{:.0f} s", 1, ""),
+    ]
+    lines = [f"| measurement | before: {before_label} | after: {after_label} | target |", "|---|---|---|---|"]
+    for label, path, spec, scale, target in rows:
+        cells = []
+        for res in (before, after):
+            if path is None:
+                v = ray_ratio(res, "in_process" if "in-process" in label else "worker_group")
+            else:
+                v = get(res, *path)
+                v = v * scale if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            cells.append(fmt(v, spec))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {target} |")
+    return "\n".join(lines + ([""] + [note] if note else [])) + "\n"
+
+
 def render_speed(res: dict) -> str:
     st, inf, rss, ray, settings = res.get("step"), res.get("inference"), res.get("rss"), res.get("ray"), res["settings"]
     lines = ["# Speed and memory (same process, same batches)", "",
@@ -539,7 +704,9 @@ def render_speed(res: dict) -> str:
     lines += _step_rows(st, settings) if st else []
     lines += _inference_rows(inf, st) if inf else []
     lines += _rss_rows(rss, settings) if rss else []
+    lines += _trial_rows(res["trial"]) if res.get("trial") else []
     lines += _ray_rows(ray) if ray else []
+    lines += _trial_table(res["trial"]) if res.get("trial") else []
     lines += _rss_breakdown(rss) if rss else []
     lines += ["", f"wall {res['wall_s']:.0f}s"]
     return "\n".join(lines) + "\n"

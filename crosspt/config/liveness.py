@@ -107,6 +107,9 @@ LIVENESS: dict[str, Rule] = {
                                    ("backbone.name", "backbone.family")),
     "optim.head_lr": Rule(_family_is(Family.ENCODER), "acts only on an encoder backbone (its scoring heads)",
                           ("backbone.name", "backbone.family")),
+    "train.generated_metrics": Rule(_family_is(Family.SEQ2SEQ, Family.DECODER),
+                                    "acts only on a backbone that generates (seq2seq, decoder)",
+                                    ("backbone.name", "backbone.family")),
 }
 
 

@@ -35,7 +35,8 @@ class BackboneConfig(Strict):
     family: Family = Family.AUTO
     pair_encoding: PairEncoding = PairEncoding.AUTO     # encoder family only
     max_length: int = Field(128, ge=8, le=4096)
-    # auto: bf16 autocast on GPU, fp32 on CPU (applied in run/ and registry/, above config: defined here)
+    # auto: bf16 weights and autocast on a GPU that supports bf16, else fp32 (fp32 on CPU); applied in
+    # run/precision.py and registry/, above config: defined here
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
@@ -147,6 +148,9 @@ class TrainConfig(Strict):
     patience: int | None = Field(5, ge=1)      # early stopping on the validation metric (epochs)
     checkpoint_every: int = Field(1, ge=1)     # epochs
     eval_initial: bool = True                  # validate the untrained prompt too (best epoch may be -1)
+    # seq2seq/decoder: also score the best state's test split by greedy generation (`gen_*` metrics), a
+    # second, costlier pass; search trials leave it off unless the space's base turns it on
+    generated_metrics: bool = True
 
 
 class ScalingConfig(Strict):
@@ -294,7 +298,8 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 # Keys that do not change what is learned: excluded from the hash that identifies a configuration.
 # Where and on how much of a GPU a run is placed is not part of it either (and keeps older hashes).
-_HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "scaling.gpus_per_worker")
+_HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "scaling.gpus_per_worker",
+                  "train.generated_metrics")
 # Keys added after the first release, with the value that means what a config without them meant then: a
 # key at that value is left out of the hash, so a run, checkpoint or bundle from before keeps its hash once
 # `upgrade_stored_tree` has read it. Any other value (today's defaults included) is hashed.

@@ -102,6 +102,11 @@ class Budget(Strict):
     time_budget_s: float | None = Field(None, gt=0)
     # k-shot samples per trial (seeds seed, seed+1000, ...): the objective is their mean, in-process trials only
     repeats: int = Field(1, ge=1)
+    # test examples a trial scores per task when the base sets no `data.max_test` (the same seeded subset in
+    # every trial; a base `data.max_test: null` scores the whole dev split). The search ranks trials on
+    # validation, so its test scores are informational: scoring all of QQP's 40k dev rows in every trial
+    # costs more than its few-shot training. `crosspt evaluate` and the benchmarks score what they are given.
+    max_test: int | None = Field(1000, ge=1)
 
 
 class Scheduler(Strict):
@@ -240,6 +245,11 @@ class SearchSpace(Strict):
                 raise ConfigError(f"space '{self.name}': base.train must be a section (a mapping of training "
                                   f"settings), not {type(tree['train']).__name__}")
             tree.setdefault("train", {})["epochs"] = self.budget.max_epochs
+        if isinstance(tree.get("data", {}), dict) and self.budget.max_test is not None:
+            tree.setdefault("data", {}).setdefault("max_test", self.budget.max_test)
+        if isinstance(tree.get("train", {}), dict):
+            # the generated metrics are a second, token-by-token test pass: opt-in for trials
+            tree.setdefault("train", {}).setdefault("generated_metrics", False)
         return tree
 
     def base_config(self) -> RunConfig:

@@ -248,6 +248,9 @@ class CrossPTPrompt(nn.Module):
             self.private.prompts.requires_grad_(False)
         self.router = build_router(spec)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # the host's copy of `step` (`set_step`): the temperature is computed from it as a Python float,
+        # never by reading the buffer, which on a GPU would stall the host once per training step
+        self._host_step: int | None = None
         # planned training steps (`plan_steps`): what `exp`/`linear` temperatures measure progress
         # against; a plain attribute, not a buffer, so checkpoints keep their keys (the loop re-plans)
         self.total_steps: int | None = None
@@ -256,13 +259,18 @@ class CrossPTPrompt(nn.Module):
     @property
     def temperature(self) -> float:
         s = self.spec
-        step = int(self.step)
+        step = self._host_step if self._host_step is not None else int(self.step)
         progress = step / self.total_steps if self.total_steps else None
         return C.scheduled_temperature(s.temp_schedule, start=s.temp_start, floor=s.temp_floor,
                                        rate=s.temp_rate, step=step, progress=progress)
 
     def set_step(self, step: int) -> None:
         self.step.fill_(step)
+        self._host_step = int(step)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_step = None            # a loaded `step` buffer is the truth until the next `set_step`
 
     def plan_steps(self, total_steps: int) -> None:
         """The number of optimizer steps the run plans (epochs x steps per epoch): progress =

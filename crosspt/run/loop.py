@@ -29,7 +29,7 @@ from crosspt.run.checkpoint import BEST_FILE, read_checkpoint, read_result, writ
 from crosspt.run.evaluation import evaluate, flat_metrics, score_of, to_device
 from crosspt.run.faults import active_faults, inject_at_epoch_start, parse_faults, poisons_first_loss
 from crosspt.run.model import CrossPTModel, build_model
-from crosspt.run.precision import autocast
+from crosspt.run.precision import autocast, compute_dtype
 from crosspt.run.session import LocalSession, RaySession, Session
 from crosspt.run.state import TrainState
 from crosspt.tasks.data import make_splits, multitask_batches, resolve_data_dir
@@ -37,7 +37,7 @@ from crosspt.tasks.specs import TaskSpec, register_task_file, resolve_tasks
 
 # the run layer's face: other layers, the benchmark and the tests import these from here
 __all__ = ["BEST_FILE", "LocalSession", "RaySession", "Session", "TrainState", "TrainingDiverged", "evaluate",
-           "epochs", "flat_metrics", "load_source_bank", "parse_faults", "prepare_data", "ray_worker_loop", "run_loop",
+           "data_preparations", "epochs", "flat_metrics", "load_source_bank", "parse_faults", "prepare_data", "ray_worker_loop", "run_loop",
            "score_of", "state_digest"]
 
 
@@ -49,6 +49,15 @@ class TrainingDiverged(FloatingPointError):
 
 
 # ---- data and model -----------------------------------------------------------------------------
+_prepared = 0         # k-shot draws from task files in this process (`data_preparations`)
+
+
+def data_preparations() -> int:
+    """How many times this process has read task files to draw k-shot splits (`prepare_data` without
+    `splits`): a trial reads them once, or not at all when it is handed its splits."""
+    return _prepared
+
+
 def prepare_data(cfg: RunConfig, splits: dict | None = None):
     """Task specs and k-shot splits `{task: {"train"|"val"|"test": [Example]}}`: deterministic from
     cfg.seed, identical on every worker.
@@ -62,6 +71,8 @@ def prepare_data(cfg: RunConfig, splits: dict | None = None):
         if set(splits) != {t.name for t in tasks}:
             raise ConfigError(f"precomputed splits cover tasks {sorted(splits)}, the config trains {cfg.tasks}")
         return tasks, splits
+    global _prepared
+    _prepared += 1
     data_dir = resolve_data_dir(cfg.data.data_dir)
     splits = {t.name: make_splits(t, data_dir, shots=cfg.data.shots, per=cfg.data.shots_per,
                                   val_shots=cfg.data.val_shots, seed=cfg.seed, max_test=cfg.data.max_test,
@@ -106,13 +117,60 @@ def _read_bank(cfg: RunConfig, dim: int) -> tuple[torch.Tensor, dict]:
     return load_bank(cfg.prompt.source_bank, backbone=cfg.backbone.name, dim=dim, source_len=cfg.prompt.source_len)
 
 
-def _build_model(cfg: RunConfig, tasks: list[TaskSpec]) -> CrossPTModel:
-    from crosspt.backbones.loader import load_for_config
-
-    backbone = load_for_config(cfg, tasks)
+def _build_model(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device) -> CrossPTModel:
+    backbone = _backbones.take(cfg, tasks, device)
     dim = backbone.embed_dim                     # the bank's width is the backbone's
-    return build_model(cfg, tasks, bank=load_source_bank(cfg, dim, tasks), backbone=backbone,
-                       own_sources=load_own_sources(cfg, dim, tasks))
+    try:
+        return build_model(cfg, tasks, bank=load_source_bank(cfg, dim, tasks), backbone=backbone,
+                           own_sources=load_own_sources(cfg, dim, tasks))
+    except BaseException:
+        _backbones.release(backbone)
+        raise
+
+
+class _KeptBackbone:
+    """The frozen backbone of this process's last run, handed to the next run that needs the same one.
+
+    Why: a Tune actor runs one trial after another (`reuse_actors`), and every trial loading the same frozen
+    weights again (read from disk, converted to the compute dtype, moved to the GPU) was most of a trial's
+    start after its data. Only the frozen model and the tokenizer carry over: the trainable heads are reset
+    to their initial values (`Backbone.head_parameters`), and a backbone is handed to one run at a time.
+    Adapters whose heads start random (`Backbone.random_heads`) are always loaded afresh, so a run's
+    numbers never depend on what ran before it in the process."""
+
+    def __init__(self):
+        self.key, self.backbone, self.heads, self.busy = None, None, None, False
+
+    @staticmethod
+    def _key(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device):
+        p = cfg.prompt
+        return (cfg.backbone.model_dump(mode="json"), p.label_semantics, p.prefix, p.placement, tuple(tasks), str(device),
+                str(compute_dtype(device, cfg.backbone.dtype)))
+
+    def take(self, cfg: RunConfig, tasks: list[TaskSpec], device: torch.device):
+        from crosspt.backbones.loader import load_for_config
+
+        key = self._key(cfg, tasks, device)
+        if self.backbone is not None and not self.busy and self.key == key:
+            with torch.no_grad():
+                for p, initial in zip(self.backbone.head_parameters(), self.heads):
+                    p.copy_(initial)
+            self.busy = True
+            return self.backbone
+        # the frozen weights are read from disk in the dtype the device computes in (run/precision.py)
+        backbone = load_for_config(cfg, tasks, torch_dtype=compute_dtype(device, cfg.backbone.dtype))
+        if not backbone.random_heads and not self.busy:
+            self.key, self.backbone, self.busy = key, backbone, True
+            self.heads = [p.detach().clone() for p in backbone.head_parameters()]
+        return backbone
+
+    def release(self, backbone) -> None:
+        """The run that took `backbone` has ended: the next run may have it."""
+        if backbone is self.backbone:
+            self.busy = False
+
+
+_backbones = _KeptBackbone()
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -162,33 +220,42 @@ def epochs(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
     carries `result.json`) gives back that result without training or evaluating anything; any other
     checkpoint continues at the epoch after it (`crosspt.run.checkpoint` says what is replayed)."""
     run = _set_up(cfg, session, model, splits)
-    state, resumed, ended = _start(run)
-    if ended is not None:
-        return ended
-    for epoch in range(state.epoch + 1, cfg.train.epochs):
-        result = _run_epoch(run, state, epoch)
-        if result is not None:
-            return result
-        yield epoch
-    # resumed after the final epoch: nothing left to train, evaluate the best state
-    return _final_result(run, state, None) if resumed else {}
+    try:
+        state, resumed, ended = _start(run)
+        if ended is not None:
+            return ended
+        for epoch in range(state.epoch + 1, cfg.train.epochs):
+            result = _run_epoch(run, state, epoch)
+            if result is not None:
+                return result
+            yield epoch
+        # resumed after the final epoch: nothing left to train, evaluate the best state
+        return _final_result(run, state, None) if resumed else {}
+    finally:                 # ended, failed, or abandoned by its caller (a pruned trial): the backbone is free
+        _backbones.release(run.model.backbone)
 
 
 def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits: dict | None) -> _Run:
     t0 = time.time()
+    # when the run's phases happened (`Session.clock`): what a trial pays besides training
+    session.clock = {"loop_start": t0, "loop_start_cpu": time.process_time(), "eval_s": 0.0, "eval_cpu_s": 0.0}
     faults = active_faults()
     torch.manual_seed(cfg.seed)
     tasks, splits = prepare_data(cfg, splits=splits)
     device = session.device()
     if model is None:
-        model = _build_model(cfg, tasks)
-    model.to(device)
-    model.train()
-    trainable, total = trainable_and_total(model)
-    ddp = session.wrap(model)
-    o = cfg.optim
-    opt = torch.optim.AdamW(model.param_groups(o.prompt_lr, o.router_lr, o.head_lr, o.weight_decay, o.source_lr))
-    _plan_temperature(model, cfg, splits, session)
+        model = _build_model(cfg, tasks, device)
+    try:
+        model.to(device)
+        model.train()
+        trainable, total = trainable_and_total(model)
+        ddp = session.wrap(model)
+        o = cfg.optim
+        opt = torch.optim.AdamW(model.param_groups(o.prompt_lr, o.router_lr, o.head_lr, o.weight_decay, o.source_lr))
+        _plan_temperature(model, cfg, splits, session)
+    except BaseException:
+        _backbones.release(model.backbone)
+        raise
     return _Run(cfg=cfg, session=session, device=device, model=model, ddp=ddp, opt=opt,
                 base_lrs=[g["lr"] for g in opt.param_groups], tasks=tasks, splits=splits, faults=faults,
                 config_hash=config_hash(cfg), params={"trainable_params": trainable, "total_params": total}, t0=t0)
@@ -229,8 +296,14 @@ def _start(run: _Run) -> tuple[TrainState, bool, dict | None]:
     return state, False, None
 
 
-def _evaluate(run: _Run, split: str) -> dict[str, dict[str, float]]:
-    return evaluate(run.model, run.split(split), run.session, run.cfg.train.eval_batch_size, run.cfg.backbone.dtype)
+def _evaluate(run: _Run, split: str, with_generation: bool = False) -> dict[str, dict[str, float]]:
+    started, started_cpu = time.time(), time.process_time()
+    try:
+        return evaluate(run.model, run.split(split), run.session, run.cfg.train.eval_batch_size,
+                        run.cfg.backbone.dtype, with_generation=with_generation)
+    finally:
+        run.session.clock["eval_s"] += time.time() - started
+        run.session.clock["eval_cpu_s"] += time.process_time() - started_cpu
 
 
 def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
@@ -261,29 +334,84 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
 
 
 def _train_epoch(run: _Run, state: TrainState, epoch: int) -> float:
-    """One pass over this rank's shard of the training batches; returns its mean loss."""
+    """One pass over this rank's shard of the training batches; returns its mean loss.
+
+    The steps never wait for the device: the loss and its finiteness stay there (`_LossTally`) and are read
+    every `DIVERGENCE_CHECK_STEPS` steps and at the end of the epoch, so a diverged run stops at most that
+    many steps late, with the first non-finite loss and its step in the message."""
     cfg, model, session = run.cfg, run.model, run.session
     where = {"run_name": cfg.name, "rank": session.rank, "epoch": epoch}
     inject_at_epoch_start(run.faults, **where)
     poison = poisons_first_loss(run.faults, **where)
     per_worker_bs = max(1, cfg.train.batch_size // session.world_size)
-    losses = []
+    tally = _LossTally(run.device)
     for batch_examples in multitask_batches(run.split("train"), per_worker_bs, seed=cfg.seed, epoch=epoch,
                                             shard=(session.rank, session.world_size)):
-        batch = to_device(model.backbone.collate(batch_examples, train=True), run.device)
-        model.prompt.set_step(state.global_step)
-        _warm_up(run, state.global_step)
-        with autocast(run.device, cfg.backbone.dtype):
-            loss = run.ddp(batch)
-        if poison:
-            loss, poison = loss * float("nan"), False
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {float(loss.detach())} at epoch {epoch}, step {state.global_step}")
-        _optimizer_step(run, loss)
-        losses.append(float(loss.detach()))
-        state.global_step += 1
+        # collate works on the host (token ids cached per example by the backbone): no device involved
+        _train_step(run, state, model.backbone.collate(batch_examples, train=True), tally, poison=poison)
+        poison = False
+        if tally.steps % DIVERGENCE_CHECK_STEPS == 0:
+            tally.check(epoch)
+    mean = tally.finish(epoch)
+    run.session.clock.update(last_step=time.time(), last_step_cpu=time.process_time())
     model.prompt.set_step(state.global_step)
-    return sum(losses) / max(1, len(losses))
+    return mean
+
+
+def _train_step(run: _Run, state: TrainState, batch: dict, tally: _LossTally, poison: bool = False) -> None:
+    """One optimizer step on a collated batch (tensors `[B, ...]` on the host) without a host sync: the
+    batch goes up through pinned memory without blocking, the temperature is a Python float (the prompt's
+    host copy of the step), and the loss is added to `tally` on the device."""
+    clock = run.session.clock
+    if "first_step" not in clock:
+        clock.update(first_step=time.time(), first_step_cpu=time.process_time())
+    batch = to_device(batch, run.device)
+    run.model.prompt.set_step(state.global_step)
+    _warm_up(run, state.global_step)
+    with autocast(run.device, run.cfg.backbone.dtype):
+        loss = run.ddp(batch)
+    if poison:                                    # the `nan` drill (crosspt.run.faults)
+        loss = loss * float("nan")
+    tally.add(loss, state.global_step)
+    _optimizer_step(run, loss)
+    state.global_step += 1
+
+
+DIVERGENCE_CHECK_STEPS = 16      # steps between the host's reads of the divergence flag
+
+
+class _LossTally:
+    """An epoch's training loss kept on the device: the sum (float64, so that the mean is the one summing
+    the Python floats gave, to the bit), and the first non-finite loss with its step (-1: none yet).
+    `check` and `finish` are its only host reads."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        value = loss.detach().float()
+        self.sum += value.double()
+        first = ~torch.isfinite(value) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, value, self.bad_loss)
+        self.steps += 1
+
+    def check(self, epoch: int) -> None:
+        """TrainingDiverged naming the first non-finite loss of the epoch so far, if there was one."""
+        self._raise_if_bad(epoch, int(self.bad_step))
+
+    def finish(self, epoch: int) -> float:
+        """The epoch's mean loss, after the last `check` (one host read for both)."""
+        bad_step, total = torch.stack([self.bad_step.double(), self.sum]).tolist()
+        self._raise_if_bad(epoch, int(bad_step))
+        return total / max(1, self.steps)
+
+    def _raise_if_bad(self, epoch: int, bad_step: int) -> None:
+        if bad_step >= 0:
+            raise TrainingDiverged(f"loss became {float(self.bad_loss)} at epoch {epoch}, step {bad_step}")
 
 
 def _warm_up(run: _Run, step: int) -> None:
@@ -315,9 +443,9 @@ def _final_result(run: _Run, state: TrainState, val: dict | None) -> dict:
     if state.best_state is not None:
         model.load_trainable_state(state.best_state)
     digests = run.session.gather(state_digest(model))    # DDP must leave every rank identical
-    # generating backbones: the generation-based metrics beside the ranked ones (test split, best state)
-    test = evaluate(model, run.split("test"), run.session, run.cfg.train.eval_batch_size, run.cfg.backbone.dtype,
-                    with_generation=model.generates)
+    # generating backbones: the generation-based metrics beside the ranked ones (test split, best state), from
+    # one pass where the backbone shares it (the decoder); opt-in for search trials (train.generated_metrics)
+    test = _evaluate(run, "test", with_generation=model.generates and run.cfg.train.generated_metrics)
     at_best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
     val_best = {t.name: {k[len(f"val_{t.name}_"):]: v for k, v in at_best.items() if k.startswith(f"val_{t.name}_")}
                 for t in tasks} if at_best else (val or {})

@@ -4,7 +4,7 @@ Why: PyTorch's CPU tensors come from malloc. glibc serves a request above its mm
 mapping that goes back to the OS on free, but the threshold is dynamic: each freed mapping raises it to that
 size (up to 32 MiB), after which an activation buffer of a few MiB comes from the heap instead, and a heap
 only shrinks from its top. A trial's evaluation batches (`eval_batch_size` x (input + prompt) tokens, no
-grad) free tens of MiB of such buffers per layer; measured on MiniLM (benchmarks/speed.md) this kept about
+grad) free tens of MiB of such buffers per layer; measured on MiniLM (benchmarks/speed_memory.md) this kept about
 110 MiB of freed memory resident after a training epoch and lifted the test evaluation's peak by about
 60 MiB over what its live tensors need.
 

@@ -21,6 +21,9 @@ class CrossPTModel(nn.Module):
         super().__init__()
         self.prompt = prompt
         self.backbone = backbone
+        # decided once: a composition that can never mask a prompt token hands the backbone no mask, and
+        # the backbone has nothing to compact (asking each batch's mask would be a host sync per step)
+        self.full_mask = composes_full_mask(prompt)
 
     @property
     def tasks(self) -> list[TaskSpec]:
@@ -36,12 +39,13 @@ class CrossPTModel(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         prompt, mask, _ = self.compose(batch)
-        return self.backbone.loss(prompt, mask, batch)
+        return self.backbone.loss(prompt, None if self.full_mask else mask, batch)
 
     @torch.no_grad()
     def predict(self, batch: dict, generate: bool = False) -> torch.Tensor:
         """Predictions `[B]`: ranked over the label words, or (`generate`, families that generate) decoded."""
         prompt, mask, _ = self.compose(batch)
+        mask = None if self.full_mask else mask
         if generate:
             return self.backbone.predict(prompt, mask, batch, generate=True)
         return self.backbone.predict(prompt, mask, batch)
@@ -85,6 +89,14 @@ class CrossPTModel(nn.Module):
         if missing:
             raise KeyError(f"checkpoint lacks {sorted(missing)[:5]}")
         self.load_state_dict(state, strict=False)
+
+
+def composes_full_mask(prompt: nn.Module) -> bool:
+    """Whether every composed prompt of `prompt` keeps all its tokens: one candidate (a task's private
+    prompt, weight exactly 1, nothing to pad or drop). Several candidates can drop one (top-k, a weight that
+    underflows to 0) or pad a shorter one, and prompt modules without a `spec` are not known: False."""
+    spec = getattr(prompt, "spec", None)
+    return spec is not None and spec.n_sources == 0 and spec.private_len > 0
 
 
 def prompt_spec(cfg: RunConfig, n_tasks: int, dim: int, init: str | None = None) -> PromptSpec:

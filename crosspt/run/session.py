@@ -18,6 +18,12 @@ from crosspt.run.model import CrossPTModel
 class Session:
     rank = 0
     world_size = 1
+    # filled by the loop for each run (`crosspt.run.loop`): "loop_start", "first_step", "last_step" (time.time()
+    # of the loop's start, its first optimizer step and the end of its last one) and "eval_s" (seconds spent
+    # evaluating), so a host can tell what a run paid besides training; each also as this process's CPU
+    # seconds (`time.process_time()`, "<name>_cpu", "eval_cpu_s"): on a shared machine those do not move
+    # with other processes' load
+    clock: dict | None = None
 
     def device(self) -> torch.device:
         return torch.device("cpu")

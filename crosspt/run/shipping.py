@@ -1,5 +1,10 @@
-"""The files a search's trials read (task data, source-prompt banks) travel with the search instead of
-assuming a shared disk.
+"""What a search's trials read (their k-shot splits, task files, source-prompt banks) travels with the search
+instead of assuming a shared disk.
+
+A trial's k-shot splits are a pure function of a few config keys (`split_key`) and the task files, so the
+driver draws them once per key (`draw_splits`) and ships the examples, not the files: a trial then reads
+no task file at all (each read of SST-2's train file is a parse of 67k rows; QQP's and MNLI's files are
+40-80 MB). The task files themselves travel only for a search whose space varies those keys.
 
 Why: on a cluster the driver reads `--data-dir` and downloads `models:/` banks to its own disk, and a worker
 node has neither path. The driver packs the files once (`pack_search_inputs`, a few MB of TSV/JSONL for
@@ -13,12 +18,46 @@ temporary folder renamed into place, so concurrent trials on one node neither cl
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-DATA, BANKS = "data", "banks"
+DATA, BANKS, SPLITS = "data", "banks", "splits"
+SPLITS_REF = "splits_ref"
+
+
+def split_key(cfg) -> str:
+    """What a config's k-shot splits depend on besides the task files (`crosspt.run.loop.prepare_data`)."""
+    d = cfg.data
+    return json.dumps({"tasks": list(cfg.tasks), "seed": cfg.seed, "shots": d.shots, "per": str(d.shots_per),
+                       "val_shots": d.val_shots, "max_test": d.max_test, "task_files": list(d.task_files)},
+                      sort_keys=True)
+
+
+def draw_splits(cfgs) -> dict[str, dict]:
+    """`{split_key: splits}` for configs (`(cfg, splits or None)` pairs: splits drawn already are kept), each
+    key drawn once."""
+    from crosspt.run.loop import prepare_data
+
+    out: dict[str, dict] = {}
+    for cfg, splits in cfgs:
+        key = split_key(cfg)
+        if key not in out:
+            out[key] = splits if splits is not None else prepare_data(cfg)[1]
+    return out
+
+
+def shipped_splits(cfg, shipped: dict | None) -> dict | None:
+    """The k-shot splits the driver drew for `cfg` (`draw_splits`), fetched from the object store; None when
+    it shipped none for its key (the run draws its own)."""
+    key = split_key(cfg)
+    if not shipped or key not in shipped.get(SPLITS, ()):
+        return None
+    import ray
+
+    return ray.get(shipped[SPLITS_REF])[key]
 
 
 def cache_root() -> Path:
@@ -55,10 +94,12 @@ def materialise(files: dict[str, bytes]) -> Path:
     return dest
 
 
-def manifest(packed: dict, ref) -> dict:
-    """What travels in every trial's context: the object ref and the names of what it holds (plain lists,
-    so a node checks what it lacks without fetching any bytes)."""
-    return {"ref": ref, DATA: sorted(packed[DATA]), BANKS: sorted(packed[BANKS])}
+def manifest(packed: dict, ref, splits: dict | None = None, splits_ref=None) -> dict:
+    """What travels in every trial's context: the object refs and the names of what they hold (plain lists,
+    so a node checks what it lacks without fetching any bytes): the files (`packed`, in `ref`) and the
+    drawn k-shot splits by key (`splits`, in `splits_ref`)."""
+    return {"ref": ref, DATA: sorted(packed[DATA]), BANKS: sorted(packed[BANKS]), SPLITS: sorted(splits or {}),
+            SPLITS_REF: splits_ref}
 
 
 def missing_here(cfg, shipped: dict | None) -> tuple[bool, bool]:

@@ -95,7 +95,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
         from crosspt.config.liveness import family_of
 
         run = SearchRun(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths,
-                        family=family_of(base), shipped=ship_inputs(trial_space, base, data_dir))
+                        family=family_of(base), shipped=ship_inputs(trial_space, base, data_dir, splits))
         try:
             summary = _tune(run, restore, verbose)
         except BaseException as e:
@@ -170,22 +170,33 @@ def _pretrained_bank(space: SearchSpace, uri: str, data_dir: str | None,
     return space.with_source_bank(bank["model_uri"]), bank
 
 
-def ship_inputs(space: SearchSpace, base: RunConfig, data_dir: str | None):
-    """The task files and local source banks every trial reads, in Ray's object store once (a node that
-    lacks the driver's paths writes them to its own cache, see run/shipping.py)."""
+# keys that change a trial's k-shot splits (`crosspt.run.shipping.split_key`): a space that searches one has
+# trials whose splits the driver cannot draw in advance, so it ships the task files for them to draw their own
+_SPLIT_FACTORS = ("tasks", "seed", "data.")
+
+
+def ship_inputs(space: SearchSpace, base: RunConfig, data_dir: str | None, splits: dict | None = None):
+    """What every trial reads, in Ray's object store once: the k-shot splits of the base config (`splits`,
+    drawn by the preflight) and of each repeat's seed, drawn here once for all trials; the task files only
+    when the space searches a key the splits depend on; local source banks (a node that lacks the driver's
+    paths writes the files to its own cache, see run/shipping.py)."""
     import ray
 
     from crosspt.config.schema import RANDOM_BANK
-    from crosspt.run.shipping import manifest, pack_search_inputs
+    from crosspt.run.shipping import draw_splits, manifest, pack_search_inputs
+    from crosspt.search.repeats import repeat_configs
     from crosspt.tasks.data import task_files
     from crosspt.tasks.specs import resolve_tasks
 
-    files = [f for t in resolve_tasks(base.tasks) for f in task_files(t, data_dir)]
+    cfgs = repeat_configs(base, space.budget.repeats)
+    drawn = draw_splits([(c, splits if i == 0 else None) for i, c in enumerate(cfgs)])
+    searched = any(k == f or (f.endswith(".") and k.startswith(f)) for k in space.space for f in _SPLIT_FACTORS)
+    files = [f for t in resolve_tasks(base.tasks) for f in task_files(t, data_dir)] if searched else []
     bank_factor = space.space.get("prompt.source_bank")
     banks = [b for b in [base.prompt.source_bank, *((bank_factor.values or []) if bank_factor else [])]
              if isinstance(b, str) and not b.startswith("models:/") and b != RANDOM_BANK]
     packed = pack_search_inputs(files, data_dir, banks)
-    return manifest(packed, ray.put(packed))
+    return manifest(packed, ray.put(packed), drawn, ray.put(drawn))
 
 
 def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
@@ -218,7 +229,10 @@ def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
                                         scheduler=make_scheduler(space, run.base.train.epochs),
                                         num_samples=space.budget.num_samples,
                                         max_concurrent_trials=derive_concurrency(space, run.base),
-                                        time_budget_s=space.budget.time_budget_s),
+                                        time_budget_s=space.budget.time_budget_s,
+                                        # a trial that ends hands its process to the next one (same resources):
+                                        # no new actor, no second import of torch and transformers per trial
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=paths.study_name, storage_path=paths.storage,
                                       callbacks=[status_callback(run.uri, run.experiment_id, run.parent_run_id)],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),

@@ -48,14 +48,17 @@ def mean_row(rows: list[dict], epoch: int, final: bool, per_repeat: tuple[str, .
     return row
 
 
-def run_repeats(cfg: RunConfig, space: SearchSpace, session: Session, splits: dict | None = None) -> None:
+def run_repeats(cfg: RunConfig, space: SearchSpace, session: Session, splits: dict | list | None = None) -> None:
     """Train the R repeats of `cfg` epoch by epoch, reporting the mean to `session` after each epoch.
-    `splits`: repeat 0's k-shot splits, when drawn already (the other repeats draw their own)."""
+    `splits`: repeat 0's k-shot splits when drawn already, or a list of each repeat's (None: that repeat
+    draws its own)."""
+    splits = splits if isinstance(splits, list) else [splits]
     metrics = (space.objective.metric, "val_score", "best_val_score", "test_score")
     cfgs = repeat_configs(cfg, space.budget.repeats)
     with tempfile.TemporaryDirectory(prefix="crosspt_repeats_") as tmp:
         sessions = [LocalSession(Path(tmp) / f"r{i}", use_gpu=cfg.scaling.use_gpu, keep=1) for i in range(len(cfgs))]
-        loops = [epochs(c, s, splits=splits if i == 0 else None) for i, (c, s) in enumerate(zip(cfgs, sessions))]
+        loops = [epochs(c, s, splits=splits[i] if i < len(splits) else None)
+                 for i, (c, s) in enumerate(zip(cfgs, sessions))]
         running = set(range(len(loops)))
         epoch = 0
         while running:

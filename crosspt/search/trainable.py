@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,9 @@ from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.config.space import SearchSpace
 from crosspt.errors import CrossPTError
 from crosspt.registry import tracking as T
-from crosspt.run.loop import Session, TrainingDiverged
-from crosspt.run.shipping import localise
+from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE
+from crosspt.run.loop import Session, TrainingDiverged, data_preparations
+from crosspt.run.shipping import localise, shipped_splits
 from crosspt.search.params import logged_params
 
 RETRYABLE_TAG = "crosspt.retryable"
@@ -30,13 +34,26 @@ class TrialNotRetried(RuntimeError):
 
 
 class TuneSession(Session):
-    """A one-worker trial running the loop in the Tune trial itself (no Train worker group)."""
+    """A one-worker trial running the loop in the Tune trial itself (no Train worker group).
 
-    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool):
+    Each epoch's metrics go to the trial's MLflow run at once (one batched call); its prompts, their router
+    heatmap and the result once, as the trial ends (`end`): drawing a plot whenever the best epoch moved
+    cost more than the epoch's metrics. The end's work happens before the last report, not after it: Tune
+    gives a function trainable's thread no time once its last result is in (an actor handed to the next
+    trial waits 2 s for it, then is replaced by a new one; a stopped actor waits for nothing). A trial
+    stopped early (ASHA) learns it inside a report, so it can only upload its prompts, without the plot."""
+
+    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool, started: tuple[float, float] | None = None,
+                 prepared: int | None = None):
         import torch
 
         self.logger = logger
         self._device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self._prompts: Path | None = None          # the latest checkpoint's prompt files, not uploaded yet
+        # when the trial started (wall, this process's CPU seconds), and the process's task-file reads then
+        self.started, self.started_cpu = started or (time.time(), time.process_time())
+        self._prepared = data_preparations() if prepared is None else prepared
+        self.ended = False
 
     def device(self):
         return self._device
@@ -51,10 +68,69 @@ class TuneSession(Session):
         from ray import tune
 
         if self.logger:
-            self.logger.log_epoch(metrics, checkpoint_dir)
+            self.logger.log_epoch(metrics, None)
+            if checkpoint_dir is not None:
+                self._keep_prompts(Path(checkpoint_dir))
+            if metrics.get("final_epoch"):
+                self.end()
             metrics = {**metrics, MLFLOW_RUN_KEY: self.logger.run_id}    # the searcher tells Optuna
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
+
+    def end(self, plots: bool = True) -> None:
+        """The trial's end in its run, once: the best prompts (with the router heatmap and the result when
+        `plots`) and the `trial.*` timings."""
+        if self.ended or not self.logger:
+            return
+        self.ended = True
+        try:
+            if self._prompts is not None and plots:
+                self.logger.log_prompts(self._prompts)
+            elif self._prompts is not None:
+                T.client(self.logger.uri).log_artifact(self.logger.run_id, str(self._prompts / BEST_FILE), "prompts")
+        finally:
+            self.discard_prompts()
+        self._log_timing()
+
+    def _keep_prompts(self, checkpoint_dir: Path) -> None:
+        """Copy what `TrialLogger.log_prompts` uploads (KBs) out of the checkpoint, which the loop deletes."""
+        if not (checkpoint_dir / BEST_FILE).is_file():
+            return
+        keep = Path(tempfile.mkdtemp(prefix="crosspt_prompts_"))
+        for name in (BEST_FILE, RESULT_FILE):
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, keep / name)
+        self.discard_prompts()
+        self._prompts = keep
+
+    def discard_prompts(self) -> None:
+        if self._prompts is not None:
+            shutil.rmtree(self._prompts, ignore_errors=True)
+            self._prompts = None
+
+    def _log_timing(self) -> None:
+        """What the trial paid besides training, as metrics of its run (`trial.*`): seconds from the trial's
+        start (the function trainable called: actor start-up not included) to its first optimizer step, and
+        from the end of its last step to its end (this call: its last report and the run's closing follow);
+        seconds evaluating; the whole trial; each also in this process's CPU seconds (`*_cpu_s`, `cpu_s`: what
+        the trial itself spent, whatever else ran on the machine); how many times it read task files to draw
+        k-shot splits. The loop's clock (`Session.clock`) exists only where the loop ran in this process (not
+        in a Train worker group, nor for `budget.repeats`)."""
+        now, now_cpu, clock = time.time(), time.process_time(), self.clock or {}
+        timing = {"wall_s": now - self.started, "cpu_s": now_cpu - self.started_cpu,
+                  "data_preparations": data_preparations() - self._prepared}
+        if "first_step" in clock:
+            timing["start_to_first_step_s"] = clock["first_step"] - self.started
+            timing["start_to_first_step_cpu_s"] = clock["first_step_cpu"] - self.started_cpu
+        if "last_step" in clock:
+            timing["last_step_to_end_s"] = now - clock["last_step"]
+            timing["last_step_to_end_cpu_s"] = now_cpu - clock["last_step_cpu"]
+        if "eval_s" in clock:
+            timing["eval_s"], timing["eval_cpu_s"] = clock["eval_s"], clock["eval_cpu_s"]
+        T.log_metrics(T.client(self.logger.uri), self.logger.run_id, {TIMING_PREFIX + k: v for k, v in timing.items()})
+
+
+TIMING_PREFIX = "trial."
 
 
 def trial_number_of(trial_dirname: str, trial_id: str) -> int:
@@ -90,7 +166,10 @@ def run_trial(params: dict, ctx: dict) -> None:
         cfg.data.data_dir = ctx["data_dir"]
     # params and the config hash name the driver's paths; the run reads this node's copies where it lacks them
     run_cfg = localise(cfg, ctx.get("shipped"))
-    logger, splits = None, None
+    started, prepared = (time.time(), time.process_time()), data_preparations()
+    # the k-shot splits the driver drew for this configuration's data keys (none: the trial draws them)
+    splits = shipped_splits(cfg, ctx.get("shipped"))
+    logger = None
     if ctx.get("tracking_uri"):
         from crosspt.config.liveness import is_live
 
@@ -107,12 +186,14 @@ def run_trial(params: dict, ctx: dict) -> None:
         if prior is not None:
             logger.resume(prior)
         else:
-            splits = _start_run(logger, cfg, run_cfg, space, params)
+            splits = _start_run(logger, cfg, run_cfg, space, params, splits)
+    session = TuneSession(logger, run_cfg.scaling.use_gpu, started, prepared)
     try:
-        _train(run_cfg, space, logger, trial_id, ctx, splits)
+        _train(run_cfg, space, session, trial_id, ctx, splits)
     except SystemExit:
         # Tune ends a function trainable it has stopped (ASHA, or after the last epoch) with SystemExit(0)
         if logger:
+            session.end(plots=False)          # stopped early: little time left (`TuneSession`)
             last = logger.last_metrics or {}
             if last.get("final_epoch"):
                 logger.finish("FINISHED")
@@ -121,16 +202,22 @@ def run_trial(params: dict, ctx: dict) -> None:
         raise
     except BaseException as e:
         if logger:
+            try:
+                session.end(plots=False)
+            except Exception:          # noqa: BLE001 - the trial's own error is the one to report
+                session.discard_prompts()
             logger.finish("FAILED", error=f"{type(e).__name__}: {e}",
                           tags={RETRYABLE_TAG: "false"} if deterministic_failure(e) else None)
         raise
     if logger:
+        session.end()                         # a run resumed after its end reports nothing: ends here
         logger.finish("FINISHED")
 
 
-def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict) -> dict:
-    """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits, drawn
-    once here: logged as the run's inputs and trained on.
+def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict,
+               splits: dict | None) -> dict:
+    """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits (the
+    shipped ones, else drawn once here): logged as the run's inputs and trained on.
 
     Params are the searched factors only (`logged_params`): they are the runs table's and the charts'
     columns. The whole configuration is the `config.yaml` artifact; what identifies it (config hash,
@@ -138,7 +225,8 @@ def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space:
     from crosspt.registry.revision import backbone_revision
     from crosspt.run.loop import prepare_data
 
-    _, splits = prepare_data(run_cfg)
+    if splits is None:
+        _, splits = prepare_data(run_cfg)
     revision = backbone_revision(run_cfg.backbone.name)
     logger.start(logged_params(cfg, space, params), config_to_yaml(cfg),
                  datasets=T.split_datasets(splits, cfg.data.data_dir),
@@ -150,13 +238,15 @@ def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space:
     return splits
 
 
-def _train(cfg: RunConfig, space: SearchSpace, logger, trial_id: str, ctx: dict, splits: dict | None) -> None:
+def _train(cfg: RunConfig, space: SearchSpace, session: TuneSession, trial_id: str, ctx: dict,
+           splits: dict | None) -> None:
     """The trial's training: repeats side by side, one in-process loop, or a Ray Train worker group."""
-    session = TuneSession(logger, cfg.scaling.use_gpu)
+    logger = session.logger
     if space.budget.repeats > 1:
-        from crosspt.search.repeats import run_repeats
+        from crosspt.search.repeats import repeat_configs, run_repeats
 
-        run_repeats(cfg, space, session, splits=splits)
+        rest = [shipped_splits(c, ctx.get("shipped")) for c in repeat_configs(cfg, space.budget.repeats)[1:]]
+        run_repeats(cfg, space, session, splits=[splits, *rest])
     elif cfg.scaling.num_workers == 1 and cfg.scaling.in_process:
         from crosspt.run.loop import run_loop
 
