@@ -191,7 +191,9 @@ def test_four_trials_share_one_fake_gpu(tiny_t5_path, data_dir, tmp_path, monkey
             from crosspt.run.trainer import init_ray
 
             init_ray()
-            space = _with_scaling(tiny_space(tiny_t5_path, "fracgpu", num_samples=4), use_gpu=True,
+            # 10 epochs: a trial outlasts the staggered start of the others (Ray starts one actor after another;
+            # with 2 epochs on the tiny model the first trial could end before the fourth began)
+            space = _with_scaling(tiny_space(tiny_t5_path, "fracgpu", num_samples=4, budget={"max_epochs": 10}), use_gpu=True,
                                   gpus_per_worker=0.25)
             cfg = space.base_config()
             assert derive_concurrency(space, cfg) == 4

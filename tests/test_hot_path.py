@@ -56,18 +56,14 @@ def test_divergence_stops_the_run_within_the_check_interval(tiny_t5_path, data_d
     assert [m["epoch"] for m in reports] == [0]
 
 
-# Recorded from the loop before it stopped syncing (commit 4ae32a1, torch 2.13 CPU, 1 thread); the new
-# loop gave the same numbers to the bit. The tolerance only allows for other CPUs' kernels.
+# Recorded from the loop before it stopped syncing (torch 2.13 CPU, 1 thread): first at 4ae32a1; recorded again
+# at 8ee8e4e (main just before the hot-path merge) because the merges before it change the numbers on purpose
+# (data.train_pool draws other k-shot rows, the dirichlet router rule, text-wise truncation). The loop after
+# the merge gave the same numbers to the bit. The tolerance only allows for other CPUs' kernels.
 GOLDEN = {
-    "t5_cat_topk": {"train_loss": [10.799630641937256, 10.667083740234375], "val_score": [0.5, 0.5, 0.5],
-                    "test": {"sst2": {"accuracy": 0.5}, "rte": {"accuracy": 0.4166666666666667}}},
-    "t5_pt": {"train_loss": [10.295616149902344, 9.644937515258789], "val_score": [0.5, 0.4375, 0.4375],
-              "test": {"sst2": {"accuracy": 0.5833333333333334}, "rte": {"accuracy": 0.4583333333333333}}},
-    "minilm_cat_topk": {"train_loss": [1.3718570073445637, 1.1125720143318176],
-                        "val_score": [0.6638803317655384, 0.5529135063953036, 0.5805845873200924],
-                        "test": {"sst2": {"accuracy": 0.6666666666666666}, "rte": {"accuracy": 0.4166666666666667},
-                                 "stsb": {"pearson": 0.753077657783355, "spearman": 0.7454208032467591,
-                                          "combined": 0.7492492305150571}}},
+    "t5_cat_topk": {"train_loss": [10.52421522140503, 10.382346630096436], "val_score": [0.4375, 0.4375, 0.4375], "test": {"sst2": {"accuracy": 0.5}, "rte": {"accuracy": 0.5}}},
+    "t5_pt": {"train_loss": [10.368480682373047, 9.702438354492188], "val_score": [0.375, 0.4375, 0.5625], "test": {"sst2": {"accuracy": 0.625}, "rte": {"accuracy": 0.4166666666666667}}},
+    "minilm_cat_topk": {"train_loss": [1.4071977535883586, 1.0013949473698933], "val_score": [0.5156138668984477, 0.6104587365520829, 0.5538724716472125], "test": {"sst2": {"accuracy": 0.6666666666666666}, "rte": {"accuracy": 0.5833333333333334}, "stsb": {"pearson": 0.8077965582991802, "spearman": 0.7703556540595907, "combined": 0.7890761061793854}}},
 }
 
 

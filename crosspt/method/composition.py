@@ -199,7 +199,9 @@ def dirichlet_weights(logits: torch.Tensor, temperature: float, top_k: int | Non
     # sampler and its gradient kernel, also under a bf16 autocast), scattered back to `[B, n]`
     w_kept = F.softmax(logits.gather(-1, idx).float(), dim=-1)                 # [B, k]
     alpha = dirichlet_concentration(temperature, idx.shape[-1]) * w_kept
-    draw = torch.distributions.Dirichlet(alpha).rsample().to(logits.dtype)     # [B, k], each > 0
+    # validate_args=False: the argument check reads `(alpha > 0).all()` back to the host every step (alpha > 0
+    # holds by construction: a softmax times a positive concentration)
+    draw = torch.distributions.Dirichlet(alpha, validate_args=False).rsample().to(logits.dtype)   # [B, k], > 0
     weights = torch.zeros_like(logits).scatter(-1, idx, draw)
     if idx.shape[-1] < logits.shape[-1]:
         dropped = torch.ones_like(logits, dtype=torch.bool).scatter(-1, idx, False)
