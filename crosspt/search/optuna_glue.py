@@ -71,9 +71,18 @@ class ResumableOptunaSearch(OptunaSearch):
         return params
 
     def trial_name(self, trial) -> str:
-        """Tune's `trial_name_creator`: the name of the Optuna trial this searcher suggested for `trial`."""
+        """Tune's `trial_name_creator`: the name of the Optuna trial this searcher suggested for `trial`; for a
+        trial Tune restores (a resumed search, whose searcher does not hold it), the study's trial carrying
+        its Tune trial id."""
         ot_trial = getattr(self, "_ot_trials", {}).get(trial.trial_id)
-        return trial_name(ot_trial.number) if ot_trial is not None else f"trial_{trial.trial_id}"
+        if ot_trial is not None:
+            return trial_name(ot_trial.number)
+        study = getattr(self, "_ot_study", None)
+        if study is not None:
+            for t in study.get_trials(deepcopy=False):
+                if t.user_attrs.get(TUNE_TRIAL_ATTR) == trial.trial_id:
+                    return trial_name(t.number)
+        return f"trial_{trial.trial_id}"
 
     def _record_run(self, trial_id: str, result: dict | None) -> None:
         """The trial's MLflow child run id (each result carries it) as a user attribute, once."""
