@@ -450,7 +450,8 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
     trials = []
     for run in T.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]):
         m = run.data.metrics
-        trials.append({"trial": run.data.params.get("trial_number"), "status": run.info.status,
+        trials.append({"trial": run.data.tags.get("crosspt.trial_number", run.data.params.get("trial_number")),
+                       "status": run.info.status,
                        "epochs": int(m.get("epoch", -1)) + 1,
                        **{k: m.get(f"trial.{k}") for k in TRIAL_TIMES}})
     trials.sort(key=lambda x: int(x["trial"] or 0))
