@@ -161,6 +161,8 @@ def test_search_with_a_sqlite_store_on_two_nodes_is_refused_before_anything_is_w
         from ray_cluster import wait_for_nodes
 
         os.environ["RAY_ADDRESS"] = head.address
+        if ray.is_initialized():        # an earlier test's connection (to the session's head): init_ray keeps it
+            ray.shutdown()
         try:
             init_ray()
             wait_for_nodes(2)
