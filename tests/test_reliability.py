@@ -285,7 +285,9 @@ def test_resume_works_from_every_kill_point(point, kill_table, ray_head, tiny_t5
     `tuner.pkl`, mid trial, or at the final reconciliation; `--resume` ends the search: exit 0, no traceback,
     num_samples trials, none RUNNING, none duplicated, the parent FINISHED (where Tune had saved nothing,
     the trials start afresh under the same parent run)."""
-    samples, epochs = 2, 2
+    # mid_trial: 8 epochs, so that a trial is still RUNNING after its first logged epoch when the poll looks
+    # (with 2 epochs the faster loop could finish both trials between two polls: the driver was never killed)
+    samples, epochs = 2, (8 if point == "mid_trial" else 2)
     space, db, storage, env = killable_search(tmp_path, tiny_t5_path, "kill", samples, epochs, ray_head, data_dir)
     log = tmp_path / "driver1.log"
     with open(log, "w") as out:
