@@ -337,7 +337,7 @@ def test_resume_works_from_every_kill_point(point, kill_table, ray_head, tiny_t5
 
 def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     """The bookkeeping `--resume` does first, on a real sqlite MLflow store: children of trials Tune never
-    recorded are orphans (KILLED, tagged, soft-deleted); children of trials Tune recorded as ended get
+    recorded are orphans (tagged, soft-deleted; KILLED if RUNNING, and also when they had FINISHED); children of trials Tune recorded as ended get
     that status (a trial the scheduler stopped: FINISHED, tagged pruned); children of unfinished trials stay
     RUNNING for the resumed trial to continue."""
     from crosspt.search.reconcile import reconcile_child_runs
@@ -347,17 +347,25 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     exp = T.ensure_experiment(uri, "reconcile")
     parent = c.create_run(exp).info.run_id
     ids = {}
-    for tid in ("orphan", "done", "pruned", "crashed", "running"):
+    for tid in ("orphan", "finished_orphan", "done", "pruned", "crashed", "running"):
         ids[tid] = c.create_run(exp, tags={"mlflow.parentRunId": parent, T.TRIAL_TAG: tid}).info.run_id
+    # a trial Tune never recorded that finished on its own before the driver died: it must not stay in
+    # the default view beside its replacement (promote and report would count it)
+    c.set_terminated(ids["finished_orphan"], "FINISHED")
+    other = c.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id      # not a trial's: left alone
     trials = [SimpleNamespace(trial_id="done", status="TERMINATED", last_result={"final_epoch": True}),
               SimpleNamespace(trial_id="pruned", status="TERMINATED", last_result={"final_epoch": False}),
               SimpleNamespace(trial_id="crashed", status="ERROR", last_result={}, error_file=None),
               SimpleNamespace(trial_id="running", status="RUNNING", last_result={})]
     counts = reconcile_child_runs(uri, exp, parent, trials)
-    assert counts == {"orphaned": 1, "closed": 3}
+    assert counts == {"orphaned": 2, "closed": 3}
     status = {tid: c.get_run(rid) for tid, rid in ids.items()}
     assert status["orphan"].info.status == "KILLED" and status["orphan"].info.lifecycle_stage == "deleted"
     assert status["orphan"].data.tags["crosspt.orphaned"] == "true"
+    fo = status["finished_orphan"]
+    assert fo.info.status == "FINISHED" and fo.info.lifecycle_stage == "deleted", (fo.info.status, fo.info.lifecycle_stage)
+    assert fo.data.tags["crosspt.orphaned"] == "true"
+    assert c.get_run(other).info.lifecycle_stage == "active"
     assert status["done"].info.status == "FINISHED"
     assert status["pruned"].info.status == "FINISHED" and status["pruned"].data.tags["pruned"] == "true"
     assert status["crashed"].info.status == "FAILED" and status["crashed"].data.tags["error"]
@@ -365,7 +373,9 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     # once the search has ended nothing stays RUNNING
     assert reconcile_child_runs(uri, exp, parent, trials, search_ended=True)["closed"] == 1
     assert c.get_run(ids["running"]).info.status == "KILLED"
-    assert len(T.child_runs(uri, exp, parent)) == 4          # the orphan is out of the default view
+    # the orphans are out of the default view; the trials Tune knows and the untagged child stay
+    assert sorted(r.info.run_id for r in T.child_runs(uri, exp, parent)) == \
+        sorted([ids[t] for t in ("done", "pruned", "crashed", "running")] + [other])
 
 
 # ---- 2. trials that fail (and a secret that must not leak) -----------------------------------------

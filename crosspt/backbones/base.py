@@ -340,6 +340,15 @@ class Backbone(nn.Module, ABC):
         return fit_texts(texts, render, self._token_ends, self.max_length if max_tokens is None else max_tokens,
                          what=f"task '{task.name}'")
 
+    def fitted_ids(self, examples: Sequence, render) -> list[torch.Tensor]:
+        """Per example, the token ids `[T_i]` of its formatted input: `render(task, texts)`, the texts cut to
+        fit `max_length` (`fit_input`); computed once per example (`_per_example`). The families that feed
+        one token sequence (seq2seq, decoder) differ only in `render` (special tokens)."""
+        def ids(ex) -> torch.Tensor:
+            task = self.tasks[self.task_id(ex.task)]
+            return torch.tensor(self.fit_input(task, ex.texts, lambda ts: render(task, ts)), dtype=torch.long)
+        return self._per_example(examples, lambda todo: [ids(ex) for ex in todo])
+
     def _per_example(self, examples: Sequence, encode) -> list:
         """`encode(examples)`'s value for each example (its token ids), computed once per example for the
         life of this backbone: a run tokenises each split once, not every batch of every epoch. Keyed by

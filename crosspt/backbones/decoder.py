@@ -88,16 +88,11 @@ class DecoderBackbone(RankBackbone):
             self._label_cache[text] = list(ids) + ([self.eos_id] if self.eos_id is not None else [])
         return self._label_cache[text]
 
-    def _input_ids(self, examples: Sequence) -> list[list[int]]:
-        """Per example, bos (if the model uses one) + the tokens of `format_text`, its texts cut to fit
-        `max_length`; computed once per example (`Backbone._per_example`)."""
-        def ids(ex) -> list[int]:
-            task = self.tasks[self.task_id(ex.task)]
-
-            def render(ts: tuple[str, ...]) -> list[int]:
-                return self._bos + list(self.tokenizer(self.format_text(task, ts), add_special_tokens=False)["input_ids"])
-            return self.fit_input(task, ex.texts, render)
-        return self._per_example(examples, lambda todo: [ids(ex) for ex in todo])
+    def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:
+        """Per example, bos (if the model uses one) + the tokens of `format_text` `[T_i]`, its texts cut to fit
+        `max_length`; computed once per example."""
+        return self.fitted_ids(examples, lambda task, ts: self._bos + list(
+            self.tokenizer(self.format_text(task, ts), add_special_tokens=False)["input_ids"]))
 
     def input_length(self, examples: Sequence) -> list[int]:
         return [len(ids) for ids in self._input_ids(examples)]

@@ -68,12 +68,8 @@ class Seq2SeqBackbone(RankBackbone):
     def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:
         """Each example's token ids `[T_i]` (with the tokenizer's eos) of its formatted input, its texts cut to
         fit `max_length` longest first (the tokenizer's own truncation would cut the end of the string, i.e.
-        the second text); computed once per example (`Backbone._per_example`)."""
-        def ids(ex) -> torch.Tensor:
-            task = self.tasks[self.task_id(ex.task)]
-            return torch.tensor(self.fit_input(task, ex.texts, lambda ts: list(
-                self.tokenizer(self.format_text(task, ts))["input_ids"])), dtype=torch.long)
-        return self._per_example(examples, lambda todo: [ids(ex) for ex in todo])
+        the second text); computed once per example."""
+        return self.fitted_ids(examples, lambda task, ts: list(self.tokenizer(self.format_text(task, ts))["input_ids"]))
 
     def input_length(self, examples: Sequence) -> list[int]:
         return [len(ids) for ids in self._input_ids(examples)]

@@ -25,25 +25,33 @@ def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trial
                          search_ended: bool = False) -> dict[str, int]:
     """Close child runs left RUNNING by a driver that died.
 
-    A child of a trial Tune never recorded (created after the last experiment-state save) is an orphan:
-    the restored search replaces that trial, so its run ends KILLED, tagged `crosspt.orphaned`, and is
-    soft-deleted (`mlflow runs restore` brings it back). A child of a trial Tune recorded as ended is
-    closed with that trial's status. A child of an unfinished trial is left alone (the trial resumes and
+    A child of a trial Tune never recorded (created after the last experiment-state save) is an orphan,
+    whatever its status: the restored search replaces that trial, so its run is tagged `crosspt.orphaned`,
+    ended KILLED if it was RUNNING (a run that finished keeps its status), and soft-deleted (`mlflow runs
+    restore` brings it back). A child without a trial tag is not a trial's and is left alone. A child of a
+    trial Tune recorded as ended is closed with that trial's status. A child of an unfinished trial is left alone (the trial resumes and
     continues it) unless the search has ended."""
     c = T.client(uri)
     by_id = {t.trial_id: t for t in trials}
     counts = {"orphaned": 0, "closed": 0}
     for run in T.child_runs(uri, experiment_id, parent_run_id):
-        if run.info.status != "RUNNING":
+        tid = run.data.tags.get(T.TRIAL_TAG)
+        if not tid:                     # not a trial's run
             continue
-        rid, t = run.info.run_id, by_id.get(run.data.tags.get(T.TRIAL_TAG, ""))
+        rid, t = run.info.run_id, by_id.get(tid)
         if t is None:
+            # a trial Tune never recorded, also one that ended on its own before the driver died (FINISHED
+            # or FAILED): the resumed search does not know it and ran a replacement, so it must not stay in
+            # the default view, where `promote`, `report` and the best-run readers would count it
             c.set_tag(rid, "crosspt.orphaned", "true")
             c.set_tag(rid, "error", "orphaned: the search driver died before Tune recorded this trial; "
                                     "the resumed search ran a replacement")
-            c.set_terminated(rid, "KILLED")
+            if run.info.status == "RUNNING":
+                c.set_terminated(rid, "KILLED")
             c.delete_run(rid)
             counts["orphaned"] += 1
+            continue
+        if run.info.status != "RUNNING":
             continue
         status = getattr(t, "status", "")
         if status == "TERMINATED":
