@@ -137,6 +137,8 @@ def parse_args(argv=None):
     p.add_argument("--max-test", type=int, help="cap on the dev split used as test (0: no cap)")
     p.add_argument("--max-length", type=int)
     p.add_argument("--prompt-len", type=int)
+    p.add_argument("--router-lr", type=float, help="the router's lr, fixed for every method with a router "
+                                                   "(default 0.01)")
     p.add_argument("--source-shots", type=int)
     p.add_argument("--backbone", help="backbone (default: the mode's; minilm = the offline all-MiniLM-L6-v2)")
     p.add_argument("--data-dir")
@@ -178,7 +180,7 @@ def settings_from(args):
 
     base = _preset(args)
     for key in ("tasks", "source_tasks", "shots", "seeds", "lrs", "methods", "epochs", "patience", "max_length",
-                "prompt_len", "source_shots", "threads"):
+                "prompt_len", "source_shots", "threads", "router_lr"):
         v = getattr(args, key)
         if v is not None:
             base[key] = v
