@@ -337,9 +337,9 @@ def test_resume_works_from_every_kill_point(point, kill_table, ray_head, tiny_t5
 
 def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     """The bookkeeping `--resume` does first, on a real sqlite MLflow store: children of trials Tune never
-    recorded are orphans (tagged, soft-deleted; KILLED if RUNNING, and also when they had FINISHED); children of trials Tune recorded as ended get
-    that status (a trial the scheduler stopped: FINISHED, tagged pruned); children of unfinished trials stay
-    RUNNING for the resumed trial to continue."""
+    recorded are orphans (tagged and soft-deleted, also one that had FINISHED on its own; KILLED if it was
+    RUNNING); children of trials Tune recorded as ended get that status (a trial the scheduler stopped:
+    FINISHED, tagged pruned); children of unfinished trials stay RUNNING for the resumed trial to continue."""
     from crosspt.search.reconcile import reconcile_child_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -29,8 +29,8 @@ def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trial
     whatever its status: the restored search replaces that trial, so its run is tagged `crosspt.orphaned`,
     ended KILLED if it was RUNNING (a run that finished keeps its status), and soft-deleted (`mlflow runs
     restore` brings it back). A child without a trial tag is not a trial's and is left alone. A child of a
-    trial Tune recorded as ended is closed with that trial's status. A child of an unfinished trial is left alone (the trial resumes and
-    continues it) unless the search has ended."""
+    trial Tune recorded as ended is closed with that trial's status. A child of an unfinished trial is left
+    alone (the trial resumes and continues it) unless the search has ended."""
     c = T.client(uri)
     by_id = {t.trial_id: t for t in trials}
     counts = {"orphaned": 0, "closed": 0}
