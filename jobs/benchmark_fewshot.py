@@ -152,6 +152,8 @@ def parse_args(argv=None):
     p.add_argument("--no-mlflow", action="store_true")
     # speed mode
     p.add_argument("--ray-trials", type=int, default=3)
+    p.add_argument("--ray-rounds", type=int, default=3,
+                   help="in-process searches, each between two plain loops (the ratio is their median)")
     p.add_argument("--ray-epochs", type=int, default=12)
     p.add_argument("--skip-ray", action="store_true", help="speed mode without the Ray-overhead part")
     p.add_argument("--speed-parts", nargs="+", default=list(SPEED_PARTS), choices=SPEED_PARTS,
@@ -341,6 +343,7 @@ def main_speed(args) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     res = run_speed(s, out / "speed_artifacts", ray_trials=args.ray_trials, ray_epochs=args.ray_epochs,
+                    ray_rounds=args.ray_rounds,
                     skip_ray=args.skip_ray, parts=args.speed_parts, log=lambda m: print(m, flush=True))
     text = render_speed(res)
     md, js = out / f"{args.speed_name}.md", out / f"{args.speed_name}.json"

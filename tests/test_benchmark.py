@@ -343,3 +343,35 @@ def test_speed_before_after_table_reads_each_sides_runs():
     assert "| **in-process search / plain loop** | 1.113 | - | <= 1.05 |" in text
     assert "| smoke trial: evaluation share of its wall | - | 25% |" in text
     assert "| train step PT (same batches, CPU) | 200.0 ms | - |" in text
+
+
+def test_ray_overhead_rounds_compare_each_search_with_the_plain_runs_around_it():
+    """Each in-process round is divided by the mean of the plain runs just before and after it (not by one
+    plain mean of the whole run); the wall outside the trials and each trial's extra seconds come from the
+    trials' own `trial.wall_s`, matched to the plain runs by configuration."""
+    def plain(walls):
+        rows = [{"lr": lr, "wall_s": w} for lr, w in zip((0.1, 0.03), walls)]
+        return rows, sum(walls)
+    plains = [plain([50.0, 50.0]), plain([60.0, 60.0]), plain([40.0, 40.0])]
+    searches = [{"wall_s": 126.0, "trials": [{"lr": 0.03, "trial_wall_s": 58.0, "ran": 1},
+                                             {"lr": 0.1, "trial_wall_s": 55.0, "ran": 0}]},
+                {"wall_s": 105.0, "trials": [{"lr": 0.03, "trial_wall_s": 52.0}, {"lr": 0.1, "trial_wall_s": None}]}]
+    r1, r2 = S.bracketed_rounds(searches, plains)
+    assert r1["plain_s"] == 110.0 and abs(r1["ratio"] - 126.0 / 110.0) < 1e-12
+    assert r2["plain_s"] == 100.0 and abs(r2["ratio"] - 1.05) < 1e-12
+    assert r1["outside_trials_s"] == 126.0 - 113.0
+    assert list(r1["trial_minus_plain_s"].items()) == [(0.1, 0.0), (0.03, 3.0)]       # in the order they ran
+    assert r2["outside_trials_s"] is None and r2["trial_minus_plain_s"] == {0.03: 2.0}
+    ray = {"task": "rte", "trials": 2, "epochs": 1, "cpus_per_trial": 1, "ray_init_s": 3.0, "plain": plains[0][0],
+           "plain_after": plains[-1][0], "plain_walls_s": [100.0, 120.0, 80.0],
+           "identical_in_process_vs_worker_group": True, "identical_in_process_vs_plain": True,
+           "worker_group": {"wall_s": 150.0, "ratio_vs_plain": 1.364, "trials": []},
+           "in_process": {"trials": [], "ratio_vs_plain": 1.097, "ratio_min": 1.05, "ratio_max": 1.145,
+                          "rounds": [r1, r2]}}
+    for rows in (ray["plain"], ray["plain_after"]):
+        for x in rows:
+            x.update(best_val_score=0.5, test_score=0.5)
+    text = "\n".join(S._ray_rows(ray))
+    assert "| in-process search / plain loop, each round | 1.145, 1.050 | |" in text
+    assert "**1.097** (1.050 - 1.145) | <= 1.05 |" in text
+    assert "each round | +13.0, - s | |" in text

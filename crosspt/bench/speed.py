@@ -354,16 +354,25 @@ def _plain_loop(space, points: list[dict], tag: str, log: Log) -> tuple[list[dic
 
 
 def _search_run(space, s: BenchSettings, root: Path, uri: str) -> dict:
-    """One run_search over `space` -> {wall_s, failed, trials (lr, scores) by lr}."""
+    """One run_search over `space` -> {wall_s, failed, trials (lr, scores, the trial's own wall seconds
+    `trial.wall_s`, None where the trial did not log it) by lr}."""
+    from crosspt.registry import tracking as T
     from crosspt.search.driver import run_search
 
     t = time.time()
     summ = run_search(space, data_dir=s.data_dir, tracking_uri=uri, storage_path=str(root / "ray_results"),
                       overwrite=True, verbose=0)
+    wall = time.time() - t
+    children = T.client(uri).search_runs([summ["experiment_id"]],
+                                         f"tags.`mlflow.parentRunId` = '{summ['parent_run_id']}'")
+    trial_wall = {r.data.params.get("optim.prompt_lr"): r.data.metrics.get("trial.wall_s") for r in children}
+    ran = {r.data.params.get("optim.prompt_lr"): i for i, r in enumerate(sorted(children, key=lambda r: r.info.start_time))}
     rows = sorted(summ["trials"], key=lambda x: x["params"].get("optim.prompt_lr", 0))
-    return {"wall_s": time.time() - t, "failed": summ["num_failed"],
+    return {"wall_s": wall, "failed": summ["num_failed"],
             "trials": [{"lr": x["params"].get("optim.prompt_lr"), "best_val_score": x.get("best_val_score"),
-                        "test_score": x.get("test_score")} for x in rows]}
+                        "test_score": x.get("test_score"),
+                        "trial_wall_s": trial_wall.get(str(x["params"].get("optim.prompt_lr"))),
+                        "ran": ran.get(str(x["params"].get("optim.prompt_lr")))} for x in rows]}
 
 
 def _same_scores(a: list[dict], b: list[dict]) -> bool:
@@ -371,43 +380,75 @@ def _same_scores(a: list[dict], b: list[dict]) -> bool:
         [(x["lr"], x["best_val_score"], x["test_score"]) for x in b]
 
 
+def bracketed_rounds(searches: Sequence[dict], plains: Sequence[tuple[list[dict], float]]) -> list[dict]:
+    """Search round r (`searches[r]`, a `_search_run`) against the plain loops run just before and just after
+    it (`plains[r]`, `plains[r + 1]`: `(per-trial rows, wall)`), so that the machine's drift between runs
+    hits both sides of each ratio alike. Per round: the ratio to the mean of the two plain walls; the search's
+    wall outside its trials (driver, Tune start, the first trial's process start-up before its function runs,
+    the report); each trial's own wall minus the same configuration's mean plain wall, in the order the trials
+    ran (`ran`, else by lr): the first pays its fresh process's imports and backbone load, which the plain
+    loop's process had already paid by its second run."""
+    out = []
+    for r, search in enumerate(searches):
+        (rows_a, wall_a), (rows_b, wall_b) = plains[r], plains[r + 1]
+        plain = (wall_a + wall_b) / 2
+        by_lr = {x["lr"]: (x["wall_s"] + y["wall_s"]) / 2 for x, y in zip(
+            sorted(rows_a, key=lambda x: x["lr"]), sorted(rows_b, key=lambda x: x["lr"]))}
+        walls = [x.get("trial_wall_s") for x in search["trials"]]
+        known = all(w is not None for w in walls)
+        out.append({"wall_s": search["wall_s"], "plain_s": plain, "ratio": search["wall_s"] / plain,
+                    "outside_trials_s": search["wall_s"] - sum(walls) if known else None,
+                    "trial_minus_plain_s": {x["lr"]: x["trial_wall_s"] - by_lr[x["lr"]]
+                                            for x in sorted(search["trials"], key=lambda x: x.get("ran") or 0)
+                                            if x.get("trial_wall_s") is not None}})
+    return out
+
+
 def measure_ray_overhead(s: BenchSettings, out_dir: Path, *, task: str = "rte", n_trials: int = 3,
-                         epochs: int = 12, lrs: Sequence[float] = (0.3, 0.1, 0.03, 0.01, 0.003), log: Log = print) -> dict:
+                         epochs: int = 12, rounds: int = 1, lrs: Sequence[float] = (0.3, 0.1, 0.03, 0.01, 0.003),
+                         log: Log = print) -> dict:
     """N short trials through crosspt.search.run_search (random searcher, FIFO, one trial at a time) vs the
-    same configurations through run_loop in a plain loop; in_process true and false."""
+    same configurations through run_loop in a plain loop. In order: plain, the worker-group search
+    (in_process false), plain, then `rounds` times the in-process search followed by plain. Each search is
+    compared with the plain runs on either side of it; the in-process ratio is the median over its rounds
+    (two quiet runs of the same tree differed by 0.1 in a single round: the machine drifts between runs)."""
     cpus = s.threads or os.cpu_count() or 1          # Ray gives a trial OMP_NUM_THREADS = its CPUs
     torch.set_num_threads(cpus)
     points = [{"optim.prompt_lr": float(lrs[i % len(lrs)])} for i in range(n_trials)]
     plain_space = _overhead_space(s, task, epochs, cpus, points, True, "plain")
-    # the plain loop brackets the two searches (before and after) so that a change in the machine's load
-    # from other processes during the measurement shows up instead of biasing the ratio
-    plain, plain_before = _plain_loop(plain_space, points, "before the searches", log)
+    plains = [_plain_loop(plain_space, points, "before the searches", log)]
     init_s = init_ray_local()
     log(f"ray init: {init_s:.1f}s")
     root = Path(out_dir) / "ray_overhead"
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
-    res = {"task": task, "trials": n_trials, "epochs": epochs, "cpus_per_trial": cpus, "plain": plain,
-           "ray_init_s": init_s, "concurrency": 1}
-    for in_process in (False, True):
-        key = "in_process" if in_process else "worker_group"
-        res[key] = _search_run(_overhead_space(s, task, epochs, cpus, points, in_process, f"overhead-{key}"),
-                               s, root, uri)
-        log(f"run_search in_process={in_process}: {res[key]['wall_s']:.1f}s")
-    plain_after_rows, plain_after = _plain_loop(plain_space, points, "after the searches", log)
-    plain_s = (plain_before + plain_after) / 2
-    res.update({"plain_before_s": plain_before, "plain_after_s": plain_after, "plain_s": plain_s,
-                "plain_after": plain_after_rows})
-    for key in ("worker_group", "in_process"):
-        wall = res[key]["wall_s"]
-        res[key].update({"ratio_vs_plain": wall / plain_s, "ratio_vs_plain_before": wall / plain_before,
-                         "ratio_vs_plain_after": wall / plain_after})
-        log(f"{key}: ratio vs mean plain {wall / plain_s:.3f} (vs before {wall / plain_before:.3f}, "
-            f"vs after {wall / plain_after:.3f})")
-    ps = sorted(plain, key=lambda x: x["lr"])
-    res["identical_in_process_vs_worker_group"] = _same_scores(res["in_process"]["trials"], res["worker_group"]["trials"])
-    res["identical_in_process_vs_plain"] = _same_scores(res["in_process"]["trials"], ps)
-    res["identical_worker_group_vs_plain"] = _same_scores(res["worker_group"]["trials"], ps)
+    res = {"task": task, "trials": n_trials, "epochs": epochs, "cpus_per_trial": cpus, "plain": plains[0][0],
+           "ray_init_s": init_s, "concurrency": 1, "rounds": rounds}
+    wg = _search_run(_overhead_space(s, task, epochs, cpus, points, False, "overhead-worker_group"), s, root, uri)
+    log(f"run_search in_process=False: {wg['wall_s']:.1f}s")
+    plains.append(_plain_loop(plain_space, points, "after the worker-group search", log))
+    searches = []
+    for r in range(rounds):
+        searches.append(_search_run(_overhead_space(s, task, epochs, cpus, points, True,
+                                                    f"overhead-in_process-{r + 1}"), s, root, uri))
+        log(f"run_search in_process=True, round {r + 1}/{rounds}: {searches[-1]['wall_s']:.1f}s")
+        plains.append(_plain_loop(plain_space, points, f"after in-process round {r + 1}", log))
+    wg_round = bracketed_rounds([wg], plains[:2])[0]
+    ip_rounds = bracketed_rounds(searches, plains[1:])
+    ratios = [x["ratio"] for x in ip_rounds]
+    res["worker_group"] = {**wg, **wg_round, "ratio_vs_plain": wg_round["ratio"]}
+    res["in_process"] = {**searches[0], "ratio_vs_plain": statistics.median(ratios), "ratio_min": min(ratios),
+                         "ratio_max": max(ratios), "rounds": ip_rounds}
+    walls = [w for _, w in plains]
+    res.update({"plain_walls_s": walls, "plain_s": statistics.mean(walls), "plain_before_s": walls[0],
+                "plain_after_s": walls[-1], "plain_after": plains[-1][0]})
+    log(f"worker_group: ratio vs the plain runs around it {wg_round['ratio']:.3f}")
+    log("in_process: ratio per round " + ", ".join(f"{x:.3f}" for x in ratios)
+        + f"; median {res['in_process']['ratio_vs_plain']:.3f}")
+    ps = sorted(plains[0][0], key=lambda x: x["lr"])
+    res["identical_in_process_vs_worker_group"] = all(_same_scores(x["trials"], wg["trials"]) for x in searches)
+    res["identical_in_process_vs_plain"] = all(_same_scores(x["trials"], ps) for x in searches)
+    res["identical_worker_group_vs_plain"] = _same_scores(wg["trials"], ps)
     import ray
 
     ray.shutdown()
@@ -483,7 +524,7 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
 
 # ---- the whole speed mode ------------------------------------------------------------------------------
 def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray_epochs: int = 12,
-              skip_ray: bool = False, parts: Sequence[str] = SPEED_PARTS, log: Log = print) -> dict:
+              ray_rounds: int = 1, skip_ray: bool = False, parts: Sequence[str] = SPEED_PARTS, log: Log = print) -> dict:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -497,7 +538,8 @@ def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray
     if SpeedPart.RSS in parts:
         res["rss"] = measure_rss(s, log=log)
     if SpeedPart.RAY in parts and not skip_ray:
-        res["ray"] = measure_ray_overhead(s, out_dir, n_trials=ray_trials, epochs=ray_epochs, log=log)
+        res["ray"] = measure_ray_overhead(s, out_dir, n_trials=ray_trials, epochs=ray_epochs, rounds=ray_rounds,
+                                          log=log)
     if SpeedPart.TRIAL in parts and not skip_ray:
         res["trial"] = measure_trial_costs(s, out_dir, log=log)
     res["wall_s"] = time.time() - t0
@@ -575,28 +617,48 @@ def _rss_breakdown(rss: dict) -> list[str]:
 
 
 def _ray_rows(ray: dict) -> list[str]:
-    per_trial = ", ".join(f"{x['wall_s']:.1f}" for x in ray["plain"])
-    per_after = ", ".join(f"{x['wall_s']:.1f}" for x in ray.get("plain_after", []))
     wg, ip = ray["worker_group"], ray["in_process"]
-    lines = [f"| plain loop before the searches: {ray['trials']} trials x {ray['epochs']} epochs ({ray['task']}) | "
-             f"{ray['plain_before_s']:.1f} s (per trial {per_trial} s) | trials >= 30 s |",
-             f"| plain loop after the searches | {ray['plain_after_s']:.1f} s (per trial {per_after} s) | |",
+    walls = ray.get("plain_walls_s") or [ray["plain_before_s"], ray["plain_after_s"]]
+    rounds = ip.get("rounds") or []
+
+    def seconds(xs):
+        return ", ".join("-" if x is None else f"{x:+.1f}" for x in xs)
+
+    per_trial = ", ".join(f"{x['wall_s']:.1f}" for x in ray["plain"])
+    lines = [f"| plain loop: {ray['trials']} trials x {ray['epochs']} epochs ({ray['task']}), each run "
+             f"(first run's trials: {per_trial} s) | {', '.join(f'{w:.1f}' for w in walls)} s | trials >= 30 s |",
              f"| ray.init (not counted below) | {ray['ray_init_s']:.1f} s | |",
-             f"| run_search, in_process=false (worker group per trial) — before | {wg['wall_s']:.1f} s | |",
-             f"| **Ray overhead ratio, in_process=false** (vs mean plain; vs before / after) | "
-             f"**{wg['ratio_vs_plain']:.3f}** ({wg['ratio_vs_plain_before']:.3f} / {wg['ratio_vs_plain_after']:.3f}) | <= 1.15 |",
-             f"| run_search, in_process=true (loop inside the Tune trial) — after | {ip['wall_s']:.1f} s | |",
-             f"| **Ray overhead ratio, in_process=true** (vs mean plain; vs before / after) | "
-             f"**{ip['ratio_vs_plain']:.3f}** ({ip['ratio_vs_plain_before']:.3f} / {ip['ratio_vs_plain_after']:.3f}) | <= 1.15 |",
-             f"| identical val/test scores in-process vs worker group | {ray['identical_in_process_vs_worker_group']} | True |",
-             f"| identical val/test scores in-process vs plain loop | {ray['identical_in_process_vs_plain']} | (info) |"]
+             f"| run_search, in_process=false (worker group per trial), between plain runs 1 and 2 | "
+             f"{wg['wall_s']:.1f} s | |",
+             f"| **Ray overhead ratio, in_process=false** (vs the mean of the plain runs around it) | "
+             f"**{wg['ratio_vs_plain']:.3f}** | <= 1.15 |"]
+    if rounds:
+        round_walls = ", ".join(f"{x['wall_s']:.1f}" for x in rounds)
+        round_ratios = ", ".join(f"{x['ratio']:.3f}" for x in rounds)
+        lines += [f"| run_search, in_process=true, each round (round r between plain runs r+1 and r+2) | "
+                  f"{round_walls} s | |",
+                  f"| in-process search / plain loop, each round | {round_ratios} | |",
+                  f"| **Ray overhead ratio, in_process=true** (median over {len(rounds)} rounds; min - max) | "
+                  f"**{ip['ratio_vs_plain']:.3f}** ({ip['ratio_min']:.3f} - {ip['ratio_max']:.3f}) | <= 1.05 |",
+                  f"| in-process search: wall outside its trials (driver, Tune, first process start, report), "
+                  f"each round | {seconds(x['outside_trials_s'] for x in rounds)} s | |"]
+        for i, x in enumerate(rounds):
+            d = x["trial_minus_plain_s"]
+            lines.append(f"| in-process round {i + 1}: each trial's own wall minus the same lr's plain wall, in the "
+                         f"order they ran (lr {', '.join(str(k) for k in d)}) | {seconds(d.values())} s | |")
+    else:        # a result from before the rounds
+        lines.append(f"| **Ray overhead ratio, in_process=true** (vs mean plain) | **{ip['ratio_vs_plain']:.3f}** | "
+                     f"<= 1.05 |")
+    lines += [f"| identical val/test scores in-process vs worker group | {ray['identical_in_process_vs_worker_group']} | True |",
+              f"| identical val/test scores in-process vs plain loop | {ray['identical_in_process_vs_plain']} | (info) |"]
     lines += ["", "Per-trial scores (lr: best val / test):", ""]
     for key in ("plain", "plain_after", "in_process", "worker_group"):
         rows = ray[key] if key.startswith("plain") else ray[key]["trials"]
         lines.append(f"- {key}: " + "; ".join(f"{x['lr']}: {x['best_val_score']:.4f} / {x['test_score']:.4f}"
                                              for x in sorted(rows, key=lambda x: x["lr"])))
-    lines += ["", "run_search includes its MLflow logging (sqlite) and Tune bookkeeping; trials run one at a "
-              f"time with {ray['cpus_per_trial']} CPUs each (the plain loop uses the same threads)."]
+    lines += ["", "run_search includes its MLflow logging (sqlite), Tune bookkeeping and the design-factor report; "
+              f"trials run one at a time with {ray['cpus_per_trial']} CPUs each (the plain loop uses the same "
+              "threads and logs nothing)."]
     return lines
 
 
