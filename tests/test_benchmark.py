@@ -340,7 +340,7 @@ def test_speed_before_after_table_reads_each_sides_runs():
                             "wall_s": 5}])
     assert before["wall_s"] == 30 and "step" in before and "ray" in before
     text = S.render_before_after(before, after, before_label="old", after_label="new")
-    assert "| **in-process search / plain loop** | 1.113 | - | <= 1.05 |" in text
+    assert "| **in-process search / plain loop** (median over the rounds) | 1.113 | - | <= 1.05 |" in text
     assert "| smoke trial: evaluation share of its wall | - | 25% |" in text
     assert "| train step PT (same batches, CPU) | 200.0 ms | - |" in text
 
@@ -375,3 +375,6 @@ def test_ray_overhead_rounds_compare_each_search_with_the_plain_runs_around_it()
     assert "| in-process search / plain loop, each round | 1.145, 1.050 | |" in text
     assert "**1.097** (1.050 - 1.145) | <= 1.05 |" in text
     assert "each round | +13.0, - s | |" in text
+    both = S.render_before_after({"ray": ray}, {}, before_label="old", after_label="new")
+    assert "| in-process search / plain loop, each round | 1.145, 1.050 | - |  |" in both
+    assert "| in-process search: wall outside its trials, each round | 13.0 s, - | - |  |" in both

@@ -644,6 +644,8 @@ def _ray_rows(ray: dict) -> list[str]:
                   f"each round | {seconds(x['outside_trials_s'] for x in rounds)} s | |"]
         for i, x in enumerate(rounds):
             d = x["trial_minus_plain_s"]
+            if not d:                 # trials that log no `trial.wall_s` (a tree from before it)
+                continue
             lines.append(f"| in-process round {i + 1}: each trial's own wall minus the same lr's plain wall, in the "
                          f"order they ran (lr {', '.join(str(k) for k in d)}) | {seconds(d.values())} s | |")
     else:        # a result from before the rounds
@@ -725,7 +727,12 @@ def render_before_after(before: dict, after: dict, *, before_label: str, after_l
         ("step ratio CrossPT cat / PT", ("step", "ratio_crosspt_cat_vs_pt"), "{:.3f}", 1, "<= 1.10"),
         ("plain loop: trials x epochs (rte), mean of the runs before and after the searches",
          ("ray", "plain_s"), "{:.1f} s", 1, ""),
-        ("**in-process search / plain loop**", None, "{:.3f}", 1, "<= 1.05"),
+        ("**in-process search / plain loop** (median over the rounds)", None, "{:.3f}", 1, "<= 1.05"),
+        ("in-process search / plain loop, each round", lambda res: ", ".join(
+            f"{x['ratio']:.3f}" for x in get(res, "ray", "in_process", "rounds") or []) or None, "{}", 1, ""),
+        ("in-process search: wall outside its trials, each round", lambda res: ", ".join(
+            "-" if x.get("outside_trials_s") is None else f"{x['outside_trials_s']:.1f} s"
+            for x in get(res, "ray", "in_process", "rounds") or []) or None, "{}", 1, ""),
         ("worker-group search / plain loop", None, "{:.3f}", 1, "(<= 1.15)"),
         ("identical val/test scores in-process vs plain loop", ("ray", "identical_in_process_vs_plain"), "{}", 1, "True"),
         ("identical val/test scores in-process vs worker group", ("ray", "identical_in_process_vs_worker_group"), "{}", 1,
@@ -750,6 +757,8 @@ def render_before_after(before: dict, after: dict, *, before_label: str, after_l
         for res in (before, after):
             if path is None:
                 v = ray_ratio(res, "in_process" if "in-process" in label else "worker_group")
+            elif callable(path):
+                v = path(res)
             else:
                 v = get(res, *path)
                 v = v * scale if isinstance(v, (int, float)) and not isinstance(v, bool) else v
