@@ -414,6 +414,14 @@ class RankBackbone(Backbone):
         return _tasks.format_input(task, tuple(texts), self.with_prefix)
 
     @abstractmethod
+    def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:
+        """Per example, the token ids `[T_i]` of its formatted input as the family feeds it (`fitted_ids`
+        with the family's special tokens)."""
+
+    def input_length(self, examples: Sequence) -> list[int]:
+        return [len(ids) for ids in self._input_ids(examples)]
+
+    @abstractmethod
     def prompted_logits(self, prompt: torch.Tensor, prompt_mask: torch.Tensor | None, batch: dict,
                         **model_kw) -> torch.Tensor:
         """The frozen model's logits with the prompt `[B, L, d]` prepended (comparisons, PEFT export)."""

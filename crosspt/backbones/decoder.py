@@ -94,9 +94,6 @@ class DecoderBackbone(RankBackbone):
         return self.fitted_ids(examples, lambda task, ts: self._bos + list(
             self.tokenizer(self.format_text(task, ts), add_special_tokens=False)["input_ids"]))
 
-    def input_length(self, examples: Sequence) -> list[int]:
-        return [len(ids) for ids in self._input_ids(examples)]
-
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
         input_ids, mask = pad_sequences(self._input_ids(examples), self.pad_id, side="left")

@@ -71,9 +71,6 @@ class Seq2SeqBackbone(RankBackbone):
         the second text); computed once per example."""
         return self.fitted_ids(examples, lambda task, ts: list(self.tokenizer(self.format_text(task, ts))["input_ids"]))
 
-    def input_length(self, examples: Sequence) -> list[int]:
-        return [len(ids) for ids in self._input_ids(examples)]
-
     def collate(self, examples: Sequence, *, train: bool) -> dict[str, torch.Tensor]:
         tids = [self.task_id(ex.task) for ex in examples]
         # each example's ids fitted on its own (cached), padded on the right like the tokenizer's batch
