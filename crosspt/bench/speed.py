@@ -725,7 +725,7 @@ def render_before_after(before: dict, after: dict, *, before_label: str, after_l
         ("train step PT (same batches, CPU)", ("step", "median_step_s", "pt"), "{:.1f} ms", 1e3, ""),
         ("train step CrossPT cat, equal composed length", ("step", "median_step_s", "crosspt_cat"), "{:.1f} ms", 1e3, ""),
         ("step ratio CrossPT cat / PT", ("step", "ratio_crosspt_cat_vs_pt"), "{:.3f}", 1, "<= 1.10"),
-        ("plain loop: trials x epochs (rte), mean of the runs before and after the searches",
+        ("plain loop: trials x epochs (rte), mean of its runs around the searches",
          ("ray", "plain_s"), "{:.1f} s", 1, ""),
         ("**in-process search / plain loop** (median over the rounds)", None, "{:.3f}", 1, "<= 1.05"),
         ("in-process search / plain loop, each round", lambda res: ", ".join(
