@@ -363,16 +363,18 @@ def _search_run(space, s: BenchSettings, root: Path, uri: str) -> dict:
     summ = run_search(space, data_dir=s.data_dir, tracking_uri=uri, storage_path=str(root / "ray_results"),
                       overwrite=True, verbose=0)
     wall = time.time() - t
-    children = T.client(uri).search_runs([summ["experiment_id"]],
-                                         f"tags.`mlflow.parentRunId` = '{summ['parent_run_id']}'")
-    trial_wall = {r.data.params.get("optim.prompt_lr"): r.data.metrics.get("trial.wall_s") for r in children}
-    ran = {r.data.params.get("optim.prompt_lr"): i for i, r in enumerate(sorted(children, key=lambda r: r.info.start_time))}
-    rows = sorted(summ["trials"], key=lambda x: x["params"].get("optim.prompt_lr", 0))
-    return {"wall_s": wall, "failed": summ["num_failed"],
-            "trials": [{"lr": x["params"].get("optim.prompt_lr"), "best_val_score": x.get("best_val_score"),
-                        "test_score": x.get("test_score"),
-                        "trial_wall_s": trial_wall.get(str(x["params"].get("optim.prompt_lr"))),
-                        "ran": ran.get(str(x["params"].get("optim.prompt_lr")))} for x in rows]}
+    children = sorted(T.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]),
+                      key=lambda r: r.info.start_time)
+    # the child runs' params are strings: (the order it ran in, its trial.wall_s) by the lr as logged
+    by_lr = {r.data.params.get("optim.prompt_lr"): (i, r.data.metrics.get("trial.wall_s"))
+             for i, r in enumerate(children)}
+    trials = []
+    for x in sorted(summ["trials"], key=lambda x: x["params"].get("optim.prompt_lr", 0)):
+        lr = x["params"].get("optim.prompt_lr")
+        ran, trial_wall = by_lr.get(str(lr), (None, None))
+        trials.append({"lr": lr, "best_val_score": x.get("best_val_score"), "test_score": x.get("test_score"),
+                       "trial_wall_s": trial_wall, "ran": ran})
+    return {"wall_s": wall, "failed": summ["num_failed"], "trials": trials}
 
 
 def _same_scores(a: list[dict], b: list[dict]) -> bool:
@@ -524,7 +526,8 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
 
 # ---- the whole speed mode ------------------------------------------------------------------------------
 def run_speed(s: BenchSettings, out_dir: str | Path, *, ray_trials: int = 3, ray_epochs: int = 12,
-              ray_rounds: int = 1, skip_ray: bool = False, parts: Sequence[str] = SPEED_PARTS, log: Log = print) -> dict:
+              ray_rounds: int = 1, skip_ray: bool = False, parts: Sequence[str] = SPEED_PARTS,
+              log: Log = print) -> dict:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
