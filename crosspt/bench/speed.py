@@ -721,22 +721,20 @@ def render_before_after(before: dict, after: dict, *, before_label: str, after_l
     def fmt(v, spec):
         return "-" if v is None else spec.format(v)
 
-    def ray_ratio(res, key):
-        return get(res, "ray", key, "ratio_vs_plain")
-
     rows = [
         ("train step PT (same batches, CPU)", ("step", "median_step_s", "pt"), "{:.1f} ms", 1e3, ""),
         ("train step CrossPT cat, equal composed length", ("step", "median_step_s", "crosspt_cat"), "{:.1f} ms", 1e3, ""),
         ("step ratio CrossPT cat / PT", ("step", "ratio_crosspt_cat_vs_pt"), "{:.3f}", 1, "<= 1.10"),
         ("plain loop: trials x epochs (rte), mean of its runs around the searches",
          ("ray", "plain_s"), "{:.1f} s", 1, ""),
-        ("**in-process search / plain loop** (median over the rounds)", None, "{:.3f}", 1, "<= 1.05"),
+        ("**in-process search / plain loop** (median over the rounds)", ("ray", "in_process", "ratio_vs_plain"),
+         "{:.3f}", 1, "<= 1.05"),
         ("in-process search / plain loop, each round", lambda res: ", ".join(
             f"{x['ratio']:.3f}" for x in get(res, "ray", "in_process", "rounds") or []) or None, "{}", 1, ""),
         ("in-process search: wall outside its trials, each round", lambda res: ", ".join(
             "-" if x.get("outside_trials_s") is None else f"{x['outside_trials_s']:.1f} s"
             for x in get(res, "ray", "in_process", "rounds") or []) or None, "{}", 1, ""),
-        ("worker-group search / plain loop", None, "{:.3f}", 1, "(<= 1.15)"),
+        ("worker-group search / plain loop", ("ray", "worker_group", "ratio_vs_plain"), "{:.3f}", 1, "(<= 1.15)"),
         ("identical val/test scores in-process vs plain loop", ("ray", "identical_in_process_vs_plain"), "{}", 1, "True"),
         ("identical val/test scores in-process vs worker group", ("ray", "identical_in_process_vs_worker_group"), "{}", 1,
          "True"),
@@ -758,9 +756,7 @@ def render_before_after(before: dict, after: dict, *, before_label: str, after_l
     for label, path, spec, scale, target in rows:
         cells = []
         for res in (before, after):
-            if path is None:
-                v = ray_ratio(res, "in_process" if "in-process" in label else "worker_group")
-            elif callable(path):
+            if callable(path):
                 v = path(res)
             else:
                 v = get(res, *path)
