@@ -23,7 +23,7 @@ demo: install
 
 # one configuration, one Ray Train run, real few-shot GLUE rows
 train-demo: install
-	crosspt train --backbone minilm --tasks sst2 --shots 16 --seed 0 --output-json outputs/train_demo.json
+	$(PY) -m crosspt.cli train --backbone minilm --tasks sst2 --shots 16 --seed 0 --output-json outputs/train_demo.json
 
 test: install
 	$(PY) -m pytest -q tests

@@ -19,6 +19,11 @@ import urllib.request
 from pathlib import Path
 
 
+# The `ray` console script of the interpreter running the tests (beside it in a venv's bin/), not whichever
+# `ray` PATH finds first: `make test PY=venv/bin/python` runs without the venv activated.
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,14 +67,14 @@ def ensure_auth_token() -> None:
     """Token auth needs ~/.ray/auth_token before `ray start`; `ray.init` of a local cluster makes one, but
     on a fresh machine a test that starts a head first would find none."""
     if not (Path.home() / ".ray" / "auth_token").is_file() and not os.environ.get("RAY_AUTH_TOKEN"):
-        subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True)
+        subprocess.run([RAY_CLI, "get-auth-token", "--generate"], check=True, capture_output=True)
 
 
 def _ray_start(args: list[str], log, env: dict, hide: tuple[Path, ...] = ()) -> subprocess.Popen:
     """`ray start --block ...`; with `hide`, in a mount namespace of its own where each of those folders
     is an empty tmpfs: that node cannot read what the driver can (a worker machine without the shared disk)."""
     ensure_auth_token()
-    cmd = ["ray", "start", "--block", "--disable-usage-stats", *args]
+    cmd = [RAY_CLI, "start", "--block", "--disable-usage-stats", *args]
     if hide:
         mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(str(h))}" for h in hide)
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec {shlex.join(cmd)}"]

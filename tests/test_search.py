@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 from crosspt.search.driver import run_search
 from crosspt.config.space import SearchSpace, load_space
 from crosspt.registry import tracking as T
+from ray_cluster import RAY_CLI
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORS = ["prompt.n_sources", "prompt.top_k", "prompt.composition", "optim.prompt_lr"]     # tiny_space's
@@ -206,8 +208,8 @@ def test_ray_job_submit_smoke(ray_head, data_dir, tmp_path):
     """`ray job submit --working-dir . -- python jobs/search_glue.py --space search_spaces/smoke.yaml`."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ray_head.dashboard}
-    cmd = ["ray", "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO), "--",
-           "python", "jobs/search_glue.py", "--space", "search_spaces/smoke.yaml",
+    cmd = [RAY_CLI, "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(REPO), "--",
+           sys.executable, "jobs/search_glue.py", "--space", "search_spaces/smoke.yaml",
            "--set", "budget.num_samples=2", "--set", "budget.max_epochs=2", "--set", "base.tasks=[sst2]",
            "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray_results"),
            "--data-dir", str(data_dir), "--summary-json", str(tmp_path / "summary.json")]
