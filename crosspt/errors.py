@@ -23,3 +23,7 @@ class DataError(CrossPTError):
 
 class ArtifactError(CrossPTError):
     """A saved prompt/bank/model artifact is missing or does not match the config."""
+
+
+class SearchStateError(CrossPTError):
+    """A search's saved state cannot be read, or another driver holds it: nothing is changed on its account."""

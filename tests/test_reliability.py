@@ -358,7 +358,7 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
               SimpleNamespace(trial_id="crashed", status="ERROR", last_result={}, error_file=None),
               SimpleNamespace(trial_id="running", status="RUNNING", last_result={})]
     counts = reconcile_child_runs(uri, exp, parent, trials)
-    assert counts == {"orphaned": 2, "closed": 3}
+    assert counts == {"orphaned": 2, "closed": 3, "unknown": 0}
     status = {tid: c.get_run(rid) for tid, rid in ids.items()}
     assert status["orphan"].info.status == "KILLED" and status["orphan"].info.lifecycle_stage == "deleted"
     assert status["orphan"].data.tags["crosspt.orphaned"] == "true"

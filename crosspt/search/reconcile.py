@@ -6,19 +6,35 @@ orphan that the restored search replaces. The Optuna side is `crosspt.search.opt
 """
 from __future__ import annotations
 
+import pickle
+import sys
 from pathlib import Path
 
+from crosspt.errors import SearchStateError
 from crosspt.registry import tracking as T
 
 
 def tune_trials(root: str) -> list:
-    """The trials in a Tune experiment's saved state (id, status, last result, error file)."""
+    """The trials in a Tune experiment's saved state (id, status, last result, error file); none when Tune
+    saved nothing yet (the driver died before its first save: every child run is an orphan then).
+
+    A state that exists but cannot be read is a `SearchStateError`, never an empty list: reconciliation
+    against an empty list would take every child run of the search for an orphan and delete it."""
     from ray.tune import ExperimentAnalysis
 
+    from crosspt.search.state import tune_state_saved
+
+    if not tune_state_saved(root):
+        return []
     try:
         return list(ExperimentAnalysis(root).trials)
-    except Exception:          # no state saved yet (the driver died at once): every child run is an orphan
-        return []
+    # what a damaged or half-written state raises: a missing or unreadable file (OSError), bad JSON
+    # (ValueError), a trial record without its fields (KeyError), a truncated or foreign pickled trial
+    except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        raise SearchStateError(
+            f"Tune's saved state in {root} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "no child run was changed. Restore that folder's experiment_state-*.json from a backup, then run "
+            "`crosspt search --space <space.yaml> --resume` with the same --storage-path") from e
 
 
 def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trials: list,
@@ -30,15 +46,23 @@ def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trial
     ended KILLED if it was RUNNING (a run that finished keeps its status), and soft-deleted (`mlflow runs
     restore` brings it back). A child without a trial tag is not a trial's and is left alone. A child of a
     trial Tune recorded as ended is closed with that trial's status. A child of an unfinished trial is left
-    alone (the trial resumes and continues it) unless the search has ended."""
+    alone (the trial resumes and continues it) unless the search has ended.
+
+    At the end of a search (`search_ended`) there is no orphan pass: orphans come only from a driver that
+    died, and `--resume` has taken them out before its Tune run started. A child whose trial Tune does not
+    know at that point is left as it is and counted as `unknown` (one line on stderr): nothing is deleted
+    that is not proved an orphan."""
     c = T.client(uri)
     by_id = {t.trial_id: t for t in trials}
-    counts = {"orphaned": 0, "closed": 0}
+    counts = {"orphaned": 0, "closed": 0, "unknown": 0}
     for run in T.child_runs(uri, experiment_id, parent_run_id):
         tid = run.data.tags.get(T.TRIAL_TAG)
         if not tid:                     # not a trial's run
             continue
         rid, t = run.info.run_id, by_id.get(tid)
+        if t is None and search_ended:
+            counts["unknown"] += 1
+            continue
         if t is None:
             # a trial Tune never recorded, also one that ended on its own before the driver died (FINISHED
             # or FAILED): the resumed search does not know it and ran a replacement, so it must not stay in
@@ -68,6 +92,9 @@ def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trial
         else:
             continue
         counts["closed"] += 1
+    if counts["unknown"]:
+        print(f"reconcile: {counts['unknown']} child run(s) of parent run {parent_run_id} belong to trials Tune's "
+              "saved state does not name; left as they are", file=sys.stderr)
     return counts
 
 

@@ -22,6 +22,22 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def _filesystem(root: str):
+    """`(pyarrow filesystem, path)` for a local folder or a storage URI."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(root) if is_uri(root) else (fs.LocalFileSystem(), root)
+
+
+def tune_state_saved(root: str) -> bool:
+    """Tune saved its experiment state (an `experiment_state-*.json`) under `root` at least once."""
+    from pyarrow import fs
+
+    fsys, path = _filesystem(root)
+    infos = fsys.get_file_info(fs.FileSelector(path, allow_not_found=True))
+    return any(Path(i.path).name.startswith("experiment_state") for i in infos)
+
+
 @dataclass
 class SearchPaths:
     """`root` is a local folder or a storage URI (`s3://...`, `gs://...`, `file://...`) handed to Tune as it
@@ -31,9 +47,7 @@ class SearchPaths:
     optuna_url: str
 
     def _fs(self):
-        from pyarrow import fs
-
-        return fs.FileSystem.from_uri(self.root) if is_uri(self.root) else (fs.LocalFileSystem(), self.root)
+        return _filesystem(self.root)
 
     @property
     def storage(self) -> str:
@@ -72,11 +86,7 @@ class SearchPaths:
     def has_tune_state(self) -> bool:
         """Tune saved its experiment state (trials) at least once: a resume restores it; before that a
         resume starts the trials afresh."""
-        from pyarrow import fs
-
-        fsys, path = self._fs()
-        infos = fsys.get_file_info(fs.FileSelector(path, allow_not_found=True))
-        return any(Path(i.path).name.startswith("experiment_state") for i in infos)
+        return tune_state_saved(self.root)
 
     def banks_dir(self) -> Path:
         """Local folder for source banks fetched from the registry (trials read them as files)."""
