@@ -69,3 +69,106 @@ def test_a_normal_end_deletes_no_run_tune_does_not_name(tmp_path):
     counts = reconcile_child_runs(uri, exp, parent, trials, search_ended=True)
     assert counts == {"orphaned": 0, "closed": 0, "unknown": 2}
     assert _active(uri, exp, parent) == 3
+
+
+def _space(tmp_path, scheduler: dict):
+    import yaml
+
+    from crosspt.config.space import load_space
+
+    tree = {"name": "ends", "base": {"backbone": {"name": "minilm"}, "tasks": ["rte"], "train": {"epochs": 4}},
+            "space": {"optim.prompt_lr": {"type": "loguniform", "low": 1e-3, "high": 0.3}},
+            "objective": {"metric": "best_val_score", "mode": "max"},
+            "budget": {"num_samples": 2, "max_epochs": 4}, "scheduler": scheduler,
+            "search": {"algorithm": "optuna", "seed": 0}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(tree))
+    return load_space(tmp_path / "space.yaml")
+
+
+def test_a_pruned_trial_replays_pruned_in_optuna(tmp_path):
+    """A trial restored after a crash whose earlier attempt was pruned (its child run FINISHED with
+    `pruned=true`) reports that run again instead of training (`trainable.replay_result`); the searcher
+    then records it PRUNED in the Optuna study, as it was. Before: the replay said `final_epoch`, and the
+    study held it COMPLETE with its partial score, for TPE to learn from."""
+    import optuna
+
+    from crosspt.search.optuna_glue import make_searcher, rdb_storage
+    from crosspt.search.trainable import replay_result
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = T.client(uri)
+    exp = T.ensure_experiment(uri, "ends")
+    rid = c.create_run(exp, tags={T.TRIAL_TAG: "tid0"}).info.run_id
+    T.log_metrics(c, rid, {"best_val_score": 0.61, "epoch": 1})
+    c.set_tag(rid, T.STOPPED_BY_TAG, T.STOPPED_BY_SCHEDULER)
+    T.close_pruned(c, rid, 1)
+    optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(_space(tmp_path, {"type": "asha", "grace_period": 1}), optuna_url, "ends")
+    searcher.suggest("tid0")
+    searcher.on_trial_complete("tid0", replay_result(c.get_run(rid)))
+    study = optuna.load_study(study_name="ends", storage=rdb_storage(optuna_url))
+    assert [t.state.name for t in study.trials] == ["PRUNED"]
+
+
+def test_a_time_budget_stop_is_not_pruned_by_asha(tmp_path):
+    """A trial stopped before its last epoch is recorded as pruned by ASHA only where ASHA decided it
+    (`TaggingASHA` tags the run as it returns STOP); a stop of the search (time_budget_s, FIFO) says so.
+    Before: every early end read "Pruned: the scheduler (ASHA) stopped this trial"."""
+    from ray.tune.experiment import Trial
+
+    from crosspt.search.optuna_glue import MLFLOW_RUN_ATTR, make_scheduler
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = T.client(uri)
+    exp = T.ensure_experiment(uri, "ends")
+    budget, good, bad = (c.create_run(exp).info.run_id for _ in range(3))
+    # the search's time budget ran out mid-trial: nothing tagged it, it closes as the trial does (`finish_pruned`)
+    T.close_pruned(c, budget, 1)
+    run = c.get_run(budget)
+    note = run.data.tags["mlflow.note.content"]
+    assert "ASHA" not in note and "time budget" in note, note
+    assert run.data.tags[T.STOPPED_BY_TAG] == T.STOPPED_BY_SEARCH and run.data.tags[T.PRUNED_TAG] == "true"
+
+    asha = make_scheduler(_space(tmp_path, {"type": "asha", "grace_period": 1, "reduction_factor": 2}), 4, uri)
+    trials = {rid: Trial("run_trial", trial_id=f"t{i}", stub=True) for i, rid in enumerate((good, bad))}
+    decisions = {}
+    for rid, score in ((good, 0.9), (bad, 0.1)):
+        asha.on_trial_add(None, trials[rid])
+        decisions[rid] = asha.on_trial_result(None, trials[rid], {"training_iteration": 1, "best_val_score": score,
+                                                                   MLFLOW_RUN_ATTR: rid})
+    assert decisions == {good: asha.CONTINUE, bad: asha.STOP}
+    T.close_pruned(c, bad, 0)
+    note = c.get_run(bad).data.tags["mlflow.note.content"]
+    assert note.startswith("Pruned: the scheduler (ASHA) stopped this trial after epoch 0"), note
+    assert T.STOPPED_BY_TAG not in c.get_run(good).data.tags
+
+
+def test_a_second_driver_of_one_search_is_refused(tmp_path):
+    """Two drivers claim one new search before either wrote its state: the second is refused with one line
+    naming the first; once the first releases it (or dies: the flock goes with its process), it can be
+    claimed. Before: both claimed it and ran the same search into one Tune folder and one study."""
+    from crosspt.search.state import claim_state, release_claim, search_paths
+
+    space = _space(tmp_path, {"type": "fifo"})
+    paths = search_paths(space, str(tmp_path / "ray_results"), f"sqlite:///{tmp_path / 'mlflow.db'}", "ends")
+    assert claim_state(paths, "ends", "ends", resume=False, overwrite=False) is None
+    try:
+        with pytest.raises(SearchStateError) as e:
+            claim_state(paths, "ends", "ends", resume=False, overwrite=False)
+        assert "\n" not in str(e.value) and "already being run" in str(e.value), str(e.value)
+        # another process (a second `crosspt search`): refused, naming the holder
+        import subprocess
+        import sys
+
+        code = ("import sys; from crosspt.errors import SearchStateError; from crosspt.search.state import *;"
+                "from crosspt.config.space import load_space;"
+                f"p = search_paths(load_space({str(tmp_path / 'space.yaml')!r}), {str(tmp_path / 'ray_results')!r},"
+                f" 'sqlite:///{tmp_path / 'mlflow.db'}', 'ends')\n"
+                "try: claim_state(p, 'ends', 'ends', False, False)\n"
+                "except SearchStateError as e: print(e); sys.exit(2)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "is being run by another driver (pid" in out.stdout, out.stdout + out.stderr
+    finally:
+        release_claim(paths)
+    assert claim_state(paths, "ends", "ends", resume=False, overwrite=False) is None
+    release_claim(paths)

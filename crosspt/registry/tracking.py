@@ -34,7 +34,9 @@ MAX_KEY_LEN = 250
 TRIAL_TAG = "crosspt.trial_id"         # Tune's trial id: how a trial finds its child run again
 CONFIG_HASH_TAG = "crosspt.config_hash"
 BACKBONE_REVISION_TAG = "crosspt.backbone.revision"   # a hub commit or sha256: of a local folder (registry/revision.py)
-PRUNED_TAG = "pruned"                  # a trial the scheduler stopped early (`close_pruned`)
+PRUNED_TAG = "pruned"                  # a trial stopped before its last epoch (`close_pruned`)
+STOPPED_BY_TAG = "crosspt.stopped_by"  # ... by whom: the scheduler (ASHA's decision) or the search (time budget)
+STOPPED_BY_SCHEDULER, STOPPED_BY_SEARCH = "scheduler", "search"
 # metrics that are the same at every epoch: logged once (step 0), not charted as per-step lines
 ONCE_METRICS = ("trainable_params", "total_params")
 # a router's metrics: logged only for runs whose router has them (TrialLogger.routed)
@@ -428,16 +430,23 @@ class TrialLogger:
 
 
 def close_pruned(c, run_id: str, epoch=None) -> None:
-    """End a child run the scheduler stopped early: FINISHED (it ended as the search meant it to, and the
-    UI draws KILLED like FAILED, with a red cross) with the tag `pruned=true`, which keeps its score out
-    of every "best trial" (`best_finished_child`), and a description saying so."""
+    """End a child run that stopped before its last epoch: FINISHED (it ended as the search meant it to, and
+    the UI draws KILLED like FAILED, with a red cross) with the tag `pruned=true`, which keeps its score out
+    of every "best trial" (`best_finished_child`), and a description saying who stopped it: the scheduler
+    (ASHA), when its decision tagged the run `STOPPED_BY_TAG=scheduler` (`crosspt.search.optuna_glue`), else
+    the search itself (its `time_budget_s` ran out, or it was stopped), tagged `search`."""
+    by = c.get_run(run_id).data.tags.get(STOPPED_BY_TAG) or STOPPED_BY_SEARCH
     when = f" after epoch {int(epoch)}" if isinstance(epoch, (int, float)) and epoch >= 0 else ""
     c.set_tag(run_id, PRUNED_TAG, "true")
+    c.set_tag(run_id, STOPPED_BY_TAG, by)
     if when:
         c.set_tag(run_id, "stopped_at_epoch", str(int(epoch)))
+    what = (f"Pruned: the scheduler (ASHA) stopped this trial{when}." if by == STOPPED_BY_SCHEDULER else
+            f"Stopped by the search{when}, before its last epoch: its time budget (time_budget_s) ran out or "
+            f"the search was stopped. Not pruned by the scheduler.")
     c.set_tag(run_id, "mlflow.note.content",
-              f"Pruned: the scheduler (ASHA) stopped this trial{when}. Its scores are from fewer epochs than a "
-              f"finished trial's, so it never counts as the search's best.")
+              f"{what} Its scores are from fewer epochs than a finished trial's, so it never counts as the "
+              f"search's best.")
     c.set_terminated(run_id, "FINISHED")
 
 

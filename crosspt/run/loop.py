@@ -15,6 +15,7 @@ reported): a `Session` (`crosspt.run.session`). Validation and test metrics cove
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -140,6 +141,9 @@ class _KeptBackbone:
 
     def __init__(self):
         self.key, self.backbone, self.heads, self.busy = None, None, None, False
+        # `budget.repeats` runs take backbones from threads side by side: checking `busy` and setting it is
+        # one step, or two runs would share (and both reset) one backbone
+        self._lock = threading.Lock()
 
     @staticmethod
     def _key(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device):
@@ -151,23 +155,26 @@ class _KeptBackbone:
         from crosspt.backbones.loader import load_for_config
 
         key = self._key(cfg, tasks, device)
-        if self.backbone is not None and not self.busy and self.key == key:
-            with torch.no_grad():
-                for p, initial in zip(self.backbone.head_parameters(), self.heads):
-                    p.copy_(initial)
-            self.busy = True
-            return self.backbone
+        with self._lock:
+            if self.backbone is not None and not self.busy and self.key == key:
+                self.busy = True
+                with torch.no_grad():
+                    for p, initial in zip(self.backbone.head_parameters(), self.heads):
+                        p.copy_(initial)
+                return self.backbone
         # the frozen weights are read from disk in the dtype the device computes in (run/precision.py)
         backbone = load_for_config(cfg, tasks, torch_dtype=compute_dtype(device, cfg.backbone.dtype))
-        if not backbone.random_heads and not self.busy:
-            self.key, self.backbone, self.busy = key, backbone, True
-            self.heads = [p.detach().clone() for p in backbone.head_parameters()]
+        with self._lock:
+            if not backbone.random_heads and not self.busy:
+                self.key, self.backbone, self.busy = key, backbone, True
+                self.heads = [p.detach().clone() for p in backbone.head_parameters()]
         return backbone
 
     def release(self, backbone) -> None:
         """The run that took `backbone` has ended: the next run may have it."""
-        if backbone is self.backbone:
-            self.busy = False
+        with self._lock:
+            if backbone is self.backbone:
+                self.busy = False
 
 
 _backbones = _KeptBackbone()

@@ -21,7 +21,7 @@ from crosspt.config.space import SearchSpace
 from crosspt.errors import ConfigError
 from crosspt.registry import tracking as T
 from crosspt.run.faults import check_drills, kill_point
-from crosspt.search.state import SearchPaths, claim_state, search_paths
+from crosspt.search.state import SearchPaths, claim_state, release_claim, search_paths
 from crosspt.search.summary import NOTE_TAG, log_parent, parent_note
 
 CHECKPOINTS_KEPT = 2      # per trial in Tune's storage: the latest (resume) and the one before it
@@ -103,6 +103,7 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
             c.set_terminated(parent_run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
             raise
     finally:
+        release_claim(paths)
         if connected and ray.is_initialized():
             ray.shutdown()
     summary.update({"wall_s": time.time() - t0, "tracking_uri": uri, "experiment": exp_name,
@@ -247,7 +248,7 @@ def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
             # keeps Tune's trial id too, which `tune_trials` and the summary match on
             tune_config=tune.TuneConfig(search_alg=searcher, trial_name_creator=searcher.trial_name,
                                         trial_dirname_creator=trial_dirname,
-                                        scheduler=make_scheduler(space, run.base.train.epochs),
+                                        scheduler=make_scheduler(space, run.base.train.epochs, run.uri),
                                         num_samples=space.budget.num_samples,
                                         max_concurrent_trials=derive_concurrency(space, run.base),
                                         time_budget_s=space.budget.time_budget_s,

@@ -6,6 +6,7 @@ Imported by the driver only when a search runs (it imports Ray Tune at module le
 from __future__ import annotations
 
 import optuna
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from crosspt.config.space import OptunaDefineByRun, SearchSpace
@@ -167,17 +168,39 @@ def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: 
     return searcher
 
 
-def make_scheduler(space: SearchSpace, epochs: int):
+def make_scheduler(space: SearchSpace, epochs: int, tracking_uri: str | None = None):
     """ASHA over the objective's own metric and mode (`SearchSpace.scheduler_metric`): a rung decides on
-    the number the search selects on, reported every epoch."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    the number the search selects on, reported every epoch. With `tracking_uri`, each of its stop decisions
+    is written on the trial's child run (`TaggingASHA`)."""
+    from ray.tune.schedulers import FIFOScheduler
 
     sch = space.scheduler
     if sch.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(metric=space.scheduler_metric, mode=space.objective.mode, time_attr="training_iteration",
-                         max_t=epochs, grace_period=min(sch.grace_period, epochs),
-                         reduction_factor=sch.reduction_factor)
+    return TaggingASHA(tracking_uri, metric=space.scheduler_metric, mode=space.objective.mode,
+                       time_attr="training_iteration", max_t=epochs, grace_period=min(sch.grace_period, epochs),
+                       reduction_factor=sch.reduction_factor)
+
+
+class TaggingASHA(ASHAScheduler):
+    """ASHA that tags the child run of each trial it stops before its last epoch `crosspt.stopped_by=scheduler`,
+    before Tune stops the trial: the trial, the driver's callback and the reconciliation then record that
+    stop as pruned by ASHA, and any other early end (time budget, a stopped search) as the search's."""
+
+    def __init__(self, tracking_uri: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._tracking_uri = tracking_uri
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        run_id = result.get(MLFLOW_RUN_ATTR)
+        # a replayed result (`trainable.replay_result`) keeps the record of who stopped it the first time
+        if (decision == self.STOP and self._tracking_uri and run_id and not result.get("final_epoch")
+                and not result.get("replayed")):
+            from crosspt.registry import tracking as T
+
+            T.client(self._tracking_uri).set_tag(run_id, T.STOPPED_BY_TAG, T.STOPPED_BY_SCHEDULER)
+        return decision
 
 
 def delete_study(optuna_url: str, study_name: str) -> None:

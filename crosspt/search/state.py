@@ -11,9 +11,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from crosspt.config.space import SearchSpace
-from crosspt.errors import ConfigError
+from crosspt.errors import ConfigError, SearchStateError
 
 STATE_FILE = "crosspt_search.json"
 
@@ -117,11 +118,71 @@ def search_paths(space: SearchSpace, storage_path: str | None, tracking_uri: str
     return SearchPaths(f"{storage}/{name}", name, f"sqlite:///{optuna_db}")
 
 
+# the claims this process holds: lock file -> its open handle (the flock lives as long as the handle)
+_CLAIMS: dict[str, IO] = {}
+
+
+def _claim_lock(paths: SearchPaths) -> Path:
+    """The local file whose flock says a driver runs this search: beside its folder (not in it: --overwrite
+    deletes the folder), or for a storage URI in the local folder beside the search (drivers on other
+    machines are not seen there)."""
+    base = paths.local_base if is_uri(paths.root) else Path(paths.storage)
+    return base / f".{paths.study_name}.driver.lock"
+
+
+def hold_claim(paths: SearchPaths, search_name: str, exp_name: str) -> None:
+    """Take this search for this process until `release_claim` (or the process ends: a killed driver's
+    flock goes with it, so `--resume` is never locked out). A search another driver holds is refused with
+    one line naming that driver."""
+    import fcntl
+    import os
+    import socket
+    import time
+
+    lock = _claim_lock(paths)
+    if str(lock) in _CLAIMS:
+        raise SearchStateError(f"search '{search_name}' in experiment '{exp_name}' is already being run by this "
+                               f"process; one driver per search")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise SearchStateError(f"search '{search_name}' in experiment '{exp_name}' is being run by another driver "
+                               f"({holder}); wait for it to end, or stop it, then --resume") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    fh.flush()
+    _CLAIMS[str(lock)] = fh
+
+
+def release_claim(paths: SearchPaths) -> None:
+    """Let another driver take the search (a no-op where this process holds no claim on it)."""
+    fh = _CLAIMS.pop(str(_claim_lock(paths)), None)
+    if fh is not None:
+        fh.close()            # closing the handle drops the flock
+
+
 def claim_state(paths: SearchPaths, search_name: str, exp_name: str, resume: bool, overwrite: bool) -> dict | None:
-    """The saved state of this search identity: refused without --resume/--overwrite, removed with
-    --overwrite (its Optuna study too), read with --resume (None for a new search)."""
+    """The saved state of this search identity, claimed for this driver (`hold_claim`: a second driver of the
+    same search is refused): refused without --resume/--overwrite, removed with --overwrite (its Optuna
+    study too), read with --resume (None for a new search)."""
     from crosspt.search.optuna_glue import delete_study
 
+    hold_claim(paths, search_name, exp_name)
+    try:
+        return _claimed_state(paths, search_name, exp_name, resume, overwrite, delete_study)
+    except BaseException:
+        release_claim(paths)
+        raise
+
+
+def _claimed_state(paths: SearchPaths, search_name: str, exp_name: str, resume: bool, overwrite: bool,
+                   delete_study) -> dict | None:
     if paths.exists() and not resume:
         if not overwrite:
             raise ConfigError(f"search '{search_name}' in experiment '{exp_name}' already has saved state in "

@@ -278,11 +278,19 @@ def _replay_finished(run, logger: T.TrialLogger) -> None:
 
     T.client(logger.uri).set_tag(run.info.run_id, "crosspt.replayed",
                                  str(int(run.data.tags.get("crosspt.replayed", "0")) + 1))
+    tune.report(replay_result(run))
+
+
+def replay_result(run) -> dict[str, Any]:
+    """The result a restored trial reports for its earlier attempt's FINISHED child run `run`: the logged
+    metrics, and `final_epoch` only where that attempt ran its last epoch. A pruned run (FINISHED too, tagged
+    `pruned`) replays as stopped early, so the searcher records it PRUNED in Optuna, never COMPLETE with a
+    partial score that TPE would learn from as a full run's."""
     m: dict[str, Any] = dict(run.data.metrics)
-    m.update({"final_epoch": True, "replayed": True, MLFLOW_RUN_KEY: run.info.run_id})
+    m.update({"final_epoch": not T.is_pruned(run), "replayed": True, MLFLOW_RUN_KEY: run.info.run_id})
     if "epoch" in m:
         m["training_iteration"] = int(m["epoch"]) + 1      # as many iterations as epochs, as in the first run
-    tune.report(m)
+    return m
 
 
 def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger, splits: dict | None) -> None:
