@@ -172,3 +172,31 @@ def test_a_second_driver_of_one_search_is_refused(tmp_path):
         release_claim(paths)
     assert claim_state(paths, "ends", "ends", resume=False, overwrite=False) is None
     release_claim(paths)
+
+
+@pytest.mark.slow
+def test_a_report_that_cannot_be_drawn_is_the_search_s_last_line(ray_head, tiny_t5_path, data_dir, tmp_path):
+    """The search's report cannot be written (its folder's name is taken by a file): `crosspt search` ends
+    with one `error:` line saying so and how to draw it again, exit 1, the trials kept; `crosspt report
+    --parent` prints the same line. Before: exit 0, the failure only inside the summary's table and a tag."""
+    import yaml
+    from test_reliability import cli_env, run, search_cmd, tiny_tree
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_tree(tiny_t5_path, "noreport", samples=2, epochs=1)))
+    db, storage = tmp_path / "mlflow.db", tmp_path / "ray_results"
+    storage.mkdir()
+    (storage / "noreport_report").write_text("in the way")
+    env = cli_env(RAY_ADDRESS=ray_head.address, CROSSPT_DATA_DIR=str(data_dir))
+    out = run(search_cmd(space, db, storage, "--summary-json", str(tmp_path / "s.json")), env, tmp_path, 480)
+    last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+    assert out.returncode == 1 and last.startswith("error: the design-factor report of parent run"), \
+        f"rc={out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}"
+    assert "FileExistsError" in last and "crosspt report --parent" in last, last
+    import json
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["num_trials"] == 2
+    again = run([*search_cmd(space, db, storage)[:3], "report", "--parent", summary["parent_run_id"],
+                 "--tracking-uri", f"sqlite:///{db}", "--out", str(storage / "noreport_report")], env, tmp_path, 300)
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == last, again.stderr[-1500:]

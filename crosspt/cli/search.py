@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -43,15 +44,26 @@ def cmd_search(args) -> int:
     if args.summary_json:
         Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    if summary["report"].get("error"):        # the search's last line, where the user looks
+        print(f"error: {summary['report']['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_report(args) -> int:
+    from crosspt.errors import CrossPTError
     from crosspt.registry import tracking as T
-    from crosspt.search.report import format_table, report_search
+    from crosspt.search.report import format_table, report_failed, report_search
 
     uri = T.resolve_tracking_uri(args.tracking_uri)
-    rep, md = report_search(uri, experiment=args.experiment, parent_run_id=args.parent, out=args.out)
+    try:
+        rep, md = report_search(uri, experiment=args.experiment, parent_run_id=args.parent, out=args.out)
+    except CrossPTError:
+        raise                       # bad input (no such search): run_cli's one line
+    # any other failure in the same line the search ended with (`report_failed`)
+    except Exception as e:
+        print(f"error: {report_failed(e, args.parent or args.experiment, uri)}", file=sys.stderr)
+        return 1
     print(format_table(rep))
     print(f"written: {md}, {md.with_name('report.html').name} (figures inline), {md.with_name('report.json').name}")
     return 0

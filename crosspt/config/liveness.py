@@ -20,7 +20,6 @@ resolved the family-dependent keys count as live (never refuse what might act).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 from crosspt.backbones.base import Family
@@ -113,14 +112,22 @@ LIVENESS: dict[str, Rule] = {
 }
 
 
-@lru_cache(maxsize=64)
+_FAMILIES: dict[tuple[str, str], str] = {}      # resolved families; a failure is not kept: it may pass later
+
+
 def _resolved_family(name: str, family: str) -> str | None:
     from crosspt.backbones.loader import resolve_backbone
+    from crosspt.errors import ConfigError, UnknownBackboneError
 
-    try:
-        return resolve_backbone(name, family=family)["family"]
-    except Exception:          # unknown here (no network, no cache): family-dependent keys count as live
-        return None
+    key = (name, family)
+    if key not in _FAMILIES:
+        try:
+            _FAMILIES[key] = resolve_backbone(name, family=family)["family"]
+        # what resolve_backbone raises for a backbone it cannot resolve here (offline and not cached, not yet
+        # prepared): family-dependent keys count as live, and the next call tries again; anything else is a bug
+        except (UnknownBackboneError, ConfigError):
+            return None
+    return _FAMILIES[key]
 
 
 def family_of(cfg) -> str | None:

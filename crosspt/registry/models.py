@@ -575,10 +575,8 @@ def _register_version(c, uri: str, rm, model_name: str, model_uri: str, tags: di
 def count_versions(tracking_uri: str, model_name: str) -> int:
     """Number of versions of a registered model (0 when it does not exist)."""
     c = _client(tracking_uri_of(tracking_uri))
-    try:
-        return len(list(c.search_model_versions(f"name='{model_name}'")))
-    except Exception:  # noqa: BLE001 - an unknown name simply has none
-        return 0
+    # an unknown name has no versions (an empty answer, not an error); a store that fails is the caller's error
+    return len(list(c.search_model_versions(f"name='{model_name}'")))
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -65,7 +65,9 @@ def _hub_commit(repo_id: str) -> str | None:
         from huggingface_hub import HfApi
 
         return HfApi().model_info(repo_id, timeout=10).sha
-    except Exception:  # noqa: BLE001 - unknown here: recorded as unknown, never a failed run
+    # unknown here, recorded as unknown (None), never a failed run: the hub client raises its HTTP library's
+    # errors (httpx's ConnectError is no OSError), a package crosspt does not import, so none can be named
+    except Exception:  # noqa: BLE001
         return None
 
 

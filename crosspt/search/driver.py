@@ -314,13 +314,16 @@ def _report(c, uri: str, parent_run_id: str, paths: SearchPaths) -> dict:
     """The design-factor report of the finished search, beside its Tune folder (in the working directory
     for a storage URI) and on the parent run. A report that cannot be drawn is noted on the parent run and
     in the summary: the search's results are in MLflow already and stay valid."""
-    from crosspt.search.report import format_table, report_search
+    from crosspt.search.report import format_table, report_failed, report_search
 
     out = paths.local_base / f"{paths.study_name}_report"
     try:
         rep, md = report_search(uri, parent_run_id=parent_run_id, out=out, optuna_url=paths.optuna_url,
                                 study_name=paths.study_name)
+    # any failure, stated: the trials are in MLflow already and stay valid, so the search ends with the
+    # report's failure as its last line (`crosspt search` exits 1), on the parent run, and in the summary
     except Exception as e:
         c.set_tag(parent_run_id, "crosspt.report", f"failed: {type(e).__name__}: {e}"[:500])
-        return {"dir": str(out), "table": f"report: failed ({type(e).__name__}: {e})", "error": str(e)}
+        line = report_failed(e, parent_run_id, uri)
+        return {"dir": str(out), "table": f"report: failed ({type(e).__name__}: {e})", "error": line}
     return {"dir": str(md.parent), "table": format_table(rep)}

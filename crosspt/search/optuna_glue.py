@@ -95,12 +95,30 @@ class ResumableOptunaSearch(OptunaSearch):
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
 
+    def _steps(self, trial_id: str) -> set[int]:
+        """The steps the study holds an intermediate value of for `trial_id`'s Optuna trial: read from the
+        study once per trial (a restored trial reported some before the crash), then kept here."""
+        steps = self.__dict__.setdefault("_reported_steps", {})      # absent on a searcher restored from older state
+        if trial_id not in steps:
+            number = self._ot_trials[trial_id].number
+            frozen = next((t for t in self._ot_study.get_trials(deepcopy=False) if t.number == number), None)
+            steps[trial_id] = set(frozen.intermediate_values) if frozen else set()
+        return steps[trial_id]
+
     def on_trial_result(self, trial_id: str, result: dict):
         self._record_run(trial_id, result)
+        step = result.get("training_iteration")
+        # a step the study holds already (a restored trial replaying its logged epochs) is not reported
+        # again: Optuna would ignore it with a warning in the search's output
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials and step in self._steps(trial_id):
+            return
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
             self._completed_trials.add(trial_id)      # its value is in the study already
+            return
+        if trial_id in self._ot_trials and isinstance(step, int):
+            self._steps(trial_id).add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         # a trial ASHA stops at its first result reaches the searcher here only, not in on_trial_result
@@ -119,12 +137,14 @@ class ResumableOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
     def _report_last(self, trial_id: str, result: dict) -> None:
-        """The result a trial ended on (the one ASHA stopped it at, or its last epoch) goes to
-        `on_trial_complete`, not to `on_trial_result`: its intermediate value is reported here (a step
-        reported already is ignored by Optuna with a warning)."""
+        """The result a trial ended on: the one ASHA stopped it at reaches `on_trial_complete` only, and its
+        intermediate value is reported here; a trial that ran to its end had its last result through
+        `on_trial_result` already, and that step is not reported twice (Optuna would ignore it with the
+        warning "The reported value is ignored because this `step` is already reported")."""
         value, step = result.get(self.metric), result.get("training_iteration")
-        if isinstance(value, (int, float)) and isinstance(step, int):
+        if isinstance(value, (int, float)) and isinstance(step, int) and step not in self._steps(trial_id):
             self._ot_trials[trial_id].report(float(value), step)
+            self._steps(trial_id).add(step)
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -161,10 +181,9 @@ def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: 
                                      sampler=make_sampler(space), storage=rdb_storage(optuna_url),
                                      study_name=study_name,
                                      points_to_evaluate=[dict(p) for p in space.search.points] or None)
-    try:     # the dashboard and the study's own plots name the objective instead of "Objective 0"
-        optuna.load_study(study_name=study_name, storage=rdb_storage(optuna_url)).set_metric_names([obj.metric])
-    except Exception:
-        pass
+    # the dashboard and the study's own plots name the objective instead of "Objective 0" (the searcher has
+    # created the study: a failure here is the storage's, and a search that cannot write its study stops)
+    optuna.load_study(study_name=study_name, storage=rdb_storage(optuna_url)).set_metric_names([obj.metric])
     return searcher
 
 

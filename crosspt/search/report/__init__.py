@@ -19,10 +19,10 @@ from crosspt.search.report.render import format_table, to_json, write_report
 from crosspt.search.params import repeat_metric
 from crosspt.search.report.rows import Factor, TrialRow, levels
 from crosspt.search.report.stats import FactorResult, Verdict, analyse
-from crosspt.search.report.store import (IMPORTANCE_PLOT, REPORT_DIR, load_search, log_importance_plot,
+from crosspt.search.report.store import (IMPORTANCE_PLOT, REPORT_DIR, load_search, log_importance_plot, report_failed,
                                          publish_to_study, report_search)
 
-__all__ = ["Factor", "FactorResult", "IMPORTANCE_PLOT", "REPORT_DIR", "Report", "TrialRow", "Verdict", "analyse",
+__all__ = ["report_failed", "Factor", "FactorResult", "IMPORTANCE_PLOT", "REPORT_DIR", "Report", "TrialRow", "Verdict", "analyse",
            "build_report", "format_table", "levels", "load_search", "log_importance_plot", "pareto_front",
            "publish_to_study", "repeat_metric", "report_search", "strongest_interaction", "to_json",
            "write_report"]

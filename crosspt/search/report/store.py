@@ -112,20 +112,42 @@ def find_parent(c, experiment: str | None = None, parent_run_id: str | None = No
     return found[0]
 
 
+SPACE_FILE = "search_space.yaml"                    # the search's space, logged on its parent run
+
+
+def _space_tree(c, parent) -> dict:
+    """The search's space as its parent run logged it. An older parent without the file: the keys it
+    logged, as choices. A file that is there but cannot be read is an error: read as choices, every numeric
+    factor would silently fall to too few trials per level."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from crosspt.errors import ArtifactError
+
+    pid = parent.info.run_id
+    if SPACE_FILE not in {a.path for a in c.list_artifacts(pid)}:
+        return {"space": {k: {"type": "choice"} for k in parent.data.params.get("space.keys", "").split(",") if k}}
+    try:
+        tree = yaml.safe_load(Path(c.download_artifacts(pid, SPACE_FILE)).read_text()) or {}
+    # the download (the store's or the file system's error) or the YAML
+    except (MlflowException, OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ArtifactError(f"{SPACE_FILE} of parent run {pid} cannot be read "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); the report needs it to "
+                            f"tell numeric factors from choices") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("space", {}), dict):
+        raise ArtifactError(f"{SPACE_FILE} of parent run {pid} is not a search space (no 'space' mapping)")
+    return tree
+
+
 def load_search(uri: str, experiment: str | None = None, parent_run_id: str | None = None) -> SearchRows:
     """One search's rows from MLflow: its parent run, factors (the logged space), searcher, objective,
     children, and each finished or pruned child's objective at the common rung."""
-    import yaml
-
     from crosspt.registry import tracking as T
 
     c = T.client(uri)
     parent = find_parent(c, experiment, parent_run_id)
     pid, eid = parent.info.run_id, parent.info.experiment_id
-    try:
-        space_tree = yaml.safe_load(Path(c.download_artifacts(pid, "search_space.yaml")).read_text()) or {}
-    except Exception:             # an older parent without the space file: the keys it logged, as choices
-        space_tree = {"space": {k: {"type": "choice"} for k in parent.data.params.get("space.keys", "").split(",") if k}}
+    space_tree = _space_tree(c, parent)
     metric = parent.data.params.get("objective.metric", "best_val_score")
     mode = parent.data.params.get("objective.mode", "max")
     algorithm = parent.data.params.get("search.algorithm") or (space_tree.get("search") or {}).get("algorithm")
@@ -221,3 +243,11 @@ def report_search(uri: str, *, experiment: str | None = None, parent_run_id: str
     if optuna_url and study_name and rep.enough:
         publish_to_study(rep, optuna_url, study_name)
     return rep, md
+
+
+def report_failed(e: BaseException, parent_run_id: str, uri: str) -> str:
+    """The one line that says a search's report could not be drawn, the same at the end of `crosspt search`
+    and from `crosspt report --parent`: what failed, that the trials are kept, and how to draw it again."""
+    return (f"the design-factor report of parent run {parent_run_id} could not be drawn: {type(e).__name__}: {e} "
+            f"(the trials are kept in MLflow; draw it again with `crosspt report --parent {parent_run_id} "
+            f"--tracking-uri {uri}`)").replace("\n", " ")
