@@ -118,9 +118,15 @@ def status_callback(uri: str, experiment_id: str, parent_run_id: str):
 
     class MlflowTrialStatus(tune.Callback):
         def _close(self, trial, status, error=None, pruned=False):
+            from mlflow.exceptions import MlflowException
+
             try:
                 run = T.find_trial_run(uri, experiment_id, parent_run_id, trial.trial_id)
-            except Exception:
+            # the store did not answer (its error, or the HTTP client's: an OSError). Raised here, it would
+            # end the whole search from inside Tune's loop; the end-of-search reconciliation closes the run
+            except (MlflowException, OSError) as e:
+                print(f"reconcile: child run of trial {trial.trial_id} not closed now ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}); the end of the search closes it", file=sys.stderr)
                 return
             if run is None or run.info.status != "RUNNING":
                 return
