@@ -26,13 +26,15 @@ _ROUTED = {"prompt.private_len": 4, "prompt.n_sources": 2, "prompt.source_len": 
            "prompt.top_k": 2}
 
 
-@pytest.mark.parametrize("which", ["t5", "minilm"])
-def test_training_step_makes_no_host_sync(which, tiny_t5_path, minilm_path, data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("which", ["t5", "minilm", "decoder"])
+def test_training_step_makes_no_host_sync(which, tiny_t5_path, tiny_decoder_path, minilm_path, data_dir, tmp_path,
+                                          monkeypatch):
     """An epoch of S steps reads the device S // N + 1 times (N = DIVERGENCE_CHECK_STEPS: the divergence
     checks and the end of the epoch), whatever S: the steps themselves never wait for the device. Counted on
     CPU by `count_host_syncs` (scalar reads, nonzero, boolean-mask indexing, copies to the host) in crosspt's
     own code; transformers' SDPA mask shortcut (`padding_mask.all()`) is not ours and not counted."""
-    backbone, tasks = (tiny_t5_path, ["sst2", "rte"]) if which == "t5" else ("minilm", ["sst2", "rte", "stsb"])
+    backbone, tasks = {"t5": (tiny_t5_path, ["sst2", "rte"]), "minilm": ("minilm", ["sst2", "rte", "stsb"]),
+                       "decoder": (tiny_decoder_path, ["sst2", "rte"])}[which]
     cfg = _cfg(backbone, data_dir, tasks=tasks, **{**_ROUTED, "train.batch_size": 2})
     monkeypatch.setattr(loop, "DIVERGENCE_CHECK_STEPS", 2, raising=False)
     run = loop._set_up(cfg, loop.LocalSession(tmp_path), None, None)

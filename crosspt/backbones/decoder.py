@@ -133,10 +133,18 @@ class DecoderBackbone(RankBackbone):
         builds a task's rows from the same parameters by the same function, so equal values have equal
         Jacobians and the parameters receive exactly what per-row passes would give them (for PT, a
         `prompts[task_ids]` gather, trivially). Rows of different tasks never merge, even when equal (tasks
-        whose prompts start from the same init)."""
+        whose prompts start from the same init).
+
+        Not while training (grad enabled): finding the equal rows puts their count on the host (`unique` and a
+        scalar read: two host syncs per step, the step could not be queued ahead of the device). Every row
+        then gets its own pass over the L prompt tokens: the same gradients (each row's own Jacobian instead of
+        the group's sum on its first row), more compute only where rows are equal (prompt tuning; the
+        router's per-example draws make a CrossPT batch's rows differ anyway)."""
         N, L = prompt.shape[:2]
         if L == 0:
             return None
+        if torch.is_grad_enabled():
+            return self._run(prompt, prompt_mask, keep=1, use_cache=True)[1]
         with torch.no_grad():
             rows = torch.cat([task_ids.view(N, 1).float(), prompt.detach().flatten(1).float(), prompt_mask.float()],
                              dim=1)

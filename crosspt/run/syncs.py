@@ -32,6 +32,7 @@ _SYNC_OPS = {
     _aten.masked_select.default: "masked_select",
     _aten.unique_consecutive.default: "unique",
     _aten._unique2.default: "unique",
+    _aten.unique_dim.default: "unique",          # torch.unique(..., dim=d)
     _aten.repeat_interleave.Tensor: "repeat_interleave without output_size",
 }
 _BOOL_INDEXED = {_aten.index.Tensor: "boolean-mask indexing", _aten.index_put.default: "boolean-mask assignment",
