@@ -27,3 +27,7 @@ class ArtifactError(CrossPTError):
 
 class SearchStateError(CrossPTError):
     """A search's saved state cannot be read, or another driver holds it: nothing is changed on its account."""
+
+
+class ClusterError(CrossPTError):
+    """This process is connected to a Ray cluster other than the one it was given."""

@@ -24,6 +24,41 @@ from pathlib import Path
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 
 
+# Runs its arguments as a child in its own session (the guard leads it) and ends the whole session when the
+# process that started the guard ends, however it ends: that process holds the write end of the guard's stdin,
+# whose EOF comes on a normal exit, an exception, Ctrl-C or a SIGKILL alike. So a failed or interrupted test
+# run leaves no server behind. The guard ignores SIGTERM (a `stop()` of the session reaches its child, and
+# the guard exits with the child's status).
+_GUARD = """
+import os, signal, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+gone = threading.Event()
+def orphaned():
+    sys.stdin.buffer.read()
+    gone.set()
+    os.killpg(0, signal.SIGTERM)
+    try:
+        child.wait(20)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(0, signal.SIGKILL)
+watcher = threading.Thread(target=orphaned, daemon=True)
+watcher.start()
+code = child.wait()
+if gone.is_set():
+    watcher.join()
+sys.exit(code)
+"""
+
+
+def guarded(cmd: list[str], **popen_kw) -> subprocess.Popen:
+    """`cmd` as a process group of its own that ends with this process (`_GUARD`); `stop()` ends it earlier.
+    The returned process is the guard: its pid is the group's id."""
+    return subprocess.Popen([sys.executable, "-c", _GUARD, *cmd], stdin=subprocess.PIPE, start_new_session=True,
+                            **popen_kw)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,6 +86,8 @@ def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = 
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
     """Stop a process group we started (SIGTERM, then SIGKILL)."""
     if proc.poll() is not None:
+        if proc.stdin:
+            proc.stdin.close()
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -61,6 +98,8 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait(10)
+    if proc.stdin:
+        proc.stdin.close()
 
 
 def ensure_auth_token() -> None:
@@ -78,7 +117,7 @@ def _ray_start(args: list[str], log, env: dict, hide: tuple[Path, ...] = ()) -> 
     if hide:
         mounts = " && ".join(f"mount -t tmpfs none {shlex.quote(str(h))}" for h in hide)
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec {shlex.join(cmd)}"]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return guarded(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _own_ports() -> list[str]:
@@ -164,11 +203,11 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(workdir / "mlflow_server.log", "w")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc = subprocess.Popen(
+        self.proc = guarded(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
              "--artifacts-destination", str(workdir / "server_artifacts")],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
         wait_http(f"{self.url}/health", timeout=120, proc=self.proc)
 
     def stop(self) -> None:
@@ -186,8 +225,8 @@ class S3Server:
         self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing",
                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
         self.log = open(workdir / "moto_server.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = guarded([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                            stdout=self.log, stderr=subprocess.STDOUT)
         wait_http(f"{self.url}/moto-api/", timeout=60, proc=self.proc)
         self.client().create_bucket(Bucket=bucket)
 

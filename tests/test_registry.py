@@ -158,7 +158,7 @@ def world(tmp_path_factory, tiny_t5_path, data_dir):
     mp = pytest.MonkeyPatch()
     mp.setenv("CROSSPT_CACHE_DIR", str(tmp / "cache"))
     mp.chdir(tmp)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         cfg = load_config(None, {"backbone.name": str(tiny_t5_path), "backbone.max_length": 48, "data.shots": 4,
                                  "data.max_test": 16, "prompt.source_len": 4, "train.epochs": 2,

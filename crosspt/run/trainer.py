@@ -8,10 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 
 from crosspt.config.schema import RunConfig, ScalingConfig, source_bank_problem
-from crosspt.errors import ConfigError, CrossPTError
+from crosspt.errors import ClusterError, ConfigError, CrossPTError
 from crosspt.run.checkpoint import RESULT_FILE
 from crosspt.run.faults import FAULT_ENV
 from crosspt.tasks.data import resolve_data_dir
@@ -65,18 +66,46 @@ def init_ray(runtime_env: dict | None = None, **init_kwargs) -> bool:
     runtime_env of that connection; whoever connected it disconnects it)."""
     import ray
 
+    address = os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
+        _check_connected_to(address)
         return False
     runtime_env = with_forwarded_env(runtime_env)
-    address = os.environ.get("RAY_ADDRESS")
     if address:
         with _single_node_mode(enabled=_is_loopback(address)):
             ray.init(address=address, runtime_env=_not_in_job_env(runtime_env),
                      **{"log_to_driver": True, **init_kwargs})
+        _check_connected_to(address)
         return True
+    # "local": a Ray of its own. With no address, ray.init joins the cluster last started by `ray start` on
+    # this machine (its /tmp/ray/ray_current_cluster), whoever started it
     with _single_node_mode():
-        ray.init(runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **init_kwargs)
+        ray.init(address="local", runtime_env=runtime_env, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 **init_kwargs)
     return True
+
+
+def _host_port(address: str) -> tuple[str, str]:
+    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    try:
+        host = socket.gethostbyname(host)
+    except OSError:             # not resolvable here: compared as written
+        pass
+    return host, port
+
+
+def _check_connected_to(address: str | None) -> None:
+    """ClusterError unless the connected cluster's GCS is at `address` (a `host:port` RAY_ADDRESS; `auto`, a
+    `ray://` client or a dashboard URL name no GCS and are not checked)."""
+    import ray
+
+    if not address or address == "auto" or "://" in address:
+        return
+    found = ray.get_runtime_context().gcs_address
+    if _host_port(found) != _host_port(address):
+        raise ClusterError(f"this process is connected to the Ray cluster at {found}, not to RAY_ADDRESS={address}; "
+                           f"disconnect it (ray.shutdown()) or unset RAY_ADDRESS")
 
 
 def with_forwarded_env(runtime_env: dict | None) -> dict:
