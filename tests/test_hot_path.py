@@ -184,3 +184,41 @@ def test_compute_dtype_policy():
         assert compute_dtype(gpu, "float32") == torch.float32
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         assert compute_dtype(gpu, "auto") == (torch.bfloat16 if native else torch.float32)
+
+
+def test_a_kept_backbone_goes_to_one_run_at_a_time(tiny_t5_path, data_dir):
+    """Runs started side by side in one process (`budget.repeats` trains its repeats from threads) ask for
+    the kept backbone at once: exactly one gets it, the others load their own. Checking `busy` and setting
+    it is one step under a lock; before, several threads could pass the check while the first was still
+    resetting the heads, and train on one shared model. A race test: on the old code it failed 1 run in 4
+    (two threads held the kept backbone); on the locked code it cannot fail."""
+    import sys
+    import threading
+
+    from crosspt.tasks.specs import resolve_tasks
+
+    cfg = _cfg(tiny_t5_path, data_dir, **{"prompt.private_len": 4})
+    tasks, device = resolve_tasks(cfg.tasks), torch.device("cpu")
+    kept = loop._KeptBackbone()
+    kept.release(kept.take(cfg, tasks, device))
+    n = 8
+    start = threading.Barrier(n)
+
+    def take(got):
+        start.wait()
+        got.append(kept.take(cfg, tasks, device))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)             # switch threads as often as Python can: the race shows, if any
+    try:
+        for _ in range(4):                  # rounds: the kept backbone free again before each
+            got = []
+            threads = [threading.Thread(target=take, args=(got,)) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sum(b is kept.backbone for b in got) == 1, [id(b) for b in got]
+            kept.release(kept.backbone)
+    finally:
+        sys.setswitchinterval(interval)
