@@ -12,7 +12,7 @@ best-vs-worst difference (half-way between the two: any other placement only hel
 - 3 or more levels: statsmodels has no power for the studentized range (Tukey) test, and its ANOVA F power
   (`FTestAnovaPower`) is another test's: the power is simulated through the same statistic (level means
   and a residual variance drawn from their normal-theory distributions, the range of the means over its
-  standard error against the normal-theory critical value that the permutation quantile estimates),
+  standard error against its own quantile at no effect, which the permutation quantile estimates),
   20000 draws with a fixed seed, so the answers are smooth in the effect and repeatable.
 """
 from __future__ import annotations
@@ -44,18 +44,38 @@ def power(effect_sd: float, levels: int, per_level: int, alpha: float, df: int |
         # statsmodels takes df = 2 * per_level - 2; the adjusted model has fewer, at most a few
         p = float(TTestIndPower().power(effect_size=effect_sd, nobs1=per_level, alpha=alpha, ratio=1.0,
                                         alternative="two-sided"))
-        # scipy's noncentral t returns nan far in its tail (effect 20 sd at 8 per level), where the power is 1
-        return 1.0 if math.isnan(p) and effect_sd > 3 else p
-    from scipy.stats import studentized_range
+        if not math.isnan(p):
+            return p
+        # scipy's noncentral t returns nan far in its tail (power near 1): the same test, simulated
+    return _simulated(effect_sd, levels, per_level, alpha, df)
 
-    crit = float(studentized_range.ppf(1 - alpha, levels, df)) / math.sqrt(2)
+
+def _draws(levels: int, df: int) -> tuple[np.ndarray, np.ndarray]:
+    """Standard normal level means (before scaling) and residual sds over sigma: `(N_DRAWS, levels)`, `(N_DRAWS,)`.
+    The same seed for every call, so power is smooth in the effect and exactly `alpha` at no effect."""
     rng = np.random.default_rng(0)
+    return rng.standard_normal((N_DRAWS, levels)), np.sqrt(rng.chisquare(df, N_DRAWS) / df)
+
+
+@lru_cache(maxsize=None)
+def _critical(levels: int, df: int, alpha: float) -> float:
+    """The critical value of the studentized best-vs-worst difference under normal errors: its (1 - alpha)
+    quantile at no effect over the same draws (scale-free: it depends on the levels and df only). Drawn
+    rather than `scipy.stats.studentized_range.ppf`, which integrates numerically at 0.25 s a call and is
+    asked for many df."""
+    z, s = _draws(levels, df)
+    return float(np.quantile((z.max(axis=1) - z.min(axis=1)) / (s * math.sqrt(2)), 1 - alpha))
+
+
+def _simulated(effect_sd: float, levels: int, per_level: int, alpha: float, df: int) -> float:
+    """The power of the studentized best-vs-worst test under normal errors, by simulation (module
+    docstring): level means and a residual sd drawn, against the critical value at no effect."""
+    z, s = _draws(levels, df)
     mu = np.zeros(levels)
     mu[0], mu[1] = effect_sd / 2, -effect_sd / 2
-    means = mu + rng.standard_normal((N_DRAWS, levels)) / math.sqrt(per_level)
-    s = np.sqrt(rng.chisquare(df, N_DRAWS) / df)
-    t = (means.max(axis=1) - means.min(axis=1)) / (s * math.sqrt(2 / per_level))
-    return float(np.mean(t > crit))
+    means = mu * math.sqrt(per_level) + z                  # in units of sigma / sqrt(per_level)
+    t = (means.max(axis=1) - means.min(axis=1)) / (s * math.sqrt(2))
+    return float(np.mean(t > _critical(levels, df, alpha)))
 
 
 def detectable(levels: int, per_level: int, alpha: float, df: int | None = None, target: float = POWER) -> float:
