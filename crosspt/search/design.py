@@ -156,3 +156,35 @@ def design_point(ctx_design: list[dict] | None, number: int) -> DesignPoint | No
         return None
     d = ctx_design[number]
     return DesignPoint(dict(d["params"]), dict(d.get("strata") or {}))
+
+
+# ---- planning: how many design trials a question needs ----------------------------------------------
+PLAN_SIZES = (12, 24, 48)
+
+
+@dataclass
+class PlanRow:
+    factor: str
+    levels: int
+    mde: dict[int, float]                    # design trials -> smallest best - worst found with 80% power
+    trials_for_effect: int | None = None     # design trials that find `effect` with 80% power
+
+
+def plan(space: SearchSpace, noise_sd: float, effect: float | None = None,
+         sizes: Sequence[int] = ()) -> list[PlanRow]:
+    """Per factor of `space`: the smallest best-vs-worst difference its design finds with 80% power at
+    the space's design size and at `sizes` (`PLAN_SIZES` by default), in the units of `noise_sd` (a
+    trial's residual sd), and the design trials that find `effect`. The report's own test and power
+    (`crosspt.search.report.power`), at 0.05 over the number of factors; a conditional factor acts in
+    fewer trials than the design has, so its numbers are optimistic by that share."""
+    from crosspt.search.report.power import ALPHA, detectable, trials_needed
+
+    m = max(len(space.space), 1)
+    sizes = sorted({*(sizes or PLAN_SIZES), *([space.design_count()] if space.design_count() else [])})
+    out = []
+    for key in space.space:
+        k = factor_levels(space, key)
+        mde = {n: detectable(k, n // k, ALPHA / m) * noise_sd for n in sizes if n // k >= 2}
+        need = trials_needed(effect / noise_sd, k, ALPHA / m) if effect else None
+        out.append(PlanRow(key, k, mde, need))
+    return out
