@@ -138,3 +138,53 @@ def test_plan_cli_is_one_error_line_without_noise(tmp_path, capsys):
     assert "smallest best − worst difference found with 80% power" in out and "trials for 5" in out
     assert not math.isnan(float(out.splitlines()[-1].split()[3]))
 
+
+
+@pytest.mark.slow
+def test_asha_never_stops_a_design_trial(ray_head, minilm_path, data_dir, tmp_path, monkeypatch):
+    """A real search (MiniLM, SST-2, sequential trials, ASHA with grace 1 and halving): 3 design trials,
+    then a warm-start point that cannot learn (index labels at lr 1e-7). Every design trial runs its 4
+    epochs, also one that ASHA's rule stops (below the median of the earlier trials at epoch 1); the
+    optimiser's weak trial is stopped. The child runs say which is which from MLflow alone, and the
+    report's verdicts stand on the design trials."""
+    from crosspt.registry import tracking as T
+    from crosspt.search.driver import run_search
+    from crosspt.search.report import load_search
+
+    monkeypatch.chdir(tmp_path)
+    s = SearchSpace.model_validate({
+        "name": "designasha",
+        "base": {"tasks": ["sst2"], "seed": 0, "backbone": {"name": "minilm", "max_length": 48},
+                 "data": {"shots": 8, "max_test": 16}, "prompt": {"private_len": 4},
+                 "train": {"batch_size": 8, "patience": None}, "scaling": {"num_workers": 1, "in_process": True}},
+        "space": {"prompt.label_semantics": {"type": "choice", "values": ["natural", "index"]},
+                  "optim.prompt_lr": {"type": "loguniform", "low": 1e-7, "high": 1e-2}},
+        "budget": {"num_samples": 4, "max_epochs": 4},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "search": {"algorithm": "optuna", "seed": 0, "design": 3,
+                   "points": [{"prompt.label_semantics": "index", "optim.prompt_lr": 1e-7}]},
+        "resources": {"max_concurrent_trials": 1},
+    })
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_search(s, data_dir=str(data_dir), tracking_uri=uri, storage_path=str(tmp_path / "ray_results"),
+                         verbose=0)
+    c = T.client(uri)
+    children = sorted(T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"]),
+                      key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in children] == ["trial000", "trial001", "trial002", "trial003"]
+    first = {r.info.run_name: {h.step: h.value for h in c.get_metric_history(r.info.run_id, "best_val_score")}
+             for r in children}
+    print("\nepoch scores:", first)
+    design = children[:3]
+    for r in design:
+        assert r.data.tags["crosspt.phase"] == "design" and r.data.tags.get("pruned") != "true", r.data.tags
+        assert "crosspt.stratum.optim.prompt_lr" in r.data.tags
+        assert max(first[r.info.run_name]) == 3                        # all 4 epochs (steps 0..3)
+    # ASHA's own rule would have stopped at least one of them: below the median of the earlier trials at epoch 1
+    at1 = [first[r.info.run_name][0] for r in design]
+    assert any(at1[i] < np.median(at1[:i]) for i in range(1, 3)), at1
+    weak = children[3]
+    assert weak.data.tags["crosspt.phase"] == "optimiser" and weak.data.tags.get("pruned") == "true"
+    assert summary["num_stopped"] == 1
+    rows = load_search(uri, parent_run_id=summary["parent_run_id"]).rows
+    assert sorted(r.trial_id for r in rows if r.phase == "design") == sorted(r.data.tags[T.TRIAL_TAG] for r in design)
