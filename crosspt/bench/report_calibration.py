@@ -639,7 +639,7 @@ def paths_markdown(results: dict) -> list[str]:
             md.append(f"| {r['design']} | {r['searches']} | {_pct(b['false_effect'])} | {_pct(a['false_effect'])} | "
                       f"{_pct(b['family_wise'])} | {_pct(a['family_wise'])} | {_pct(b['power']) if b['power'] else '-'} | "
                       f"{_pct(a['power']) if a['power'] else '-'} | {r['hint_effects']} |")
-        md.append("")
+        md += ["", *(_within(r) for r in results["paths"]), ""]
     if results.get("power"):
         rows = results["power"]
         md += ["## Power on a noise model fitted to a real search", "",
@@ -659,8 +659,23 @@ def paths_markdown(results: dict) -> list[str]:
         for r in rows:
             md.append(f"| {r['noise']} | {r['sd']:.2f} | {r['trials']} | {r['searches']} | {100 * r['computed']:.1f} | "
                       f"{_pct(r['simulated'])} | {_pct(r['false_effect'])} |")
-        md.append("")
+        at24 = [r for r in rows if r["trials"] == 24]
+        md += ["", "At 24 design trials: " + "; ".join(
+            f"{r['noise']}: {100 * r['computed']:.0f}% computed, {_pct(r['simulated'])}% simulated" for r in at24)
+            + ". 80% power needs " + "; ".join(
+                f"{min((r['trials'] for r in rows if r['noise'] == n and r['computed'] >= 0.8), default=None) or 'more than 48'}"
+                f" design trials on {n}" for n in dict.fromkeys(r["noise"] for r in rows)) + ".", ""]
     return md
+
+
+def _within(r: dict) -> str:
+    """One sentence: are the path's false-effect rates within Monte-Carlo error of 5%?"""
+    a = r["after"]
+    ok = all(x["rate"] - x["mc2se"] <= ALPHA for x in (a["false_effect"], a["family_wise"]))
+    return (f"- {r['design'].split(':')[0]}: after, {_pct(a['false_effect'])}% false effects per factor and "
+            f"{_pct(a['family_wise'])}% per search ({'within' if ok else 'NOT within'} Monte-Carlo error of 5%); "
+            f"before ({r['before_code']}), {_pct(r['before']['false_effect'])}% and "
+            f"{_pct(r['before']['family_wise'])}%; `effect` among the hints: {r['hint_effects']} (by construction).")
 
 
 def main(argv: list[str] | None = None) -> int:
