@@ -111,18 +111,26 @@ def test_a_planted_effect_is_found_beside_a_large_one():
 
 def test_calibration_benchmark_writes_its_table(tmp_path):
     """`python -m crosspt.bench.report_calibration` end to end on a few searches, the old verdict read from
-    git included: the markdown table and its JSON."""
+    git included: the markdown table and its JSON, with the search paths and the power table through
+    `build_report`; the markdown again from the JSON."""
     from crosspt.bench.report_calibration import before_module, main
 
     out = tmp_path / "cal.md"
-    assert main(["--searches", "4", "--before-searches", "2", "--only", "3 levels, 4 trials", "--out", str(out)]) == 0
+    assert main(["--searches", "4", "--before-searches", "2", "--only", "3 levels, 4 trials", "--paths-searches", "1",
+                 "--power-searches", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| 3 levels, 4 trials per level | 4 / 2 |" in text and "## Method" in text
+    assert "## The search paths users run" in text and "| ASHA survivors: 48 trials" in text
+    assert "| assessment (200 fixed rows) | 1.74 | 24 | 1 |" in text
     data = json.loads(out.with_suffix(".json").read_text())
-    assert data[0]["after"]["false_effect"]["n"] == 4
+    assert data["stats"][0]["after"]["false_effect"]["n"] == 4 and len(data["power"]) == 6
+    assert [p["hint_effects"] for p in data["paths"]] == [0, 0]
+    again = tmp_path / "again.md"
+    assert main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)]) == 0
+    assert again.read_text() == text
     if before_module() is None:
         pytest.skip("no git history with the old report here (a shallow clone): the before column is empty")
-    assert data[0]["before"]["false_effect"]["n"] == 2
+    assert data["stats"][0]["before"]["false_effect"]["n"] == 2
 
 
 def test_the_interval_excludes_zero_exactly_when_the_verdict_is_effect():

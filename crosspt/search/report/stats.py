@@ -149,8 +149,9 @@ def analyse(factors: Sequence[Factor], rows: Sequence[TrialRow], mode: str = "ma
 def _decide(res: FactorResult, m: int, hint: bool) -> None:
     """The verdict, adjusted p and interval of a tested factor among `m`, from one critical value: `q`, the
     smallest studentized best-vs-worst difference whose permutation p is below `ALPHA / m`. The p counts
-    null values at or above the observed one within a relative 1e-9, and `q` is the null value just above
-    that count's limit, so `T > q` and `p * m < ALPHA` are the same event, ties included."""
+    null values at or above the observed one within a relative `TIE`, and `q` is the null value at that
+    count's limit (widened by the same tolerance), so `T > q` and `p * m < ALPHA` are the same event, ties
+    included."""
     res.p_adjusted, res.alpha = min(1.0, res.p * m), ALPHA / m
     if res.null is None:                               # every trial scored the same
         res.verdict = Verdict.NONE
@@ -165,9 +166,12 @@ def _decide(res: FactorResult, m: int, hint: bool) -> None:
         res.note = "; ".join([res.note] * bool(res.note) + [
             f"{n} permutations: p cannot fall below {ALPHA}/{m} (Bonferroni over {m} factors)"])
         return
-    q = float(np.sort(null)[::-1][j]) * (1 + TIE)
+    q = float(np.sort(null)[::-1][j]) / (1 - TIE)      # T > q  <=>  T (1 - TIE) > that null value
     res.critical = q
-    raw, se = res.raw_estimate, res.se
+    # the standard error as the statistic saw it (|raw| / T: the same number as the OLS one, but from the
+    # same floating-point path as T, so that the interval's sign and `T > q` cannot part at the last digit)
+    raw = res.raw_estimate
+    se = abs(raw) / t0 if t0 > 0 else res.se
     res.ci_low, res.ci_high = raw - q * se, raw + q * se
     # the corrected difference keeps the picked direction (at worst no difference) and stays in its interval
     sign = 1.0 if raw >= 0 else -1.0
