@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from crosspt.config.space import SearchSpace
-from crosspt.errors import ConfigError
 from crosspt.search.design import N_STRATA, balanced_levels, factor_levels, make_design, plan, stratum_bounds
 
 

@@ -551,6 +551,8 @@ def test_real_search_report_finds_label_semantics_and_clears_eval_batch_size(ray
     assert table.index("prompt.label_semantics") < table.index("train.eval_batch_size"), out
     j = json.loads((tmp_path / "cli" / "report.json").read_text())
     f = {x["factor"]: x for x in j["factors"]}
+    assert j["family"]["kind"] == "design" and len(j["family"]["trials"]) == 12, j["family"]     # every trial designed
+    assert f["prompt.label_semantics"]["n_per_level"] == {"index": 6, "natural": 6}                  # balanced
     assert f["prompt.label_semantics"]["verdict"] == "effect" and f["prompt.label_semantics"]["best"] == "natural", out
     assert f["train.eval_batch_size"]["verdict"] == "none", out
     assert f["train.eval_batch_size"]["ci_low"] <= 0 <= f["train.eval_batch_size"]["ci_high"]

@@ -51,7 +51,6 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -118,16 +117,6 @@ class FactorResult:
     adjusted_for: list[str] = field(default_factory=list)
     note: str = ""                               # why too_few / not_varied / inactive; levels left out
     null: tuple | None = field(default=None, repr=False)   # (null statistics, observed, exact) for `_decide`
-
-
-@lru_cache(maxsize=None)
-def _tukey_quantile(k: int, df: float) -> float:
-    """95% quantile of the studentized range over `k` means with `df` residual degrees of freedom, over
-    sqrt(2): the half-width of Tukey's simultaneous interval in standard errors of a difference (the t
-    quantile for k = 2). Cached: scipy integrates it numerically (0.2 s a call)."""
-    from scipy.stats import studentized_range
-
-    return float(studentized_range.ppf(0.95, k, df)) / math.sqrt(2)
 
 
 def analyse(factors: Sequence[Factor], rows: Sequence[TrialRow], mode: str = "max", metric: str = "objective",
