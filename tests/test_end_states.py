@@ -112,7 +112,7 @@ def test_a_pruned_trial_replays_pruned_in_optuna(tmp_path):
 
 def test_a_time_budget_stop_is_not_pruned_by_asha(tmp_path):
     """A trial stopped before its last epoch is recorded as pruned by ASHA only where ASHA decided it
-    (`TaggingASHA` tags the run as it returns STOP); a stop of the search (time_budget_s, FIFO) says so.
+    (`DesignASHA` tags the run as it returns STOP); a stop of the search (time_budget_s, FIFO) says so.
     Before: every early end read "Pruned: the scheduler (ASHA) stopped this trial"."""
     from ray.tune.experiment import Trial
 
@@ -129,7 +129,7 @@ def test_a_time_budget_stop_is_not_pruned_by_asha(tmp_path):
     assert "ASHA" not in note and "time budget" in note, note
     assert run.data.tags[T.STOPPED_BY_TAG] == T.STOPPED_BY_SEARCH and run.data.tags[T.PRUNED_TAG] == "true"
 
-    asha = make_scheduler(_space(tmp_path, {"type": "asha", "grace_period": 1, "reduction_factor": 2}), 4, uri)
+    asha = make_scheduler(_space(tmp_path, {"type": "asha", "grace_period": 1, "reduction_factor": 2}), 4, tracking_uri=uri)
     trials = {rid: Trial("run_trial", trial_id=f"t{i}", stub=True) for i, rid in enumerate((good, bad))}
     decisions = {}
     for rid, score in ((good, 0.9), (bad, 0.1)):

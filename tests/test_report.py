@@ -15,7 +15,6 @@ import pytest
 
 from crosspt.search.report import (Factor, TrialRow, Verdict, analyse, build_report, format_table, levels,
                                    pareto_front, strongest_interaction, to_json, write_report)
-from crosspt.search.report.stats import holm
 
 LS, EBS, LR = Factor("prompt.label_semantics"), Factor("train.eval_batch_size"), Factor("optim.prompt_lr", True, True)
 
@@ -112,27 +111,108 @@ def test_a_planted_effect_is_found_beside_a_large_one():
 
 def test_calibration_benchmark_writes_its_table(tmp_path):
     """`python -m crosspt.bench.report_calibration` end to end on a few searches, the old verdict read from
-    git included: the markdown table and its JSON."""
+    git included: the markdown table and its JSON, with the search paths and the power table through
+    `build_report`; the markdown again from the JSON."""
     from crosspt.bench.report_calibration import before_module, main
 
     out = tmp_path / "cal.md"
-    assert main(["--searches", "4", "--before-searches", "2", "--only", "3 levels, 4 trials", "--out", str(out)]) == 0
+    assert main(["--searches", "4", "--before-searches", "2", "--only", "3 levels, 4 trials", "--paths-searches", "1",
+                 "--power-searches", "1", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| 3 levels, 4 trials per level | 4 / 2 |" in text and "## Method" in text
+    assert "## The search paths users run" in text and "| ASHA survivors: 48 trials" in text
+    assert "| assessment (200 fixed rows) | 1.74 | 24 | 1 |" in text
     data = json.loads(out.with_suffix(".json").read_text())
-    assert data[0]["after"]["false_effect"]["n"] == 4
+    assert data["stats"][0]["after"]["false_effect"]["n"] == 4 and len(data["power"]) == 6
+    assert [p["hint_effects"] for p in data["paths"]] == [0, 0]
+    again = tmp_path / "again.md"
+    assert main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)]) == 0
+    assert again.read_text() == text
     if before_module() is None:
         pytest.skip("no git history with the old report here (a shallow clone): the before column is empty")
-    assert data[0]["before"]["false_effect"]["n"] == 2
+    assert data["stats"][0]["before"]["false_effect"]["n"] == 2
 
 
-def test_holm_matches_statsmodels():
-    from statsmodels.stats.multitest import multipletests
-
+def test_the_interval_excludes_zero_exactly_when_the_verdict_is_effect():
+    """One construction for test, p and interval (stats.py): over simulated searches with effects of every
+    size around the detection limit, `effect` <=> the best-vs-worst interval excludes 0 <=> the adjusted p
+    < 0.05, for 5 levels x 3 trials (the issue's case), 2 levels x 6 and a 3-factor space. Failed on the code
+    before (a sum-of-squares test with Holm, Tukey's interval beside it), at its first disagreement:
+    `(8, 'f0', <Verdict.NONE: 'none'>, 0.063, 0.0249, 0.2545)`, no effect with an interval excluding 0."""
     rng = np.random.default_rng(0)
-    for p in ([0.01, 0.04, 0.03, 0.2], rng.random(7).tolist(), [0.001, 0.001, 0.5], [0.3]):
-        assert holm(p) == pytest.approx(multipletests(p, method="holm")[1].tolist())
-    assert holm([]) == []
+    checked = effects = 0
+    for seed in range(240):
+        k, per, n_factors = [(5, 3, 1), (2, 6, 1), (3, 4, 3)][seed % 3]
+        gap = rng.uniform(0, 4) * 0.06                     # 0 to 4 SD from the worst level to the best
+        rows = []
+        for i in range(k * per):
+            params = {f"f{j}": f"l{(i + j * (i // k)) % k}" for j in range(n_factors)}
+            y = 0.6 + gap * int(params["f0"][1:]) / (k - 1) + rng.normal(0, 0.06)
+            rows.append(TrialRow(f"t{i}", "FINISHED", params, objective=y))
+        for r in analyse([Factor(f"f{j}") for j in range(n_factors)], rows):
+            if r.ci_low is None:
+                assert r.verdict != Verdict.EFFECT, r
+                continue
+            checked += 1
+            excludes = r.ci_low > 0 or r.ci_high < 0
+            effects += r.verdict == Verdict.EFFECT
+            assert (r.verdict == Verdict.EFFECT) == excludes == (r.p_adjusted < 0.05), (
+                seed, r.factor, r.verdict, r.p_adjusted, r.ci_low, r.ci_high)
+    print(f"\n{checked} intervals, {effects} effects")
+    assert effects > 40 and checked - effects > 40            # both sides of the boundary were exercised
+
+
+def survivor_rows(seed: int, design: int) -> list[TrialRow]:
+    """Issue 30's survivor design: 48 trials; `slow` lowers the first rung by 1.2 SD and does nothing to
+    the final score; a per-trial quality is shared by rung and final score (measured with 0.3 SD of noise
+    each); ASHA lets the top half at the rung continue. The first `design` trials are design trials
+    (balanced, never stopped); the rest are pruned among themselves. Phases are set after construction,
+    so the rows also build on the code before the design phase."""
+    rng = np.random.default_rng([seed, 7])
+    slow = np.concatenate([rng.permutation(np.arange(design) % 2), rng.integers(0, 2, 48 - design)])
+    quality = rng.normal(0, 0.06, 48)
+    rung = 0.5 + quality - 1.2 * 0.06 * slow + rng.normal(0, 0.018, 48)
+    final = 0.6 + quality + rng.normal(0, 0.018, 48)
+    cut = np.median(rung[design:])
+    rows = []
+    for i in range(48):
+        done = i < design or rung[i] >= cut
+        row = TrialRow(f"t{i:02d}", "FINISHED" if done else "PRUNED", {"slow": ["fast", "slow"][slow[i]]},
+                       objective=float(final[i] if done else rung[i]))
+        row.phase = "design" if i < design else "optimiser"
+        rows.append(row)
+    return rows
+
+
+def test_asha_survivors_are_never_the_evidence_for_an_effect():
+    """A factor that only slows early learning: among ASHA's survivors the slow trials are the ones of
+    high quality, so "slow beats fast" on the final score although it does nothing to it.
+    - A search whose trials all went through ASHA (no design trials, random searcher): its finished trials
+      are survivors, so the report claims nothing (hints only). Failed on the code before the design phase,
+      which tested every finished trial: `slow` was an effect in 22 of these 60 searches (37%):
+      `assert 22 == 0`.
+    - The default path (24 design trials that ASHA never stops, 24 optimiser trials): the verdicts stand on
+      the design trials, at most 5% of searches (within 3 Monte-Carlo SE of 60) call `slow` an effect, and
+      they do not change when other trials survive instead."""
+    survivors_only = design = 0
+    for seed in range(60):
+        rep = build_report("s", "best_val_score", "max", [Factor("slow")], survivor_rows(seed, 0), None,
+                           algorithm="random")
+        survivors_only += sum(r.verdict == Verdict.EFFECT for r in rep.results)
+        rep = build_report("s", "best_val_score", "max", [Factor("slow")], survivor_rows(seed, 24), None,
+                           algorithm="optuna")
+        design += sum(r.verdict == Verdict.EFFECT for r in rep.results)
+    print(f"\nslow called an effect: {survivors_only}/60 searches without design trials, {design}/60 with")
+    assert survivors_only == 0
+    assert design <= 3 + 3 * math.sqrt(60 * 0.05 * 0.95), design
+    # which optimiser trials survived changes nothing in the verdicts
+    rows = survivor_rows(0, 24)
+    flipped = [TrialRow(r.trial_id, "PRUNED" if r.state == "FINISHED" else "FINISHED", r.params,
+                        objective=r.objective + 0.3, phase=r.phase) if r.phase == "optimiser" else r for r in rows]
+    a, b = (build_report("s", "m", "max", [Factor("slow")], x, None, algorithm="optuna") for x in (rows, flipped))
+    assert [(r.verdict, r.p, r.ci_low, r.ci_high) for r in a.results] == \
+        [(r.verdict, r.p, r.ci_low, r.ci_high) for r in b.results]
+    assert a.family == "design" and {r.trial_id for r in a.main_rows} == {f"t{i:02d}" for i in range(24)}
 
 
 def test_tiny_designs_are_too_few_or_exact():
@@ -202,7 +282,7 @@ def test_inactive_values_are_left_out_per_factor_and_numeric_factors_binned():
     assert len(bins) == 3 and sum(len(v) for v in bins.values()) == 9, bins.keys()
     assert all(k.startswith("[") for k in bins)
     assert len(levels(LS, rows)) == 2 and sum(len(v) for v in levels(LS, rows).values()) == 12
-    rep = build_report("s", "best_val_score", "max", [LS, EBS, LR], rows, best_trial_id=None)
+    rep = build_report("s", "best_val_score", "max", [LS, EBS, LR], rows, best_trial_id=None, algorithm="random")
     assert {r.factor: r.n for r in rep.results} == {LS.key: 12, EBS.key: 12, LR.key: 9}
     never = [TrialRow(r.trial_id, r.state, {**r.params, LR.key: "inactive"}, r.objective) for r in rows]
     assert by_factor([LR], never)[LR.key].verdict == Verdict.INACTIVE
@@ -210,15 +290,16 @@ def test_inactive_values_are_left_out_per_factor_and_numeric_factors_binned():
 
 def test_pruned_trials_prune_rates_and_the_common_rung():
     """Pruned trials never enter the finished-trial analysis; each level's prune rate is shown; with the
-    rung values every finished and pruned trial is compared at the common epoch (its own Holm family)."""
+    rung values every finished and pruned trial is compared at the common epoch (its own family)."""
     rows = rows_with_effect(10)
     for r in rows:
-        r.rung = r.objective - 0.1
+        r.rung, r.phase = r.objective - 0.1, "design"
     # pruned trials with an absurd partial score would flip the effect if they were used as finished ones
-    rows += [TrialRow(f"p{i}", "PRUNED", {LS.key: "index", EBS.key: 16, LR.key: 0.01}, objective=5.0, rung=0.3)
-             for i in range(6)]
+    rows += [TrialRow(f"p{i}", "PRUNED", {LS.key: "index", EBS.key: 16, LR.key: 0.01}, objective=5.0, rung=0.3,
+                      phase="optimiser") for i in range(6)]
     rows.append(TrialRow("f0", "FAILED", {LS.key: "index", EBS.key: 16, LR.key: 0.01}))
-    rep = build_report("s", "best_val_score", "max", [LS, EBS, LR], rows, best_trial_id="t00", rung_epoch=1)
+    rep = build_report("s", "best_val_score", "max", [LS, EBS, LR], rows, best_trial_id="t00", rung_epoch=1,
+                       algorithm="random")
     assert rep.counts == {"FINISHED": 10, "PRUNED": 6, "FAILED": 0 + 1, "RUNNING": 0}
     ls = rep.result(LS.key)
     assert ls.best == "natural" and ls.n == 10
@@ -234,10 +315,30 @@ def test_pruned_trials_prune_rates_and_the_common_rung():
     assert running.counts["RUNNING"] == 1 and "report so far" in format_table(running)
 
 
-def test_an_adaptive_searcher_is_named_in_the_report():
+def test_adaptive_trials_are_hints_never_effects(tmp_path):
+    """Trials TPE chose (no design trials): the clear label_semantics difference is a `hint`, never an
+    `effect`, in the table, report.md/html, report.json and the plots' colours; the report says that it
+    makes no claim. Failed on the code before the design phase, where TPE's trials gave `effect` and only a
+    note called them hints: `assert [<Verdict.EFFECT: 'effect'>] == []`."""
     rows = rows_with_effect(12)
     tpe = build_report("s", "m", "max", [LS, EBS], rows, None, algorithm="optuna")
-    assert tpe.adaptive and "adaptive (TPE)" in format_table(tpe) and to_json(tpe)["searcher"]["adaptive"]
+    assert [r.verdict for r in tpe.results if r.verdict == Verdict.EFFECT] == []
+    verdicts = [r.verdict for r in tpe.results + tpe.hints]
+    assert Verdict.EFFECT not in verdicts and tpe.hint(LS.key).verdict == Verdict.HINT
+    assert tpe.results == [] and tpe.family == ""
+    table = format_table(tpe)
+    assert "No verdicts" in table and "hint, no claim: natural beats index" in table
+    j = to_json(tpe)
+    assert j["searcher"]["adaptive"] and j["factors"] == [] and j["hints"][0]["verdict"] == "hint"
+    md = write_report(tpe, tmp_path / "tpe").read_text()
+    assert "`effect`" not in md.replace("`effect` only", "") and "Hints from every finished trial" in md
+    from crosspt.search.report.plots import verdict_colour
+
+    assert verdict_colour(Verdict.HINT, "C7") != verdict_colour(Verdict.EFFECT, "C7")
+    # the same trials as a design: a claim
+    for r in rows:
+        r.phase = "design"
+    assert build_report("s", "m", "max", [LS, EBS], rows, None, algorithm="optuna").result(LS.key).verdict == Verdict.EFFECT
     assert not build_report("s", "m", "max", [LS, EBS], rows, None, algorithm="qmc").adaptive
 
 
@@ -312,7 +413,8 @@ def test_report_cli_unknown_search_is_one_error_line(tmp_path, capsys, argv, nee
 def synthetic_search(uri: str, n: int = 16, pruned: int = 4, algorithm: str = "random") -> str:
     """A search as the driver leaves it in MLflow, written with the real client into a real sqlite store:
     the parent run (search tag, params, search_space.yaml) and child runs with their sampled values, one
-    objective value per epoch, and ASHA's stops (KILLED + `pruned` tag, 1 epoch). `natural` beats `index`
+    objective value per epoch, and ASHA's stops (KILLED + `pruned` tag, 1 epoch); the finished trials are
+    design trials with an `assess_score`, the stopped ones the optimiser's. `natural` beats `index`
     by 10 points; eval_batch_size does nothing. Returns the parent run id."""
     import yaml
 
@@ -334,13 +436,15 @@ def synthetic_search(uri: str, n: int = 16, pruned: int = 4, algorithm: str = "r
             ls = "index"
         run = c.create_run(eid, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent, T.TRIAL_TAG: f"t{i:02d}",
                                                             "crosspt.sampled": json.dumps({LS.key: ls, EBS.key: ebs}),
+                                                            "crosspt.phase": "optimiser" if stopped else "design",
                                                             **({"pruned": "true"} if stopped else {})}).info.run_id
         final = 0.6 + (0.1 if ls == "natural" else 0.0) + rng.gauss(0, 0.02)
         for epoch in range(1 if stopped else 3):
             T.log_metrics(c, run, {"best_val_score": final - 0.05 * (2 - epoch) - (0.1 if stopped else 0)},
                           step=epoch)
         if not stopped:
-            T.log_metrics(c, run, {"test_score": final - 0.03, "trainable_params": 1000 + 10 * i})
+            T.log_metrics(c, run, {"test_score": final - 0.03, "trainable_params": 1000 + 10 * i,
+                                   "assess_score": final - 0.02})
         c.set_terminated(run, "KILLED" if stopped else "FINISHED")
     c.set_terminated(parent, "FINISHED")
     return parent
@@ -363,6 +467,8 @@ def test_report_from_mlflow_alone_logs_md_html_json_and_the_importance_plot(tmp_
     f = {x["factor"]: x for x in j["factors"]}
     assert f[LS.key]["verdict"] == "effect" and f[EBS.key]["verdict"] == "none"
     assert f[LS.key]["n_per_level"] == {"index": 8, "natural": 8}
+    assert j["family"]["kind"] == "design" and j["family"]["tested"] == "assess_score" and len(j["family"]["trials"]) == 16
+    assert f[EBS.key]["mde_80"] > 0 and "80% power only for a best − worst difference of" in f[EBS.key]["text"]
     assert f[LS.key]["prune_rate_per_level"] == {"index": pytest.approx(4 / 12), "natural": 0.0}
     assert j["rung"]["epoch"] == 1 and {x["factor"]: x["n"] for x in j["rung"]["factors"]}[LS.key] == 20
     assert j["searcher"] == {"algorithm": "random", "adaptive": False} and j["best"]["trial_id"]
@@ -386,7 +492,7 @@ def test_importances_on_the_optuna_study_for_the_dashboard(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="s", storage=url, direction="maximize")
-    rep = build_report("s", "best_val_score", "max", [LS, EBS], rows_with_effect(16), None)
+    rep = build_report("s", "best_val_score", "max", [LS, EBS], rows_with_effect(16), None, algorithm="random")
     publish_to_study(rep, url, "s")
     study = optuna.load_study(study_name="s", storage=url)
     attr = study.user_attrs[STUDY_ATTR]
@@ -400,8 +506,6 @@ def label_space(name: str, num_samples: int = 12, **budget):
     eval_batch_size (cannot change a score); the k-shot seed varies so levels carry real noise."""
     from crosspt.config.space import SearchSpace
 
-    grid = [{"prompt.label_semantics": ls, "train.eval_batch_size": ebs}
-            for ls in ("natural", "index") for ebs in (16, 64)]
     return SearchSpace.model_validate({
         "name": name,
         "base": {"tasks": ["sst2"], "seed": 0, "backbone": {"name": "minilm", "max_length": 48},
@@ -414,7 +518,8 @@ def label_space(name: str, num_samples: int = 12, **budget):
                   "seed": {"type": "int", "low": 0, "high": 3}},
         "budget": {"num_samples": num_samples, "max_epochs": 2, **budget},
         "scheduler": {"type": "fifo"},
-        "search": {"algorithm": "random", "seed": 0, "points": [{**p, "seed": i} for i, p in enumerate(grid)]},
+        # every trial a design trial: each factor's levels balanced and randomly dealt (`crosspt.search.design`)
+        "search": {"algorithm": "random", "seed": 0, "design": num_samples},
     })
 
 
@@ -446,6 +551,8 @@ def test_real_search_report_finds_label_semantics_and_clears_eval_batch_size(ray
     assert table.index("prompt.label_semantics") < table.index("train.eval_batch_size"), out
     j = json.loads((tmp_path / "cli" / "report.json").read_text())
     f = {x["factor"]: x for x in j["factors"]}
+    assert j["family"]["kind"] == "design" and len(j["family"]["trials"]) == 12, j["family"]     # every trial designed
+    assert f["prompt.label_semantics"]["n_per_level"] == {"index": 6, "natural": 6}                  # balanced
     assert f["prompt.label_semantics"]["verdict"] == "effect" and f["prompt.label_semantics"]["best"] == "natural", out
     assert f["train.eval_batch_size"]["verdict"] == "none", out
     assert f["train.eval_batch_size"]["ci_low"] <= 0 <= f["train.eval_batch_size"]["ci_high"]

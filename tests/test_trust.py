@@ -92,7 +92,7 @@ def _search(uri: str, exp_id: str, name: str, scores: list[float], pruned: tuple
         rid = c.create_run(exp_id, run_name=f"trial{i:03d}", tags={"mlflow.parentRunId": parent,
                                                                    T.TRIAL_TAG: f"{name}{i}"}).info.run_id
         T.log_metrics(c, rid, {"best_val_score": s})
-        if i in pruned:      # as ASHA's stop decision tags it (`optuna_glue.TaggingASHA`)
+        if i in pruned:      # as ASHA's stop decision tags it (`optuna_glue.DesignASHA`)
             c.set_tag(rid, T.STOPPED_BY_TAG, T.STOPPED_BY_SCHEDULER)
         trials.append(SimpleNamespace(trial_id=f"{name}{i}", status="TERMINATED",
                                       last_result={"final_epoch": i not in pruned, "epoch": 0}))

@@ -132,6 +132,19 @@ class Searcher(Strict):
     constant_liar: bool = True
     n_startup_trials: int = Field(4, ge=1)
     points: list[dict[str, Any]] = []                  # configurations to try first (warm start), in order
+    # the design phase (`crosspt.search.design`): the search's first `design` trials are a randomised
+    # balanced design (levels balanced, assigned by a seeded random permutation, never pruned) that the
+    # report's tests stand on; the optimiser continues after them and learns from them. 0: no design phase
+    # (the report then tests nothing it cannot: every verdict is a hint unless all trials were drawn at
+    # random and all finished). `auto`: half the budget (`budget.num_samples // 2`), see `design_count`.
+    design: int | Literal["auto"] = "auto"
+
+    @field_validator("design")
+    @classmethod
+    def _design(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            raise ValueError(f"design must be a number of trials >= 0 or 'auto' (got {v})")
+        return v
 
 
 class Resources(Strict):
@@ -185,6 +198,14 @@ class SearchSpace(Strict):
         return self
 
     @model_validator(mode="after")
+    def _design_fits(self):
+        d = self.search.design
+        if isinstance(d, int) and d > self.budget.num_samples:
+            raise ValueError(f"search.design ({d}) is more trials than budget.num_samples "
+                             f"({self.budget.num_samples}): the design is the search's first trials")
+        return self
+
+    @model_validator(mode="after")
     def _source_pretrain(self):
         try:
             self.source_pretrain()
@@ -201,6 +222,18 @@ class SearchSpace(Strict):
         return self
 
     # ---- derived -----------------------------------------------------------------------------
+    def design_count(self) -> int:
+        """How many of the first trials form the design: `search.design`, or for `auto` half the budget
+        (`num_samples // 2`, the other half left to the optimiser; 0 below 4 trials, where a design of
+        1 trial per level tests nothing). A search without factors has no design."""
+        if not self.space:
+            return 0
+        d = self.search.design
+        if d == "auto":
+            n = self.budget.num_samples // 2
+            return n if n >= 2 else 0
+        return int(d)
+
     @property
     def scheduler_metric(self) -> str:
         """The per-epoch metric ASHA ranks by: the objective's."""

@@ -39,13 +39,15 @@ class SearchRun:
     paths: SearchPaths
     family: str | None = None   # the backbone family (for the liveness table), resolved once
     shipped: dict | None = None  # the task files and banks for nodes without them (run/shipping.py)
+    design: list | None = None   # the design trials (`crosspt.search.design.DesignPoint`), the study's first
 
     def trial_context(self) -> dict:
         """The plain dict `run_trial` gets (Tune pickles it into every trial)."""
         return {"space": self.space.model_dump(mode="json"), "tracking_uri": self.uri,
                 "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
                 "data_dir": self.data_dir, "train_storage": f"{self.paths.root}/_train",
-                "train_max_failures": self.space.resources.max_retries, "shipped": self.shipped}
+                "train_max_failures": self.space.resources.max_retries, "shipped": self.shipped,
+                "design": [{"params": d.params, "strata": d.strata} for d in self.design or []]}
 
 
 def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: str | None = None,
@@ -94,8 +96,12 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
         kill_point("before_ray")
         from crosspt.config.liveness import family_of
 
+        from crosspt.search.design import make_design
+
+        family = family_of(base)
         run = SearchRun(trial_space, base, uri, experiment_id, parent_run_id, data_dir, paths,
-                        family=family_of(base), shipped=ship_inputs(trial_space, base, data_dir, splits))
+                        family=family, shipped=ship_inputs(trial_space, base, data_dir, splits),
+                        design=make_design(trial_space, family=family))
         try:
             summary = _tune(run, restore, verbose)
         except BaseException as e:
@@ -241,14 +247,15 @@ def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
         fail_stale_trials(paths.optuna_url, paths.study_name, keep=unfinished_trial_ids(tune_trials(paths.root)))
     else:
         kill_point("before_tuner")
-        searcher = make_searcher(space, paths.optuna_url, paths.study_name, run.family)
+        searcher = make_searcher(space, paths.optuna_url, paths.study_name, run.family, run.design or [])
         tuner = tune.Tuner(
             trainable,
             # one name per trial (`trial003`: Optuna's trial number) in Tune, MLflow and Optuna; the folder
             # keeps Tune's trial id too, which `tune_trials` and the summary match on
             tune_config=tune.TuneConfig(search_alg=searcher, trial_name_creator=searcher.trial_name,
                                         trial_dirname_creator=trial_dirname,
-                                        scheduler=make_scheduler(space, run.base.train.epochs, run.uri),
+                                        scheduler=make_scheduler(space, run.base.train.epochs,
+                                                                 len(run.design or []), run.uri),
                                         num_samples=space.budget.num_samples,
                                         max_concurrent_trials=derive_concurrency(space, run.base),
                                         time_budget_s=space.budget.time_budget_s,
@@ -299,6 +306,7 @@ def _open_parent(c, space: SearchSpace, base: RunConfig, experiment_id: str, pat
     paths.write_state({"parent_run_id": parent_run_id, **state})
     T.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
                                     "search.algorithm": space.search.algorithm,
+                                    "search.design": space.design_count(),
                                     "search.num_samples": space.budget.num_samples,
                                     "search.scheduler": space.scheduler.type,
                                     "objective.metric": space.objective.metric,

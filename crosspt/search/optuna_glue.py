@@ -6,10 +6,11 @@ Imported by the driver only when a search runs (it imports Ray Tune at module le
 from __future__ import annotations
 
 import optuna
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from crosspt.config.space import OptunaDefineByRun, SearchSpace
+from crosspt.search.design import DESIGN, OPTIMISER, PHASE_TAG, STRATUM_TAG, DesignPoint
 
 TUNE_TRIAL_ATTR = "tune_trial_id"        # Optuna user attribute: the Tune trial an Optuna trial belongs to
 TRIAL_NAME_ATTR = "trial_name"           # ... its name (`trial_name`): the MLflow run name, Tune's trial name
@@ -172,49 +173,86 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
                                       **grouped)
 
 
-def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: str | None = None):
+def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: str | None = None,
+                  design: list[DesignPoint] = ()):
     """Every algorithm is an Optuna study over the same define-by-run space, persisted in sqlite: PRUNED/FAIL
     states, resume and the importances work for all of them. `family`: the backbone family, resolved once
-    by the driver for the liveness table."""
+    by the driver for the liveness table.
+
+    The design trials (`crosspt.search.design`) are enqueued first, then `search.points`: Optuna hands
+    enqueued trials out before sampling, in order, so the design is the study's trials 0..n-1, tagged
+    `crosspt.phase` (a user attribute) for the dashboard, and the sampler learns from them once they
+    complete. Enqueued here rather than through `OptunaSearch(points_to_evaluate=...)`, which enqueues
+    params only: the design's order and attributes must be ours."""
     obj = space.objective
     searcher = ResumableOptunaSearch(OptunaDefineByRun(space, family), metric=obj.metric, mode=obj.mode,
                                      sampler=make_sampler(space), storage=rdb_storage(optuna_url),
-                                     study_name=study_name,
-                                     points_to_evaluate=[dict(p) for p in space.search.points] or None)
+                                     study_name=study_name)
+    for point in design:
+        searcher._ot_study.enqueue_trial(point.params, user_attrs={PHASE_TAG: DESIGN, **{
+            STRATUM_TAG + k: v for k, v in point.strata.items()}}, skip_if_exists=False)
+    for point in space.search.points:
+        searcher._ot_study.enqueue_trial(dict(point), user_attrs={PHASE_TAG: OPTIMISER})
     # the dashboard and the study's own plots name the objective instead of "Objective 0" (the searcher has
     # created the study: a failure here is the storage's, and a search that cannot write its study stops)
     optuna.load_study(study_name=study_name, storage=rdb_storage(optuna_url)).set_metric_names([obj.metric])
     return searcher
 
 
-def make_scheduler(space: SearchSpace, epochs: int, tracking_uri: str | None = None):
+def design_number(trial) -> int | None:
+    """The study trial number of a Tune trial from its name (`trial003`, `trial_name`), None when unnamed."""
+    name = getattr(trial, "custom_trial_name", None) or ""
+    return int(name[5:]) if name.startswith("trial") and name[5:].isdigit() else None
+
+
+def make_scheduler(space: SearchSpace, epochs: int, n_design: int = 0, tracking_uri: str | None = None):
     """ASHA over the objective's own metric and mode (`SearchSpace.scheduler_metric`): a rung decides on
-    the number the search selects on, reported every epoch. With `tracking_uri`, each of its stop decisions
-    is written on the trial's child run (`TaggingASHA`)."""
+    the number the search selects on, reported every epoch. It never stops one of the `n_design` design
+    trials, and with `tracking_uri` each of its stop decisions is written on the trial's child run
+    (`DesignASHA`)."""
     from ray.tune.schedulers import FIFOScheduler
 
     sch = space.scheduler
     if sch.type == "fifo":
         return FIFOScheduler()
-    return TaggingASHA(tracking_uri, metric=space.scheduler_metric, mode=space.objective.mode,
-                       time_attr="training_iteration", max_t=epochs, grace_period=min(sch.grace_period, epochs),
-                       reduction_factor=sch.reduction_factor)
+    return DesignASHA(n_design, tracking_uri, metric=space.scheduler_metric, mode=space.objective.mode,
+                      time_attr="training_iteration", max_t=epochs, grace_period=min(sch.grace_period, epochs),
+                      reduction_factor=sch.reduction_factor)
 
 
-class TaggingASHA(ASHAScheduler):
-    """ASHA that tags the child run of each trial it stops before its last epoch `crosspt.stopped_by=scheduler`,
-    before Tune stops the trial: the trial, the driver's callback and the reconciliation then record that
-    stop as pruned by ASHA, and any other early end (time budget, a stopped search) as the search's."""
+class DesignASHA(ASHAScheduler):
+    """ASHA that acts on the optimiser's trials only, and says which trials it stopped.
 
-    def __init__(self, tracking_uri: str | None = None, **kwargs):
-        super().__init__(**kwargs)
+    A design trial's results still enter the rungs (they are honest measurements and make the cut-offs
+    better), but its decision is always CONTINUE until its last epoch: the report's tests stand on every
+    design trial finishing, whatever it scored early. Hand-rolled because no Tune scheduler has a notion of
+    trials exempt from stopping; the exemption reads the trial's name, which Tune sets from the searcher
+    (`ResumableOptunaSearch.trial_name`) when it creates the trial, whatever then runs it (in-process loop,
+    repeats, a Train worker group).
+
+    With `tracking_uri`, each trial it stops before its last epoch gets the tag `crosspt.stopped_by=scheduler`
+    on its child run before Tune stops the trial: the trial, the driver's callback and the reconciliation then
+    record that stop as pruned by ASHA, and any other early end (time budget, a stopped search) as the
+    search's."""
+
+    def __init__(self, n_design: int = 0, tracking_uri: str | None = None, **kw):
+        super().__init__(**kw)
+        self.n_design = n_design
         self._tracking_uri = tracking_uri
+
+    def exempt(self, trial) -> bool:
+        number = design_number(trial)
+        return number is not None and number < self.n_design
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
+        if (decision == TrialScheduler.STOP and self.exempt(trial)
+                and result.get(self._time_attr, 0) < self._max_t):
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
         run_id = result.get(MLFLOW_RUN_ATTR)
         # a replayed result (`trainable.replay_result`) keeps the record of who stopped it the first time
-        if (decision == self.STOP and self._tracking_uri and run_id and not result.get("final_epoch")
+        if (decision == TrialScheduler.STOP and self._tracking_uri and run_id and not result.get("final_epoch")
                 and not result.get("replayed")):
             from crosspt.registry import tracking as T
 

@@ -186,7 +186,10 @@ def run_trial(params: dict, ctx: dict) -> None:
         if prior is not None:
             logger.resume(prior)
         else:
-            splits = _start_run(logger, cfg, run_cfg, space, params, splits)
+            from crosspt.search.design import design_point, design_tags
+
+            splits = _start_run(logger, cfg, run_cfg, space, params, splits,
+                                design_tags(design_point(ctx.get("design"), number)))
     session = TuneSession(logger, run_cfg.scaling.use_gpu, started, prepared)
     try:
         _train(run_cfg, space, session, trial_id, ctx, splits)
@@ -215,7 +218,7 @@ def run_trial(params: dict, ctx: dict) -> None:
 
 
 def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict,
-               splits: dict | None) -> dict:
+               splits: dict | None, phase_tags: dict[str, str] | None = None) -> dict:
     """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits (the
     shipped ones, else drawn once here): logged as the run's inputs and trained on.
 
@@ -234,7 +237,7 @@ def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space:
                        T.CONFIG_HASH_TAG: config_hash(cfg), "crosspt.tasks": ",".join(cfg.tasks),
                        "crosspt.backbone": T.redact(cfg.backbone.name),
                        **({T.BACKBONE_REVISION_TAG: revision} if revision else {}),
-                       **T.provenance_tags(cfg.data.data_dir)})
+                       **(phase_tags or {}), **T.provenance_tags(cfg.data.data_dir)})
     return splits
 
 

@@ -3,11 +3,12 @@ that is, and the best configuration.
 
 One job per module:
 - `rows`: the input, one search's trials as plain rows, and each factor's levels over them;
-- `stats`: the statistics (permutation tests, Holm, effects with simultaneous intervals, importances with
+- `stats`: the statistics (permutation tests, Bonferroni, effects with the intervals that match them, importances with
   a noise level), pure numpy/scipy/statsmodels on plain rows, calibrated by simulation in
   benchmarks/report_calibration.md (`crosspt.bench.report_calibration`);
-- `build`: every number of one report (`build_report`), including the analysis at the common ASHA rung
-  and prune rates per level;
+- `power`: what a design of this size can detect, and how many design trials an effect needs;
+- `build`: every number of one report (`build_report`): verdicts on the design trials, the optimiser's
+  trials as hints, the analysis at the common ASHA rung and prune rates per level;
 - `render` and `plots`: the terminal table, report.md, the self-contained report.html, report.json, PNGs;
 - `store`: MLflow in (rows of a search's child runs) and out (files, tables and the importance plot on the
   parent run), and the same importances on the Optuna study.

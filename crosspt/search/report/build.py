@@ -1,6 +1,21 @@
-"""Every number of one search's report, from plain rows: the factor analysis (`stats.analyse`) of the
-objective over the finished trials, the same at the common rung over finished and pruned trials, prune
-rates, the best trial, the Pareto front and the strongest interaction. No MLflow, no plotting."""
+"""Every number of one search's report, from plain rows. No MLflow, no plotting.
+
+Two families of trials, because only one of them supports a claim:
+
+- **The main family** (`Report.results`, verdicts `effect` / `none` / `too_few` ...): the design trials
+  (`crosspt.search.design`), every one of which runs to its end (ASHA never stops them), so which of them
+  are analysed does not depend on any score. A design trial that FAILED (a crash, a divergence) is left
+  out and counted in the report: a failure is decided by the configuration or the machine, never by
+  comparing scores, so the others stay a randomised design; the report names the failed ones per level.
+  A search without design trials has a main family only when its searcher drew every trial at random
+  (`random`, `qmc`) and none was pruned: then the finished trials are the whole design.
+- **Hints** (`Report.hints`, verdicts `hint` / `none`): the same analysis over every finished trial,
+  optimiser trials included. The optimiser chose them by earlier scores and ASHA let them finish by their
+  early scores, so nothing there is a test: a would-be effect reads `hint`, never `effect`.
+
+The main family is tested on the held-out assessment score (`assess_score`) when every trial of it has
+one, else on the objective (validation); the other is shown beside it per level. Each factor of the main
+family without a detected effect gets its power numbers (`power.add_power`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,9 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
+from crosspt.search.report.power import add_power
 from crosspt.search.report.rows import (Factor, TrialRow, active_rows, at_rung, finished, level_codes, levels,
-                                        with_bins)
-from crosspt.search.report.stats import FactorResult, LevelStat, analyse
+                                        with_bins, with_strata)
+from crosspt.search.report.stats import FactorResult, LevelStat, Verdict, analyse
 
 MIN_TRIALS = 2                       # fewer finished trials: nothing to compare, the report says so
 # `search.algorithm` values whose trials draw each factor's level independently of earlier scores: the
@@ -40,7 +56,14 @@ class Report:
     running: bool = False
     algorithm: str | None = None                 # the searcher (`search.algorithm`), when known
     counts: dict[str, int] = field(default_factory=dict)
-    results: list[FactorResult] = field(default_factory=list)         # objective, finished trials
+    results: list[FactorResult] = field(default_factory=list)         # the main family (module docstring)
+    family: str = ""                             # "design" | "randomised" | "" (no main family)
+    family_note: str = ""                        # why there is no main family, or what is missing from it
+    tested: str = "objective"                    # what the main family tests: "assess" or "objective"
+    main_rows: list[TrialRow] = field(default_factory=list)
+    hints: list[FactorResult] = field(default_factory=list)           # every finished trial, hints only
+    hint_factors: list[Factor] = field(default_factory=list)
+    val_levels: dict[str, list[LevelStat]] = field(default_factory=dict)    # the objective per level, beside assess
     test_levels: dict[str, list[LevelStat]] = field(default_factory=dict)   # test_score per level (no test)
     rung_epoch: int | None = None                # 0-based epoch every finished and pruned trial reached
     rung_results: list[FactorResult] = field(default_factory=list)    # objective at that epoch, all of them
@@ -61,6 +84,19 @@ class Report:
     def result(self, key: str) -> FactorResult:
         return next(r for r in self.results if r.factor == key)
 
+    @property
+    def shown(self) -> list[FactorResult]:
+        """What the figures draw: the main family, else the hints."""
+        return self.results or self.hints
+
+    def hint(self, key: str) -> FactorResult:
+        return next(r for r in self.hints if r.factor == key)
+
+
+def metric_name(rep: "Report") -> str:
+    """The name of what the shown analysis tests: `assess_score` or the objective's metric."""
+    return "assess_score" if rep.tested == "assess" else rep.metric
+
 
 def score_scale(rows: Sequence[TrialRow]) -> tuple[float, str]:
     """Scores in [0, 1] read as points (x100); anything else in its own units."""
@@ -80,6 +116,28 @@ def prune_rates(factors: Sequence[Factor], rows: Sequence[TrialRow]) -> dict[str
     return out
 
 
+def main_family(rows: Sequence[TrialRow], algorithm: str | None) -> tuple[str, list[TrialRow], str]:
+    """(family, its rows, a note): the trials whose presence does not depend on their scores (module
+    docstring)."""
+    design = [r for r in rows if r.phase == "design"]
+    if design:
+        done = finished(design)
+        pruned = [r for r in design if r.state == "PRUNED"]
+        failed = [r for r in design if r.state == "FAILED"]
+        if pruned:          # a scheduler that stopped design trials: the finished ones are survivors
+            return "", [], (f"{len(pruned)} of {len(design)} design trials were stopped early: the finished ones are "
+                             "survivors, so the design supports no test")
+        note = (f"{len(failed)} of {len(design)} design trials failed and are left out "
+                f"({', '.join(r.trial_id for r in failed)})") if failed else ""
+        return "design", done, note
+    if algorithm in RANDOMISED and not any(r.state == "PRUNED" for r in rows):
+        return "randomised", finished(rows), ""
+    if algorithm in RANDOMISED:
+        return "", [], "ASHA stopped some trials early: the finished ones are survivors, so they support no test"
+    return "", [], ("the search ran no design trials (`search.design: 0`, or a search from before the design "
+                    "phase) and its searcher chose trials from earlier scores")
+
+
 def build_report(title: str, metric: str, mode: str, factors: list[Factor], rows: list[TrialRow],
                  best_trial_id: str | None, running: bool = False, algorithm: str | None = None,
                  rung_epoch: int | None = None) -> Report:
@@ -93,17 +151,41 @@ def build_report(title: str, metric: str, mode: str, factors: list[Factor], rows
                  scale=score_scale(done))
     if not rep.enough:
         return rep
+    rep.family, main, rep.family_note = main_family(rows, algorithm)
+    rep.main_rows = main
+    if len(main) < MIN_TRIALS:
+        rep.family, main = "", []
     # numeric factors binned once, over every trial that got far enough to compare
     binned = with_bins(factors, [r for r in rows if r.state in ("FINISHED", "PRUNED")] or done)
-    results = analyse(binned, done, mode)
-    order = sorted(range(len(binned)), key=lambda i: -(results[i].importance or 0.0))
-    rep.factors, rep.results = [binned[i] for i in order], [results[i] for i in order]
-    rep.test_levels = {r.factor: r.levels for r in analyse(rep.factors, done, mode, "test_score", n_permutations=0)}
-    rep.prune_rates = prune_rates(rep.factors, rows)
+    if main:
+        rep.tested = "assess" if all(r.value("assess") is not None for r in main) else "objective"
+        levelled = with_strata(binned, main) if rep.family == "design" else binned
+        results = analyse(levelled, main, mode, rep.tested)
+        order = sorted(range(len(levelled)), key=lambda i: -(results[i].importance or 0.0))
+        rep.factors, rep.results = [levelled[i] for i in order], [results[i] for i in order]
+        n_tested = sum(r.p is not None for r in rep.results)
+        for r in rep.results:
+            if r.verdict in (Verdict.NONE, Verdict.TOO_FEW):
+                add_power(r, n_tested)
+        if rep.tested == "assess":
+            rep.val_levels = {r.factor: r.levels for r in analyse(rep.factors, main, mode, n_permutations=0)}
+        rep.test_levels = {r.factor: r.levels
+                           for r in analyse(rep.factors, main, mode, "test_score", n_permutations=0)}
+    if len(done) > len(main):
+        hint_metric = "assess" if all(r.value("assess") is not None for r in done) else "objective"
+        hints = analyse(binned, done, mode, hint_metric, hint=True)
+        order = sorted(range(len(binned)), key=lambda i: -(hints[i].importance or 0.0))
+        rep.hint_factors, rep.hints = [binned[i] for i in order], [hints[i] for i in order]
+        if not main:
+            rep.tested, rep.factors = hint_metric, rep.hint_factors
+            rep.test_levels = {r.factor: r.levels
+                               for r in analyse(rep.factors, done, mode, "test_score", n_permutations=0)}
+    rep.prune_rates = prune_rates(binned, rows)
     if rung_epoch is not None and counts["PRUNED"] and len(at_rung(rows)) >= MIN_TRIALS:
         rep.rung_epoch = rung_epoch
-        rep.rung_results = analyse(rep.factors, at_rung(rows), mode, "rung")
-    rep.interaction = strongest_interaction(rep.factors, done)
+        # every trial reached the rung (no survivors), but which ones the optimiser ran depends on scores
+        rep.rung_results = analyse(binned, at_rung(rows), mode, "rung", hint=algorithm not in RANDOMISED)
+    rep.interaction = strongest_interaction(binned, done)
     rep.pareto = pareto_front(done, mode)
     return rep
 

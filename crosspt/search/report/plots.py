@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from crosspt.search.params import INACTIVE
-from crosspt.search.report.build import Interaction, Report
+from crosspt.search.report.build import Interaction, Report, metric_name
 from crosspt.search.report.rows import Factor, TrialRow, active_rows, finished, fmt
 from crosspt.search.report.stats import FactorResult, Verdict
 
@@ -33,7 +33,7 @@ def importance_figure(results: Sequence[FactorResult], title: str = ""):
     plt = _plt()
     shown = [r for r in results if r.importance is not None][::-1]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(len(shown), 1)))
-    colours = ["C3" if r.verdict == Verdict.EFFECT else "C7" for r in shown]
+    colours = [verdict_colour(r.verdict, "C7") for r in shown]
     ax.barh(range(len(shown)), [r.importance for r in shown], color=colours)
     ax.scatter([r.noise for r in shown], range(len(shown)), marker="|", s=400, color="k")
     for i, r in enumerate(shown):
@@ -41,7 +41,8 @@ def importance_figure(results: Sequence[FactorResult], title: str = ""):
                 fontsize=8)
     ax.set_yticks(range(len(shown)), [r.factor for r in shown], fontsize=8)
     ax.set_xlim(0, 1.25)
-    ax.set_xlabel("bar: share of the objective's variance explained (red: effect, Holm-adjusted p < 0.05)\n"
+    ax.set_xlabel("bar: share of the objective's variance explained (red: effect, adjusted p < 0.05 in the design;\n"
+                  "orange: hint, the same on trials the optimiser chose, no claim)\n"
                   "black tick: noise level, the share with the factor's levels shuffled (95th percentile)", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
@@ -49,14 +50,19 @@ def importance_figure(results: Sequence[FactorResult], title: str = ""):
     return fig
 
 
+def verdict_colour(v: Verdict, other: str) -> str:
+    """Red for an effect (a tested claim), orange for a hint (no claim), `other` for the rest."""
+    return {Verdict.EFFECT: "C3", Verdict.HINT: "C1"}.get(v, other)
+
+
 def plot_importance(rep: Report, path: Path) -> Path:
-    return _save(importance_figure(rep.results, f"{rep.title}: importance ({rep.metric})"), path)
+    return _save(importance_figure(rep.shown, f"{rep.title}: importance ({rep.metric})"), path)
 
 
 def plot_effects(rep: Report, path: Path) -> Path:
     """Each factor's level means with their 95% intervals, one panel per factor, in report units."""
     plt = _plt()
-    shown = [r for r in rep.results if r.levels]
+    shown = [r for r in rep.shown if r.levels]
     cols = min(3, max(len(shown), 1))
     nrows = math.ceil(len(shown) / cols) or 1
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
@@ -66,10 +72,10 @@ def plot_effects(rep: Report, path: Path) -> Path:
         means = [s * lv.mean for lv in r.levels]
         err = [[s * (lv.mean - lv.lo) if not math.isnan(lv.lo) else 0 for lv in r.levels],
                [s * (lv.hi - lv.mean) if not math.isnan(lv.hi) else 0 for lv in r.levels]]
-        ax.errorbar(xs, means, yerr=err, fmt="o", color="C3" if r.verdict == Verdict.EFFECT else "C0", capsize=3)
+        ax.errorbar(xs, means, yerr=err, fmt="o", color=verdict_colour(r.verdict, "C0"), capsize=3)
         ax.set_xticks(list(xs), [f"{lv.level}\nn={lv.n}" for lv in r.levels], fontsize=7)
         ax.set_title(f"{r.factor}: {r.verdict.value}", fontsize=9)
-        ax.set_ylabel(f"{rep.metric} ({rep.scale[1] or 'units'})", fontsize=8)
+        ax.set_ylabel(f"{metric_name(rep)} ({rep.scale[1] or 'units'})", fontsize=8)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     return _save(fig, path)
@@ -153,9 +159,9 @@ def draw_figures(rep: Report, out: Path) -> dict[str, Path]:
     if not rep.enough:
         return {}
     figs = {}
-    if any(r.importance is not None for r in rep.results):
+    if any(r.importance is not None for r in rep.shown):
         figs["importance"] = plot_importance(rep, out / "importance.png")
-    if any(r.levels for r in rep.results):
+    if any(r.levels for r in rep.shown):
         figs["effects"] = plot_effects(rep, out / "effects.png")
     figs["parallel coordinates"] = plot_parallel(rep, out / "parallel_coordinates.png")
     if rep.interaction:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crosspt.search.params import INACTIVE
-from crosspt.search.report.build import MIN_TRIALS, Report
+from crosspt.search.report.build import MIN_TRIALS, Report, metric_name
 from crosspt.search.report.stats import ALPHA, N_PERMUTATIONS, FactorResult, Verdict
 
 CALIBRATION = "benchmarks/report_calibration.md"
@@ -60,18 +60,33 @@ def verdict_text(rep: Report, r: FactorResult, n_tested: int) -> str:
         return f"not varied ({r.note}, {r.n} trials)"
     counts = ", ".join(f"{k}: {v}" for k, v in r.n_per_level.items())
     if r.verdict == Verdict.TOO_FEW:
-        return f"too few trials to tell (trials per level: {counts}; {r.note})"
-    ps = f"p {_p(r.p)}" + (f", {_p(r.p_adjusted)} after Holm over {n_tested} factors" if n_tested > 1 else "")
+        return f"too few trials to tell (trials per level: {counts}; {r.note})" + _power_text(rep, r)
+    ps = f"p {_p(r.p)}" + (f", {_p(r.p_adjusted)} after Bonferroni over {n_tested} factors" if n_tested > 1 else "")
     trials = f"{r.n} trials" + (f"; {r.note}" if r.note else "")
-    if r.estimate is None:
-        return f"{'effect' if r.verdict == Verdict.EFFECT else 'no detectable effect'} ({ps}; {trials})"
+    if r.estimate is None or r.ci_low is None:
+        words = {Verdict.EFFECT: "effect", Verdict.HINT: "hint of an effect"}.get(r.verdict, "no detectable effect")
+        return f"{words} ({ps}; {trials})"
     est, lo, hi = _diff(rep, r)
-    if r.verdict == Verdict.EFFECT:
+    if r.verdict in (Verdict.EFFECT, Verdict.HINT):
         better = "beats" if rep.mode == "max" else "is lower than"
-        return (f"{r.best} {better} {r.worst} by {_f(est)}{_unit(rep)} [95% CI {_f(lo)}, {_f(hi)}] "
+        hint = "hint, no claim: " if r.verdict == Verdict.HINT else ""
+        return (f"{hint}{r.best} {better} {r.worst} by {_f(est)}{_unit(rep)} [95% CI {_f(lo)}, {_f(hi)}] "
                 f"({ps}; {trials})")
     return (f"no detectable effect ({r.best} vs {r.worst}: {_f(est, True)}{_unit(rep)} [{_f(lo)}, {_f(hi)}]; "
-            f"{ps}; {trials})")
+            f"{ps}; {trials})" + _power_text(rep, r))
+
+
+def _power_text(rep: Report, r: FactorResult) -> str:
+    """What this search could have found (`power.add_power`), for a factor without a detected effect."""
+    if r.mde is None:
+        return ""
+    mde = "no difference" if math.isinf(r.mde) else f"{_f(_pts(rep, r.mde))}{_unit(rep)}"
+    out = f"; 80% power only for a best − worst difference of {mde} or more at {r.n} trials"
+    if r.trials_needed:
+        out += f"; about {r.trials_needed} design trials would find the estimate"
+    elif r.estimate is not None and r.estimate != 0:
+        out += "; the estimate needs more design trials than is practical"
+    return out
 
 
 def _tested(results: list[FactorResult]) -> int:
@@ -86,16 +101,22 @@ def state_line(rep: Report) -> str:
 
 
 def design_note(rep: Report) -> str:
-    """What the searcher's design lets the report claim."""
-    if rep.algorithm is None:
-        return "Searcher unknown: the tests assume each trial's levels were drawn at random (`random` or `qmc`)."
-    if rep.adaptive:
-        return (f"**The searcher was adaptive** (`{rep.algorithm}`, TPE): it chose later trials by earlier scores, "
-                "so levels were not randomly assigned and a level can look better for the company it kept. The "
-                "tests below assume random assignment; read them as hints. For attribution, search with "
-                "`search.algorithm: random` or `qmc`.")
-    return (f"Searcher `{rep.algorithm}`: each trial's levels were drawn independently of the scores, so the "
-            "permutation tests below are exact.")
+    """Which trials the verdicts stand on, and what that lets the report claim."""
+    tested = ("the held-out assessment score (`assess_score`), the validation objective beside it"
+              if rep.tested == "assess" else f"the validation objective `{rep.metric}`"
+              + (" (not every trial has an `assess_score`)" if rep.results or rep.hints else ""))
+    if rep.family == "design":
+        n = len(rep.main_rows)
+        return (f"**Verdicts stand on the {n} design trials** (randomised, balanced levels, never pruned: which of "
+                f"them are analysed does not depend on any score), tested on {tested}"
+                + (f". {rep.family_note}" if rep.family_note else "") + ". "
+                + ("The optimiser's trials appear below as hints only." if rep.hints else ""))
+    if rep.family == "randomised":
+        return (f"Searcher `{rep.algorithm}`, no trial pruned: each trial's levels were drawn independently of "
+                f"the scores, so the permutation tests below are exact; tested on {tested}.")
+    return (f"**No verdicts: {rep.family_note or 'too few design trials'}.** Every line below is a hint from trials "
+            "the optimiser chose or that survived pruning, never a claim. For claims, give the search design "
+            "trials (`search.design`, `crosspt report --plan` sizes it).")
 
 
 # ---- blocks (shared by markdown and html) -----------------------------------------------------------
@@ -104,55 +125,63 @@ def blocks(rep: Report) -> list[tuple]:
     `code` and **bold** only."""
     unit = rep.scale[1] or "metric units"
     out: list[tuple] = [("h1", f"Design-factor report: {rep.title}"), ("p", state_line(rep) + "."),
-                        ("p", f"Objective: {rep.mode} `{rep.metric}`, in {unit}. Effects and importances use the "
-                              "finished trials" + (f"; a second analysis uses every trial at epoch {rep.rung_epoch + 1}"
-                                                   if rep.rung_results else "") + ".")]
+                        ("p", f"Objective: {rep.mode} `{rep.metric}`, in {unit}."
+                              + (f" A second analysis uses every trial at epoch {rep.rung_epoch + 1}."
+                                 if rep.rung_results else ""))]
     if not rep.enough:
         return out + [("p", f"Fewer than {MIN_TRIALS} finished trials: no importances, effects or plots yet.")]
-    n = _tested(rep.results)
-    out += [("p", design_note(rep)),
-            ("h2", "Verdicts"), ("ul", [f"`{r.factor}`: {verdict_text(rep, r, n)}" for r in rep.results])]
     pruning = bool(rep.counts.get("PRUNED"))          # prune rates are all 0 otherwise: no column
-    head = ["factor", "verdict", f"best − worst ({unit}) [95% CI]", "p", "p (Holm)", "importance [noise]",
-            "trials per level", *["pruned per level"] * pruning, "adjusted for"]
-    rows = []
-    for r in rep.results:
-        est, lo, hi = _diff(rep, r) if r.estimate is not None else (None, None, None)
-        est = "-" if est is None else f"{_f(est, True)} [{_f(lo)}, {_f(hi)}]"
-        imp = "-" if r.importance is None else f"{r.importance:.2f} [{r.noise:.2f}]"
-        pr = rep.prune_rates.get(r.factor, {})
-        rows.append([f"`{r.factor}`", r.verdict.value, est, _p(r.p), _p(r.p_adjusted), imp,
-                     ", ".join(f"{k}: {v}" for k, v in r.n_per_level.items()) or "-",
-                     *[", ".join(f"{k}: {100 * v:.0f}%" for k, v in pr.items()) or "-"] * pruning,
-                     ", ".join(r.adjusted_for) or "-"])
-    out += [("h2", "Factors"), ("table", head, rows),
-            ("p", f"`effect` only when the Holm-adjusted p < {ALPHA}. p: permutation test of the factor's levels "
-                  f"({N_PERMUTATIONS} permutations, exact below that), beyond the factors in *adjusted for*. "
-                  "best − worst: the two levels with the best and worst mean, the difference corrected for "
-                  "picking them after the fact, with Tukey's simultaneous 95% interval. Importance: the share of "
-                  "the objective's variance the factor explains; [noise]: the 95th percentile of that share with "
-                  "the factor's levels shuffled: below it, a factor looks like noise. "
-                  + ("Pruned per level: the share of each level's trials ASHA stopped (a level pruned more has only "
-                     "its survivors below). " if pruning else "")
-                  + f"False-effect rate, coverage and power of these numbers: `{CALIBRATION}`."),
-            ("fig", "importance"), ("fig", "effects")]
-    out.append(("h2", "Levels"))
-    for r in rep.results:
+    out += [("p", design_note(rep))]
+    if rep.results:
+        n = _tested(rep.results)
+        out += [("h2", "Verdicts"), ("ul", [f"`{r.factor}`: {verdict_text(rep, r, n)}" for r in rep.results]),
+                ("h2", "Factors"), _factor_table(rep, rep.results, False, True),
+                ("p", f"`effect` only when the adjusted p < {ALPHA}, which is exactly when the 95% interval of "
+                      "best − worst excludes 0 (one construction: the permutation distribution of the studentized "
+                      f"best − worst difference gives the p-value and the interval's critical value, at {ALPHA} "
+                      f"divided by the factors tested, Bonferroni; {N_PERMUTATIONS} permutations, exact below "
+                      "that), beyond the factors in *adjusted for*. best − worst: the difference corrected for "
+                      "picking the two levels after the fact. Importance: the share of the variance the factor "
+                      "explains; [noise]: the 95th percentile of that share with the factor's levels shuffled. "
+                      "Power: the smallest best − worst difference this many design trials find 4 times in 5, "
+                      "from the measured residual noise, and the design trials that would find the estimate "
+                      f"(`crosspt report --plan` for a space before it runs). Calibration: `{CALIBRATION}`.")]
+        if rep.factors and any(f.strata for f in rep.factors):
+            out.append(("p", "A numeric factor's levels in the design are the strata its values were drawn in "
+                             "(thirds of its range, on the log scale for a log-uniform factor)."))
+    if rep.hints:
+        m = _tested(rep.hints)
+        out += [("h2", "Hints from every finished trial (no claims)"),
+                ("p", "The optimiser chose these trials from earlier scores, and ASHA let them finish by their "
+                      "early scores: a level can look better for the company it kept or for surviving. `hint` "
+                      "marks what the same test would call an effect; read it as a place to look, and settle it "
+                      "with design trials."),
+                ("ul", [f"`{r.factor}`: {verdict_text(rep, r, m)}" for r in rep.hints]),
+                _factor_table(rep, rep.hints, pruning, False)]
+    out += [("fig", "importance"), ("fig", "effects"), ("h2", "Levels")]
+    val = rep.tested == "assess"
+    for r in rep.shown:
         if not r.levels:
             continue
         test = {lv.level: lv for lv in rep.test_levels.get(r.factor, [])}
-        pr = rep.prune_rates.get(r.factor, {})
-        rows = [[lv.level, str(lv.n), *[f"{100 * pr[lv.level]:.0f}%" if lv.level in pr else "-"] * pruning,
-                 _level(rep, lv), _level(rep, test.get(lv.level))] for lv in r.levels]
+        valid = {lv.level: lv for lv in rep.val_levels.get(r.factor, [])}
+        pr = rep.prune_rates.get(r.factor, {}) if not rep.results else {}
+        rows = [[lv.level, str(lv.n), *[f"{100 * pr[lv.level]:.0f}%" if lv.level in pr else "-"] * bool(pr),
+                 _level(rep, lv), *[_level(rep, valid.get(lv.level))] * val, _level(rep, test.get(lv.level))]
+                for lv in r.levels]
         note = f" (means at the average of {', '.join(r.adjusted_for)})" if r.adjusted_for else ""
-        out += [("h3", r.factor + note), ("table", ["level", "trials", *["pruned"] * pruning,
-                                                    f"{rep.metric} [95% CI]", "test_score [95% CI]"], rows)]
+        out += [("h3", r.factor + note), ("table", ["level", "trials", *["pruned"] * bool(pr),
+                                                    f"{metric_name(rep)} [95% CI]",
+                                                    *[f"{rep.metric} (validation) [95% CI]"] * val,
+                                                    "test_score [95% CI]"], rows)]
     if rep.rung_results:
         m = _tested(rep.rung_results)
         out += [("h2", f"Every trial at epoch {rep.rung_epoch + 1} (pruned ones included)"),
-                ("p", f"Finished trials are the survivors of ASHA's rungs. At epoch {rep.rung_epoch + 1} every "
-                      f"finished and pruned trial has a score, so this comparison keeps them all; it measures "
-                      f"early effects (its own Holm family)."),
+                ("p", f"At epoch {rep.rung_epoch + 1} every finished and pruned trial has a score, so this comparison "
+                      f"keeps them all; it measures early effects (its own family"
+                      + ("; the optimiser chose most of these trials, so its lines are hints" if any(
+                          r.verdict == Verdict.HINT or r.verdict == Verdict.NONE for r in rep.rung_results)
+                         and rep.adaptive else "") + ")."),
                 ("ul", [f"`{r.factor}`: {verdict_text(rep, r, m)}" for r in rep.rung_results])]
     out.append(("fig", "parallel coordinates"))
     if rep.interaction:
@@ -178,6 +207,27 @@ def blocks(rep: Report) -> list[tuple]:
                  [[r.trial_id, str(r.trainable_params), _num(_pts(rep, r.objective))] for r in rep.pareto]),
                 ("fig", "pareto front")]
     return out
+
+
+def _factor_table(rep: Report, results: list[FactorResult], pruning: bool, power: bool) -> tuple:
+    """The factors table: with prune rates (`pruning`, for hints) or power (`power`, for the main family)."""
+    unit = rep.scale[1] or "metric units"
+    head = ["factor", "verdict", f"best − worst ({unit}) [95% CI]", "p", "p (adjusted)", "importance [noise]",
+            "trials per level", *["pruned per level"] * pruning, "adjusted for",
+            *[f"80% power at ({unit})", "design trials for the estimate"] * power]
+    rows = []
+    for r in results:
+        est, lo, hi = _diff(rep, r) if r.estimate is not None and r.ci_low is not None else (None, None, None)
+        est = "-" if est is None else f"{_f(est, True)} [{_f(lo)}, {_f(hi)}]"
+        imp = "-" if r.importance is None else f"{r.importance:.2f} [{r.noise:.2f}]"
+        pr = rep.prune_rates.get(r.factor, {})
+        mde = "-" if r.mde is None else ("∞" if math.isinf(r.mde) else _f(_pts(rep, r.mde)))
+        rows.append([f"`{r.factor}`", r.verdict.value, est, _p(r.p), _p(r.p_adjusted), imp,
+                     ", ".join(f"{k}: {v}" for k, v in r.n_per_level.items()) or "-",
+                     *[", ".join(f"{k}: {100 * v:.0f}%" for k, v in pr.items()) or "-"] * pruning,
+                     ", ".join(r.adjusted_for) or "-",
+                     *[mde, _num(r.trials_needed)] * power])
+    return ("table", head, rows)
 
 
 def _level(rep: Report, lv) -> str:
@@ -259,14 +309,18 @@ def format_table(rep: Report) -> str:
     lines = [f"report: {rep.title} — {state_line(rep)}"]
     if not rep.enough:
         return "\n".join(lines + [f"fewer than {MIN_TRIALS} finished trials: no effects to report"])
-    if rep.adaptive:
-        lines.append(f"searcher {rep.algorithm} is adaptive (TPE): tests assume random assignment, read as hints; "
-                     "use search.algorithm random or qmc for attribution")
-    n = _tested(rep.results)
-    lines.append(f"{'factor':<32}{'importance':>11}{'noise':>7}  verdict")
-    for r in rep.results:
-        imp = f"{r.importance:>11.2f}{r.noise:>7.2f}" if r.importance is not None else f"{'-':>11}{'-':>7}"
-        lines.append(f"{r.factor:<32}{imp}  {verdict_text(rep, r, n)}")
+    plain = lambda t: t.replace("**", "").replace("`", "")  # noqa: E731
+    lines.append(plain(design_note(rep)))
+    for title, results in (("verdicts (design trials)", rep.results), ("hints (every finished trial, no claims)",
+                                                                     rep.hints)):
+        if not results:
+            continue
+        n = _tested(results)
+        lines.append(f"{title}:")
+        lines.append(f"{'factor':<32}{'importance':>11}{'noise':>7}  verdict")
+        for r in results:
+            imp = f"{r.importance:>11.2f}{r.noise:>7.2f}" if r.importance is not None else f"{'-':>11}{'-':>7}"
+            lines.append(f"{r.factor:<32}{imp}  {verdict_text(rep, r, n)}")
     if rep.rung_results:
         m = _tested(rep.rung_results)
         lines.append(f"at epoch {rep.rung_epoch + 1}, every finished and pruned trial:")
@@ -286,7 +340,9 @@ def _factor_json(rep: Report, r: FactorResult, n_tested: int) -> dict[str, Any]:
             "estimate": pts(r.estimate), "estimate_plugin": pts(r.raw_estimate),
             "ci_low": pts(r.ci_low), "ci_high": pts(r.ci_high), "importance": r.importance, "noise": r.noise,
             "n": r.n, "n_per_level": r.n_per_level, "prune_rate_per_level": rep.prune_rates.get(r.factor, {}),
-            "adjusted_for": r.adjusted_for, "note": r.note or None,
+            "adjusted_for": r.adjusted_for, "note": r.note or None, "alpha": r.alpha,
+            "critical": r.critical, "resid_sd": pts(r.resid_sd), "mde_80": pts(r.mde) if r.mde is None or
+            math.isfinite(r.mde) else "inf", "design_trials_for_estimate": r.trials_needed,
             "levels": [{"level": lv.level, "n": lv.n, "mean": pts(lv.mean), "ci_low": pts(lv.lo),
                         "ci_high": pts(lv.hi)} for lv in r.levels]}
 
@@ -299,10 +355,15 @@ def to_json(rep: Report) -> dict[str, Any]:
         "title": rep.title, "metric": rep.metric, "mode": rep.mode, "unit": rep.scale[1] or None,
         "scale": rep.scale[0], "counts": rep.counts, "running": rep.running,
         "searcher": {"algorithm": rep.algorithm, "adaptive": rep.adaptive},
-        "method": {"test": "permutation", "n_permutations": N_PERMUTATIONS, "correction": "holm", "alpha": ALPHA,
-                   "interval": "tukey simultaneous 95%, best vs worst", "importance": "variance share",
-                   "calibration": CALIBRATION},
+        "family": {"kind": rep.family or None, "trials": [r.trial_id for r in rep.main_rows] if rep.family else [],
+                   "note": rep.family_note or None, "tested": metric_name(rep)},
+        "method": {"test": "permutation, studentized best-vs-worst difference", "n_permutations": N_PERMUTATIONS,
+                   "correction": "bonferroni", "alpha": ALPHA,
+                   "interval": "best - worst -+ permutation critical value x se: excludes 0 exactly when effect",
+                   "power": "80%, normal errors with the measured residual sd (power.py)",
+                   "importance": "variance share", "calibration": CALIBRATION},
         "factors": [_factor_json(rep, r, n) for r in rep.results],
+        "hints": [_factor_json(rep, r, _tested(rep.hints)) for r in rep.hints],
         "rung": None if not rep.rung_results else {
             "epoch": rep.rung_epoch + 1, "factors": [_factor_json(rep, r, m) for r in rep.rung_results]},
         "best": None if b is None else {
@@ -317,7 +378,7 @@ def to_json(rep: Report) -> dict[str, Any]:
 def tables(rep: Report) -> dict[str, dict[str, list]]:
     """The report's numbers as MLflow tables (`log_table` column dicts): one row per factor, per level,
     per Pareto trial."""
-    facs = [_factor_json(rep, r, _tested(rep.results)) for r in rep.results]
+    facs = [_factor_json(rep, r, _tested(rep.shown)) for r in rep.shown]
     cols = ("factor", "verdict", "p", "p_adjusted", "best", "worst", "estimate", "ci_low", "ci_high",
             "importance", "noise", "n")
     factors = {c: [f[c] for f in facs] for c in cols}

@@ -30,13 +30,18 @@ class Factor:
     numeric: bool = False
     log: bool = False
     bins: tuple[float, float, float, float] | None = None
+    strata: bool = False          # levels are the design's strata (`TrialRow.strata`), not value terciles
 
 
 @dataclass
 class TrialRow:
     """One trial as the report sees it. `params` holds every factor, `INACTIVE` where it did not act;
     `repeats` the objective of each k-shot repeat (one value without repeats); `rung` the objective at
-    the search's common rung (the epoch every trial, pruned or not, reached), when known."""
+    the search's common rung (the epoch every trial, pruned or not, reached), when known; `assess` the
+    trial's score on the fixed held-out assessment rows (`assess_score`), when measured. `phase`: "design"
+    for a trial of the search's randomised design (`crosspt.search.design`), "optimiser" for one the
+    optimiser chose, "" when unknown (a search from before the design phase); `strata`: a design trial's
+    stratum of each stratified numeric factor, its level in the report."""
     trial_id: str
     state: str                                   # FINISHED | PRUNED | FAILED | RUNNING
     params: dict[str, Any]
@@ -49,6 +54,9 @@ class TrialRow:
     scores: dict[str, float] = field(default_factory=dict)   # per task: val_<task>_<m>, test_<task>_<m>
     run_id: str = ""
     rung: float | None = None
+    assess: float | None = None
+    phase: str = ""
+    strata: dict[str, str] = field(default_factory=dict)
 
     def values(self, metric: str) -> list[float]:
         """This trial's observations of `metric` ("objective" or "test_score"): its repeats, else its value."""
@@ -58,8 +66,9 @@ class TrialRow:
     def value(self, metric: str) -> float | None:
         """The trial's one number for `metric`: the mean of its repeats (the trial is the unit that was
         randomised, so repeats only make that number less noisy), or the rung value for "rung"."""
-        if metric == "rung":
-            return self.rung if finite(self.rung) else None
+        if metric in ("rung", "assess"):
+            v = getattr(self, metric)
+            return float(v) if finite(v) else None
         vals = [v for v in self.values(metric) if finite(v)]
         return float(np.mean(vals)) if vals else None
 
@@ -91,6 +100,11 @@ def _terciles(values: Sequence[float]) -> tuple[float, float, float, float]:
     return float(xs[0]), float(xs[len(xs) // 3]), float(xs[(2 * len(xs)) // 3]), float(xs[-1])
 
 
+def with_strata(factors: Sequence[Factor], rows: Sequence[TrialRow]) -> list[Factor]:
+    """`factors` with each numeric one that the design stratified (its rows carry strata) levelled by them."""
+    return [replace(f, strata=f.numeric and any(f.key in r.strata for r in rows), bins=None) for f in factors]
+
+
 def with_bins(factors: Sequence[Factor], rows: Sequence[TrialRow]) -> list[Factor]:
     """`factors` with each numeric one's terciles fixed from its values in `rows` (where it is binned)."""
     out = []
@@ -109,6 +123,13 @@ def level_codes(factor: Factor, rows: Sequence[TrialRow]) -> tuple[list[str], np
     vals = [r.params.get(factor.key, INACTIVE) for r in rows]
     active = [i for i, v in enumerate(vals) if v != INACTIVE]
     codes = np.full(len(rows), -1, dtype=int)
+    if factor.strata:                    # design trials: the stratum each value was drawn in is its level
+        vals = [r.strata.get(factor.key, v) if v != INACTIVE else v for r, v in zip(rows, vals)]
+        distinct = sorted({str(vals[i]) for i in active})
+        index = {v: k for k, v in enumerate(distinct)}
+        for i in active:
+            codes[i] = index[str(vals[i])]
+        return distinct, codes
     distinct = sorted({vals[i] for i in active}, key=lambda v: (str(type(v)), v))
     if factor.bins is None and (not factor.numeric or len(distinct) <= MAX_LEVELS_AS_IS):
         names = [fmt(v) for v in distinct]

@@ -4,29 +4,38 @@ plotting, so the calibration benchmark (`crosspt.bench.report_calibration`) runs
 
 Why these methods (measured in benchmarks/report_calibration.md):
 
-- **Test: a randomisation (permutation) test per factor** (`scipy.stats.permutation_test`). A random or
-  QMC searcher assigns each trial's level independently of everything else, so under "this factor does
-  nothing" its levels are exchangeable across trials and permuting them gives the exact null distribution
-  of any statistic, whatever the objective's distribution (bounded, tied, skewed accuracies), at 2 trials
-  per level, with any number of levels. The statistic is the factor's sum of squares in an additive
-  linear model of the objective after the other factors that visibly matter (`SCREEN_P`): a factor with
-  a large effect (a learning rate over four decades) then stops counting as noise for the others, and
-  since only this factor's column is permuted and the adjustment set is chosen without looking at it,
-  the test stays exact. Adjusting for every factor instead spends the few trials on fitting factors
-  that do nothing (power at 24 trials and 6 factors: 25% against 55% for screening, 62% for none;
-  with a strong second factor: 42% and 82% against 60%). A parametric F test would need normal
+- **Test: a randomisation (permutation) test per factor.** In the search's design trials each factor's
+  levels are balanced and dealt by a random permutation (`crosspt.search.design`; a `random` or `qmc`
+  searcher whose trials all finished draws them independently), so under "this factor does nothing" its
+  levels are exchangeable across trials and permuting them gives the exact null distribution of any
+  statistic, whatever the objective's distribution (bounded, tied, skewed accuracies), at 2 trials per
+  level, with any number of levels. The model is additive in this factor and the other factors that
+  visibly matter (`SCREEN_P`): a factor with a large effect (a learning rate over four decades) then
+  stops counting as noise for the others, and since only this factor's column is permuted and the
+  adjustment set is chosen without looking at it, the test stays exact. Adjusting for every factor
+  instead spends the few trials on fitting factors that do nothing. A parametric test would need normal
   errors; a bootstrap test undercovers at 2-4 trials per level.
-- **Correction across the factors of one report: Holm** (`holm`, the numbers of statsmodels' `multipletests`). The report's
-  promise is "every `effect` line is real" (family-wise error), not "a proportion of them is" (BH's false
-  discovery rate): a search has few factors (2-12), where Holm loses little power against BH, and it
-  holds under any dependence between the tests (they share the objective).
-- **Effect: best level minus worst, with a simultaneous interval.** Level means come from the same
-  additive model (`statsmodels` OLS). The interval of the best-vs-worst difference is Tukey's
-  simultaneous interval over all pairs of levels (studentized range, `scipy.stats.studentized_range`):
-  it covers every pair at once, so it still covers the pair picked after the fact as best and worst. The
-  point estimate corrects the plug-in difference for that pick (winner's curse): level means are redrawn
-  from their estimated sampling distribution, the best and worst are picked again in each draw, and the
-  average overshoot is subtracted.
+- **One construction for test, interval and verdict.** The statistic is the studentized best-vs-worst
+  difference `T = |mean_best - mean_worst| / se` in that model (`statsmodels` OLS level means; best and
+  worst by the model's level means, picked again in every permutation). Its permutation distribution
+  gives both the p-value and the critical value `q` at level `ALPHA / m` (Bonferroni over the `m` factors
+  tested in one report), and the printed interval is `difference -+ q * se`. So `effect` <=> `T > q` <=>
+  the interval excludes 0 <=> the adjusted p < `ALPHA`, by construction, ties included (`_decide`;
+  tests/test_report.py checks it over hundreds of simulated searches). The construction before it (a sum
+  of squares test with Holm, Tukey's normal-theory interval beside it) could disagree: 6 of 80 `effect`
+  verdicts had an interval covering 0 in 400 simulated searches of 5 levels x 3 trials.
+  Bonferroni rather than Holm: Holm's step-down has no interval that matches its rejections (intervals
+  compatible with Holm say nothing beyond the sign for a rejected hypothesis, Strassburger & Bretz 2008),
+  and with the 2-12 factors of a search its extra power is small (its first step is Bonferroni's). The
+  studentized difference rather than the sum of squares: it is the statistic the interval is about
+  (Tukey's, whose normal-theory quantile the permutation quantile replaces: no normality assumed); for 2
+  levels the two are the same test. The interval covers the true difference of the two named levels
+  where the permutation distribution of `T` approximates its sampling distribution (location shifts;
+  measured in benchmarks/report_calibration.md).
+- **Estimate:** the plug-in difference overshoots when best and worst are picked after the fact (winner's
+  curse): level means are redrawn from their estimated sampling distribution, best and worst are picked
+  again in each draw, and the average overshoot is subtracted; the result keeps the picked direction and
+  stays inside the interval.
 - **Importance: the share of the objective's variance the factor explains** (its sum of squares above
   over the total), shown with its noise level: the 95th percentile of the same share when the factor's
   levels are shuffled (the permutation test's own null draws). A share below its noise level is what a
@@ -38,20 +47,21 @@ randomised, so the repeats make that number less noisy and need no model of thei
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 
 from crosspt.search.report.rows import Factor, TrialRow, level_codes
 
-N_PERMUTATIONS = 1999          # p resolution 1/2000, enough for Holm's alpha/12 on a 12-factor space
+N_PERMUTATIONS = 1999          # p resolution 1/2000, enough for Bonferroni's alpha/12 on a 12-factor space
 N_SELECTION_DRAWS = 2000       # draws of level means for the winner's-curse correction
 SEED = 0
 ALPHA = 0.05
+TIE = 1e-9                     # relative: a permuted statistic this close to the observed one counts as a tie
 MIN_TRIALS_PER_LEVEL = 2       # a level seen once has no spread of its own: left out of its factor's test
 # A factor's test adjusts for the other factors whose levels alone explain the objective at this level
 # (one-way ANOVA), while the model keeps ADJUST_DF residual degrees of freedom and a quarter of the
@@ -63,7 +73,8 @@ ADJUST_DF = 6
 
 class Verdict(str, Enum):
     """A factor's verdict in the report and in report.json."""
-    EFFECT = "effect"               # adjusted p < ALPHA
+    EFFECT = "effect"               # adjusted p < ALPHA in a randomised design: the interval excludes 0
+    HINT = "hint"                   # the same test passed on trials that are not a randomised design
     NONE = "none"                   # tested, no detectable effect
     TOO_FEW = "too_few"             # too few trials per level for the test to reach ALPHA
     NOT_VARIED = "not_varied"       # one level sampled
@@ -92,52 +103,71 @@ class FactorResult:
     worst: str = ""
     estimate: float | None = None                # best - worst, corrected for picking them (objective units)
     raw_estimate: float | None = None            # the plug-in difference of the two means
-    ci_low: float | None = None                  # simultaneous 95% interval of best - worst
+    se: float | None = None                      # its standard error in the additive model
+    ci_low: float | None = None                  # raw_estimate -+ critical * se: excludes 0 <=> effect/hint
     ci_high: float | None = None
+    critical: float | None = None                # the permutation critical value of |raw| / se at `alpha`
+    alpha: float | None = None                   # ALPHA / factors tested (Bonferroni)
+    resid_sd: float | None = None                # residual sd of the additive model (objective units)
+    df: float | None = None                      # its residual degrees of freedom
+    mde: float | None = None                     # smallest best - worst detectable with 80% power here (power.py)
+    trials_needed: int | None = None             # design trials that detect the estimate with 80% power
     importance: float | None = None              # share of the objective's variance
     noise: float | None = None                   # 95th percentile of that share with the levels shuffled
     adjusted_for: list[str] = field(default_factory=list)
     note: str = ""                               # why too_few / not_varied / inactive; levels left out
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-adjusted p-values (see the module docstring for why Holm): the i-th smallest p times the
-    number of hypotheses not yet rejected, made monotone, at most 1. Written out rather than through
-    statsmodels' `multipletests(method="holm")`, which gives the same numbers (tests/test_report.py
-    checks) but runs `gc.collect()` on every call: 0.3 s in a process holding scipy and MLflow, which
-    made the 500-search calibration benchmark take hours."""
-    p = np.asarray(pvalues, dtype=float)
-    if p.size == 0:
-        return []
-    order = np.argsort(p, kind="stable")
-    adjusted = np.minimum(np.maximum.accumulate(p[order] * np.arange(p.size, 0, -1)), 1.0)
-    out = np.empty_like(p)
-    out[order] = adjusted
-    return out.tolist()
-
-
-@lru_cache(maxsize=None)
-def _tukey_quantile(k: int, df: float) -> float:
-    """95% quantile of the studentized range over `k` means with `df` residual degrees of freedom, over
-    sqrt(2): the half-width of Tukey's simultaneous interval in standard errors of a difference (the t
-    quantile for k = 2). Cached: scipy integrates it numerically (0.2 s a call)."""
-    from scipy.stats import studentized_range
-
-    return float(studentized_range.ppf(0.95, k, df)) / math.sqrt(2)
+    null: tuple | None = field(default=None, repr=False)   # (null statistics, observed, exact) for `_decide`
 
 
 def analyse(factors: Sequence[Factor], rows: Sequence[TrialRow], mode: str = "max", metric: str = "objective",
-            n_permutations: int = N_PERMUTATIONS, seed: int = SEED) -> list[FactorResult]:
+            n_permutations: int = N_PERMUTATIONS, seed: int = SEED, hint: bool = False) -> list[FactorResult]:
     """One `FactorResult` per factor, in `factors`' order, over the rows that have a value of `metric`
-    ("objective", "test_score" or "rung"); p-values Holm-adjusted across the factors tested here.
+    ("objective", "assess", "test_score" or "rung"); each tested factor's test and best-vs-worst interval
+    at the Bonferroni level `ALPHA / m` over the `m` factors tested here (module docstring), so that
+    `effect` <=> the printed interval excludes 0 <=> the adjusted p < `ALPHA`. `hint`: the rows are not a
+    randomised design (adaptive trials, or survivors of pruning): a would-be `effect` is `hint`.
     `n_permutations=0`: level means and intervals only, no test."""
     rows = [r for r in rows if r.value(metric) is not None]
     out = [_factor(f, factors, rows, mode, metric, n_permutations, seed + i) for i, f in enumerate(factors)]
     tested = [r for r in out if r.p is not None]
-    for r, p_adj in zip(tested, holm([r.p for r in tested])):
-        r.p_adjusted = p_adj
-        r.verdict = Verdict.EFFECT if p_adj < ALPHA else Verdict.NONE
+    for r in tested:
+        _decide(r, len(tested), hint)
     return out
+
+
+def _decide(res: FactorResult, m: int, hint: bool) -> None:
+    """The verdict, adjusted p and interval of a tested factor among `m`, from one critical value: `q`, the
+    smallest studentized best-vs-worst difference whose permutation p is below `ALPHA / m`. The p counts
+    null values at or above the observed one within a relative `TIE`, and `q` is the null value at that
+    count's limit (widened by the same tolerance), so `T > q` and `p * m < ALPHA` are the same event, ties
+    included."""
+    res.p_adjusted, res.alpha = min(1.0, res.p * m), ALPHA / m
+    if res.null is None:                               # every trial scored the same
+        res.verdict = Verdict.NONE
+        return
+    null, t0, exact = res.null
+    n = len(null)
+    add = 0 if exact else 1                            # a random draw of permutations counts the observed one
+    c = ALPHA / m * (n + add) - add                    # p < ALPHA / m  <=>  #{null >= T} < c
+    j = math.ceil(c) - 1                               # ... <=> #{null >= T} <= j  <=>  T > (j+1)-th largest
+    if j < 0:
+        res.verdict = Verdict.TOO_FEW
+        res.note = "; ".join([res.note] * bool(res.note) + [
+            f"{n} permutations: p cannot fall below {ALPHA}/{m} (Bonferroni over {m} factors)"])
+        return
+    q = float(np.sort(null)[::-1][j]) / (1 - TIE)      # T > q  <=>  T (1 - TIE) > that null value
+    res.critical = q
+    # the standard error as the statistic saw it (|raw| / T: the same number as the OLS one, but from the
+    # same floating-point path as T, so that the interval's sign and `T > q` cannot part at the last digit)
+    raw = res.raw_estimate
+    se = abs(raw) / t0 if t0 > 0 else res.se
+    res.ci_low, res.ci_high = raw - q * se, raw + q * se
+    # the corrected difference keeps the picked direction (at worst no difference) and stays in its interval
+    sign = 1.0 if raw >= 0 else -1.0
+    lower, upper = (max(res.ci_low, 0.0), res.ci_high) if sign > 0 else (res.ci_low, min(res.ci_high, 0.0))
+    res.estimate = float(np.clip(res.estimate, lower, upper))
+    effect = t0 > q
+    res.verdict = (Verdict.HINT if hint else Verdict.EFFECT) if effect else Verdict.NONE
 
 
 def _factor(f: Factor, factors: Sequence[Factor], rows: Sequence[TrialRow], mode: str, metric: str,
@@ -173,7 +203,7 @@ def _factor(f: Factor, factors: Sequence[Factor], rows: Sequence[TrialRow], mode
     res.levels, model = _level_means(x, level_names, y, Z)
     if model is not None:
         _best_vs_worst(res, *model, mode, seed)
-    if n_permutations <= 0:              # level means only (test_score): nothing is claimed about them
+    if n_permutations <= 0 or model is None:    # level means only (test_score): nothing is claimed about them
         return res
     arrangements = _log_arrangements(np.bincount(x))
     if arrangements < math.log(1 / ALPHA) + 1e-9:
@@ -182,10 +212,15 @@ def _factor(f: Factor, factors: Sequence[Factor], rows: Sequence[TrialRow], mode
         return res
     total = float(((y - y.mean()) ** 2).sum())
     if total <= 0:                       # every trial scored the same: nothing to attribute
-        res.p, res.importance, res.noise = 1.0, 0.0, 0.0
+        res.p, res.importance, res.noise, res.ci_low, res.ci_high = 1.0, 0.0, 0.0, 0.0, 0.0
+        res.verdict = Verdict.NONE
         return res
-    res.p, share, null = _permutation_test(x, len(level_names), y, Z, n_permutations, seed)
-    res.importance, res.noise = share / total, float(np.quantile(null, 0.95)) / total
+    idx, exact = _permutations(len(y), n_permutations, seed)
+    t, ss = _permuted_statistics(np.concatenate([x[None], x[idx]]), len(level_names), y, Z, mode)
+    t0, null, null_ss = float(t[0]), t[1:], ss[1:]          # exact: the identity is among the null's rows
+    res.p = (int(np.sum(null >= t0 * (1 - TIE))) + (0 if exact else 1)) / (len(null) + (0 if exact else 1))
+    res.null = (null, t0, exact)
+    res.importance, res.noise = float(ss[0]) / total, float(np.quantile(null_ss, 0.95)) / total
     return res
 
 
@@ -245,37 +280,50 @@ def _residual_basis(Z: np.ndarray, n: int) -> np.ndarray:
     return u[:, s > s[0] * 1e-10]
 
 
-def _permutation_test(x: np.ndarray, k: int, y: np.ndarray, Z: np.ndarray, n_permutations: int,
-                      seed: int) -> tuple[float, float, np.ndarray]:
-    """(p, observed sum of squares, null sums of squares): the factor's sum of squares after the
-    intercept and `Z`, with the factor's levels permuted across the trials (scipy enumerates every
-    permutation when there are no more than `n_permutations`)."""
-    from scipy.stats import permutation_test
+def _permutations(n: int, n_permutations: int, seed: int) -> tuple[np.ndarray, bool]:
+    """`(B, n)` index arrays: every permutation of `n` trials when there are no more than
+    `n_permutations` (exact; the identity first), else `n_permutations` random ones. Drawn here rather than
+    inside `scipy.stats.permutation_test` because the test statistic and the importance's sum of squares
+    must be computed on the same permutations (one call each to scipy would draw them twice)."""
+    if math.factorial(n) <= n_permutations:
+        return np.array(list(itertools.permutations(range(n)))), True
+    rng = np.random.default_rng(seed)
+    return rng.permuted(np.tile(np.arange(n), (n_permutations, 1)), axis=1), False
 
-    Q = _residual_basis(Z, len(y))
+
+def _permuted_statistics(xs: np.ndarray, k: int, y: np.ndarray, Z: np.ndarray,
+                         mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of `xs` (`(B, n)` level codes, a permutation of the factor's levels): the studentized
+    best-vs-worst difference `|mean_best - mean_worst| / se` in the additive model `y ~ levels + Z` (best
+    and worst by the model's level means in `mode`), and the factor's sum of squares beyond `[1, Z]`
+    (the importance). `(B,)` each."""
+    n = len(y)
+    D = _onehot(xs, k)                                           # (B, n, k)
+    X = np.concatenate([D, np.broadcast_to(Z, (len(xs), *Z.shape))], axis=-1)     # (B, n, k + p)
+    XtX_inv = np.linalg.pinv(np.swapaxes(X, -1, -2) @ X, rcond=1e-10, hermitian=True)
+    beta = np.einsum("bij,bj->bi", XtX_inv, np.swapaxes(X, -1, -2) @ y)     # (B, k + p)
+    resid = y - np.einsum("bnj,bj->bn", X, beta)
+    df = n - k - Z.shape[1]
+    s2 = (resid ** 2).sum(axis=-1) / max(df, 1)
+    means = beta[:, :k] * (1.0 if mode == "max" else -1.0)
+    rows = np.arange(len(xs))
+    b, w = np.argmax(means, axis=1), np.argmin(means, axis=1)
+    var = XtX_inv[rows, b, b] + XtX_inv[rows, w, w] - 2 * XtX_inv[rows, b, w]
+    se = np.sqrt(np.maximum(s2 * var, 1e-300))
+    t = (means[rows, b] - means[rows, w]) / se
+    Q = _residual_basis(Z, n)
     y_res = y - Q @ (Q.T @ y)
-
-    counts = np.bincount(x, minlength=k).astype(float)
-
-    def ss(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        D = _onehot(x[idx], k)                                   # (..., n, k) the permuted levels
-        if Q.shape[1] == 1:
-            # intercept only: the one-way between-level sum of squares (y_res sums to 0)
-            return ((np.swapaxes(D, -1, -2) @ y_res) ** 2 / counts).sum(axis=-1)
-        D = D - Q @ (Q.T @ D)                                    # the levels beyond the adjusters
-        v = np.swapaxes(D, -1, -2) @ y_res                       # (..., k)
-        G = np.swapaxes(D, -1, -2) @ D                           # (..., k, k), rank k - 1 at most
-        return np.einsum("...k,...kl,...l->...", v, np.linalg.pinv(G, rcond=1e-10, hermitian=True), v)
-
-    r = permutation_test((np.arange(len(y)),), ss, permutation_type="pairings", vectorized=True,
-                         n_resamples=n_permutations, alternative="greater", rng=np.random.default_rng(seed))
-    return float(r.pvalue), float(r.statistic), np.asarray(r.null_distribution)
+    Dr = D - Q @ (Q.T @ D)                                       # the levels beyond the adjusters
+    v = np.swapaxes(Dr, -1, -2) @ y_res                          # (B, k)
+    G = np.swapaxes(Dr, -1, -2) @ Dr                             # (B, k, k), rank k - 1 at most
+    ss = np.einsum("bk,bkl,bl->b", v, np.linalg.pinv(G, rcond=1e-10, hermitian=True), v)
+    return t, ss
 
 
 def _level_means(x: np.ndarray, names: list[str], y: np.ndarray, Z: np.ndarray):
     """Each level's mean (at the average of the other factors when `Z` has columns) with its 95% interval,
-    and the model (means, their covariance, residual df) for the best-vs-worst interval; no model
-    without residual degrees of freedom."""
+    and the model (means, their covariance, residual df, residual sd) for the best-vs-worst difference;
+    no model without residual degrees of freedom."""
     from scipy.stats import t
     from statsmodels.regression.linear_model import OLS
 
@@ -290,25 +338,23 @@ def _level_means(x: np.ndarray, names: list[str], y: np.ndarray, Z: np.ndarray):
     half = t.ppf(0.975, fit.df_resid) * np.sqrt(np.diag(cov))
     levels = [LevelStat(nm, int(c), float(m), float(m - h), float(m + h))
               for nm, c, m, h in zip(names, counts, means, half)]
-    return levels, (means, cov, float(fit.df_resid))
+    return levels, (means, cov, float(fit.df_resid), math.sqrt(max(float(fit.scale), 0.0)))
 
 
-def _best_vs_worst(res: FactorResult, means: np.ndarray, cov: np.ndarray, df: float, mode: str, seed: int) -> None:
-    """Best and worst level by their means; the difference with Tukey's simultaneous 95% interval (valid
-    for the pair picked after the fact) and with the pick's overshoot subtracted (see module docstring)."""
+def _best_vs_worst(res: FactorResult, means: np.ndarray, cov: np.ndarray, df: float, resid_sd: float, mode: str,
+                   seed: int) -> None:
+    """Best and worst level by their means, their difference and its standard error (the interval comes
+    with the test, `_decide`), and the difference with the pick's overshoot subtracted (module docstring)."""
     sign = 1.0 if mode == "max" else -1.0
-    k = len(means)
     b, w = int(np.argmax(sign * means)), int(np.argmin(sign * means))
     raw = float(means[b] - means[w])
     se = math.sqrt(max(cov[b, b] + cov[w, w] - 2 * cov[b, w], 0.0))
-    q = _tukey_quantile(k, df)
-    lo, hi = raw - q * se, raw + q * se
     draws = np.random.default_rng(seed).multivariate_normal(means, cov, size=N_SELECTION_DRAWS, method="eigh")
     bd, wd = np.argmax(sign * draws, axis=1), np.argmin(sign * draws, axis=1)
     rows = np.arange(len(draws))
     overshoot = float(np.mean((draws[rows, bd] - draws[rows, wd]) - (means[bd] - means[wd])))
-    # the corrected difference keeps the picked direction (at worst no difference) and stays in its interval
-    lower, upper = (max(lo, 0.0), hi) if sign > 0 else (lo, min(hi, 0.0))
-    est = float(np.clip(raw - overshoot, lower, upper))
+    est = raw - overshoot
+    est = max(est, 0.0) if sign > 0 else min(est, 0.0)          # at worst no difference, never reversed
     names = [lv.level for lv in res.levels]
-    res.best, res.worst, res.raw_estimate, res.estimate, res.ci_low, res.ci_high = names[b], names[w], raw, est, lo, hi
+    res.best, res.worst, res.raw_estimate, res.estimate, res.se = names[b], names[w], raw, est, se
+    res.resid_sd, res.df = resid_sd, df

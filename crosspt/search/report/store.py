@@ -7,12 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from crosspt.search.design import PHASE_TAG, STRATUM_TAG
 from crosspt.search.params import INACTIVE
 from crosspt.search.report.build import Report, build_report
 from crosspt.search.report.render import tables, write_report
 from crosspt.search.params import repeat_metric
 from crosspt.search.report.rows import Factor, TrialRow, is_repeat_metric
 
+ASSESS_METRIC = "assess_score"                      # a trial's score on the fixed held-out assessment rows
 REPORT_DIR = "report"                               # artifact folder on the parent run
 IMPORTANCE_PLOT = "plots/param_importances.png"     # the parent run's importance plot (canonical method)
 STUDY_ATTR = "crosspt.importance"                   # Optuna study user attr holding the same numbers
@@ -35,9 +37,10 @@ def _row_of(run, factors: list[Factor], metric: str) -> TrialRow:
     return TrialRow(tags.get("crosspt.trial_id", run.info.run_id), state, params, m.get(metric), reps,
                     m.get("test_score"), test_reps, int(m["trainable_params"]) if "trainable_params" in m else None,
                     (end - run.info.start_time) / 1000 if end and run.info.start_time else None,
-                    {k: v for k, v in m.items() if k.startswith(("val_", "test_")) and not is_repeat_metric(k)
-                     and k not in ("val_score", "test_score")},
-                    run.info.run_id)
+                    {k: v for k, v in m.items() if k.startswith(("val_", "test_", "assess_")) and not is_repeat_metric(k)
+                     and k not in ("val_score", "test_score", ASSESS_METRIC)},
+                    run.info.run_id, assess=m.get(ASSESS_METRIC), phase=tags.get(PHASE_TAG, ""),
+                    strata={k[len(STRATUM_TAG):]: v for k, v in tags.items() if k.startswith(STRATUM_TAG)})
 
 
 def _param_value(text: str):
@@ -181,9 +184,9 @@ def log_importance_plot(c, parent_run_id: str, rep: Report) -> None:
     importance method (stats.py), replacing Optuna's default (fANOVA over whatever trials completed)."""
     from crosspt.search.report.plots import _plt, importance_figure
 
-    if not rep.enough or not any(r.importance is not None for r in rep.results):
+    if not rep.enough or not any(r.importance is not None for r in rep.shown):
         return
-    fig = importance_figure(rep.results, f"{rep.title}: importance ({rep.metric})")
+    fig = importance_figure(rep.shown, f"{rep.title}: importance ({rep.metric})")
     c.log_figure(parent_run_id, fig, IMPORTANCE_PLOT)
     _plt().close(fig)
 
@@ -191,7 +194,7 @@ def log_importance_plot(c, parent_run_id: str, rep: Report) -> None:
 def study_importances(rep: Report) -> dict[str, dict]:
     """The report's importances as the study attr `STUDY_ATTR` holds them."""
     return {r.factor: {"importance": r.importance, "noise": r.noise, "verdict": r.verdict.value,
-                       "p_adjusted": r.p_adjusted} for r in rep.results}
+                       "p_adjusted": r.p_adjusted} for r in rep.shown}
 
 
 def publish_to_study(rep: Report, optuna_url: str, study_name: str) -> None:
@@ -212,10 +215,10 @@ def publish_to_study(rep: Report, optuna_url: str, study_name: str) -> None:
              "Importance = share of the objective's variance a factor explains; noise = that share with its "
              "levels shuffled (95th percentile). The *Hyperparameter Importance* panel is optuna-dashboard's own "
              "PED-ANOVA and may disagree; these are the numbers of `crosspt report`.", "",
-             "| factor | importance | noise | verdict | p (Holm) |", "|---|---:|---:|---|---:|"]
+             "| factor | importance | noise | verdict | p (adjusted) |", "|---|---:|---:|---|---:|"]
     lines += [f"| {r.factor} | {'-' if r.importance is None else f'{r.importance:.2f}'} | "
               f"{'-' if r.noise is None else f'{r.noise:.2f}'} | {r.verdict.value} | "
-              f"{'-' if r.p_adjusted is None else f'{r.p_adjusted:.2g}'} |" for r in rep.results]
+              f"{'-' if r.p_adjusted is None else f'{r.p_adjusted:.2g}'} |" for r in rep.shown]
     save_note(study, "\n".join(lines) + "\n")
 
 
