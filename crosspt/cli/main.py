@@ -123,7 +123,9 @@ def train_run_logger(cfg):
 def format_result(summary: dict) -> str:
     lines = [f"{'task':<14}{'split':<6}metrics"]
     for task, m in summary["metrics"].items():
-        for split in ("val", "test"):
+        for split in ("val", "test", "assess"):
+            if split not in m:
+                continue                    # assess: only with data.assess_rows
             vals = "  ".join(f"{k}={v:.4f}" for k, v in m.get(split, {}).items())
             lines.append(f"{task:<14}{split:<6}{vals}")
     lines.append(f"trainable params {summary['trainable_params']:,} / total {summary['total_params']:,} "
