@@ -82,8 +82,8 @@ def test_cli_refuses_bad_assess_rows_with_one_line(data_dir, tmp_path):
     import os
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
-    out = subprocess.run([sys.executable, "-m", "crosspt", "train", "--set", "tasks=[cb]", "data.shots=4",
-                          "data.assess_rows=900", f"data.data_dir={data_dir}", "train.epochs=1"],
+    out = subprocess.run([sys.executable, "-m", "crosspt.cli", "train", *[a for kv in ("tasks=[cb]", "data.shots=4",
+                          "data.assess_rows=900", f"data.data_dir={data_dir}", "train.epochs=1") for a in ("--set", kv)]],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
     assert out.returncode != 0 and len(lines) == 1 and "data.assess_rows is 900" in lines[0], out.stderr
@@ -157,3 +157,31 @@ def test_searches_assess_by_default_and_sources_do_not():
     assert load_config(None, {}).data.assess_rows == 0          # crosspt train: off unless asked
     off = SearchSpace.model_validate({**space.model_dump(mode="json"), "base": {"tasks": ["rte"], "data": {"assess_rows": 0}}})
     assert off.base_config().data.assess_rows == 0
+
+
+def test_cli_train_with_assessment_logs_it_like_a_trial(tiny_t5_path, data_dir, tmp_path, monkeypatch, capsys):
+    """`crosspt train --set data.assess_rows=20`: the run's metrics carry assess_score and assess_rte_accuracy,
+    its inputs `rte-assess` (digest: the hash of the row ids, the rows make_splits sets aside), and the printed
+    table an `assess` line."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from crosspt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'train.db'}"
+    sets = ["tasks=[rte]", f"backbone.name={tiny_t5_path}", f"data.data_dir={data_dir}", "data.shots=2",
+            "train.epochs=1", "train.batch_size=4", "data.max_test=8", "backbone.max_length=48",
+            "prompt.private_len=4", "data.assess_rows=20"]
+    args = ["train", *[a for kv in sets for a in ("--set", kv)], "--output-dir", str(tmp_path / "o"),
+            "--tracking-uri", uri, "--experiment", "assessed"]
+    assert main(args) == 0
+    assert any(line.split()[:2] == ["rte", "assess"] for line in capsys.readouterr().out.splitlines())
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("assessed").experiment_id])
+    m = run.data.metrics
+    assert m["assess_score"] == m["assess_rte_accuracy"]
+    (ds,) = [d.dataset for d in run.inputs.dataset_inputs if d.dataset.name == "rte-assess"]
+    rows = make_splits("rte", data_dir, shots=2, seed=0, max_test=8, pool="target", assess_rows=20)["assess"]
+    assert ds.digest == hashlib.sha256("\n".join(e.uid for e in rows).encode()).hexdigest()[:16]

@@ -82,7 +82,12 @@ def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, m
     summary = run_search(tiny_space(tiny_t5_path, "tiny3"), data_dir=str(data_dir), tracking_uri=uri,
                          storage_path=str(tmp_path / "ray_results"), verbose=0)
     assert summary["num_trials"] == 3 and summary["num_failed"] == 0
-    check_children(uri, summary, 3)
+    children = check_children(uri, summary, 3)
+    # every trial's final Tune result carries the assessment score its child run logged
+    from crosspt.search.reconcile import tune_trials
+
+    assessed = {t.last_result["mlflow_run_id"]: t.last_result["assess_score"] for t in tune_trials(summary["storage"])}
+    assert assessed == {r.info.run_id: r.data.metrics["assess_score"] for r in children}
     assert summary["best"] is not None and summary["best_run_id"]
     # the Optuna study is persistent (sqlite beside the MLflow store) and holds the 3 trials
     import optuna
