@@ -101,7 +101,7 @@ def test_assessment_never_steers_training_or_selection(minilm_path, data_dir, tm
 
     cfg = load_config(None, {"tasks": ["rte", "sst2"], "seed": 3, "backbone.name": "minilm",
                              "backbone.max_length": 48, "data.data_dir": str(data_dir), "data.shots": 4,
-                             "data.max_test": 16, "data.assess_rows": 24, "train.epochs": 3, "train.patience": 1,
+                             "data.max_test": 16, "data.assess_rows": 24, "train.epochs": 4, "train.patience": 2,
                              "optim.prompt_lr": 0.3})
     _, splits = loop.prepare_data(cfg)
     without = {t: {k: v for k, v in s.items() if k != "assess"} for t, s in splits.items()}
@@ -111,9 +111,14 @@ def test_assessment_never_steers_training_or_selection(minilm_path, data_dir, tm
         result = loop.run_loop(cfg, session, splits=sp)
         runs[name] = (result, session.reports)
     (res, reports), (res0, reports0) = runs["with"], runs["without"]
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("assess") and not k.endswith("_s")}
-                          for r in rows]
+    # the losses are compared to float rounding: CPU kernels may sum in another order from one run to the next
+    # (seen: 0.99846467 vs 0.99846473 for the same run twice, with or without assessment)
+    inexact = ("train_loss", "initial.train_loss")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("assess") and not k.endswith("_s")
+                           and k not in inexact} for r in rows]
     assert strip(reports) == strip(reports0)
+    assert [r["train_loss"] for r in reports] == pytest.approx([r["train_loss"] for r in reports0], rel=1e-5)
+    assert len(reports) >= 2                    # the selection had epochs to choose from
     for key in ("best_epoch", "best_val_score", "test_score", "epochs_run", "router_weights"):
         assert res[key] == res0[key], key
     assert [h["val_score"] for h in res["history"]] == [h["val_score"] for h in res0["history"]]
