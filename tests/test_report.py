@@ -642,6 +642,7 @@ def test_repeats_train_each_trial_on_several_kshot_samples(ray_head, minilm_path
         reps = [m["best_val_score_r0"], m["best_val_score_r1"]]
         assert m["best_val_score"] == pytest.approx(sum(reps) / 2) and "best_val_score_std" in m
         assert m["test_score"] == pytest.approx((m["test_score_r0"] + m["test_score_r1"]) / 2)
+        assert m["assess_score"] == pytest.approx((m["assess_score_r0"] + m["assess_score_r1"]) / 2)
         assert reps[0] == pytest.approx(runs[1][key]["best_val_score"])      # repeat 0 is the trial itself
     # the repeats drew other k-shot samples (a 16-example validation split often ties; 100 test rows less so)
     assert any(m["test_score_r0"] != m["test_score_r1"] for m in runs[2].values()), runs[2]

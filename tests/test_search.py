@@ -84,7 +84,12 @@ def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, m
     summary = run_search(tiny_space(tiny_t5_path, "tiny3"), data_dir=str(data_dir), tracking_uri=uri,
                          storage_path=str(tmp_path / "ray_results"), verbose=0)
     assert summary["num_trials"] == 3 and summary["num_failed"] == 0
-    check_children(uri, summary, 3)
+    children = check_children(uri, summary, 3)
+    # every trial's final Tune result carries the assessment score its child run logged
+    from crosspt.search.reconcile import tune_trials
+
+    assessed = {t.last_result["mlflow_run_id"]: t.last_result["assess_score"] for t in tune_trials(summary["storage"])}
+    assert assessed == {r.info.run_id: r.data.metrics["assess_score"] for r in children}
     assert summary["best"] is not None and summary["best_run_id"]
     # the Optuna study is persistent (sqlite beside the MLflow store) and holds the 3 trials
     import optuna
@@ -109,6 +114,18 @@ def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, m
     assert len(optuna.load_study(study_name="tiny3--mine", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials) == 1
 
 
+def check_assessed(run, tasks: list[str]) -> None:
+    """A finished trial's child run scored its selected state on the assessment rows (searches do by default):
+    assess_score is the mean over tasks of assess_<task>_<main metric>, and what it cost is a trial.* timing."""
+    from crosspt.tasks.metrics import primary_metric
+    from crosspt.tasks.specs import get_task
+
+    m = run.data.metrics
+    mains = [m[f"assess_{t}_{primary_metric(get_task(t))}"] for t in tasks]
+    assert m["assess_score"] == pytest.approx(sum(mains) / len(mains)), m
+    assert 0 < m["trial.assess_s"] <= m["trial.eval_s"], m
+
+
 def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
     """Experiment kind, parent description, versions/commit/data tags and dataset inputs on every run;
     the best trial is a FINISHED run; the trials table is an MLflow table too."""
@@ -129,9 +146,12 @@ def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
             assert tags.get(f"crosspt.version.{pkg}"), (pkg, run.info.run_name)
         assert len(tags.get("mlflow.source.git.commit", "")) == 40 and tags.get("crosspt.data_source")
         inputs = run.inputs.dataset_inputs
-        assert len(inputs) == 3 * n_tasks, [d.dataset.name for d in inputs]
-        assert {t.value for d in inputs for t in d.tags if t.key == "mlflow.data.context"} == {"train", "val", "test"}
+        assert len(inputs) == 4 * n_tasks, [d.dataset.name for d in inputs]
+        assert {t.value for d in inputs for t in d.tags if t.key == "mlflow.data.context"} == \
+            {"train", "val", "test", "assess"}
         digests.add(tuple(sorted((d.dataset.name, d.dataset.digest) for d in inputs)))
+        if run.info.status == "FINISHED" and run is not parent:
+            check_assessed(run, tags["crosspt.tasks"].split(","))
     assert len(digests) == 1, digests          # same base data config: the same rows everywhere
     assert "trials.json" in {a.path for a in c.list_artifacts(summary["parent_run_id"])}
     print("\nparent description:\n" + note)

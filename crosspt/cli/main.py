@@ -121,11 +121,13 @@ def train_run_logger(cfg):
 
 
 def format_result(summary: dict) -> str:
-    lines = [f"{'task':<14}{'split':<6}metrics"]
+    lines = [f"{'task':<14}{'split':<8}metrics"]
     for task, m in summary["metrics"].items():
-        for split in ("val", "test"):
+        for split in ("val", "test", "assess"):
+            if split not in m:
+                continue                    # assess: only with data.assess_rows
             vals = "  ".join(f"{k}={v:.4f}" for k, v in m.get(split, {}).items())
-            lines.append(f"{task:<14}{split:<6}{vals}")
+            lines.append(f"{task:<14}{split:<8}{vals}")
     lines.append(f"trainable params {summary['trainable_params']:,} / total {summary['total_params']:,} "
                  f"({100 * summary['trainable_params'] / max(1, summary['total_params']):.3f}%)  "
                  f"wall {summary['wall_s']:.1f}s  best epoch {summary['best_epoch']}  "

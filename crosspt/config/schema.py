@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crosspt.backbones.base import Family, Placement
 from crosspt.backbones.encoder import PairEncoding
 from crosspt.errors import ConfigError
 from crosspt.method.composition import Composition, Normalization, Schedule
 from crosspt.method.prompts import PromptInit, RouterKind
-from crosspt.tasks.data import ShotsPer, TrainPool
+from crosspt.tasks.data import ASSESS_AUTO, ASSESS_MAX_ROWS, ShotsPer, TrainPool
 from crosspt.tasks.specs import LabelSemantics
 
 
@@ -49,7 +49,20 @@ class DataConfig(Strict):
     # which half of each train split k-shot samples come from: targets validate on rows no source prompt
     # was pre-trained on (crosspt.tasks.data.TrainPool; source pre-training sets `source`)
     train_pool: TrainPool = TrainPool.TARGET
+    # rows per target task of the assessment split: scored once on the selected state at the end of a run, never
+    # trained, stopped early, selected or promoted on (crosspt.tasks.data.assessment_reserve). 0: off (the k-shot
+    # rows as without it; `crosspt train`'s default); `auto`: 300, fewer on a small task (a search's default)
+    assess_rows: int | Literal["auto"] = 0
     task_files: list[str] = []          # user task definitions (YAML), registered before use
+
+
+    @field_validator("assess_rows", mode="before")
+    @classmethod
+    def _assess_rows_range(cls, v):
+        # before pydantic's own checks: a union's errors would name its branches, and `true` would pass as 1
+        if v != ASSESS_AUTO and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= ASSESS_MAX_ROWS):
+            raise ValueError(f"must be 0 (off), 1..{ASSESS_MAX_ROWS} or '{ASSESS_AUTO}', got {v!r}")
+        return v
 
 
 class TemperatureConfig(Strict):
@@ -305,7 +318,7 @@ _HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "sc
 # `upgrade_stored_tree` has read it. Any other value (today's defaults included) is hashed.
 _HASH_LEGACY = {"prompt.normalization": "gate_softmax", "prompt.temperature.schedule": "step",
                 "prompt.router_bias": 0.0, "prompt.include_own_source": True, "prompt.placement": "auto",
-                "optim.source_lr": None, "data.train_pool": "all"}
+                "optim.source_lr": None, "data.train_pool": "all", "data.assess_rows": 0}
 # Values renamed since: hashed under the name they had, so the old meaning keeps its old hash and the new
 # meaning of the old name gets a new one (`attention` was the gated router; it is ATTEMPT's now).
 _HASH_RENAMED = {"prompt.router": {"attention_gated": "attention", "attention": "attention_attempt"},

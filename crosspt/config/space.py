@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from crosspt.config.schema import RunConfig, Strict, apply_overrides, build_config, read_yaml, source_bank_problem
 from crosspt.errors import ConfigError
+from crosspt.tasks.data import ASSESS_AUTO
 
 _REF = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:([+-])\s*(\d+))?\s*$")
 _COND = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
@@ -257,6 +258,7 @@ class SearchSpace(Strict):
         tree = self.base_tree()
         tree.update(name=f"{self.name}-bank", tasks=list(p.tasks), **({"seed": p.seed} if p.seed is not None else {}))
         tree.setdefault("data", {})["shots"] = p.shots
+        tree["data"]["assess_rows"] = 0         # sources are not assessed: they train on the other half
         if p.epochs is not None:
             tree.setdefault("train", {})["epochs"] = p.epochs
         return build_config(tree, f"space '{self.name}' source bank")
@@ -283,6 +285,9 @@ class SearchSpace(Strict):
         if isinstance(tree.get("train", {}), dict):
             # the generated metrics are a second, token-by-token test pass: opt-in for trials
             tree.setdefault("train", {}).setdefault("generated_metrics", False)
+        if isinstance(tree.get("data", {}), dict):
+            # every trial also scores its selected state on the fixed assessment rows (what the report tests)
+            tree.setdefault("data", {}).setdefault("assess_rows", ASSESS_AUTO)
         return tree
 
     def base_config(self) -> RunConfig:

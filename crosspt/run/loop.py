@@ -60,8 +60,8 @@ def data_preparations() -> int:
 
 
 def prepare_data(cfg: RunConfig, splits: dict | None = None):
-    """Task specs and k-shot splits `{task: {"train"|"val"|"test": [Example]}}`: deterministic from
-    cfg.seed, identical on every worker.
+    """Task specs and k-shot splits `{task: {"train"|"val"|"test"[|"assess"]: [Example]}}`: deterministic from
+    cfg.seed, identical on every worker ("assess" with `data.assess_rows`: the same rows for every seed).
 
     `splits`: the same dict computed before (`prepare_data(cfg)[1]`, e.g. memoised by a caller that
     runs many configs over one k-shot sample); taken as is once it is checked to cover cfg's tasks."""
@@ -77,7 +77,7 @@ def prepare_data(cfg: RunConfig, splits: dict | None = None):
     data_dir = resolve_data_dir(cfg.data.data_dir)
     splits = {t.name: make_splits(t, data_dir, shots=cfg.data.shots, per=cfg.data.shots_per,
                                   val_shots=cfg.data.val_shots, seed=cfg.seed, max_test=cfg.data.max_test,
-                                  pool=cfg.data.train_pool)
+                                  pool=cfg.data.train_pool, assess_rows=cfg.data.assess_rows)
               for t in tasks}
     return tasks, splits
 
@@ -336,6 +336,9 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
     if result is not None:
         metrics.update(flat_metrics("test", result["metrics_test"]))
         metrics["test_score"] = result["test_score"]
+        if "metrics_assess" in result:
+            metrics.update(flat_metrics(ASSESS, result["metrics_assess"]))
+            metrics[ASSESS_SCORE] = result[ASSESS_SCORE]
     _checkpoint_and_report(run, state, metrics, result)
     return result
 
@@ -453,17 +456,37 @@ def _final_result(run: _Run, state: TrainState, val: dict | None) -> dict:
     # generating backbones: the generation-based metrics beside the ranked ones (test split, best state), from
     # one pass where the backbone shares it (the decoder); opt-in for search trials (train.generated_metrics)
     test = _evaluate(run, "test", with_generation=model.generates and run.cfg.train.generated_metrics)
+    assess = _assess(run)
     at_best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
     val_best = {t.name: {k[len(f"val_{t.name}_"):]: v for k, v in at_best.items() if k.startswith(f"val_{t.name}_")}
                 for t in tasks} if at_best else (val or {})
     return {
-        "metrics": {t.name: {"val": val_best.get(t.name, {}), "test": test[t.name]} for t in tasks},
+        "metrics": {t.name: {"val": val_best.get(t.name, {}), "test": test[t.name],
+                             **({ASSESS: assess[t.name]} if assess is not None else {})} for t in tasks},
         "metrics_test": test, "test_score": score_of(test, tasks), "best_val_score": state.best_score,
+        **({"metrics_assess": assess, ASSESS_SCORE: score_of(assess, tasks)} if assess is not None else {}),
         "best_epoch": state.best_epoch, "epochs_run": state.epochs_run, **run.params,
         "wall_s": time.time() - run.t0, "config_hash": run.config_hash, "seed": run.cfg.seed,
         "router_weights": model.prompt.task_weights().tolist(), "history": state.history,
         "world_size": run.session.world_size, "rank_state_digests": digests,
     }
+
+
+ASSESS, ASSESS_SCORE = "assess", "assess_score"     # the split, and its score's name (beside test_score)
+
+
+def _assess(run: _Run) -> dict[str, dict[str, float]] | None:
+    """The selected state (loaded by the caller) scored on the assessment rows (`data.assess_rows`), once, as
+    the run ends; None when the run has none. Called only from `_final_result`, after the best epoch is
+    chosen: the assessment never reaches early stopping, selection or a report before the last. Its seconds go
+    to the session's clock (`assess_s`, also counted in `eval_s`)."""
+    if not all(ASSESS in s for s in run.splits.values()):
+        return None
+    started = time.time()
+    try:
+        return _evaluate(run, ASSESS)
+    finally:
+        run.session.clock["assess_s"] = run.session.clock.get("assess_s", 0.0) + time.time() - started
 
 
 def _checkpoint_and_report(run: _Run, state: TrainState, metrics: dict, result: dict | None) -> None:

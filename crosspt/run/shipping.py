@@ -32,7 +32,8 @@ def split_key(cfg) -> str:
     """What a config's k-shot splits depend on besides the task files (`crosspt.run.loop.prepare_data`)."""
     d = cfg.data
     return json.dumps({"tasks": list(cfg.tasks), "seed": cfg.seed, "shots": d.shots, "per": str(d.shots_per),
-                       "val_shots": d.val_shots, "max_test": d.max_test, "task_files": list(d.task_files)},
+                       "val_shots": d.val_shots, "max_test": d.max_test, "task_files": list(d.task_files),
+                       "pool": str(d.train_pool), "assess_rows": d.assess_rows},
                       sort_keys=True)
 
 

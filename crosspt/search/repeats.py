@@ -31,7 +31,7 @@ def repeat_configs(cfg: RunConfig, repeats: int) -> list[RunConfig]:
 def _averaged(metric: str) -> bool:
     """Scores are averaged over repeats; counters (epoch, params, steps) are the same in every repeat."""
     m = metric[len(INITIAL_PREFIX):] if metric.startswith(INITIAL_PREFIX) else metric
-    return m.startswith(("val_", "test_")) or m == "best_val_score"
+    return m.startswith(("val_", "test_", "assess_")) or m == "best_val_score"
 
 
 def mean_row(rows: list[dict], epoch: int, final: bool, per_repeat: tuple[str, ...]) -> dict:
@@ -53,7 +53,7 @@ def run_repeats(cfg: RunConfig, space: SearchSpace, session: Session, splits: di
     `splits`: repeat 0's k-shot splits when drawn already, or a list of each repeat's (None: that repeat
     draws its own)."""
     splits = splits if isinstance(splits, list) else [splits]
-    metrics = (space.objective.metric, "val_score", "best_val_score", "test_score")
+    metrics = (space.objective.metric, "val_score", "best_val_score", "test_score", "assess_score")
     cfgs = repeat_configs(cfg, space.budget.repeats)
     with tempfile.TemporaryDirectory(prefix="crosspt_repeats_") as tmp:
         sessions = [LocalSession(Path(tmp) / f"r{i}", use_gpu=cfg.scaling.use_gpu, keep=1) for i in range(len(cfgs))]

@@ -112,7 +112,7 @@ class TuneSession(Session):
         """What the trial paid besides training, as metrics of its run (`trial.*`): seconds from the trial's
         start (the function trainable called: actor start-up not included) to its first optimizer step, and
         from the end of its last step to its end (this call: its last report and the run's closing follow);
-        seconds evaluating; the whole trial; each also in this process's CPU seconds (`*_cpu_s`, `cpu_s`: what
+        seconds evaluating, and of those scoring the assessment rows; the whole trial; each also in this process's CPU seconds (`*_cpu_s`, `cpu_s`: what
         the trial itself spent, whatever else ran on the machine); how many times it read task files to draw
         k-shot splits. The loop's clock (`Session.clock`) exists only where the loop ran in this process (not
         in a Train worker group, nor for `budget.repeats`)."""
@@ -127,6 +127,8 @@ class TuneSession(Session):
             timing["last_step_to_end_cpu_s"] = now_cpu - clock["last_step_cpu"]
         if "eval_s" in clock:
             timing["eval_s"], timing["eval_cpu_s"] = clock["eval_s"], clock["eval_cpu_s"]
+        if "assess_s" in clock:          # the assessment pass (part of eval_s): what `data.assess_rows` costs
+            timing["assess_s"] = clock["assess_s"]
         T.log_metrics(T.client(self.logger.uri), self.logger.run_id, {TIMING_PREFIX + k: v for k, v in timing.items()})
 
 

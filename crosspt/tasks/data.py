@@ -52,6 +52,66 @@ def pool_half(uid: str) -> TrainPool:
     return TrainPool.SOURCE if hashlib.sha256(uid.encode()).digest()[0] & 1 == 0 else TrainPool.TARGET
 
 
+# The assessment split (config `data.assess_rows`): rows of a task's train split that a run scores its selected
+# state on once, at the end, and that nothing trains, stops early, selects or promotes on. Searches turn it on
+# (`ASSESS_AUTO`), a plain `crosspt train` leaves it off (0) unless asked.
+ASSESS_AUTO = "auto"
+# `auto`: 300 rows per task. Why 300: the binomial sampling SD of an accuracy near 0.5-0.8 is then 2.3-2.9 pts,
+# against 8.8 pts on a 32-row validation sample (one ninth of the variance), for one extra evaluation pass of
+# 300 rows per trial (seconds on a CPU for MiniLM: benchmarks/assessment_noise.md)
+ASSESS_DEFAULT_ROWS = 300
+# The cap: at 1000 rows the sampling SD is <= 1.6 pts, well under the seed-to-seed spread of a k-shot trial, so
+# more rows add cost (linear) and no power. It is also how many rows a task sets aside whenever assessment is on
+ASSESS_MAX_ROWS = 1000
+ASSESS_SEED = 0          # fixed: every run, whatever its seed, is assessed on the same rows
+
+
+ASSESS_POOL_SHARE = 4    # a task sets aside at most 1/4 of each class of its target half: its validation keeps 3/4
+
+
+def assessment_reserve(rows: Sequence[Example]) -> list[Example]:
+    """The rows of one task's train split set aside for assessment whenever it is on, in the fixed order the
+    assessment rows are taken from (its first `data.assess_rows`). Drawn from the target half only (`pool_half`:
+    no source prompt was pre-trained or selected on those), with fixed seeds (`ASSESS_SEED`, not the run's), the
+    same share of each class (at most 1/`ASSESS_POOL_SHARE`, so a rare class keeps most of its rows for the
+    validation sample of a small task), `ASSESS_MAX_ROWS` in all at most. k-shot train and validation rows are
+    drawn from the other rows, so no run of any seed trains or selects on an assessment row; and the reserve
+    does not depend on how many rows are assessed, so a count above 0 changes nothing a run trains on."""
+    target = sorted((e for e in rows if pool_half(e.uid) == TrainPool.TARGET), key=lambda e: _uid_key(e.uid))
+    if not target:
+        return []
+    name = target[0].task
+    share = min(1 / ASSESS_POOL_SHARE, ASSESS_MAX_ROWS / len(target))
+    by_class: dict = defaultdict(list)
+    for e in target:                       # regression scores: one group (no classes to keep)
+        by_class[None if isinstance(e.label, float) else e.label].append(e)
+    reserve: list[Example] = []
+    for label in sorted(by_class, key=str):
+        group = by_class[label]
+        random.Random(f"{ASSESS_SEED}/{name}/assess/{label}").shuffle(group)
+        reserve += group[:int(share * len(group))]
+    random.Random(f"{ASSESS_SEED}/{name}/assess").shuffle(reserve)
+    return reserve
+
+
+def assessment_rows(reserve: Sequence[Example], assess_rows: int | str, task_name: str) -> list[Example]:
+    """The first `assess_rows` rows of the reserve (`ASSESS_AUTO`: `ASSESS_DEFAULT_ROWS`, or the whole reserve
+    of a task too small for that), in file order; DataError when an explicit count exceeds the reserve."""
+    if assess_rows == ASSESS_AUTO:
+        n = min(ASSESS_DEFAULT_ROWS, len(reserve))
+        if n == 0:
+            raise DataError(f"task '{task_name}': its train split has no rows to set aside for assessment "
+                            f"(data.assess_rows); set data.assess_rows: 0")
+    else:
+        n = int(assess_rows)
+        if n < 0 or n > len(reserve):
+            raise DataError(f"task '{task_name}': data.assess_rows is {n} but its train split can set aside "
+                            f"0..{len(reserve)} assessment rows (a quarter of the target half of the train "
+                            f"split, at most {ASSESS_MAX_ROWS}); lower data.assess_rows or use '{ASSESS_AUTO}'")
+    keep = {e.uid for e in reserve[:n]}
+    return sorted((e for e in reserve if e.uid in keep), key=lambda e: _uid_key(e.uid))
+
+
 @dataclass(frozen=True)
 class Example:
     task: str                  # TaskSpec.name
@@ -408,9 +468,12 @@ def _check_all_classes(spec: TaskSpec, examples: Sequence[Example], what: str) -
 def make_splits(task: TaskSpec | str, data_dir: str | os.PathLike | None, *, shots: int | None,
                 per: str = ShotsPer.CLASS.value, val_shots: int | None = None, seed: int = 0,
                 max_test: int | None = None, test_seed: int = 0,
-                pool: str = TrainPool.ALL.value) -> dict[str, list[Example]]:
+                pool: str = TrainPool.ALL.value, assess_rows: int | str = 0) -> dict[str, list[Example]]:
     """{"train", "val", "test"}: disjoint k-shot train/val carved from the train split; test is the
     official dev split. shots=None trains on all train examples not drawn for val (val_shots needed).
+
+    `assess_rows` (> 0 or `ASSESS_AUTO`): also "assess", rows of the train split's `assessment_reserve`,
+    which train and val are then drawn without. 0: no assessment, the k-shot rows exactly as before it existed.
 
     `pool` (`TrainPool`): `source` draws train and val from the source half of the train split only;
     `target` draws train as `all` does (the same rows for a seed) and val from the target half only.
@@ -421,6 +484,12 @@ def make_splits(task: TaskSpec | str, data_dir: str | os.PathLike | None, *, sho
     task = get_task(task) if isinstance(task, str) else task
     pool = TrainPool(pool)
     rows = load_split(task, "train", data_dir)
+    assess = None
+    if assess_rows:
+        reserve = assessment_reserve(rows)
+        assess = assessment_rows(reserve, assess_rows, task.name)
+        reserved = {e.uid for e in reserve}
+        rows = [e for e in rows if e.uid not in reserved]
     if pool == TrainPool.SOURCE:
         rows = [e for e in rows if pool_half(e.uid) == TrainPool.SOURCE]
 
@@ -429,6 +498,8 @@ def make_splits(task: TaskSpec | str, data_dir: str | os.PathLike | None, *, sho
             else candidates
 
     where = "" if pool == TrainPool.ALL else f", from the {pool.value} half of the train split (data.train_pool)"
+    if assess is not None:
+        where += f", without the {len(reserve)} rows set aside for assessment (data.assess_rows)"
     if shots is None:
         if val_shots is None:
             raise DataError(f"task '{task.name}': full-data training (shots=None) needs val_shots")
@@ -456,7 +527,7 @@ def make_splits(task: TaskSpec | str, data_dir: str | os.PathLike | None, *, sho
     _check_all_classes(task, val, "val")
 
     test = select_test_examples(load_split(task, "dev", data_dir), task.name, max_test, test_seed=test_seed)
-    return {"train": train, "val": val, "test": test}
+    return {"train": train, "val": val, "test": test, **({"assess": assess} if assess is not None else {})}
 
 
 def select_test_examples(examples: Sequence[Example], task_name: str, max_test: int | None, *,
