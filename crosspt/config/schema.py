@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crosspt.backbones.base import Family, Placement
+from crosspt.backbones.chat import Template
 from crosspt.backbones.encoder import PairEncoding
 from crosspt.errors import ConfigError
 from crosspt.method.composition import Composition, Normalization, Schedule
@@ -38,6 +39,8 @@ class BackboneConfig(Strict):
     # auto: bf16 weights and autocast on a GPU that supports bf16, else fp32 (fp32 on CPU); applied in
     # run/precision.py and registry/, above config: defined here
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # decoder family only: the tokenizer's chat template (auto: where it has one) or the plain text format
+    template: Template = Template.AUTO
 
 
 class DataConfig(Strict):
@@ -79,9 +82,9 @@ class PromptConfig(Strict):
     router: RouterKind = RouterKind.TASK
     router_bias: float = 0.0            # initial router logit of the private prompt (sources start at 0)
     temperature: TemperatureConfig = TemperatureConfig()
-    # auto: the backbone family's choice (encoder: neutral; seq2seq/decoder: vocab, Lester et al.)
+    # auto: the backbone family's choice (encoder: neutral; seq2seq: vocab, Lester et al.; decoder: text)
     init: PromptInit = PromptInit.AUTO
-    init_text: str | None = None
+    init_text: str | None = None        # init 'text': one text for every task; None: each task's instruction
     learn_sources: bool = False
     # safetensors file or models:/NAME@alias; `random`: untrained random sources, the explicit ablation
     # (n_sources > 0 needs one of these: `source_bank_problem`); None: no bank
@@ -104,8 +107,9 @@ class PromptConfig(Strict):
         if self.top_k is not None and self.top_k > self.n_candidates:
             raise ValueError(f"prompt.top_k ({self.top_k}) exceeds the number of candidate prompts "
                              f"({self.n_candidates} = n_sources + private)")
-        if self.init == PromptInit.TEXT and not self.init_text:
-            raise ValueError("prompt.init is 'text' but prompt.init_text is empty")
+        if self.init == PromptInit.TEXT and self.init_text is not None and not self.init_text.strip():
+            raise ValueError("prompt.init is 'text' but prompt.init_text is empty (leave it unset to start "
+                             "from each task's instruction)")
         if self.init == PromptInit.SOURCE and self.n_sources == 0:
             raise ValueError("prompt.init is 'source' but prompt.n_sources is 0")
         if self.init == PromptInit.OWN_SOURCE and (not self.source_bank or self.source_bank == RANDOM_BANK):
@@ -305,7 +309,7 @@ _HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "sc
 # `upgrade_stored_tree` has read it. Any other value (today's defaults included) is hashed.
 _HASH_LEGACY = {"prompt.normalization": "gate_softmax", "prompt.temperature.schedule": "step",
                 "prompt.router_bias": 0.0, "prompt.include_own_source": True, "prompt.placement": "auto",
-                "optim.source_lr": None, "data.train_pool": "all"}
+                "optim.source_lr": None, "data.train_pool": "all", "backbone.template": "plain"}
 # Values renamed since: hashed under the name they had, so the old meaning keeps its old hash and the new
 # meaning of the old name gets a new one (`attention` was the gated router; it is ATTEMPT's now).
 _HASH_RENAMED = {"prompt.router": {"attention_gated": "attention", "attention": "attention_attempt"},
@@ -320,8 +324,12 @@ def upgrade_stored_tree(tree: dict | None) -> dict:
     (`attention_gated`) and the temperature decayed per step (`schedule: step`). Without this an old bundle
     would load with today's defaults: other evaluation weights (top-k now applies), or a router whose
     parameters do not fit. Only for stored trees: a new config without the key means today's default.
-    Before `data.train_pool` a run's validation sample came from the whole train split (`all`)."""
+    Before `data.train_pool` a run's validation sample came from the whole train split (`all`). Before
+    `backbone.template` a decoder read the plain format (`plain`)."""
     tree = dict(tree or {})
+    backbone = tree.get("backbone")
+    if isinstance(backbone, dict) and "template" not in backbone:
+        tree["backbone"] = dict(backbone, template="plain")
     data = tree.get("data")
     if isinstance(data, dict) and "train_pool" not in data:
         tree["data"] = dict(data, train_pool="all")
