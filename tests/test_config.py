@@ -194,3 +194,24 @@ def test_decoder_template_is_plain_for_stored_configs_and_only_read_on_decoders(
     assert is_live("backbone.template", fresh, family="decoder")
     with pytest.raises(ConfigError, match="backbone.template"):
         load_config(None, {"backbone.template": "jinja"})
+
+
+def test_backbone_preset_fills_only_what_a_config_leaves_unset():
+    """`--backbone smollm2` gets its preset (validation rows, epochs, patience, prompt lr) where the config says
+    nothing; a value the config names wins, an explicit null too; other backbones and stored full dumps keep
+    the schema's defaults / their own values."""
+    from crosspt.config.schema import BACKBONE_PRESETS, build_config, config_to_dict
+
+    preset = BACKBONE_PRESETS["smollm2"]
+    cfg = load_config(None, ["backbone.name=smollm2", "data.shots=16"])
+    assert (cfg.data.val_shots, cfg.train.epochs, cfg.train.patience, cfg.optim.prompt_lr) == (
+        preset["data.val_shots"], preset["train.epochs"], preset["train.patience"], preset["optim.prompt_lr"])
+    mine = load_config(None, ["backbone.name=SmolLM2", "train.epochs=2", "data.val_shots=null", "optim.prompt_lr=0.5"])
+    assert (mine.data.val_shots, mine.train.epochs, mine.optim.prompt_lr) == (None, 2, 0.5)
+    assert mine.train.patience == preset["train.patience"]
+    default = load_config(None, {})
+    assert (default.data.val_shots, default.train.epochs, default.train.patience, default.optim.prompt_lr) == \
+        (None, 20, 5, 0.03)
+    stored = config_to_dict(load_config(None, ["backbone.name=minilm"]))
+    stored["backbone"]["name"] = "smollm2"              # a dump names every key: nothing is filled in
+    assert build_config(stored).train.epochs == 20 and stored["train"]["epochs"] == 20

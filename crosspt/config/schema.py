@@ -5,6 +5,7 @@ name the key. Search spaces (crosspt.search_space) extend this schema with distr
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -278,9 +279,46 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
+# Per-backbone values for keys a config leaves unset (`apply_preset`); a config that names a key keeps its
+# value. The schema's defaults were tuned on MiniLM (validation rows = shots, patience 5, lr 0.03); on SmolLM2 they
+# stopped on the noise of 32 validation rows before the prompt had learned anything (issue 33; README, "Backbone
+# presets", lists the values and benchmarks/decoder.md what they gave).
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2": {"data.val_shots": 32, "train.epochs": 8, "train.patience": 3, "optim.prompt_lr": 0.1},
+}
+
+
+def preset_of(backbone_name: str) -> dict[str, Any]:
+    """The preset of a backbone name (its aliases included), {} for a backbone without one."""
+    from crosspt.backbones import smollm2
+
+    key = str(backbone_name).strip().lower()
+    return BACKBONE_PRESETS["smollm2"] if key in smollm2.ALIASES else BACKBONE_PRESETS.get(key, {})
+
+
+def _has_dotted(tree: dict, key: str) -> bool:
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def apply_preset(tree: dict) -> dict:
+    """`tree` with its backbone's preset (`BACKBONE_PRESETS`) filled in where it sets no value; in place."""
+    backbone = tree.get("backbone")
+    name = backbone.get("name") if isinstance(backbone, dict) else None
+    for key, value in (preset_of(name) if isinstance(name, str) else {}).items():
+        if not _has_dotted(tree, key):
+            set_dotted(tree, key, value)
+    return tree
+
+
 def build_config(tree: dict, where: str = "config") -> RunConfig:
+    """A validated RunConfig from a tree of keys (its backbone's preset filling the keys it leaves unset)."""
     try:
-        return RunConfig.model_validate(tree)
+        return RunConfig.model_validate(apply_preset(copy.deepcopy(tree)) if isinstance(tree, dict) else tree)
     except ValidationError as e:
         raise ConfigError(_format_error(e, where)) from None
 
