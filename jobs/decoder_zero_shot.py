@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=500)
     ap.add_argument("--templates", default="plain,chat")
     ap.add_argument("--init", default="auto")
+    ap.add_argument("--init-templates", default="chat",
+                    help="templates whose untrained prompt is scored too (the others: zero-shot only)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
@@ -66,10 +68,12 @@ def main() -> None:
                                      f"prompt.private_len={a.prompt_len}"])
             bb = load_for_config(cfg, [task])
             zero = scores(CrossPTModel(EmptyPrompt(1, bb.embed_dim), bb), task, bb.by_length(rows), a.batch_size)
-            init = resolve_init(cfg, bb)
-            start = scores(build_model(cfg, [task], backbone=bb), task, bb.by_length(rows), a.batch_size)
+            init, start = "-", (float("nan"), float("nan"))
+            if bb.template in a.init_templates.split(","):
+                init = f"{resolve_init(cfg, bb)} ({a.prompt_len})"
+                start = scores(build_model(cfg, [task], backbone=bb), task, bb.by_length(rows), a.batch_size)
             print(f"| {task.name} | {bb.template} | {len(rows)} | {100 * zero[0]:.1f} | {100 * zero[1]:.1f} | "
-                  f"{init} ({a.prompt_len}) | {100 * start[0]:.1f} | {100 * start[1]:.1f} | {time.time() - t0:.0f} |",
+                  f"{init} | {100 * start[0]:.1f} | {100 * start[1]:.1f} | {time.time() - t0:.0f} |",
                   flush=True)
 
 

@@ -108,7 +108,6 @@ class DecoderBackbone(RankBackbone):
         return text + (self._chat[self.task_id(task.name)].suffix if self._chat else ANSWER_CUE)
 
     def chat_head(self, task) -> str:
-        """The text before the soft prompt under the chat template ("" under plain)."""
         return self._chat[self.task_id(task.name)].head if self._chat else ""
 
     def label_ids(self, text: str, task_id: int = 0) -> list[int]:
@@ -162,13 +161,10 @@ class DecoderBackbone(RankBackbone):
         return torch.cat([prompt, embeds], dim=1), torch.cat([prompt_mask, batch["attention_mask"].long()], dim=1)
 
     def export_head(self, task) -> torch.Tensor:
-        """The embeddings `[H, d]` of the task's chat head (`[0, d]` under plain): what a tool that can only
-        prepend a prompt (PEFT) must put in front of the soft prompt to read the same sequence."""
-        emb = self.word_embeddings()
         if not self._chat:
-            return emb.weight[:0].detach()
+            return super().export_head(task)
         t = self.task_id(task.name)
-        return emb(self._head_ids[t][self._head_mask[t].bool()]).detach()
+        return self.word_embeddings()(self._head_ids[t][self._head_mask[t].bool()]).detach()
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor, *, cache=None, keep: int = 0, use_cache: bool = False):
         """The model on embeddings `x` `[N, T, d]` placed after what `cache` holds; `mask` `[N, S]` covers both

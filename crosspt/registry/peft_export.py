@@ -101,7 +101,7 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
     if prompt.shape[0] == 0:
         raise ExportError(f"task '{spec.name}' has an empty prompt: nothing to export")
     bb = predictor.backbone
-    head = bb.export_head(spec).float() if hasattr(bb, "export_head") else prompt[:0]    # [H, d]
+    head = bb.export_head(spec).float()                                          # [H, d]
     prompt = torch.cat([head.to(prompt.device), prompt]).contiguous()
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
         # the family's own text (the decoder appends its answer cue), the one the prompt was trained on
         "input_template": bb.format_text(spec, tuple("{" + f + "}" for f in spec.text_fields)),
         # decoder under the chat template: the text whose embeddings open prompt_embeddings (H tokens)
-        "chat_head": bb.chat_head(spec) if hasattr(bb, "chat_head") else "",
+        "chat_head": bb.chat_head(spec),
         "chat_head_tokens": int(head.shape[0]),
         "text_fields": list(spec.text_fields),
         "label_semantics": sem,
