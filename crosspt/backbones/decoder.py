@@ -34,7 +34,7 @@ Shared work is done once, through the model's key/value cache (transformers' `ca
 - The vocabulary projection runs only where a next token is scored (`logits_to_keep`): the last input
   position (the first label token) and the label positions, never over the input.
 
-Loss: token-mean cross entropy over label tokens only (the eos included).
+Loss: token-mean cross entropy over label tokens only (the closing eos, under chat the end-of-turn token, included).
 Predict: rank classification by the summed log-likelihood of each candidate's tokens (see the seq2seq module
 for why summed); `generate=True` decodes greedily and parses the answer the text starts with
 (`Backbone.parse_generated`).
