@@ -73,6 +73,14 @@ def tiny_llama_path(tmp_path_factory, minilm_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_llama_path(tmp_path_factory, minilm_path) -> Path:
+    """The tiny Llama with SmolLM2's chat template on its tokenizer."""
+    from tiny_models import build_tiny_chat_llama
+
+    return build_tiny_chat_llama(tmp_path_factory.mktemp("tiny_chat_llama"))
+
+
+@pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """A real Ray head on 127.0.0.1 started by the tests; the test process joins it as a driver."""
     import ray

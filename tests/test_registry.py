@@ -14,7 +14,7 @@ from crosspt.errors import ArtifactError, CrossPTError, UnknownTaskError
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def hand_built_bundle(tmp_path: Path, backbone: Path, **prompt) -> Path:
+def hand_built_bundle(tmp_path: Path, backbone: Path, over: dict | None = None, **prompt) -> Path:
     """A bundle from a freshly built model (random bank, perturbed router): no training needed to
     compare crosspt's logits with PEFT's."""
     from crosspt.run.artifacts import save_prompt_artifact
@@ -23,7 +23,7 @@ def hand_built_bundle(tmp_path: Path, backbone: Path, **prompt) -> Path:
     from crosspt.tasks.specs import resolve_tasks
 
     over = {"tasks": ["sst2", "rte"], "backbone.name": str(backbone), "backbone.max_length": 48, "seed": 3,
-            **{f"prompt.{k}": v for k, v in prompt.items()}}
+            **{f"prompt.{k}": v for k, v in prompt.items()}, **(over or {})}
     cfg = load_config(None, over)
     model = build_model(cfg, resolve_tasks(cfg.tasks))
     with torch.no_grad():
@@ -49,7 +49,7 @@ def peft_logits_match(predictor, out_dir: Path, task: str, texts: list[tuple[str
     examples = [Example(task=task, uid=f"{task}/x/{i}", texts=t, label=None) for i, t in enumerate(texts)]
     groups = [[e] for e in examples] if one_by_one else [examples]
     worst = 0.0
-    n_virtual = predictor.collapsed_prompt(task).shape[0]
+    n_virtual = json.loads((out_dir / "adapter_config.json").read_text())["num_virtual_tokens"]
     for group in groups:
         batch = bb.collate(group, train=False)
         with torch.no_grad():
@@ -105,6 +105,26 @@ def test_peft_round_trip_decoder_identical_logits(tiny_decoder_path, tmp_path):
     assert summary["task_type"] == "CAUSAL_LM" and summary["num_virtual_tokens"] == 2 * 4 + 2
     pairs = [("A man is sleeping.", "Someone sleeps."), ("The cat sat on the mat.", "A dog barks.")]
     # decoder: identical for rows without left padding (PEFT drops position_ids), i.e. one at a time
+    assert peft_logits_match(predictor, tmp_path / "peft", "rte", pairs, one_by_one=True) < 1e-4
+
+
+def test_peft_round_trip_decoder_chat_identical_logits(tiny_chat_llama_path, tmp_path):
+    """Under the chat template crosspt's prompt sits inside the user turn; PEFT can only prepend, so the export
+    folds the task's chat head into its virtual tokens ([head H, prompt L]) and the input template starts
+    after the prompt: PEFT then reads the same sequence and gives crosspt's logits."""
+    from crosspt.registry.peft_export import export_peft
+    from crosspt.registry.pyfunc import CrossPTPredictor
+
+    bundle = hand_built_bundle(tmp_path, tiny_chat_llama_path, {"backbone.template": "chat"}, private_len=3)
+    predictor = CrossPTPredictor(bundle, device="cpu")
+    head = predictor.backbone.tokenizer(predictor.backbone.chat_head(predictor.task("rte")),
+                                        add_special_tokens=False)["input_ids"]
+    summary = export_peft(predictor, "rte", tmp_path / "peft")
+    assert summary["num_virtual_tokens"] == len(head) + 3
+    info = json.loads((tmp_path / "peft" / "crosspt_task.json").read_text())
+    assert info["chat_head"].endswith("Answer yes or no.\n") and info["chat_head_tokens"] == len(head)
+    assert info["input_template"].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    pairs = [("A man is sleeping.", "Someone sleeps."), ("The cat sat on the mat.", "A dog barks.")]
     assert peft_logits_match(predictor, tmp_path / "peft", "rte", pairs, one_by_one=True) < 1e-4
 
 

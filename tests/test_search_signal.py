@@ -124,6 +124,17 @@ def test_every_shipped_space_loads():
         assert load_space(f).space, f
 
 
+def test_decoder_space_searches_the_decoders_own_factors():
+    """search_spaces/decoder_smollm2.yaml validates (liveness included: every factor acts on a decoder) and
+    searches template, init, private length, lr and label words on the smollm2 preset's validation rows."""
+    space = load_space(REPO / "search_spaces" / "decoder_smollm2.yaml")
+    assert set(space.space) == {"backbone.template", "prompt.init", "prompt.private_len", "optim.prompt_lr",
+                                "prompt.label_semantics"}
+    cfg = space.config_for({"backbone.template": "plain", "prompt.private_len": 4, "prompt.init": "text",
+                            "prompt.label_semantics": "opaque", "optim.prompt_lr": 0.05})
+    assert (cfg.backbone.name, cfg.backbone.template, cfg.prompt.init, cfg.data.val_shots) == ("smollm2", "plain", "text", 32)
+
+
 # ---- objective, scheduler, sources ------------------------------------------------------------------
 def test_selecting_on_test_is_refused(tmp_path):
     tree = space_tree(**{"optim.prompt_lr": {"type": "loguniform", "low": 1e-3, "high": 0.1}})

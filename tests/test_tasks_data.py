@@ -522,3 +522,23 @@ def test_eval_batches_cover_once(world):
     assert all(len(b) <= 16 for s in shards for b in s)
     with pytest.raises(ValueError):
         eval_batches(rows, 16, shard=(world, world))
+
+
+def test_task_instruction_fills_the_label_words_and_is_checked():
+    """Every built-in task has its own instruction; "{choices}" reads the run's label words; a task YAML's
+    `instruction` is kept, a missing one means the generic instruction, a stray placeholder is one clear error."""
+    from crosspt.errors import ConfigError
+
+    assert len({T.get_task(n).instruction for n in T.list_tasks()} - {""}) >= 10
+    sst2 = T.get_task("sst2")
+    assert T.instruction_text(sst2, "natural").endswith("Answer negative or positive.")
+    assert T.instruction_text(sst2, "opaque").endswith("Answer apple or orange.")
+    assert T.instruction_text(T.get_task("mnli"), "natural").endswith("Answer yes, maybe or no.")
+    assert T.instruction_text(T.get_task("stsb"), "natural").endswith("Answer a number from 0.0 to 5.0.")
+    base = {"name": "mine", "text_fields": ["text"], "label_names": ["bad", "good"]}
+    mine = T.task_from_dict({**base, "instruction": "Is it good? Say {choices}."})
+    assert T.instruction_text(T._validate(mine), "natural") == "Is it good? Say bad or good."
+    assert T.instruction_text(T._validate(T.task_from_dict(base)), "natural") == \
+        T.DEFAULT_INSTRUCTION.format(choices="bad or good")
+    with pytest.raises(ConfigError, match="task 'mine': 'instruction' may hold no placeholder but"):
+        T._validate(T.task_from_dict({**base, "instruction": "Say {labels}."}))

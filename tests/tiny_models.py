@@ -165,3 +165,22 @@ def build_tiny_llama(path, *, d_model: int = 64, layers: int = 2, heads: int = 4
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# SmolLM2-135M-Instruct's chat template as its tokenizer ships it (a system turn when the conversation has none)
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_tiny_chat_llama(path, **kw) -> Path:
+    """`build_tiny_llama` whose tokenizer carries SmolLM2's chat template (so `backbone.template: auto` is chat)."""
+    from transformers import AutoTokenizer
+
+    path = build_tiny_llama(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path

@@ -413,6 +413,15 @@ class RankBackbone(Backbone):
         """The text of an example's input as the family feeds it (before truncation)."""
         return _tasks.format_input(task, tuple(texts), self.with_prefix)
 
+    def chat_head(self, task: TaskSpec) -> str:
+        """The text the family writes before the soft prompt ("": none; the decoder's chat template has one)."""
+        return ""
+
+    def export_head(self, task: TaskSpec) -> torch.Tensor:
+        """The embeddings `[H, d]` of `chat_head`, what a tool that can only prepend a prompt (PEFT) must put in
+        front of the soft prompt to read the same sequence (`[0, d]`: nothing)."""
+        return self.word_embeddings().weight[:0].detach()
+
     @abstractmethod
     def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:
         """Per example, the token ids `[T_i]` of its formatted input as the family feeds it (`fitted_ids`

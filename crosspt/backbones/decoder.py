@@ -1,15 +1,24 @@
 """Decoder-only family (any AutoModelForCausalLM: GPT-2, Llama-style such as SmolLM2, ...).
 
-Text, per example: `format_input(task, texts)` + ANSWER_CUE ("... sentence: X\\nanswer:"), then the label as the
+Two ways to write an example (`backbone.template`, crosspt.backbones.chat): `chat`, the tokenizer's own chat
+template (the default where it has one: a chat-tuned model is asked the way its users ask it), or `plain`.
+
+Chat, per example: the task's head (the template up to the user turn, then the task's instruction, the same
+for every example of a task) + [soft prompt] + `format_input(task, texts)` + the template's end of the user
+turn and opening of the assistant's; the label is the assistant's answer, tokenised after that opening, then
+the template's end-of-turn token (generation stops there). The head's embeddings go in front of the soft
+prompt (`_placed`), so everything below treats [head, soft prompt] as the prompt.
+
+Plain, per example: `format_input(task, texts)` + ANSWER_CUE ("... sentence: X\\nanswer:"), then the label as the
 tokenizer writes it right after the cue, then eos. Byte-level BPE and SentencePiece fold the space before a word
 into the word's token (" positive" is one token, "positive" another), so a label is tokenised IN CONTEXT, after
 the cue, and split off (`label_ids`). The cue marks where the answer goes: without it a chat-tuned LM continues
 the sentence instead of answering (SmolLM2 zero-shot on SST-2 wrote "\\nThe film is a ..." for most rows). The
 input is cut to `max_length` by its texts, longest first, never through the cue (crosspt.tasks.formatting).
 
-Sequence layout, per row:
+Sequence layout, per row (chat: the head's ids left-padded to the longest head of the backbone's tasks):
 
-    [soft prompt L] [left padding] [bos?] [input ... answer:] [label tokens + eos] [right padding]
+    [chat head H?] [soft prompt L] [left padding] [bos?] [input ... answer:] [label tokens + eos] [right padding]
 
 Inputs are LEFT-padded and label/candidate blocks RIGHT-padded, so every row's label starts at the same
 column. Position ids are derived from the attention mask (cumsum - 1), so neither padding nor masked-out prompt
@@ -25,7 +34,7 @@ Shared work is done once, through the model's key/value cache (transformers' `ca
 - The vocabulary projection runs only where a next token is scored (`logits_to_keep`): the last input
   position (the first label token) and the label positions, never over the input.
 
-Loss: token-mean cross entropy over label tokens only (the eos included).
+Loss: token-mean cross entropy over label tokens only (the closing eos, under chat the end-of-turn token, included).
 Predict: rank classification by the summed log-likelihood of each candidate's tokens (see the seq2seq module
 for why summed); `generate=True` decodes greedily and parses the answer the text starts with
 (`Backbone.parse_generated`).
@@ -41,7 +50,9 @@ import torch.nn.functional as F
 
 from crosspt.tasks import specs as _tasks
 from crosspt.backbones.base import Family, RankBackbone, pad_sequences, positions_from_mask
+from crosspt.backbones.chat import ChatFormat, Template, resolve_template
 from crosspt.errors import DataError
+from crosspt.method.prompts import PromptInit
 
 ANSWER_CUE = "\nanswer:"          # appended to every formatted input: where the label goes
 _ANCHOR = ANSWER_CUE.strip()       # the label is tokenised after this, then split off
@@ -54,39 +65,64 @@ _CPU_CHUNK_ROWS = 16
 
 class DecoderBackbone(RankBackbone):
     family = Family.DECODER.value
+    # the soft prompt starts as the task's instruction: a chat-tuned model reads it as words it knows
+    default_init = PromptInit.TEXT.value
 
-    def __init__(self, model, tokenizer, tasks, **kw):
+    def __init__(self, model, tokenizer, tasks, *, template: str = Template.AUTO.value, **kw):
         super().__init__(model, tokenizer, tasks, **kw)
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
         self.pad_id = next(i for i in (tok.pad_token_id, self.eos_id, 0) if i is not None)
-        # does the tokenizer put a bos in front by itself (Llama) or not (GPT-2)?
+        self.template = resolve_template(template, tok).value
+        # does the tokenizer put a bos in front by itself (Llama) or not (GPT-2)? A chat template writes
+        # whatever its model starts with itself
         with_sp = tok("a")["input_ids"]
         without = tok("a", add_special_tokens=False)["input_ids"]
         bos = tok.bos_token_id
         self._bos = [bos] if bos is not None and with_sp[:1] == [bos] and without[:1] != [bos] else []
+        self._chat: list[ChatFormat] = []
+        self.stop_id = self.eos_id                    # the token that ends an answer
+        if self.template == Template.CHAT:
+            self._bos = []
+            self._chat = [ChatFormat.render(tok, _tasks.instruction_text(t, self.label_semantics))
+                          for t in self.tasks]
+            end = tok(self._chat[0].answer_end.strip(), add_special_tokens=False)["input_ids"]
+            self.stop_id = end[0] if end else self.eos_id
+            heads = [tok(c.head, add_special_tokens=False)["input_ids"] for c in self._chat]
+            ids, mask = pad_sequences(heads, self.pad_id, side="left")
+            # task id -> its head's ids / mask, indexed on the device (no host sync per batch)
+            self.register_buffer("_head_ids", ids, persistent=False)
+            self.register_buffer("_head_mask", mask, persistent=False)
         params = inspect.signature(self.model.forward).parameters
         self._takes_positions = "position_ids" in params
         self._takes_keep = "logits_to_keep" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"   # renamed in transformers 5
-        self._label_cache: dict[str, list[int]] = {}
+        self._label_cache: dict[tuple[str, str], list[int]] = {}
         self._cand_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- tokenisation -----------------------------------------------------------------------
     def format_text(self, task, texts: Sequence[str]) -> str:
-        """The text of an example's input: the task's formatted texts and the answer cue."""
-        return _tasks.format_input(task, tuple(texts), self.with_prefix) + ANSWER_CUE
+        """The text of an example's input after the soft prompt: the task's formatted texts, then the answer
+        cue (plain) or the end of the user turn and the assistant's opening (chat)."""
+        text = _tasks.format_input(task, tuple(texts), self.with_prefix)
+        return text + (self._chat[self.task_id(task.name)].suffix if self._chat else ANSWER_CUE)
 
-    def label_ids(self, text: str) -> list[int]:
-        """Token ids of a label as it reads after the answer cue (space-prefixed), plus eos."""
-        if text not in self._label_cache:
+    def chat_head(self, task) -> str:
+        return self._chat[self.task_id(task.name)].head if self._chat else ""
+
+    def label_ids(self, text: str, task_id: int = 0) -> list[int]:
+        """Token ids of a label as it reads where the answer goes, plus the token that ends it: after the
+        answer cue, space-prefixed, then eos (plain); the assistant's answer, then its end of turn (chat)."""
+        anchor, sep = (self._chat[task_id].suffix, "") if self._chat else (_ANCHOR, " ")
+        key = (anchor, text)
+        if key not in self._label_cache:
             tok = self.tokenizer
-            base = tok(_ANCHOR, add_special_tokens=False)["input_ids"]
-            full = tok(f"{_ANCHOR} {text}", add_special_tokens=False)["input_ids"]
+            base = tok(anchor, add_special_tokens=False)["input_ids"]
+            full = tok(f"{anchor}{sep}{text}", add_special_tokens=False)["input_ids"]
             ids = full[len(base):] if full[:len(base)] == base and len(full) > len(base) else \
-                tok(" " + text, add_special_tokens=False)["input_ids"]
-            self._label_cache[text] = list(ids) + ([self.eos_id] if self.eos_id is not None else [])
-        return self._label_cache[text]
+                tok(sep + text, add_special_tokens=False)["input_ids"]
+            self._label_cache[key] = list(ids) + ([self.stop_id] if self.stop_id is not None else [])
+        return self._label_cache[key]
 
     def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:
         """Per example, bos (if the model uses one) + the tokens of `format_text` `[T_i]`, its texts cut to fit
@@ -101,12 +137,35 @@ class DecoderBackbone(RankBackbone):
         batch = {"input_ids": input_ids, "attention_mask": mask,
                  "task_ids": torch.tensor(tids, dtype=torch.long), "labels": labels}
         if all(ok):
-            tgt = [self.label_ids(_tasks.label_text(self.tasks[t], ex.label, self.label_semantics))
+            tgt = [self.label_ids(_tasks.label_text(self.tasks[t], ex.label, self.label_semantics), t)
                    for ex, t in zip(examples, tids)]
             batch["target_ids"], batch["target_mask"] = pad_sequences(tgt, self.pad_id, side="right")
         return batch
 
     # -- core -------------------------------------------------------------------------------
+    def _placed(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The soft prompt `[B, L, d]` (mask `[B, L]` or None) as the model reads it: checked and compacted
+        (`_check_prompt`), and under the chat template behind its task's head: `[B, H + L, d]`, mask
+        `[B, H + L]` (the head's left padding masked out)."""
+        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
+        if not self._chat:
+            return prompt, prompt_mask
+        t = batch["task_ids"]
+        head = self.word_embeddings()(self._head_ids[t]).to(prompt.dtype)
+        return torch.cat([head, prompt], dim=1), torch.cat([self._head_mask[t], prompt_mask], dim=1)
+
+    def _prompted(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[head?, prompt] (`_placed`) before the embedded input: `[B, H + L + T, d]`, mask `[B, H + L + T]`."""
+        prompt, prompt_mask = self._placed(prompt, prompt_mask, batch)
+        embeds = self.word_embeddings()(batch["input_ids"])
+        return torch.cat([prompt, embeds], dim=1), torch.cat([prompt_mask, batch["attention_mask"].long()], dim=1)
+
+    def export_head(self, task) -> torch.Tensor:
+        if not self._chat:
+            return super().export_head(task)
+        t = self.task_id(task.name)
+        return self.word_embeddings()(self._head_ids[t][self._head_mask[t].bool()]).detach()
+
     def _run(self, x: torch.Tensor, mask: torch.Tensor, *, cache=None, keep: int = 0, use_cache: bool = False):
         """The model on embeddings `x` `[N, T, d]` placed after what `cache` holds; `mask` `[N, S]` covers both
         (S = cached + T). -> (logits `[N, keep, V]` of the last `keep` positions (0: all T), the cache after
@@ -203,7 +262,7 @@ class DecoderBackbone(RankBackbone):
         batch = self._to_device(batch)
         if "target_ids" not in batch:
             raise DataError("batch has no targets (unlabelled examples?): collate labelled examples for the loss")
-        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
+        prompt, prompt_mask = self._placed(prompt, prompt_mask, batch)
         tok = self._label_logprobs(prompt, prompt_mask, batch["input_ids"], batch["attention_mask"],
                                    batch["target_ids"], batch["target_mask"], batch["task_ids"])
         n = batch["target_mask"].sum().clamp(min=1)
@@ -213,7 +272,7 @@ class DecoderBackbone(RankBackbone):
     def _candidates(self, task_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A task's right-padded candidate label ids `[C, T_c]` and mask `[C, T_c]` (cached)."""
         if task_id not in self._cand_cache:
-            ids = [self.label_ids(c) for c in self.candidates(self.tasks[task_id])]
+            ids = [self.label_ids(c, task_id) for c in self.candidates(self.tasks[task_id])]
             self._cand_cache[task_id] = pad_sequences(ids, self.pad_id, side="right")
         ids, mask = self._cand_cache[task_id]
         return ids.to(self.device), mask.to(self.device)
@@ -241,7 +300,7 @@ class DecoderBackbone(RankBackbone):
         emb = self.word_embeddings()
         nxt = first.argmax(-1)
         out = [nxt]
-        done = nxt == self.eos_id if self.eos_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        done = nxt == self.stop_id if self.stop_id is not None else torch.zeros_like(nxt, dtype=torch.bool)
         ones = torch.ones(m.shape[0], 1, dtype=m.dtype, device=m.device)
         for _ in range(steps - 1):
             if bool(done.all()):
@@ -250,16 +309,17 @@ class DecoderBackbone(RankBackbone):
             logits, cache = self._run(emb(nxt).unsqueeze(1), m, cache=cache, keep=1, use_cache=True)
             nxt = logits[:, -1].argmax(-1)
             out.append(nxt)
-            if self.eos_id is not None:
-                done |= nxt == self.eos_id
+            if self.stop_id is not None:
+                done |= nxt == self.stop_id
         return torch.stack(out, 1).tolist()
 
     def _parsed(self, task_id: int, generated: list[list[int]]) -> list[float | int]:
-        """Generated token ids per row, cut at eos, decoded and parsed (`parse_generated`)."""
+        """Generated token ids per row, cut where the answer ends (eos; chat: the end of the assistant's turn),
+        decoded and parsed (`parse_generated`)."""
         values = []
         for ids in generated:
-            if self.eos_id is not None and self.eos_id in ids:
-                ids = ids[:ids.index(self.eos_id)]
+            if self.stop_id is not None and self.stop_id in ids:
+                ids = ids[:ids.index(self.stop_id)]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             values.append(self.parse_generated(self.tasks[task_id], text))
         return values
@@ -286,7 +346,7 @@ class DecoderBackbone(RankBackbone):
     def _by_task(self, prompt, prompt_mask, batch, rows_fn) -> list:
         """`rows_fn(task, prefix) -> per-row values` over the batch grouped by task, in scoring chunks."""
         batch = self._to_device(batch)
-        prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
+        prompt, prompt_mask = self._placed(prompt, prompt_mask, batch)
         width = prompt.shape[1] + batch["input_ids"].shape[1]
         return self._scores_by_task(batch["task_ids"].tolist(), self._floats_per_row(width),
                                     lambda t, r: rows_fn(t, self._rows_prefix(prompt, prompt_mask, batch, r)),

@@ -24,6 +24,7 @@ import torch
 
 from crosspt.backbones import smollm2
 from crosspt.backbones.base import Backbone, Family, Placement, trainable_and_total
+from crosspt.backbones.chat import Template
 from crosspt.backbones.decoder import DecoderBackbone
 from crosspt.backbones.encoder import EncoderBackbone
 from crosspt.backbones.seq2seq import Seq2SeqBackbone
@@ -181,11 +182,12 @@ def _dtype(torch_dtype):
 def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str = Family.AUTO.value,
                   label_semantics: str = LabelSemantics.NATURAL.value, with_prefix: bool = True,
                   max_length: int = 128, pair_encoding: str | None = None, torch_dtype=None,
-                  placement: str = Placement.AUTO.value, **family_kwargs) -> Backbone:
+                  placement: str = Placement.AUTO.value, template: str = Template.AUTO.value,
+                  **family_kwargs) -> Backbone:
     """A frozen backbone adapter for `name_or_path` ("minilm", "smollm2", a local folder or a hub id).
 
-    `pair_encoding` (encoder family only; None: the encoder's default) and `family_kwargs` (e.g.
-    `pair_threshold_init` for the encoder) go to the family constructor."""
+    `pair_encoding` (encoder family only; None: the encoder's default), `template` (decoder family only) and
+    `family_kwargs` (e.g. `pair_threshold_init` for the encoder) go to the family constructor."""
     import transformers
 
     name = str(name_or_path)
@@ -202,6 +204,8 @@ def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str =
         raise UnknownBackboneError(f"backbone '{name}' could not be loaded as a {fam} model ({_short(e)})") from None
     if fam == Family.ENCODER and pair_encoding is not None:
         family_kwargs["pair_encoding"] = pair_encoding
+    if fam == Family.DECODER:
+        family_kwargs["template"] = template
     family_kwargs.update(_placement_kwargs(fam, placement))
     return info.adapter(model, tokenizer, tasks, label_semantics=label_semantics, with_prefix=with_prefix,
                         max_length=max_length, name=name, **family_kwargs)
@@ -232,12 +236,12 @@ def load_for_config(cfg, tasks: Sequence[TaskSpec], **family_kwargs) -> Backbone
     """`load_backbone` with everything a run config says about the backbone.
 
     `cfg` is duck-typed (backbones/ sits below config/ and never imports it): any object shaped like
-    `crosspt.config.schema.RunConfig` with `cfg.backbone.{name, family, max_length, pair_encoding}` and
-    `cfg.prompt.{label_semantics, prefix, placement}`."""
+    `crosspt.config.schema.RunConfig` with `cfg.backbone.{name, family, max_length, pair_encoding, template}`
+    and `cfg.prompt.{label_semantics, prefix, placement}`."""
     b, p = cfg.backbone, cfg.prompt
     return load_backbone(b.name, list(tasks), family=b.family, label_semantics=p.label_semantics,
                          with_prefix=p.prefix, max_length=b.max_length, pair_encoding=b.pair_encoding,
-                         placement=p.placement, **family_kwargs)
+                         placement=p.placement, template=b.template, **family_kwargs)
 
 
 def backbone_summary(backbone: Backbone) -> dict:

@@ -5,6 +5,7 @@ name the key. Search spaces (crosspt.search_space) extend this schema with distr
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from crosspt.backbones.base import Family, Placement
+from crosspt.backbones.chat import Template
 from crosspt.backbones.encoder import PairEncoding
 from crosspt.errors import ConfigError
 from crosspt.method.composition import Composition, Normalization, Schedule
@@ -38,6 +40,8 @@ class BackboneConfig(Strict):
     # auto: bf16 weights and autocast on a GPU that supports bf16, else fp32 (fp32 on CPU); applied in
     # run/precision.py and registry/, above config: defined here
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # decoder family only: the tokenizer's chat template (auto: where it has one) or the plain text format
+    template: Template = Template.AUTO
 
 
 class DataConfig(Strict):
@@ -92,9 +96,9 @@ class PromptConfig(Strict):
     router: RouterKind = RouterKind.TASK
     router_bias: float = 0.0            # initial router logit of the private prompt (sources start at 0)
     temperature: TemperatureConfig = TemperatureConfig()
-    # auto: the backbone family's choice (encoder: neutral; seq2seq/decoder: vocab, Lester et al.)
+    # auto: the backbone family's choice (encoder: neutral; seq2seq: vocab, Lester et al.; decoder: text)
     init: PromptInit = PromptInit.AUTO
-    init_text: str | None = None
+    init_text: str | None = None        # init 'text': one text for every task; None: each task's instruction
     learn_sources: bool = False
     # safetensors file or models:/NAME@alias; `random`: untrained random sources, the explicit ablation
     # (n_sources > 0 needs one of these: `source_bank_problem`); None: no bank
@@ -117,8 +121,9 @@ class PromptConfig(Strict):
         if self.top_k is not None and self.top_k > self.n_candidates:
             raise ValueError(f"prompt.top_k ({self.top_k}) exceeds the number of candidate prompts "
                              f"({self.n_candidates} = n_sources + private)")
-        if self.init == PromptInit.TEXT and not self.init_text:
-            raise ValueError("prompt.init is 'text' but prompt.init_text is empty")
+        if self.init == PromptInit.TEXT and self.init_text is not None and not self.init_text.strip():
+            raise ValueError("prompt.init is 'text' but prompt.init_text is empty (leave it unset to start "
+                             "from each task's instruction)")
         if self.init == PromptInit.SOURCE and self.n_sources == 0:
             raise ValueError("prompt.init is 'source' but prompt.n_sources is 0")
         if self.init == PromptInit.OWN_SOURCE and (not self.source_bank or self.source_bank == RANDOM_BANK):
@@ -287,9 +292,46 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
+# Per-backbone values for keys a config leaves unset (`apply_preset`); a config that names a key keeps its
+# value. The schema's defaults were tuned on MiniLM (validation rows = shots, patience 5, lr 0.03); on SmolLM2 they
+# stopped on the noise of 32 validation rows before the prompt had learned anything (issue 33; README, "Backbone
+# presets", lists the values and benchmarks/decoder.md what they gave).
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2": {"data.val_shots": 32, "train.epochs": 8, "train.patience": 3, "optim.prompt_lr": 0.1},
+}
+
+
+def preset_of(backbone_name: str) -> dict[str, Any]:
+    """The preset of a backbone name (its aliases included), {} for a backbone without one."""
+    from crosspt.backbones import smollm2
+
+    key = str(backbone_name).strip().lower()
+    return BACKBONE_PRESETS["smollm2"] if key in smollm2.ALIASES else BACKBONE_PRESETS.get(key, {})
+
+
+def _has_dotted(tree: dict, key: str) -> bool:
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def apply_preset(tree: dict) -> dict:
+    """`tree` with its backbone's preset (`BACKBONE_PRESETS`) filled in where it sets no value; in place."""
+    backbone = tree.get("backbone")
+    name = backbone.get("name") if isinstance(backbone, dict) else None
+    for key, value in (preset_of(name) if isinstance(name, str) else {}).items():
+        if not _has_dotted(tree, key):
+            set_dotted(tree, key, value)
+    return tree
+
+
 def build_config(tree: dict, where: str = "config") -> RunConfig:
+    """A validated RunConfig from a tree of keys (its backbone's preset filling the keys it leaves unset)."""
     try:
-        return RunConfig.model_validate(tree)
+        return RunConfig.model_validate(apply_preset(copy.deepcopy(tree)) if isinstance(tree, dict) else tree)
     except ValidationError as e:
         raise ConfigError(_format_error(e, where)) from None
 
@@ -318,7 +360,8 @@ _HASH_EXCLUDED = ("name", "tracking", "data.data_dir", "scaling.in_process", "sc
 # `upgrade_stored_tree` has read it. Any other value (today's defaults included) is hashed.
 _HASH_LEGACY = {"prompt.normalization": "gate_softmax", "prompt.temperature.schedule": "step",
                 "prompt.router_bias": 0.0, "prompt.include_own_source": True, "prompt.placement": "auto",
-                "optim.source_lr": None, "data.train_pool": "all", "data.assess_rows": 0}
+                "optim.source_lr": None, "data.train_pool": "all", "data.assess_rows": 0,
+                "backbone.template": "plain"}
 # Values renamed since: hashed under the name they had, so the old meaning keeps its old hash and the new
 # meaning of the old name gets a new one (`attention` was the gated router; it is ATTEMPT's now).
 _HASH_RENAMED = {"prompt.router": {"attention_gated": "attention", "attention": "attention_attempt"},
@@ -333,8 +376,12 @@ def upgrade_stored_tree(tree: dict | None) -> dict:
     (`attention_gated`) and the temperature decayed per step (`schedule: step`). Without this an old bundle
     would load with today's defaults: other evaluation weights (top-k now applies), or a router whose
     parameters do not fit. Only for stored trees: a new config without the key means today's default.
-    Before `data.train_pool` a run's validation sample came from the whole train split (`all`)."""
+    Before `data.train_pool` a run's validation sample came from the whole train split (`all`). Before
+    `backbone.template` a decoder read the plain format (`plain`)."""
     tree = dict(tree or {})
+    backbone = tree.get("backbone")
+    if isinstance(backbone, dict) and "template" not in backbone:
+        tree["backbone"] = dict(backbone, template="plain")
     data = tree.get("data")
     if isinstance(data, dict) and "train_pool" not in data:
         tree["data"] = dict(data, train_pool="all")

@@ -23,7 +23,7 @@ class PromptInit(str, Enum):
     RANDOM = "random"
     VOCAB = "vocab"
     NEUTRAL = "neutral"
-    TEXT = "text"
+    TEXT = "text"              # prompt.init_text, else each task's instruction (`instruction_init`)
     SOURCE = "source"          # the mean of the selected source prompts
     OWN_SOURCE = "own_source"  # each task's own pre-trained source prompt (from the bank, by task name)
 
@@ -69,15 +69,31 @@ class PromptSpec:
         return C.composed_length(self.composition, self.n_sources, self.source_len, self.private_len)
 
 
+def _tiled(word_embeddings: torch.Tensor, ids: list[int], length: int) -> torch.Tensor:
+    """Embeddings `[length, d]` of the token ids `ids`, repeated and truncated to `length` rows."""
+    t = torch.tensor(ids, dtype=torch.long)
+    return word_embeddings[t.repeat(length // len(t) + 1)[:length]].detach().float()
+
+
+def instruction_init(shape: tuple[int, int, int], word_embeddings: torch.Tensor,
+                     task_ids: list[list[int]]) -> torch.Tensor:
+    """Lester et al.'s text init with a text per task: task i's prompt `[L, d]` starts as the embeddings of
+    its own token ids `task_ids[i]` (its instruction), repeated or truncated to L -> `[n_tasks, L, d]`."""
+    n, length, _ = shape
+    if len(task_ids) != n or not all(task_ids):
+        raise ValueError(f"init 'text' needs non-empty token ids for each of the {n} tasks")
+    return torch.stack([_tiled(word_embeddings, ids, length) for ids in task_ids]).reshape(shape).clone()
+
+
 def init_prompt(shape: tuple[int, ...], how: str, *, word_embeddings: torch.Tensor | None = None,
-                text_ids: list[int] | None = None, source: torch.Tensor | None = None,
+                text_ids: list[int] | list[list[int]] | None = None, source: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Initial values for a prompt tensor `[..., L, d]`.
 
     random: normal with the vocabulary's embedding std (keeps the prompt on the scale the frozen model
     expects); vocab: rows sampled from `vocab_ids` (the backbone's 5000 first ordinary word tokens,
     `Backbone.init_vocab_ids`), else the 5000 first rows (Lester et al.); text: the
-    embedding of a text, tiled to length; neutral: the same with the backbone's neutral token ids
+    embedding of a text, tiled to length (`text_ids` a list per task: `instruction_init`); neutral: the same with the backbone's neutral token ids
     (`Backbone.neutral_init_ids`); source: a copy of a (source) prompt `[L_s, d]`, tiled/truncated;
     own_source: per task, a copy of that task's own source prompt (`source` `[n_tasks, L_s, d]`)."""
     length, dim = shape[-2], shape[-1]
@@ -97,9 +113,9 @@ def init_prompt(shape: tuple[int, ...], how: str, *, word_embeddings: torch.Tens
     if how in (PromptInit.TEXT, PromptInit.NEUTRAL):
         if word_embeddings is None or not text_ids:
             raise ValueError(f"init '{how}' needs token ids (init_text) and the backbone's word embeddings")
-        ids = torch.tensor(text_ids)
-        rows = word_embeddings[ids.repeat(length // len(ids) + 1)[:length]].detach().float()
-        return rows.expand(*shape[:-2], length, dim).clone()
+        if isinstance(text_ids[0], (list, tuple)):
+            return instruction_init(shape, word_embeddings, [list(i) for i in text_ids])
+        return _tiled(word_embeddings, list(text_ids), length).expand(*shape[:-2], length, dim).clone()
     if how == PromptInit.SOURCE:
         if source is None or source.numel() == 0:
             raise ValueError("init 'source' needs a non-empty source-prompt bank")
@@ -222,7 +238,7 @@ class CrossPTPrompt(nn.Module):
     `init == "own_source"` only."""
 
     def __init__(self, spec: PromptSpec, *, bank: torch.Tensor | None = None,
-                 word_embeddings: torch.Tensor | None = None, init_text_ids: list[int] | None = None,
+                 word_embeddings: torch.Tensor | None = None, init_text_ids: list[int] | list[list[int]] | None = None,
                  init_vocab_ids: torch.Tensor | None = None, seed: int = 0,
                  own_sources: torch.Tensor | None = None):
         super().__init__()

@@ -5,9 +5,13 @@ What is written (`out/`):
                                  num_virtual_tokens = L (the collapsed prompt's length), token_dim = d,
                                  num_transformer_submodules = 1 (the prompt goes before the encoder /
                                  decoder input only), base_model_name_or_path = the backbone id/path
-    adapter_model.safetensors    {"prompt_embeddings": [L, d]}: the task's collapsed evaluation prompt
+    adapter_model.safetensors    {"prompt_embeddings": [L, d]}: the task's collapsed evaluation prompt; a
+                                 decoder under the chat template: [H + L, d], the embeddings of the task's
+                                 chat head (system turn, user turn opening, instruction) before it, since PEFT
+                                 can only prepend and crosspt's prompt sits inside the user turn
     crosspt_task.json            how crosspt formats inputs and scores labels for that task (PEFT holds
-                                 only the prompt; the input template and label words live here)
+                                 only the prompt; the input template, the chat head folded into the prompt,
+                                 and the label words live here)
 
 Why the logits match: at evaluation the task router's weights are a constant per task, so the composed
 prompt collapses to one `[L, d]` tensor (`CrossPTPrompt.collapsed`), with masked positions (padding of
@@ -93,9 +97,12 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
     task_type = peft_task_type(family)
     if predictor.model.prompt.needs_input():
         raise ExportError(ATTENTION_REFUSAL)
-    prompt = predictor.collapsed_prompt(spec.name).float().contiguous()       # [L, d], all attended
+    prompt = predictor.collapsed_prompt(spec.name).float()                      # [L, d], all attended
     if prompt.shape[0] == 0:
         raise ExportError(f"task '{spec.name}' has an empty prompt: nothing to export")
+    bb = predictor.backbone
+    head = bb.export_head(spec).float()                                          # [H, d]
+    prompt = torch.cat([head.to(prompt.device), prompt]).contiguous()
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     backbone_name = predictor.config.backbone.name
@@ -113,7 +120,10 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
         "num_virtual_tokens": int(prompt.shape[0]),
         "token_dim": int(prompt.shape[1]),
         # the family's own text (the decoder appends its answer cue), the one the prompt was trained on
-        "input_template": predictor.backbone.format_text(spec, tuple("{" + f + "}" for f in spec.text_fields)),
+        "input_template": bb.format_text(spec, tuple("{" + f + "}" for f in spec.text_fields)),
+        # decoder under the chat template: the text whose embeddings open prompt_embeddings (H tokens)
+        "chat_head": bb.chat_head(spec),
+        "chat_head_tokens": int(head.shape[0]),
         "text_fields": list(spec.text_fields),
         "label_semantics": sem,
         "candidates": list(predictor.backbone.candidates(spec)),

@@ -13,7 +13,7 @@ from torch import nn
 from crosspt.backbones.base import Backbone
 from crosspt.config.schema import RunConfig
 from crosspt.method.prompts import CrossPTPrompt, PromptSpec
-from crosspt.tasks.specs import TaskSpec
+from crosspt.tasks.specs import TaskSpec, instruction_text
 
 
 class CrossPTModel(nn.Module):
@@ -126,8 +126,11 @@ def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor
     emb = backbone.word_embeddings().weight.detach()
     init = resolve_init(cfg, backbone)
     text_ids = None
-    if init == "text":
+    if init == "text" and cfg.prompt.init_text is not None:
         text_ids = backbone.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
+    elif init == "text":         # each task's prompt starts as its own instruction (Lester et al.'s text init)
+        text_ids = [backbone.tokenizer(instruction_text(t, cfg.prompt.label_semantics),
+                                       add_special_tokens=False)["input_ids"] for t in tasks]
     elif init == "neutral":
         text_ids = backbone.neutral_init_ids()
     if init == "own_source" and own_sources is None:

@@ -80,6 +80,9 @@ class TaskSpec:
     # added fields
     label_range: tuple[float, float] | None = None  # regression: (low, high) of the score
     hub_splits: dict = field(default_factory=dict)  # split -> hub split name (default dev -> validation)
+    # what a chat-tuned decoder is asked (`instruction_text`); "{choices}" stands for the label words of the
+    # run's label semantics ("negative or positive"); "" means DEFAULT_INSTRUCTION
+    instruction: str = ""
 
     def __hash__(self) -> int:
         # the dict fields make the generated hash fail; the name identifies a registered spec
@@ -121,12 +124,13 @@ def _sg_local(folder: str, **extra) -> dict:
 
 
 def _cls(name, text_fields, label_names, natural, sentences, *, metric="accuracy", similar=None,
-         hub=("nyu-mll/glue", None), local=None, prefix=None, hub_splits=None) -> TaskSpec:
+         hub=("nyu-mll/glue", None), local=None, prefix=None, hub_splits=None, instruction="") -> TaskSpec:
     return TaskSpec(
         name=name, text_fields=tuple(text_fields), label_names=tuple(label_names),
         label_words=_default_words(tuple(label_names), natural), label_sentences=tuple(sentences),
         prefix=prefix if prefix is not None else name, metric=metric, similar_class=similar,
-        hub_path=hub[0], hub_config=hub[1] or name, local=local or {}, hub_splits=hub_splits or {})
+        hub_path=hub[0], hub_config=hub[1] or name, local=local or {}, hub_splits=hub_splits or {},
+        instruction=instruction)
 
 
 def _builtin_tasks() -> list[TaskSpec]:
@@ -135,63 +139,79 @@ def _builtin_tasks() -> list[TaskSpec]:
     return [
         _cls("cola", ("sentence",), ("unacceptable", "acceptable"), ("no", "yes"),
              ("This sentence is not grammatical.", "This sentence is grammatical."), metric="mcc",
-             local=_glue_local("CoLA", {"sentence": 3}, label_column=1, header=False, num_columns=4)),
+             local=_glue_local("CoLA", {"sentence": 3}, label_column=1, header=False, num_columns=4),
+             instruction="Is this sentence grammatically acceptable English? Answer {choices}."),
         _cls("sst2", ("sentence",), ("negative", "positive"), ("negative", "positive"),
              ("It was terrible.", "It was great."),
-             local=_glue_local("SST-2", {"sentence": "sentence"})),
+             local=_glue_local("SST-2", {"sentence": "sentence"}),
+             instruction="What is the sentiment of this movie review sentence? Answer {choices}."),
         _cls("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("no", "yes"),
              ("The two sentences mean different things.", "The two sentences mean the same thing."),
              metric="f1_acc", similar=1,
              local=_glue_local("MRPC", {"sentence1": "#1 String", "sentence2": "#2 String"},
-                               label_column="Quality", encoding="utf-8-sig")),
+                               label_column="Quality", encoding="utf-8-sig"),
+             instruction="Do these two sentences mean the same thing? Answer {choices}."),
         _cls("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("no", "yes"),
              ("The two questions ask different things.", "The two questions ask the same thing."),
              metric="f1_acc", similar=1,
              local=_glue_local("QQP", {"question1": "question1", "question2": "question2"},
-                               label_column="is_duplicate")),
+                               label_column="is_duplicate"),
+             instruction="Do these two questions ask the same thing? Answer {choices}."),
         TaskSpec(
             name="stsb", text_fields=("sentence1", "sentence2"), label_names=(),
             label_words={m: () for m in LABEL_SEMANTICS}, label_sentences=(), prefix="stsb",
             metric="pearson_spearman", is_regression=True, similar_class=None, label_range=(0.0, 5.0),
             hub_path="nyu-mll/glue", hub_config="stsb",
             local=_glue_local("STS-B", {"sentence1": "sentence1", "sentence2": "sentence2"},
-                              label_column="score")),
+                              label_column="score"),
+            instruction="How similar in meaning are these two sentences? Answer {choices}."),
         _cls("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
              ("yes", "maybe", "no"),
              ("The second sentence follows from the first.", "The second sentence might be true.",
               "The second sentence contradicts the first."), similar=0,
              local=_glue_local("MNLI", {"premise": "sentence1", "hypothesis": "sentence2"},
                                label_column="gold_label", dev="dev_matched.tsv"),
-             hub_splits={"dev": "validation_matched"}),
+             hub_splits={"dev": "validation_matched"},
+             instruction="Does the premise imply the hypothesis? Answer {choices}."),
         _cls("qnli", ("question", "sentence"), nli2, ("yes", "no"),
              ("The sentence answers the question.", "The sentence does not answer the question."),
              similar=0,
              local=_glue_local("QNLI", {"question": "question", "sentence": "sentence"},
-                               train=["train.tsv", "train_subset_10475_hfformat.tsv"])),
+                               train=["train.tsv", "train_subset_10475_hfformat.tsv"]),
+             instruction="Does the sentence answer the question? Answer {choices}."),
         _cls("rte", ("sentence1", "sentence2"), nli2, ("yes", "no"),
              ("The second sentence follows from the first.",
               "The second sentence does not follow from the first."), similar=0,
-             local=_glue_local("RTE", {"sentence1": "sentence1", "sentence2": "sentence2"})),
+             local=_glue_local("RTE", {"sentence1": "sentence1", "sentence2": "sentence2"}),
+             instruction="Does the first sentence imply that the second sentence is true? "
+                         "Answer {choices}."),
         _cls("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("no", "yes"),
              ("The second sentence does not follow from the first.",
               "The second sentence follows from the first."), similar=1,
-             local=_glue_local("WNLI", {"sentence1": "sentence1", "sentence2": "sentence2"})),
+             local=_glue_local("WNLI", {"sentence1": "sentence1", "sentence2": "sentence2"}),
+             instruction="Does the first sentence imply that the second sentence is true? "
+                         "Answer {choices}."),
         _cls("boolq", ("question", "passage"), ("false", "true"), ("no", "yes"),
              ("The answer is no.", "The answer is yes."), similar=1, hub=(sg, "boolq"),
-             local=_sg_local("BoolQ")),
+             local=_sg_local("BoolQ"),
+             instruction="Read the passage and answer the question. Answer {choices}."),
         _cls("cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"),
              ("yes", "no", "maybe"),
              ("The hypothesis follows from the premise.", "The hypothesis contradicts the premise.",
-              "The hypothesis might be true."), similar=0, hub=(sg, "cb"), local=_sg_local("CB")),
+              "The hypothesis might be true."), similar=0, hub=(sg, "cb"), local=_sg_local("CB"),
+             instruction="Does the premise imply the hypothesis? Answer {choices}."),
         # WiC's target word rides along in sentence2 so the task stays a sentence pair.
         _cls("wic", ("sentence1", "sentence2"), ("false", "true"), ("no", "yes"),
              ("The word has different meanings in the two sentences.",
               "The word has the same meaning in the two sentences."), similar=1, hub=(sg, "wic"),
-             local=_sg_local("WiC", compose={"sentence2": "{sentence2} word: {word}"})),
+             local=_sg_local("WiC", compose={"sentence2": "{sentence2} word: {word}"}),
+             instruction="Is the word named after word: used with the same meaning in both sentences? "
+                         "Answer {choices}."),
         _cls("superglue-rte", ("premise", "hypothesis"), nli2, ("yes", "no"),
              ("The hypothesis follows from the premise.",
               "The hypothesis does not follow from the premise."), similar=0, hub=(sg, "rte"),
-             local=_sg_local("RTE"), prefix="rte"),
+             local=_sg_local("RTE"), prefix="rte",
+             instruction="Does the premise imply that the hypothesis is true? Answer {choices}."),
     ]
 
 
@@ -250,6 +270,7 @@ def _validate(spec: TaskSpec) -> TaskSpec:
         if not low < high:
             raise ConfigError(f"{where}: label_range must be (low, high) with low < high")
         words = {m: () for m in LABEL_SEMANTICS}
+        _check_instruction(spec.instruction, where)
         return replace(spec, text_fields=text_fields, label_names=(), label_words=words,
                        label_range=(float(low), float(high)), label_sentences=())
     if len(label_names) < 2:
@@ -273,6 +294,7 @@ def _validate(spec: TaskSpec) -> TaskSpec:
                               f"{len(label_names)} classes")
         if len({x.strip().lower() for x in w}) != len(w):
             raise ConfigError(f"{where}: label_words['{mode}'] must be distinct, got {list(w)}")
+    _check_instruction(spec.instruction, where)
     sentences = tuple(str(s) for s in spec.label_sentences)
     if sentences and len(sentences) != len(label_names):
         raise ConfigError(f"{where}: {len(sentences)} label_sentences for {len(label_names)} classes")
@@ -444,6 +466,32 @@ def parse_label_text(task: TaskSpec, text: str, semantics: str) -> int | float |
         if t == w.strip().lower():
             return i
     return None
+
+
+DEFAULT_INSTRUCTION = "Classify the input. Answer {choices}."     # a task that states none
+
+
+def _check_instruction(text, where: str) -> None:
+    """ConfigError unless `text` is a string whose only placeholder is "{choices}"."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: 'instruction' must be a string")
+    try:
+        text.format(choices="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{where}: 'instruction' may hold no placeholder but {{choices}} ({e!r})") from None
+
+
+def instruction_text(task: TaskSpec, semantics: str) -> str:
+    """The task's instruction with "{choices}" filled in: the candidate words of `semantics` ("negative or
+    positive", "yes, maybe or no"), or for regression "a number from 0.0 to 5.0"."""
+    check_label_semantics(semantics)
+    if task.is_regression:
+        low, high = task.label_range or (0.0, 5.0)
+        choices = f"a number from {low:.1f} to {high:.1f}"
+    else:
+        words = list(_class_words(task, semantics))
+        choices = " or ".join([", ".join(words[:-1]), words[-1]])
+    return (task.instruction or DEFAULT_INSTRUCTION).format(choices=choices)
 
 
 def format_input(task: TaskSpec, texts: tuple[str, ...], with_prefix: bool = True) -> str:
