@@ -35,6 +35,7 @@ class SpeedPart(StrEnum):
 
 
 SPEED_PARTS = tuple(str(p) for p in SpeedPart)
+_CHECKOUT = Path(__file__).resolve().parents[1]     # the RSS children import this script from it
 
 
 def _speed_cfg(s: BenchSettings, task: str, method: str, n_sources: int, *, epochs: int = 1, max_test: int | None = 200,
@@ -290,7 +291,8 @@ def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epo
     for name, spec in _rss_specs(n_sources, s.prompt_len).items():
         spec = {**spec, "settings": asdict(s), "task": task, "epochs": epochs}
         code = ("import crosspt, torch, transformers\n" if spec["what"] == "import" else "") + \
-            f"from crosspt.bench.speed import _rss_child; _rss_child({json.dumps(json.dumps(spec))})"
+            f"import sys; sys.path.insert(0, {json.dumps(str(_CHECKOUT))})\n" + \
+            f"from benchmarks.speed import _rss_child; _rss_child({json.dumps(json.dumps(spec))})"
         p = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", code], capture_output=True,
                            text=True, env=env, timeout=900)
         line = [x for x in p.stdout.splitlines() if x.startswith("RSS_JSON ")]
