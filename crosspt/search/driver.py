@@ -206,29 +206,10 @@ def ship_inputs(space: SearchSpace, base: RunConfig, data_dir: str | None, split
     return manifest(packed, ray.put(packed), drawn, ray.put(drawn))
 
 
-def _tolerate_deleted_checkpoints() -> None:
-    """Hand-rolled around a Ray Tune bug: a restored trial's checkpoint list can name a checkpoint that the
-    killed driver had already deleted (`num_to_keep`) after its last state snapshot. When Tune later drops it,
-    `_delete_fs_path` raises FileNotFoundError and the trial errors (seen in the mid-trial resume drill). A
-    checkpoint that is already gone is what deleting it wants, so that one error is ignored."""
-    from ray.train._internal import checkpoint_manager as cm
-
-    original = cm._delete_fs_path
-    if getattr(original, "crosspt_tolerant", False):
-        return
-
-    def delete(fs, fs_path):
-        try:
-            original(fs=fs, fs_path=fs_path)
-        except FileNotFoundError:
-            pass
-    delete.crosspt_tolerant = True
-    cm._delete_fs_path = delete
-
-
 def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
     from ray import tune
 
+    from crosspt.run._ray_compat import tolerate_deleted_checkpoints
     from crosspt.search.optuna_glue import fail_stale_trials, make_scheduler, make_searcher, trial_dirname
     from crosspt.search.reconcile import reconcile_child_runs, status_callback, tune_trials, unfinished_trial_ids
     from crosspt.search.resources import derive_concurrency, trial_resources
@@ -239,7 +220,7 @@ def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=run.trial_context()),
                                     trial_resources(run.base))
     if restore:
-        _tolerate_deleted_checkpoints()
+        tolerate_deleted_checkpoints()
         tuner = tune.Tuner.restore(paths.root, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         # Optuna trials the dead driver asked for that Tune never recorded stay RUNNING for ever, and

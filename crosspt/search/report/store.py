@@ -169,14 +169,9 @@ def _log_table(c, run_id: str, table: dict[str, list], path: str, logged: set[st
     if path not in logged:
         c.log_table(run_id, table, path)
         return
-    import tempfile
+    from crosspt.registry._mlflow_compat import replace_table
 
-    import pandas as pd
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(path).name
-        pd.DataFrame(table).to_json(local, orient="split", index=False, date_format="iso")   # log_table's format
-        c.log_artifact(run_id, str(local), str(Path(path).parent))
+    replace_table(c, run_id, table, path)
 
 
 def log_importance_plot(c, parent_run_id: str, rep: Report) -> None:
