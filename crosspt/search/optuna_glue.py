@@ -257,9 +257,9 @@ class DesignASHA(ASHAScheduler):
         # a replayed result (`trainable.replay_result`) keeps the record of who stopped it the first time
         if (decision == TrialScheduler.STOP and self._tracking_uri and run_id and not result.get("final_epoch")
                 and not result.get("replayed")):
-            from crosspt.registry import tracking as T
+            from crosspt.registry import tracking
 
-            T.client(self._tracking_uri).set_tag(run_id, T.STOPPED_BY_TAG, T.STOPPED_BY_SCHEDULER)
+            tracking.client(self._tracking_uri).set_tag(run_id, tracking.STOPPED_BY_TAG, tracking.STOPPED_BY_SCHEDULER)
         return decision
 
 

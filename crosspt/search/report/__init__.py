@@ -17,7 +17,7 @@ The report of a running search is the report so far.
 """
 from crosspt.search.report.build import Report, build_report, pareto_front, strongest_interaction
 from crosspt.search.report.render import format_table, to_json, write_report
-from crosspt.search.params import repeat_metric
+from crosspt.registry.models import repeat_metric
 from crosspt.search.report.rows import Factor, TrialRow, levels
 from crosspt.search.report.stats import FactorResult, Verdict, analyse
 from crosspt.search.report.store import (IMPORTANCE_PLOT, REPORT_DIR, load_search, log_importance_plot, report_failed,
