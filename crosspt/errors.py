@@ -31,3 +31,21 @@ class SearchStateError(CrossPTError):
 
 class ClusterError(CrossPTError):
     """This process is connected to a Ray cluster other than the one it was given."""
+
+
+def first_in_chain(exc: BaseException, kinds: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of `kinds` in `exc` or in what it wraps: its cause and context, a Ray task or
+    actor error's `cause`, an exception group's members, a Ray Train worker group's `worker_failures`.
+    Errors raised inside Ray workers reach the driver wrapped in one or more of these."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += list(getattr(e, "exceptions", []) or [])
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    return None

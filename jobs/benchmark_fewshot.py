@@ -87,7 +87,7 @@ FULL = dict(tasks=["sst2", "rte", "mrpc", "cola", "stsb", "qnli"],
 
 
 def parse_args(argv=None):
-    from crosspt.bench.speed import SPEED_PARTS
+    from benchmarks.speed import SPEED_PARTS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 tasks, k=16, 2 seeds, small budget (~15 min on 2 CPUs)")
@@ -317,7 +317,7 @@ def main_decoder(args) -> int:
 def main_speed_compare(args) -> int:
     """Before/after of the speed mode: each side's runs (parts measured in separate runs) merged, one table
     with both columns, then each side's own tables."""
-    from crosspt.bench.speed import merge_speed, render_before_after, render_speed
+    from benchmarks.speed import merge_speed, render_before_after, render_speed
 
     sides = {k: merge_speed([json.loads(Path(f).read_text()) for f in files])
              for k, files in (("before", args.before), ("after", args.after))}
@@ -337,7 +337,7 @@ def main_speed_compare(args) -> int:
 
 
 def main_speed(args) -> int:
-    from crosspt.bench.speed import render_speed, run_speed
+    from benchmarks.speed import render_speed, run_speed
 
     s = settings_from(args)
     out = Path(args.out).resolve()

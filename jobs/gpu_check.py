@@ -14,7 +14,7 @@ temp folder with a small word-level tokenizer, the data a synthetic SST-2 writte
    thing the hot path removed: frozen weights in fp32 under bf16 autocast (how the loader loaded them), and
    the old loop's two host reads per step (`bool(isfinite(loss))` before backward, `float(loss)` after).
 2. Host syncs per step: steps under `torch.cuda.set_sync_debug_mode("warn")` (every synchronising CUDA call),
-   and `crosspt.run.syncs.count_host_syncs` (which op, which line).
+   and `benchmarks.syncs.count_host_syncs` (which op, which line).
 3. Profile: CrossPT steps under torch.profiler: the top ops by self device time, and how busy the device was
    (kernel time / wall).
 4. Trials per GPU: for c in `--concurrency` (default 1,2,4,8 on a GPU), c processes on the one GPU, each running
@@ -231,7 +231,7 @@ def time_steps(steps: Steps, n: int, block: int, device, **kw) -> list[float]:
 
 def count_syncs(steps: Steps, n: int, device) -> dict:
     """Host syncs in `n` steps: CUDA's sync debug mode (every synchronising call) and crosspt's counter."""
-    from crosspt.run.syncs import count_host_syncs
+    from benchmarks.syncs import count_host_syncs
 
     steps.step()
     sync(device)

@@ -19,7 +19,7 @@ from crosspt.bench import job as J
 from crosspt.bench import methods as M
 from crosspt.bench import prompts as P
 from crosspt.bench import report as R
-from crosspt.bench import speed as S
+from benchmarks import speed as S
 from crosspt.bench import stats as ST
 from crosspt.bench.settings import BenchSettings
 

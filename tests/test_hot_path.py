@@ -9,7 +9,7 @@ import torch
 
 from crosspt.config.schema import load_config
 from crosspt.run import loop
-from crosspt.run.syncs import count_host_syncs
+from benchmarks.syncs import count_host_syncs
 
 
 def _cfg(backbone, data_dir, **over):

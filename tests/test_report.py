@@ -51,7 +51,7 @@ def test_null_searches_rarely_report_an_effect(design):
     benchmarks/report_calibration.md has 1000 searches per design). The report before issue 20 (its
     per-factor `verdict` in place of `effect_calls`) said so in 31.5% (3 x 4), 70% (5 x 2) and 25.5%
     (numeric terciles) of these same searches: this test failed on it."""
-    from crosspt.bench.report_calibration import designs, simulate
+    from benchmarks.report_calibration import designs, simulate
 
     d = next(x for x in designs() if x.name == design)
     calls = [c for seed in range(200) for c in effect_calls([s.factor for s in d.specs], simulate(d, seed))]
@@ -64,7 +64,7 @@ def test_family_wise_rate_and_interval_coverage_in_a_six_factor_space():
     """Six factors, none with an effect, 24 random trials: Holm keeps the chance of any false `effect` in a
     report near 5%, and every best-vs-worst interval covers 0 (the true difference) about 95% of the time
     although best and worst are picked after the fact."""
-    from crosspt.bench.report_calibration import designs, simulate
+    from benchmarks.report_calibration import designs, simulate
 
     d = next(x for x in designs() if x.name == "6-factor space, random, 24 trials")
     any_false, covered, intervals = 0, 0, 0
@@ -83,7 +83,7 @@ def test_family_wise_rate_and_interval_coverage_in_a_six_factor_space():
 def test_picking_best_and_worst_does_not_inflate_the_estimate():
     """Five levels without effect: the plug-in best-minus-worst is large by construction (winner's curse);
     the report's estimate, re-picked in each redraw, is much closer to the true 0 and inside its interval."""
-    from crosspt.bench.report_calibration import designs, simulate
+    from benchmarks.report_calibration import designs, simulate
 
     d = next(x for x in designs() if x.name == "5 levels, 4 trials per level")
     res = [analyse([s.factor for s in d.specs], simulate(d, seed))[0] for seed in range(40)]
@@ -97,7 +97,7 @@ def test_a_planted_effect_is_found_beside_a_large_one():
     """`a2` moves the objective by 2 SD, a learning rate over four decades by 4 SD: the test of a2 adjusts
     for the lr (which visibly matters) and finds a2 in most searches; the factors without effect stay
     clear."""
-    from crosspt.bench.report_calibration import designs, simulate
+    from benchmarks.report_calibration import designs, simulate
 
     d = next(x for x in designs() if "beside an lr effect" in x.name)
     found, false = 0, 0
@@ -110,10 +110,10 @@ def test_a_planted_effect_is_found_beside_a_large_one():
 
 
 def test_calibration_benchmark_writes_its_table(tmp_path):
-    """`python -m crosspt.bench.report_calibration` end to end on a few searches, the old verdict read from
+    """`python -m benchmarks.report_calibration` end to end on a few searches, the old verdict read from
     git included: the markdown table and its JSON, with the search paths and the power table through
     `build_report`; the markdown again from the JSON."""
-    from crosspt.bench.report_calibration import before_module, main
+    from benchmarks.report_calibration import before_module, main
 
     out = tmp_path / "cal.md"
     assert main(["--searches", "4", "--before-searches", "2", "--only", "3 levels, 4 trials", "--paths-searches", "1",

@@ -7,5 +7,4 @@
     harness    the grid in phases, sequential or on Ray actors; the summary
     stats      selection by validation, mean ± std tables, the full-mode estimate
     report     markdown, verdict, notes, bar chart, MLflow
-    speed      step / inference / memory / Ray-overhead measurements
 """

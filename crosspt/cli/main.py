@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from crosspt.errors import CrossPTError
+from crosspt.errors import CrossPTError, first_in_chain
 
 
 def _common_run_flags(p: argparse.ArgumentParser) -> None:
@@ -105,18 +105,18 @@ def train_run_logger(cfg):
     inputs, provenance tags, per-epoch metrics and prompt artifacts as a search's child run, without the
     parent and trial tags."""
     from crosspt.config.schema import config_hash, config_to_yaml
-    from crosspt.registry import tracking as T
+    from crosspt.registry import tracking
     from crosspt.run.loop import prepare_data
     from crosspt.search.params import trial_params
 
-    uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    T.check_reachable(uri)
-    logger = T.TrialLogger(uri, T.ensure_experiment(uri, cfg.tracking.experiment), None, None, None,
-                           run_name=cfg.name)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_reachable(uri)
+    logger = tracking.TrialLogger(uri, tracking.ensure_experiment(uri, cfg.tracking.experiment), None, None, None,
+                                  run_name=cfg.name)
     _, splits = prepare_data(cfg)
     logger.start({**trial_params(cfg), "config_hash": config_hash(cfg)}, config_to_yaml(cfg),
-                 datasets=T.split_datasets(splits, cfg.data.data_dir),
-                 tags={"crosspt.kind": "train", **T.provenance_tags(cfg.data.data_dir)})
+                 datasets=tracking.split_datasets(splits, cfg.data.data_dir),
+                 tags={"crosspt.kind": "train", **tracking.provenance_tags(cfg.data.data_dir)})
     return logger
 
 
@@ -189,27 +189,11 @@ def run_cli(func, args) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # errors raised inside Ray workers arrive wrapped: unwrap user errors
-        inner = _user_error(e)
+        inner = first_in_chain(e, CrossPTError)
         if inner is None:
             raise
         print(f"error: {inner}", file=sys.stderr)
         return 2
-
-
-def _user_error(exc: BaseException) -> CrossPTError | None:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen or e is None:
-            continue
-        seen.add(id(e))
-        if isinstance(e, CrossPTError):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        stack += list(getattr(e, "exceptions", []) or [])
-        stack += list((getattr(e, "worker_failures", None) or {}).values())
-    return None
 
 
 if __name__ == "__main__":

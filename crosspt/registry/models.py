@@ -345,14 +345,26 @@ def _pick_run(c, uri: str, *, experiment: str | None, metric: str, mode: str, ru
     return best
 
 
-_REPEAT = re.compile(r"_r(\d+)$")
+_REPEAT_SUFFIX = re.compile(r"_r(\d+)$")
+
+
+def repeat_metric(metric: str, i: int) -> str:
+    """The child-run metric holding repeat `i`'s own value of `metric` (`best_val_score_r0`, ...), logged beside
+    the mean; one name for the trainable that logs it and the report and the registry that read it."""
+    return f"{metric}_r{i}"
+
+
+def repeat_of(name: str) -> tuple[str, int] | None:
+    """(metric, repeat) of a name `repeat_metric` made; None for any other metric name."""
+    m = _REPEAT_SUFFIX.search(name)
+    return (name[:m.start()], int(m.group(1))) if m else None
 
 
 def repeats_of(run, metric: str) -> int:
-    """How many k-shot repeats (`budget.repeats`) the run trained: its `<metric>_r<i>` metrics (named by
-    `crosspt.search.repeats.repeat_metric`; 1 without repeats)."""
-    return 1 + max((int(m.group(1)) for k in run.data.metrics
-                    if (m := _REPEAT.search(k)) and k[:m.start()] in (metric, "best_val_score")), default=0)
+    """How many k-shot repeats (`budget.repeats`) the run trained: its `repeat_metric` metrics (1 without
+    repeats)."""
+    repeats = [i for name, i in filter(None, map(repeat_of, run.data.metrics)) if name in (metric, "best_val_score")]
+    return 1 + max(repeats, default=0)
 
 
 def promoted_value(run, metric: str) -> tuple[float | None, float | None, int]:

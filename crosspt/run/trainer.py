@@ -119,9 +119,9 @@ def with_forwarded_env(runtime_env: dict | None) -> dict:
 def _not_in_job_env(runtime_env: dict) -> dict:
     """Under `ray job submit` Ray merges the driver's runtime_env into the job's and refuses a variable
     set in both: drop those (the job's value already reaches every worker)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from crosspt.run._ray_compat import job_runtime_env
 
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}").get("runtime_env") or {}
+    job = job_runtime_env()
     taken = set(job.get("env_vars") or {})
     return {**runtime_env, "env_vars": {k: v for k, v in runtime_env.get("env_vars", {}).items() if k not in taken}}
 
@@ -134,19 +134,17 @@ def _is_loopback(address: str) -> bool:
 @contextlib.contextmanager
 def _single_node_mode(enabled: bool = True):
     """Ray's single-machine switch for this process and what it starts, unless the user set it."""
-    from ray._private import ray_constants
+    from crosspt.run._ray_compat import cluster_mode_off
 
     if not enabled or _SINGLE_NODE_ENV in os.environ:
         yield
         return
-    saved = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_SINGLE_NODE_ENV] = "0"               # inherited by the processes ray.init starts
-    ray_constants.ENABLE_RAY_CLUSTER = False         # read by this process when it picks the node address
     try:
-        yield
+        with cluster_mode_off():                     # and this process, which read the variable at import
+            yield
     finally:
         os.environ.pop(_SINGLE_NODE_ENV, None)
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def train(cfg: RunConfig, *, output_dir: str | Path, resume_from: str | Path | None = None,

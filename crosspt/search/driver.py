@@ -19,7 +19,7 @@ import yaml
 from crosspt.config.schema import RunConfig
 from crosspt.config.space import SearchSpace
 from crosspt.errors import ConfigError
-from crosspt.registry import tracking as T
+from crosspt.registry import tracking
 from crosspt.run.faults import check_drills, kill_point
 from crosspt.search.state import SearchPaths, claim_state, release_claim, search_paths
 from crosspt.search.summary import NOTE_TAG, log_parent, parent_note
@@ -72,14 +72,14 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     connected = init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                                    **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
     try:
-        T.check_store_reaches_nodes(uri, alive_nodes(), base.tracking.shared_store)
+        tracking.check_store_reaches_nodes(uri, alive_nodes(), base.tracking.shared_store)
         state = claim_state(paths, space.name, exp_name, resume, overwrite)
         space, bank = _pretrained_bank(space, uri, data_dir, paths)
         from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
         trial_space = resolve_space_banks(space, uri, dest_dir=paths.banks_dir())
 
-        experiment_id = T.ensure_experiment(uri, exp_name)
-        c = T.client(uri)
+        experiment_id = tracking.ensure_experiment(uri, exp_name)
+        c = tracking.client(uri)
         if resume:
             parent_run_id = _reopen_parent(c, uri, experiment_id, state["parent_run_id"], paths)
         else:
@@ -152,8 +152,8 @@ def _checked_inputs(space: SearchSpace, data_dir: str | None, tracking_uri: str 
     from crosspt.config.space import check_repeats
 
     check_repeats(space, base)
-    uri = T.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
-    T.check_reachable(uri)
+    uri = tracking.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
+    tracking.check_reachable(uri)
     try:
         check_drills()
     except ValueError as e:
@@ -206,29 +206,10 @@ def ship_inputs(space: SearchSpace, base: RunConfig, data_dir: str | None, split
     return manifest(packed, ray.put(packed), drawn, ray.put(drawn))
 
 
-def _tolerate_deleted_checkpoints() -> None:
-    """Hand-rolled around a Ray Tune bug: a restored trial's checkpoint list can name a checkpoint that the
-    killed driver had already deleted (`num_to_keep`) after its last state snapshot. When Tune later drops it,
-    `_delete_fs_path` raises FileNotFoundError and the trial errors (seen in the mid-trial resume drill). A
-    checkpoint that is already gone is what deleting it wants, so that one error is ignored."""
-    from ray.train._internal import checkpoint_manager as cm
-
-    original = cm._delete_fs_path
-    if getattr(original, "crosspt_tolerant", False):
-        return
-
-    def delete(fs, fs_path):
-        try:
-            original(fs=fs, fs_path=fs_path)
-        except FileNotFoundError:
-            pass
-    delete.crosspt_tolerant = True
-    cm._delete_fs_path = delete
-
-
 def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
     from ray import tune
 
+    from crosspt.run._ray_compat import tolerate_deleted_checkpoints
     from crosspt.search.optuna_glue import fail_stale_trials, make_scheduler, make_searcher, trial_dirname
     from crosspt.search.reconcile import reconcile_child_runs, status_callback, tune_trials, unfinished_trial_ids
     from crosspt.search.resources import derive_concurrency, trial_resources
@@ -239,7 +220,7 @@ def _tune(run: SearchRun, restore: bool, verbose: int) -> dict:
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=run.trial_context()),
                                     trial_resources(run.base))
     if restore:
-        _tolerate_deleted_checkpoints()
+        tolerate_deleted_checkpoints()
         tuner = tune.Tuner.restore(paths.root, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         # Optuna trials the dead driver asked for that Tune never recorded stay RUNNING for ever, and
@@ -294,27 +275,28 @@ def _open_parent(c, space: SearchSpace, base: RunConfig, experiment_id: str, pat
     state names it."""
     search_name = space.name
     parent = c.create_run(experiment_id, run_name=f"search-{search_name}",
-                          tags={T.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
-                                NOTE_TAG: parent_note(space), **T.provenance_tags(base.data.data_dir)})
+                          tags={tracking.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
+                                NOTE_TAG: parent_note(space), **tracking.provenance_tags(base.data.data_dir)})
     parent_run_id = parent.info.run_id
     if not c.get_experiment(experiment_id).tags.get(NOTE_TAG):   # the experiments list shows this line
         c.set_experiment_tag(experiment_id, NOTE_TAG, f"crosspt search `{search_name}`"
                              + (f": {space.description}" if space.description else ""))
     # the runs table opens with its factors and scores through the summary's link (summary.runs_page)
-    T.save_search_view(c, experiment_id, search_name, list(space.space), space.objective.metric, space.objective.mode)
+    tracking.save_search_view(c, experiment_id, search_name, list(space.space), space.objective.metric,
+                              space.objective.mode)
     # at once: from here on a killed driver leaves a search that --resume can continue
     paths.write_state({"parent_run_id": parent_run_id, **state})
-    T.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
-                                    "search.algorithm": space.search.algorithm,
-                                    "search.design": space.design_count(),
-                                    "search.num_samples": space.budget.num_samples,
-                                    "search.scheduler": space.scheduler.type,
-                                    "objective.metric": space.objective.metric,
-                                    "objective.mode": space.objective.mode,
-                                    "space.keys": ",".join(space.space)})
-    c.log_text(parent_run_id, T.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
+    tracking.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
+                                           "search.algorithm": space.search.algorithm,
+                                           "search.design": space.design_count(),
+                                           "search.num_samples": space.budget.num_samples,
+                                           "search.scheduler": space.scheduler.type,
+                                           "objective.metric": space.objective.metric,
+                                           "objective.mode": space.objective.mode,
+                                           "space.keys": ",".join(space.space)})
+    c.log_text(parent_run_id, tracking.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
                "search_space.yaml")
-    c.log_inputs(parent_run_id, datasets=T.split_datasets(splits, base.data.data_dir))
+    c.log_inputs(parent_run_id, datasets=tracking.split_datasets(splits, base.data.data_dir))
     return parent_run_id
 
 

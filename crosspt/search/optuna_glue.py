@@ -10,6 +10,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from crosspt.config.space import OptunaDefineByRun, SearchSpace
+from crosspt.run._ray_compat import (asha_before_last_step, asha_uncount_stop, completed_trials, optuna_study,
+                                     optuna_trials)
 from crosspt.search.design import DESIGN, OPTIMISER, PHASE_TAG, STRATUM_TAG, DesignPoint
 
 TUNE_TRIAL_ATTR = "tune_trial_id"        # Optuna user attribute: the Tune trial an Optuna trial belongs to
@@ -65,7 +67,7 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str):
         params = super().suggest(trial_id)
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = optuna_trials(self).get(trial_id)
         if ot_trial is not None:
             if TUNE_TRIAL_ATTR not in ot_trial.user_attrs:
                 ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
@@ -76,10 +78,10 @@ class ResumableOptunaSearch(OptunaSearch):
         """Tune's `trial_name_creator`: the name of the Optuna trial this searcher suggested for `trial`; for a
         trial Tune restores (a resumed search, whose searcher does not hold it), the study's trial carrying
         its Tune trial id."""
-        ot_trial = getattr(self, "_ot_trials", {}).get(trial.trial_id)
+        ot_trial = optuna_trials(self).get(trial.trial_id)
         if ot_trial is not None:
             return trial_name(ot_trial.number)
-        study = getattr(self, "_ot_study", None)
+        study = optuna_study(self)
         if study is not None:
             for t in study.get_trials(deepcopy=False):
                 if t.user_attrs.get(TUNE_TRIAL_ATTR) == trial.trial_id:
@@ -88,7 +90,7 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def _record_run(self, trial_id: str, result: dict | None) -> None:
         """The trial's MLflow child run id (each result carries it) as a user attribute, once."""
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = optuna_trials(self).get(trial_id)
         run_id = (result or {}).get(MLFLOW_RUN_ATTR)
         if ot_trial is not None and run_id and ot_trial.user_attrs.get(MLFLOW_RUN_ATTR) != run_id:
             try:
@@ -101,8 +103,8 @@ class ResumableOptunaSearch(OptunaSearch):
         study once per trial (a restored trial reported some before the crash), then kept here."""
         steps = self.__dict__.setdefault("_reported_steps", {})      # absent on a searcher restored from older state
         if trial_id not in steps:
-            number = self._ot_trials[trial_id].number
-            frozen = next((t for t in self._ot_study.get_trials(deepcopy=False) if t.number == number), None)
+            number = optuna_trials(self)[trial_id].number
+            frozen = next((t for t in optuna_study(self).get_trials(deepcopy=False) if t.number == number), None)
             steps[trial_id] = set(frozen.intermediate_values) if frozen else set()
         return steps[trial_id]
 
@@ -111,31 +113,32 @@ class ResumableOptunaSearch(OptunaSearch):
         step = result.get("training_iteration")
         # a step the study holds already (a restored trial replaying its logged epochs) is not reported
         # again: Optuna would ignore it with a warning in the search's output
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials and step in self._steps(trial_id):
+        if (trial_id in optuna_trials(self) and trial_id not in completed_trials(self)
+                and step in self._steps(trial_id)):
             return
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
-            self._completed_trials.add(trial_id)      # its value is in the study already
+            completed_trials(self).add(trial_id)      # its value is in the study already
             return
-        if trial_id in self._ot_trials and isinstance(step, int):
+        if trial_id in optuna_trials(self) and isinstance(step, int):
             self._steps(trial_id).add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         # a trial ASHA stops at its first result reaches the searcher here only, not in on_trial_result
         self._record_run(trial_id, result)
         try:
-            if error or not result or trial_id in self._completed_trials:
+            if error or not result or trial_id in completed_trials(self):
                 super().on_trial_complete(trial_id, None, error)      # FAIL, or PRUNED without a value
                 return
             self._report_last(trial_id, result)
             if result.get("final_epoch"):
                 super().on_trial_complete(trial_id, result)           # COMPLETE with its value
             else:
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                optuna_study(self).tell(optuna_trials(self)[trial_id], state=optuna.trial.TrialState.PRUNED)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
-        self._completed_trials.add(trial_id)
+        completed_trials(self).add(trial_id)
 
     def _report_last(self, trial_id: str, result: dict) -> None:
         """The result a trial ended on: the one ASHA stopped it at reaches `on_trial_complete` only, and its
@@ -144,7 +147,7 @@ class ResumableOptunaSearch(OptunaSearch):
         warning "The reported value is ignored because this `step` is already reported")."""
         value, step = result.get(self.metric), result.get("training_iteration")
         if isinstance(value, (int, float)) and isinstance(step, int) and step not in self._steps(trial_id):
-            self._ot_trials[trial_id].report(float(value), step)
+            optuna_trials(self)[trial_id].report(float(value), step)
             self._steps(trial_id).add(step)
 
 
@@ -189,10 +192,10 @@ def make_searcher(space: SearchSpace, optuna_url: str, study_name: str, family: 
                                      sampler=make_sampler(space), storage=rdb_storage(optuna_url),
                                      study_name=study_name)
     for point in design:
-        searcher._ot_study.enqueue_trial(point.params, user_attrs={PHASE_TAG: DESIGN, **{
+        optuna_study(searcher).enqueue_trial(point.params, user_attrs={PHASE_TAG: DESIGN, **{
             STRATUM_TAG + k: v for k, v in point.strata.items()}}, skip_if_exists=False)
     for point in space.search.points:
-        searcher._ot_study.enqueue_trial(dict(point), user_attrs={PHASE_TAG: OPTIMISER})
+        optuna_study(searcher).enqueue_trial(dict(point), user_attrs={PHASE_TAG: OPTIMISER})
     # the dashboard and the study's own plots name the objective instead of "Objective 0" (the searcher has
     # created the study: a failure here is the storage's, and a search that cannot write its study stops)
     optuna.load_study(study_name=study_name, storage=rdb_storage(optuna_url)).set_metric_names([obj.metric])
@@ -247,16 +250,16 @@ class DesignASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         if (decision == TrialScheduler.STOP and self.exempt(trial)
-                and result.get(self._time_attr, 0) < self._max_t):
-            self._num_stopped -= 1
+                and asha_before_last_step(self, result)):
+            asha_uncount_stop(self)
             return TrialScheduler.CONTINUE
         run_id = result.get(MLFLOW_RUN_ATTR)
         # a replayed result (`trainable.replay_result`) keeps the record of who stopped it the first time
         if (decision == TrialScheduler.STOP and self._tracking_uri and run_id and not result.get("final_epoch")
                 and not result.get("replayed")):
-            from crosspt.registry import tracking as T
+            from crosspt.registry import tracking
 
-            T.client(self._tracking_uri).set_tag(run_id, T.STOPPED_BY_TAG, T.STOPPED_BY_SCHEDULER)
+            tracking.client(self._tracking_uri).set_tag(run_id, tracking.STOPPED_BY_TAG, tracking.STOPPED_BY_SCHEDULER)
         return decision
 
 

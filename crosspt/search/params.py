@@ -18,12 +18,6 @@ from crosspt.config.space import SearchSpace
 INACTIVE = "inactive"
 
 
-def repeat_metric(metric: str, i: int) -> str:
-    """The child-run metric holding repeat `i`'s own value of `metric` (`best_val_score_r0`, ...), logged beside
-    the mean; one name for the trainable that logs it and the report that reads it."""
-    return f"{metric}_r{i}"
-
-
 def inactive_keys(cfg: RunConfig, space: SearchSpace | None = None, sampled: dict[str, Any] | None = None) -> set[str]:
     """Config keys that do not act in `cfg` (the liveness table, `crosspt.config.liveness`) and were not
     sampled, plus the space's factors this trial did not sample (their `when:` failed, or they were dead)."""

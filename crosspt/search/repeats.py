@@ -18,7 +18,7 @@ from statistics import mean, pstdev
 
 from crosspt.config.schema import RunConfig
 from crosspt.config.space import SearchSpace
-from crosspt.search.params import repeat_metric
+from crosspt.registry.models import repeat_metric
 from crosspt.run.loop import INITIAL_PREFIX, LocalSession, Session, epochs
 
 REPEAT_SEED_STRIDE = 1000         # repeat i trains with seed + 1000 i: its own k-shot sample, init, order

@@ -22,29 +22,32 @@ CALIBRATION = "benchmarks/report_calibration.md"
 
 
 # ---- numbers ---------------------------------------------------------------------------------------
-def _num(v, digits: int = 1) -> str:
+def _cell(v, digits: int = 1) -> str:
+    """A table cell: "-" for a missing number, `digits` decimals for a float, anything else as it prints."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else (
         f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-def _f(v: float, sign: bool = False) -> str:
+def _tenths(v: float, sign: bool = False) -> str:
     """One decimal, never "-0.0"."""
     v = 0.0 if abs(v) < 0.05 else v
     return f"{v:+.1f}" if sign else f"{v:.1f}"
 
 
-def _p(p: float | None) -> str:
+def _p_value(p: float | None) -> str:
+    """A p-value, two significant digits below 0.01."""
     return "-" if p is None else (f"{p:.2g}" if p < 0.01 else f"{p:.2f}")
 
 
-def _pts(rep: Report, v: float | None) -> float | None:
+def _in_units(rep: Report, v: float | None) -> float | None:
+    """A score in the report's units (`Report.scale`: percentage points for a 0-1 score); None if missing."""
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else rep.scale[0] * v
 
 
 def _diff(rep: Report, r: FactorResult) -> tuple[float, float, float]:
     """best - worst and its interval in report units, oriented so that "better" is positive."""
     sign = 1 if rep.mode == "max" else -1
-    est, lo, hi = (sign * _pts(rep, v) for v in (r.estimate, r.ci_low, r.ci_high))
+    est, lo, hi = (sign * _in_units(rep, v) for v in (r.estimate, r.ci_low, r.ci_high))
     return (est, lo, hi) if sign > 0 else (est, hi, lo)
 
 
@@ -61,7 +64,8 @@ def verdict_text(rep: Report, r: FactorResult, n_tested: int) -> str:
     counts = ", ".join(f"{k}: {v}" for k, v in r.n_per_level.items())
     if r.verdict == Verdict.TOO_FEW:
         return f"too few trials to tell (trials per level: {counts}; {r.note})" + _power_text(rep, r)
-    ps = f"p {_p(r.p)}" + (f", {_p(r.p_adjusted)} after Bonferroni over {n_tested} factors" if n_tested > 1 else "")
+    ps = f"p {_p_value(r.p)}" + (f", {_p_value(r.p_adjusted)} after Bonferroni over {n_tested} factors"
+                                  if n_tested > 1 else "")
     trials = f"{r.n} trials" + (f"; {r.note}" if r.note else "")
     if r.estimate is None or r.ci_low is None:
         words = {Verdict.EFFECT: "effect", Verdict.HINT: "hint of an effect"}.get(r.verdict, "no detectable effect")
@@ -70,17 +74,17 @@ def verdict_text(rep: Report, r: FactorResult, n_tested: int) -> str:
     if r.verdict in (Verdict.EFFECT, Verdict.HINT):
         better = "beats" if rep.mode == "max" else "is lower than"
         hint = "hint, no claim: " if r.verdict == Verdict.HINT else ""
-        return (f"{hint}{r.best} {better} {r.worst} by {_f(est)}{_unit(rep)} [95% CI {_f(lo)}, {_f(hi)}] "
-                f"({ps}; {trials})")
-    return (f"no detectable effect ({r.best} vs {r.worst}: {_f(est, True)}{_unit(rep)} [{_f(lo)}, {_f(hi)}]; "
-            f"{ps}; {trials})" + _power_text(rep, r))
+        return (f"{hint}{r.best} {better} {r.worst} by {_tenths(est)}{_unit(rep)} "
+                f"[95% CI {_tenths(lo)}, {_tenths(hi)}] ({ps}; {trials})")
+    return (f"no detectable effect ({r.best} vs {r.worst}: {_tenths(est, True)}{_unit(rep)} "
+            f"[{_tenths(lo)}, {_tenths(hi)}]; {ps}; {trials})" + _power_text(rep, r))
 
 
 def _power_text(rep: Report, r: FactorResult) -> str:
     """What this search could have found (`power.add_power`), for a factor without a detected effect."""
     if r.mde is None:
         return ""
-    mde = "no difference" if math.isinf(r.mde) else f"{_f(_pts(rep, r.mde))}{_unit(rep)}"
+    mde = "no difference" if math.isinf(r.mde) else f"{_tenths(_in_units(rep, r.mde))}{_unit(rep)}"
     out = f"; 80% power only for a best − worst difference of {mde} or more at {r.n} trials"
     if r.trials_needed:
         out += f"; about {r.trials_needed} design trials would find the estimate"
@@ -194,17 +198,17 @@ def blocks(rep: Report) -> list[tuple]:
     if rep.best:
         b = rep.best
         out += [("h2", "Best configuration"),
-                ("p", f"Trial `{b.trial_id}` (run `{b.run_id}`): {rep.metric} = {_num(_pts(rep, b.objective))}, "
-                      f"test_score = {_num(_pts(rep, b.test_score))}, trainable params = {b.trainable_params}, "
-                      f"wall time = {_num(b.wall_s)} s. The best of many noisy trials scores above what its "
+                ("p", f"Trial `{b.trial_id}` (run `{b.run_id}`): {rep.metric} = {_cell(_in_units(rep, b.objective))}, "
+                      f"test_score = {_cell(_in_units(rep, b.test_score))}, trainable params = {b.trainable_params}, "
+                      f"wall time = {_cell(b.wall_s)} s. The best of many noisy trials scores above what its "
                       "configuration does on average: judge it by the level means above."),
                 ("pre", json.dumps({k: v for k, v in b.params.items() if v != INACTIVE}, indent=1, default=str))]
         if b.scores:
-            out.append(("table", ["score", unit], [[k, _num(_pts(rep, v))] for k, v in sorted(b.scores.items())]))
+            out.append(("table", ["score", unit], [[k, _cell(_in_units(rep, v))] for k, v in sorted(b.scores.items())]))
     if rep.pareto:
         out += [("h2", "Pareto front: score vs trainable params"),
                 ("table", ["trial", "trainable params", f"{rep.metric} ({unit})"],
-                 [[r.trial_id, str(r.trainable_params), _num(_pts(rep, r.objective))] for r in rep.pareto]),
+                 [[r.trial_id, str(r.trainable_params), _cell(_in_units(rep, r.objective))] for r in rep.pareto]),
                 ("fig", "pareto front")]
     return out
 
@@ -218,22 +222,22 @@ def _factor_table(rep: Report, results: list[FactorResult], pruning: bool, power
     rows = []
     for r in results:
         est, lo, hi = _diff(rep, r) if r.estimate is not None and r.ci_low is not None else (None, None, None)
-        est = "-" if est is None else f"{_f(est, True)} [{_f(lo)}, {_f(hi)}]"
+        est = "-" if est is None else f"{_tenths(est, True)} [{_tenths(lo)}, {_tenths(hi)}]"
         imp = "-" if r.importance is None else f"{r.importance:.2f} [{r.noise:.2f}]"
         pr = rep.prune_rates.get(r.factor, {})
-        mde = "-" if r.mde is None else ("∞" if math.isinf(r.mde) else _f(_pts(rep, r.mde)))
-        rows.append([f"`{r.factor}`", r.verdict.value, est, _p(r.p), _p(r.p_adjusted), imp,
+        mde = "-" if r.mde is None else ("∞" if math.isinf(r.mde) else _tenths(_in_units(rep, r.mde)))
+        rows.append([f"`{r.factor}`", r.verdict.value, est, _p_value(r.p), _p_value(r.p_adjusted), imp,
                      ", ".join(f"{k}: {v}" for k, v in r.n_per_level.items()) or "-",
                      *[", ".join(f"{k}: {100 * v:.0f}%" for k, v in pr.items()) or "-"] * pruning,
                      ", ".join(r.adjusted_for) or "-",
-                     *[mde, _num(r.trials_needed)] * power])
+                     *[mde, _cell(r.trials_needed)] * power])
     return ("table", head, rows)
 
 
 def _level(rep: Report, lv) -> str:
     if lv is None:
         return "-"
-    return f"{_num(_pts(rep, lv.mean))} [{_num(_pts(rep, lv.lo))}, {_num(_pts(rep, lv.hi))}]"
+    return f"{_cell(_in_units(rep, lv.mean))} [{_cell(_in_units(rep, lv.lo))}, {_cell(_in_units(rep, lv.hi))}]"
 
 
 def to_markdown(rep: Report, figures: dict[str, str]) -> str:
@@ -327,14 +331,14 @@ def format_table(rep: Report) -> str:
         lines += [f"  {r.factor:<30}  {verdict_text(rep, r, m)}" for r in rep.rung_results]
     if rep.best:
         b = rep.best
-        lines.append(f"best: trial {b.trial_id} {rep.metric}={_num(_pts(rep, b.objective))}{_unit(rep)} "
-                     f"test_score={_num(_pts(rep, b.test_score))}{_unit(rep)} trainable={b.trainable_params}")
+        lines.append(f"best: trial {b.trial_id} {rep.metric}={_cell(_in_units(rep, b.objective))}{_unit(rep)} "
+                     f"test_score={_cell(_in_units(rep, b.test_score))}{_unit(rep)} trainable={b.trainable_params}")
     return "\n".join(lines)
 
 
 # ---- report.json -----------------------------------------------------------------------------------
 def _factor_json(rep: Report, r: FactorResult, n_tested: int) -> dict[str, Any]:
-    pts = lambda v: _pts(rep, v)  # noqa: E731
+    pts = lambda v: _in_units(rep, v)  # noqa: E731
     return {"factor": r.factor, "verdict": r.verdict.value, "text": verdict_text(rep, r, n_tested),
             "p": r.p, "p_adjusted": r.p_adjusted, "best": r.best or None, "worst": r.worst or None,
             "estimate": pts(r.estimate), "estimate_plugin": pts(r.raw_estimate),
@@ -367,11 +371,11 @@ def to_json(rep: Report) -> dict[str, Any]:
         "rung": None if not rep.rung_results else {
             "epoch": rep.rung_epoch + 1, "factors": [_factor_json(rep, r, m) for r in rep.rung_results]},
         "best": None if b is None else {
-            "trial_id": b.trial_id, "run_id": b.run_id, "objective": _pts(rep, b.objective),
-            "test_score": _pts(rep, b.test_score), "trainable_params": b.trainable_params,
+            "trial_id": b.trial_id, "run_id": b.run_id, "objective": _in_units(rep, b.objective),
+            "test_score": _in_units(rep, b.test_score), "trainable_params": b.trainable_params,
             "params": {k: v for k, v in b.params.items() if v != INACTIVE}},
-        "pareto": [{"trial_id": r.trial_id, "trainable_params": r.trainable_params, "objective": _pts(rep, r.objective)}
-                   for r in rep.pareto],
+        "pareto": [{"trial_id": r.trial_id, "trainable_params": r.trainable_params,
+                    "objective": _in_units(rep, r.objective)} for r in rep.pareto],
     }
 
 
@@ -390,7 +394,7 @@ def tables(rep: Report) -> dict[str, dict[str, list]]:
                          ("prune_rate", f["prune_rate_per_level"].get(lv["level"]))):
                 levels[c].append(v)
     pareto = {"trial_id": [r.trial_id for r in rep.pareto], "trainable_params": [r.trainable_params for r in rep.pareto],
-              "objective": [_pts(rep, r.objective) for r in rep.pareto]}
+              "objective": [_in_units(rep, r.objective) for r in rep.pareto]}
     return {"factors.json": factors, "levels.json": levels, "pareto.json": pareto}
 
 

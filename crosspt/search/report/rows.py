@@ -6,7 +6,6 @@ them directly.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -14,12 +13,7 @@ import numpy as np
 
 from crosspt.search.params import INACTIVE
 
-_REPEAT = re.compile(r"_r\d+$")
 MAX_LEVELS_AS_IS = 4          # a numeric factor with more distinct values is binned in terciles
-
-
-def is_repeat_metric(name: str) -> bool:
-    return bool(_REPEAT.search(name))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The report's statistics: per factor, a test of "this factor changes the objective", its effect with a
 confidence interval, and its importance with a noise baseline. Plain rows in, numbers out: no MLflow, no
-plotting, so the calibration benchmark (`crosspt.bench.report_calibration`) runs exactly this code.
+plotting, so the calibration benchmark (`benchmarks.report_calibration`) runs exactly this code.
 
 Why these methods (measured in benchmarks/report_calibration.md):
 

@@ -7,12 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from crosspt.registry.models import repeat_metric, repeat_of
 from crosspt.search.design import PHASE_TAG, STRATUM_TAG
 from crosspt.search.params import INACTIVE
 from crosspt.search.report.build import Report, build_report
 from crosspt.search.report.render import tables, write_report
-from crosspt.search.params import repeat_metric
-from crosspt.search.report.rows import Factor, TrialRow, is_repeat_metric
+from crosspt.search.report.rows import Factor, TrialRow
 
 ASSESS_METRIC = "assess_score"                      # a trial's score on the fixed held-out assessment rows
 REPORT_DIR = "report"                               # artifact folder on the parent run
@@ -37,7 +37,7 @@ def _row_of(run, factors: list[Factor], metric: str) -> TrialRow:
     return TrialRow(tags.get("crosspt.trial_id", run.info.run_id), state, params, m.get(metric), reps,
                     m.get("test_score"), test_reps, int(m["trainable_params"]) if "trainable_params" in m else None,
                     (end - run.info.start_time) / 1000 if end and run.info.start_time else None,
-                    {k: v for k, v in m.items() if k.startswith(("val_", "test_", "assess_")) and not is_repeat_metric(k)
+                    {k: v for k, v in m.items() if k.startswith(("val_", "test_", "assess_")) and repeat_of(k) is None
                      and k not in ("val_score", "test_score", ASSESS_METRIC)},
                     run.info.run_id, assess=m.get(ASSESS_METRIC), phase=tags.get(PHASE_TAG, ""),
                     strata={k[len(STRATUM_TAG):]: v for k, v in tags.items() if k.startswith(STRATUM_TAG)})
@@ -95,24 +95,24 @@ def find_parent(c, experiment: str | None = None, parent_run_id: str | None = No
     from mlflow.exceptions import MlflowException
 
     from crosspt.errors import ConfigError
-    from crosspt.registry import tracking as T
+    from crosspt.registry import tracking
 
     if parent_run_id:
         try:
             run = c.get_run(parent_run_id)
         except MlflowException:
             raise ConfigError(f"no MLflow run '{parent_run_id}'") from None
-        if T.SEARCH_TAG not in run.data.tags:
-            raise ConfigError(f"run '{parent_run_id}' is not a search's parent run (no {T.SEARCH_TAG} tag)")
+        if tracking.SEARCH_TAG not in run.data.tags:
+            raise ConfigError(f"run '{parent_run_id}' is not a search's parent run "
+                              f"(no {tracking.SEARCH_TAG} tag)")
         return run
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no MLflow experiment '{experiment}'")
-    found = c.search_runs([exp.experiment_id], filter_string=f"tags.`{T.SEARCH_TAG}` LIKE '%'",
-                          order_by=["attributes.start_time DESC"], max_results=1)
-    if not found:
+    latest = tracking.latest_search(c, exp.experiment_id)
+    if latest is None:
         raise ConfigError(f"experiment '{experiment}' has no search run")
-    return found[0]
+    return latest
 
 
 SPACE_FILE = "search_space.yaml"                    # the search's space, logged on its parent run
@@ -145,9 +145,9 @@ def _space_tree(c, parent) -> dict:
 def load_search(uri: str, experiment: str | None = None, parent_run_id: str | None = None) -> SearchRows:
     """One search's rows from MLflow: its parent run, factors (the logged space), searcher, objective,
     children, and each finished or pruned child's objective at the common rung."""
-    from crosspt.registry import tracking as T
+    from crosspt.registry import tracking
 
-    c = T.client(uri)
+    c = tracking.client(uri)
     parent = find_parent(c, experiment, parent_run_id)
     pid, eid = parent.info.run_id, parent.info.experiment_id
     space_tree = _space_tree(c, parent)
@@ -155,11 +155,11 @@ def load_search(uri: str, experiment: str | None = None, parent_run_id: str | No
     mode = parent.data.params.get("objective.mode", "max")
     algorithm = parent.data.params.get("search.algorithm") or (space_tree.get("search") or {}).get("algorithm")
     factors = _factors(space_tree)
-    rows = [_row_of(r, factors, metric) for r in T.child_runs(uri, eid, pid)]
+    rows = [_row_of(r, factors, metric) for r in tracking.child_runs(uri, eid, pid)]
     rung = common_rung(c, rows, metric)
-    best = T.best_finished_child(c, eid, metric, mode, parent_run_id=pid)
-    return SearchRows(parent.data.tags.get(T.SEARCH_TAG, pid), pid, metric, mode, factors, rows,
-                      best.data.tags.get(T.TRIAL_TAG) if best else None, parent.info.status == "RUNNING",
+    best = tracking.best_finished_child(c, eid, metric, mode, parent_run_id=pid)
+    return SearchRows(parent.data.tags.get(tracking.SEARCH_TAG, pid), pid, metric, mode, factors, rows,
+                      best.data.tags.get(tracking.TRIAL_TAG) if best else None, parent.info.status == "RUNNING",
                       algorithm, rung)
 
 
@@ -169,14 +169,9 @@ def _log_table(c, run_id: str, table: dict[str, list], path: str, logged: set[st
     if path not in logged:
         c.log_table(run_id, table, path)
         return
-    import tempfile
+    from crosspt.registry._mlflow_compat import replace_table
 
-    import pandas as pd
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(path).name
-        pd.DataFrame(table).to_json(local, orient="split", index=False, date_format="iso")   # log_table's format
-        c.log_artifact(run_id, str(local), str(Path(path).parent))
+    replace_table(c, run_id, table, path)
 
 
 def log_importance_plot(c, parent_run_id: str, rep: Report) -> None:
@@ -229,14 +224,14 @@ def report_search(uri: str, *, experiment: str | None = None, parent_run_id: str
     report.html, report.json and the PNGs under the parent run's `report/`, its tables, the importance
     plot; with `optuna_url` and `study_name`, the importances on the study too. Returns the report and
     report.md's path."""
-    from crosspt.registry import tracking as T
+    from crosspt.registry import tracking
 
     s = load_search(uri, experiment, parent_run_id)
     rep = build_report(s.title, s.metric, s.mode, s.factors, s.rows, s.best_trial_id, s.running, s.algorithm,
                        s.rung_epoch)
     md = write_report(rep, out or f"report-{s.parent_run_id[:8]}")
     if log:
-        c = T.client(uri)
+        c = tracking.client(uri)
         c.log_artifacts(s.parent_run_id, str(md.parent), REPORT_DIR)
         if rep.enough:
             logged = {a.path for a in c.list_artifacts(s.parent_run_id, REPORT_DIR)}

@@ -1,6 +1,6 @@
 """Calibration of the design-factor report's statistics by simulation: benchmarks/report_calibration.md.
 
-    python -m crosspt.bench.report_calibration --searches 1000 --out benchmarks/report_calibration.md
+    python -m benchmarks.report_calibration --searches 1000 --out benchmarks/report_calibration.md
 
 Each design is a simulated search: trials with sampled factor levels (a shuffled balanced design, numpy
 random sampling, or Optuna's own QMC / TPE samplers asked as a search asks them) and an objective of
@@ -38,6 +38,7 @@ from crosspt.search.report.stats import ALPHA, Verdict, analyse
 SD = 0.06                      # noise sd of one trial's objective (the issue's 0.6 + N(0, 0.06))
 BASE = 0.6
 BEFORE_COMMIT = "31a7a47"      # main before issue 20: the report whose verdict found effects in noise
+_CHECKOUT = Path(__file__).resolve().parents[1]     # the git checkout the old reports are read from
 LR_RANGE = (1e-4, 1.0)
 
 
@@ -191,17 +192,22 @@ def true_difference(design: Design, spec: Spec, rows: list[TrialRow], best: str,
 
 
 # ---- the report as it was ------------------------------------------------------------------------
-def before_module(commit: str = BEFORE_COMMIT) -> types.ModuleType | None:
-    """`crosspt/search/report.py` at `commit`, as a module (None outside a git checkout)."""
+def _module_at(commit: str, path: str, name: str) -> types.ModuleType | None:
+    """The file `path` as it was at `commit`, executed as the module `name` (None outside a git checkout)."""
     try:
-        src = subprocess.run(["git", "show", f"{commit}:crosspt/search/report.py"], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+        src = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True, check=True,
+                             cwd=_CHECKOUT).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    mod = types.ModuleType("report_before")
+    mod = types.ModuleType(name)
     sys.modules[mod.__name__] = mod          # its dataclasses look their module up
-    exec(compile(src, f"{commit}:crosspt/search/report.py", "exec"), mod.__dict__)
+    exec(compile(src, f"{commit}:{path}", "exec"), mod.__dict__)
     return mod
+
+
+def before_module(commit: str = BEFORE_COMMIT) -> types.ModuleType | None:
+    """`crosspt/search/report.py` at `commit`, as a module (None outside a git checkout)."""
+    return _module_at(commit, "crosspt/search/report.py", "report_before")
 
 
 BEFORE_DESIGN_PHASE = "9fadc57"     # main before the design phase: tested every finished trial (build.py)
@@ -211,15 +217,7 @@ def before_stats(commit: str = BEFORE_DESIGN_PHASE) -> types.ModuleType | None:
     """`crosspt/search/report/stats.py` at `commit` as a module (None outside a git checkout): the
     statistics `build_report` ran on every finished trial before the design phase. Its input rows are
     today's (`rows.py` only gained fields since)."""
-    try:
-        src = subprocess.run(["git", "show", f"{commit}:crosspt/search/report/stats.py"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).resolve().parents[2]).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    mod = types.ModuleType("stats_before_design")
-    sys.modules[mod.__name__] = mod
-    exec(compile(src, f"{commit}:crosspt/search/report/stats.py", "exec"), mod.__dict__)
-    return mod
+    return _module_at(commit, "crosspt/search/report/stats.py", "stats_before_design")
 
 
 def before_verdicts(mod, design: Design, rows: list[TrialRow]) -> dict[str, tuple[str, str, str, float, float]]:
@@ -517,7 +515,7 @@ def to_markdown(parts: dict) -> str:
     null = [r for r in results if r["group"] == "null"]
     power = [r for r in results if r["group"] == "power"]
     md = ["# Calibration of the design-factor report", "",
-          " and ".join(f"`python -m crosspt.bench.report_calibration {_OUT.sub('', c)}`".replace(" `", "`")
+          " and ".join(f"`python -m benchmarks.report_calibration {_OUT.sub('', c)}`".replace(" `", "`")
                        for c in parts.get("commands") or [parts.get("command", "")])
           + f" ({wall / 60:.0f} min of simulation on 1-2 shared CPU cores, under load from other work). "
           "Simulated searches, objective 0.6 + planted effects + N(0, 0.06) per trial. The first two tables put "

@@ -35,6 +35,7 @@ class SpeedPart(StrEnum):
 
 
 SPEED_PARTS = tuple(str(p) for p in SpeedPart)
+_CHECKOUT = Path(__file__).resolve().parents[1]     # the RSS children import this script from it
 
 
 def _speed_cfg(s: BenchSettings, task: str, method: str, n_sources: int, *, epochs: int = 1, max_test: int | None = 200,
@@ -290,7 +291,8 @@ def measure_rss(s: BenchSettings, *, task: str = "sst2", n_sources: int = 4, epo
     for name, spec in _rss_specs(n_sources, s.prompt_len).items():
         spec = {**spec, "settings": asdict(s), "task": task, "epochs": epochs}
         code = ("import crosspt, torch, transformers\n" if spec["what"] == "import" else "") + \
-            f"from crosspt.bench.speed import _rss_child; _rss_child({json.dumps(json.dumps(spec))})"
+            f"import sys; sys.path.insert(0, {json.dumps(str(_CHECKOUT))})\n" + \
+            f"from benchmarks.speed import _rss_child; _rss_child({json.dumps(json.dumps(spec))})"
         p = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", code], capture_output=True,
                            text=True, env=env, timeout=900)
         line = [x for x in p.stdout.splitlines() if x.startswith("RSS_JSON ")]
@@ -356,14 +358,14 @@ def _plain_loop(space, points: list[dict], tag: str, log: Log) -> tuple[list[dic
 def _search_run(space, s: BenchSettings, root: Path, uri: str) -> dict:
     """One run_search over `space` -> {wall_s, failed, trials (lr, scores, the trial's own wall seconds
     `trial.wall_s`, None where the trial did not log it) by lr}."""
-    from crosspt.registry import tracking as T
+    from crosspt.registry import tracking
     from crosspt.search.driver import run_search
 
     t = time.time()
     summ = run_search(space, data_dir=s.data_dir, tracking_uri=uri, storage_path=str(root / "ray_results"),
                       overwrite=True, verbose=0)
     wall = time.time() - t
-    children = sorted(T.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]),
+    children = sorted(tracking.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]),
                       key=lambda r: r.info.start_time)
     # the child runs' params are strings: (the order it ran in, its trial.wall_s) by the lr as logged
     by_lr = {r.data.params.get("optim.prompt_lr"): (i, r.data.metrics.get("trial.wall_s"))
@@ -471,7 +473,7 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
     import yaml
 
     from crosspt.config.space import SearchSpace
-    from crosspt.registry import tracking as T
+    from crosspt.registry import tracking
     from crosspt.search.driver import run_search
 
     tree = yaml.safe_load(Path(space_path).read_text())
@@ -491,7 +493,7 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
 
     ray.shutdown()
     trials = []
-    for run in T.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]):
+    for run in tracking.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]):
         m = run.data.metrics
         trials.append({"trial": run.data.tags.get("crosspt.trial_number", run.data.params.get("trial_number")),
                        "status": run.info.status,

@@ -109,7 +109,7 @@ def _caller() -> str:
     """The innermost stack frame outside torch (file:line function)."""
     for f in reversed(traceback.extract_stack()):
         path = f.filename.replace("\\", "/")
-        if "/torch/" not in path and not path.endswith("/crosspt/run/syncs.py"):
+        if "/torch/" not in path and not path.endswith("/benchmarks/syncs.py"):
             return f"{'/'.join(path.split('/')[-3:])}:{f.lineno} {f.name}"
     return "?"
 
