@@ -66,7 +66,8 @@ def init_ray(runtime_env: dict | None = None, **init_kwargs) -> bool:
     runtime_env of that connection; whoever connected it disconnects it)."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
+    # RAY_ADDRESS=local is Ray's own word for "a Ray of this process's own": the same as no address
+    address = os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS") != "local" else None
     if ray.is_initialized():
         _check_connected_to(address)
         return False
