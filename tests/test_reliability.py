@@ -877,8 +877,15 @@ def test_nothing_in_the_package_unpickles():
             elif fn.endswith("Unpickler"):
                 bad.append(where)
     assert not bad, bad
-    text = "\n".join(f.read_text() for f in (REPO / "crosspt").rglob("*.py"))
-    assert "import pickle" not in text and "from pickle" not in text
+    # pickle may be imported only to name its error (reconcile.py catches a truncated Tune state that Ray's own
+    # reader failed to unpickle); every other use of the module is refused
+    for f in sorted((REPO / "crosspt").rglob("*.py")):
+        text = f.read_text()
+        assert "from pickle" not in text, f
+        if "import pickle" in text:
+            uses = {ast.unparse(n) for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Attribute)
+                    and isinstance(n.value, ast.Name) and n.value.id == "pickle"}
+            assert uses <= {"pickle.UnpicklingError", "pickle.PickleError"}, (f, uses)
 
 
 # ---- 7. exposure --------------------------------------------------------------------------------

@@ -269,6 +269,20 @@ def test_the_demo_search_finds_the_real_effect_and_bounds_the_others(data_dir, t
     assert "natural beats index by" in out.stdout and "80% power only for" in out.stdout
 
 
+def test_validating_the_decoder_space_prepares_no_backbone(tmp_path, monkeypatch):
+    """Validating a space resolves each factor's liveness, some by the backbone's family. For the built-in
+    backbones that family is known by name: validating `decoder_smollm2.yaml` with an empty backbone cache
+    leaves it empty (it used to dequantise SmolLM2 into it, minutes on a busy CPU, just to learn 'decoder')."""
+    from crosspt.config import liveness
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CROSSPT_CACHE_DIR", str(cache))
+    liveness._FAMILIES.clear()
+    space = load_space(REPO / "search_spaces" / "decoder_smollm2.yaml")
+    assert "backbone.template" in space.space
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))
+
+
 @pytest.mark.slow
 def test_shipped_spaces_validate():
     for f in sorted((REPO / "search_spaces").glob("*.yaml")):

@@ -148,6 +148,17 @@ def _auto_family(name: str, config) -> str:
                                f"family (seq2seq, BERT-family encoder, causal LM)")
 
 
+def builtin_family(name: str) -> str | None:
+    """The family of a built-in backbone name (`minilm`, `smollm2`), None for anything else. Known without
+    touching its files: validating a space or a config must not dequantise SmolLM2 (minutes on a busy CPU)."""
+    key = name.strip().lower()
+    if key in _MINILM_ALIASES:
+        return Family.ENCODER.value
+    if key in smollm2.ALIASES:
+        return Family.DECODER.value
+    return None
+
+
 def _resolve_family(name: str, family: str) -> tuple[str, bool, object, str]:
     """(source, local_files_only, AutoConfig, concrete family) of a backbone, or one clear error."""
     choices = [f.value for f in Family]

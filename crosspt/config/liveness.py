@@ -120,9 +120,11 @@ _FAMILIES: dict[tuple[str, str], str] = {}      # resolved families; a failure i
 
 
 def _resolved_family(name: str, family: str) -> str | None:
-    from crosspt.backbones.loader import resolve_backbone
+    from crosspt.backbones.loader import builtin_family, resolve_backbone
     from crosspt.errors import ConfigError, UnknownBackboneError
 
+    if (known := builtin_family(name)) is not None:
+        return known
     key = (name, family)
     if key not in _FAMILIES:
         try:

@@ -6,7 +6,7 @@ orphan that the restored search replaces. The Optuna side is `crosspt.search.opt
 """
 from __future__ import annotations
 
-import pickle
+import pickle  # for its error class only (tests/test_reliability.py)
 import sys
 from pathlib import Path
 
