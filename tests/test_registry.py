@@ -176,10 +176,16 @@ def world(tmp_path_factory, tiny_t5_path, data_dir):
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mp = pytest.MonkeyPatch()
+    # a Ray of this module's own: an earlier test's session head (`ray_head` sets RAY_ADDRESS for the session)
+    # is left alone, and init_ray inside the search joins this one instead of refusing a mismatch
+    if ray.is_initialized():
+        ray.shutdown()
+    mp.delenv("RAY_ADDRESS", raising=False)
     mp.setenv("CROSSPT_CACHE_DIR", str(tmp / "cache"))
     mp.chdir(tmp)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
         cfg = load_config(None, {"backbone.name": str(tiny_t5_path), "backbone.max_length": 48, "data.shots": 4,
                                  "data.max_test": 16, "prompt.source_len": 4, "train.epochs": 2,
                                  "train.patience": None, "seed": 0})
@@ -200,6 +206,9 @@ def world(tmp_path_factory, tiny_t5_path, data_dir):
             "search": {"algorithm": "random", "seed": 0}})
         search = run_search(space, experiment="regsearch", data_dir=str(data_dir), tracking_uri=uri,
                             storage_path=str(tmp / "ray_results"), verbose=0)
+    except BaseException:
+        mp.undo()           # a failed set-up must not leave the session in this module's folder and cache
+        raise
     finally:
         ray.shutdown()
     yield {"uri": uri, "tmp": tmp, "sources": sources, "search": search, "data_dir": data_dir}
