@@ -18,7 +18,7 @@ from typing import Any
 
 from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.config.space import SearchSpace
-from crosspt.errors import CrossPTError
+from crosspt.errors import CrossPTError, first_in_chain
 from crosspt.registry import tracking as T
 from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE
 from crosspt.run.loop import Session, TrainingDiverged, data_preparations
@@ -262,18 +262,7 @@ def _train(cfg: RunConfig, space: SearchSpace, session: TuneSession, trial_id: s
 
 def deterministic_failure(exc: BaseException) -> bool:
     """Divergence and user errors (bad config/data/artifact) repeat on a retry: retrying them is pointless."""
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (TrainingDiverged, CrossPTError)):
-            return True
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        stack += list(getattr(e, "exceptions", []) or [])
-        stack += list((getattr(e, "worker_failures", None) or {}).values())
-    return False
+    return first_in_chain(exc, (TrainingDiverged, CrossPTError)) is not None
 
 
 def _replay_finished(run, logger: T.TrialLogger) -> None:
