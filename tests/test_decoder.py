@@ -130,6 +130,42 @@ def test_loss_and_prompt_gradient_equal_one_full_forward(which, tiny_llama_path,
     assert torch.allclose(rows.grad, ref_rows.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_a_task_shared_prompt_trains_in_one_pass_per_task_with_the_same_gradient(tiny_llama_path):
+    """Training PT on a decoder: the model says (from the host) that every row of a task carries the task's
+    prompt (`PROMPT_SHARED_BY_TASK`), and the loss runs each task's prompt once, found on the device without a
+    host sync. Loss and gradient equal one full forward per row; the prompt positions the first layer sees
+    drop from one pass per row to one per task (plus the inputs)."""
+    from crosspt.backbones.base import PROMPT_SHARED_BY_TASK
+
+    bb = load_backbone(str(tiny_llama_path), tasks())
+    batch = bb.collate(examples() * 2, train=True)
+    tids = batch["task_ids"]
+    B, T = batch["input_ids"].shape
+    L = 4
+    torch.manual_seed(0)
+    init = torch.randn(3, L, bb.embed_dim) * bb.word_embeddings().weight.std().item()
+    mask = torch.ones(B, L)
+    seen, hooks = _count(bb)
+    try:
+        counts = {}
+        grads = {}
+        for shared in (False, True):
+            p = torch.nn.Parameter(init.clone())
+            seen.update(layer=0, vocab=0)
+            bb.loss(p[tids], mask, {**batch, PROMPT_SHARED_BY_TASK: shared}).backward()
+            counts[shared], grads[shared] = seen["layer"], p.grad
+    finally:
+        for h in hooks:
+            h.remove()
+    ref_p = torch.nn.Parameter(init.clone())
+    tok = full_forward_logprobs(bb, ref_p[tids], mask, batch)
+    (-tok.sum() / batch["target_mask"].sum()).backward()
+    for shared in (False, True):
+        assert torch.allclose(grads[shared], ref_p.grad, atol=1e-5, rtol=1e-4), shared
+    n_tasks = len(bb.tasks)
+    assert B > n_tasks and counts[False] - counts[True] == (B - n_tasks) * L, counts
+
+
 def _count(bb):
     """Spies on the real model: positions entering the first layer, and rows the vocabulary projection sees."""
     seen = {"layer": 0, "vocab": 0}

@@ -26,7 +26,7 @@ _ROUTED = {"prompt.private_len": 4, "prompt.n_sources": 2, "prompt.source_len": 
            "prompt.top_k": 2}
 
 
-@pytest.mark.parametrize("which", ["t5", "minilm", "decoder"])
+@pytest.mark.parametrize("which", ["t5", "minilm", "decoder", "decoder_pt"])
 def test_training_step_makes_no_host_sync(which, tiny_t5_path, tiny_decoder_path, minilm_path, data_dir, tmp_path,
                                           monkeypatch):
     """An epoch of S steps reads the device S // N + 1 times (N = DIVERGENCE_CHECK_STEPS: the divergence
@@ -34,8 +34,11 @@ def test_training_step_makes_no_host_sync(which, tiny_t5_path, tiny_decoder_path
     CPU by `count_host_syncs` (scalar reads, nonzero, boolean-mask indexing, copies to the host) in crosspt's
     own code; transformers' SDPA mask shortcut (`padding_mask.all()`) is not ours and not counted."""
     backbone, tasks = {"t5": (tiny_t5_path, ["sst2", "rte"]), "minilm": ("minilm", ["sst2", "rte", "stsb"]),
-                       "decoder": (tiny_decoder_path, ["sst2", "rte"])}[which]
-    cfg = _cfg(backbone, data_dir, tasks=tasks, **{**_ROUTED, "train.batch_size": 2})
+                       "decoder": (tiny_decoder_path, ["sst2", "rte"]),
+                       "decoder_pt": (tiny_decoder_path, ["sst2"])}[which]
+    # decoder_pt: one task's rows share its prompt (PT), the decoder's one-pass-per-task training path
+    prompt = {"prompt.private_len": 4} if which == "decoder_pt" else _ROUTED
+    cfg = _cfg(backbone, data_dir, tasks=tasks, **{**prompt, "train.batch_size": 2})
     monkeypatch.setattr(loop, "DIVERGENCE_CHECK_STEPS", 2, raising=False)
     run = loop._set_up(cfg, loop.LocalSession(tmp_path), None, None)
     state = loop.TrainState()

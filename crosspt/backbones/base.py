@@ -39,6 +39,10 @@ from crosspt.tasks import specs as _tasks
 from crosspt.tasks.formatting import fit_texts
 from crosspt.tasks.specs import LabelSemantics, TaskSpec
 
+# batch key (a host bool) set by the model for the loss: every row of one task carries the same prompt
+# (`CrossPTPrompt.shared_by_task`), so a backbone may run it once per task without looking at the values
+PROMPT_SHARED_BY_TASK = "prompt_shared_by_task"
+
 
 class Family(str, Enum):
     """A backbone family (config `backbone.family`); `crosspt.backbones.loader.FAMILY_TABLE` maps each

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import Family, RankBackbone, pad_sequences, positions_from_mask
+from crosspt.backbones.base import (PROMPT_SHARED_BY_TASK, Family, RankBackbone, pad_sequences,
+                                    positions_from_mask)
 from crosspt.backbones.chat import ChatFormat, Template, resolve_template
 from crosspt.errors import DataError
 from crosspt.method.prompts import PromptInit
@@ -184,7 +185,8 @@ class DecoderBackbone(RankBackbone):
         new = getattr(out, "cache", None)
         return logits, new if new is not None else getattr(out, "past_key_values", None)
 
-    def _prompt_cache(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, task_ids: torch.Tensor):
+    def _prompt_cache(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, task_ids: torch.Tensor,
+                      shared_by_task: bool = False):
         """Key/value cache over N rows of the soft prompt `[N, L, d]` (mask `[N, L]`, tasks `[N]`); None when L == 0.
 
         Rows of the SAME task with equal prompt and mask are run once and the cache indexed out to them. The
@@ -194,16 +196,24 @@ class DecoderBackbone(RankBackbone):
         `prompts[task_ids]` gather, trivially). Rows of different tasks never merge, even when equal (tasks
         whose prompts start from the same init).
 
-        Not while training (grad enabled): finding the equal rows puts their count on the host (`unique` and a
-        scalar read: two host syncs per step, the step could not be queued ahead of the device). Every row
-        then gets its own pass over the L prompt tokens: the same gradients (each row's own Jacobian instead of
-        the group's sum on its first row), more compute only where rows are equal (prompt tuning; the
-        router's per-example draws make a CrossPT batch's rows differ anyway)."""
+        Not by value while training (grad enabled): finding the equal rows puts their count on the host
+        (`unique` and a scalar read: two host syncs per step, the step could not be queued ahead of the
+        device). There the caller says whether a task's rows share its prompt (`shared_by_task`, from the
+        prompt module: PT, one candidate): then one row per task is found on the device with a static shape
+        (n_tasks slots; an absent task's slot runs a spare row nobody reads) and no sync. Otherwise (a router's
+        per-example draws make a CrossPT batch's rows differ anyway) every row gets its own pass."""
         N, L = prompt.shape[:2]
         if L == 0:
             return None
         if torch.is_grad_enabled():
-            return self._run(prompt, prompt_mask, keep=1, use_cache=True)[1]
+            n_tasks = len(self.tasks)
+            if not shared_by_task or n_tasks >= N:
+                return self._run(prompt, prompt_mask, keep=1, use_cache=True)[1]
+            first = torch.full((n_tasks,), N, dtype=torch.long, device=prompt.device).scatter_reduce(
+                0, task_ids, torch.arange(N, device=prompt.device), reduce="amin").clamp(max=N - 1)
+            cache = self._run(prompt[first], prompt_mask[first], keep=1, use_cache=True)[1]
+            cache.batch_select_indices(task_ids)
+            return cache
         with torch.no_grad():
             rows = torch.cat([task_ids.view(N, 1).float(), prompt.detach().flatten(1).float(), prompt_mask.float()],
                              dim=1)
@@ -243,10 +253,11 @@ class DecoderBackbone(RankBackbone):
             kw["logits_to_keep"] = T
         return self.model(**kw).logits[:, -T:]
 
-    def _label_logprobs(self, prompt, prompt_mask, input_ids, input_mask, label_ids, label_mask, task_ids):
+    def _label_logprobs(self, prompt, prompt_mask, input_ids, input_mask, label_ids, label_mask, task_ids,
+                        shared_by_task: bool = False):
         """Token log-probs `[N, T_l]` (0 at padding) of right-padded labels `[N, T_l]` after the prompted inputs."""
         emb = self.word_embeddings()
-        cache = self._prompt_cache(prompt, prompt_mask, task_ids)
+        cache = self._prompt_cache(prompt, prompt_mask, task_ids, shared_by_task)
         x = torch.cat([emb(input_ids), emb(label_ids)], dim=1)
         m = torch.cat([prompt_mask, input_mask.long(), label_mask.long()], dim=1)
         T_l = label_ids.shape[1]
@@ -264,7 +275,8 @@ class DecoderBackbone(RankBackbone):
             raise DataError("batch has no targets (unlabelled examples?): collate labelled examples for the loss")
         prompt, prompt_mask = self._placed(prompt, prompt_mask, batch)
         tok = self._label_logprobs(prompt, prompt_mask, batch["input_ids"], batch["attention_mask"],
-                                   batch["target_ids"], batch["target_mask"], batch["task_ids"])
+                                   batch["target_ids"], batch["target_mask"], batch["task_ids"],
+                                   bool(batch.get(PROMPT_SHARED_BY_TASK)))
         n = batch["target_mask"].sum().clamp(min=1)
         return -tok.sum() / n + self._head_zero()
 

@@ -110,7 +110,7 @@ def init_ray_local() -> float:
     if os.environ.get("RAY_ADDRESS"):
         init_ray(log_to_driver=False)
     else:
-        init_ray(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)   # a Ray of its own
     return time.time() - t
 
 

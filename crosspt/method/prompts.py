@@ -333,6 +333,12 @@ class CrossPTPrompt(nn.Module):
     def needs_input(self) -> bool:
         return isinstance(self.router, (GatedAttentionRouter, AttemptRouter))
 
+    def shared_by_task(self) -> bool:
+        """Whether every row of one task gets the same prompt in the current mode, known on the host: no
+        input-dependent router, and one candidate (nothing to weigh) or evaluation (the deterministic rule).
+        Training with two or more candidates draws each row's weights on its own."""
+        return not self.needs_input() and (self.spec.n_candidates <= 1 or not self.training)
+
     def task_weights(self) -> torch.Tensor:
         """Deterministic (evaluation) weights `[n_tasks, n_cand]` of the per-task logits (for heatmaps):
         the task router's, the gated attention router's task bias; ATTEMPT has no per-task part (its

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from crosspt.backbones.base import Backbone
+from crosspt.backbones.base import PROMPT_SHARED_BY_TASK, Backbone
 from crosspt.config.schema import RunConfig
 from crosspt.method.prompts import CrossPTPrompt, PromptSpec
 from crosspt.tasks.specs import TaskSpec, instruction_text
@@ -39,6 +39,9 @@ class CrossPTModel(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         prompt, mask, _ = self.compose(batch)
+        # the backbone may run a task's prompt once for all its rows when they share it (the decoder's prompt
+        # pass): said from the host, so that finding equal rows needs no read of the device
+        batch = {**batch, PROMPT_SHARED_BY_TASK: self.prompt.shared_by_task()}
         return self.backbone.loss(prompt, None if self.full_mask else mask, batch)
 
     @torch.no_grad()
