@@ -198,6 +198,7 @@ def test_a_kept_backbone_goes_to_one_run_at_a_time(tiny_t5_path, data_dir):
     import sys
     import threading
 
+    from crosspt.backbones.loader import load_backbone
     from crosspt.tasks.specs import resolve_tasks
 
     cfg = _cfg(tiny_t5_path, data_dir, **{"prompt.private_len": 4})
@@ -225,3 +226,7 @@ def test_a_kept_backbone_goes_to_one_run_at_a_time(tiny_t5_path, data_dir):
             kept.release(kept.backbone)
     finally:
         sys.setswitchinterval(interval)
+    # the threads loaded their own backbones side by side: that must leave the process able to load (loads are
+    # one at a time, `loader._FROM_PRETRAINED`; two at once could leave every later load on the meta device)
+    fresh = load_backbone(str(tiny_t5_path), tasks)
+    assert not any(p.is_meta for p in fresh.model.parameters())

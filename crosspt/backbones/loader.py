@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -190,6 +191,13 @@ def _dtype(torch_dtype):
     return value
 
 
+# One `from_pretrained` at a time per process. transformers builds a model under context managers that patch
+# torch globally (parameters created on the meta device, weight init switched off) and restore what they found
+# on exit: two threads loading at once (the repeats of one trial, `budget.repeats`) can restore each other's
+# patch and leave every later load in the process on the meta device ("Cannot copy out of meta tensor").
+_FROM_PRETRAINED = threading.Lock()
+
+
 def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str = Family.AUTO.value,
                   label_semantics: str = LabelSemantics.NATURAL.value, with_prefix: bool = True,
                   max_length: int = 128, pair_encoding: str | None = None, torch_dtype=None,
@@ -209,8 +217,9 @@ def load_backbone(name_or_path: str, tasks: Sequence[TaskSpec], *, family: str =
     if dtype is not None:
         load_kw["dtype"] = dtype
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=local_only)
-        model = getattr(transformers, info.auto_model).from_pretrained(src, **load_kw)
+        with _FROM_PRETRAINED:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+            model = getattr(transformers, info.auto_model).from_pretrained(src, **load_kw)
     except Exception as e:  # noqa: BLE001
         raise UnknownBackboneError(f"backbone '{name}' could not be loaded as a {fam} model ({_short(e)})") from None
     if fam == Family.ENCODER and pair_encoding is not None:
