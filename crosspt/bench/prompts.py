@@ -55,6 +55,10 @@ class EmptyPrompt(nn.Module):
     def needs_input(self) -> bool:
         return False
 
+    def shared_by_task(self) -> bool:
+        """Every row of a task gets the same prompt: these prompts are a function of the task alone."""
+        return True
+
     def forward(self, task_ids, input_embeds=None, input_mask=None):
         """(prompt `[B, 0, d]`, mask `[B, 0]`, weights `[B, 0]`)."""
         b, dev = task_ids.shape[0], self.step.device
