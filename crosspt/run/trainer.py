@@ -67,7 +67,8 @@ def init_ray(runtime_env: dict | None = None, **init_kwargs) -> bool:
     import ray
 
     # RAY_ADDRESS=local is Ray's own word for "a Ray of this process's own": the same as no address
-    address = os.environ.get("RAY_ADDRESS") if os.environ.get("RAY_ADDRESS") != "local" else None
+    address = os.environ.get("RAY_ADDRESS")
+    address = None if address == "local" else address
     if ray.is_initialized():
         _check_connected_to(address)
         return False
