@@ -358,14 +358,14 @@ def _plain_loop(space, points: list[dict], tag: str, log: Log) -> tuple[list[dic
 def _search_run(space, s: BenchSettings, root: Path, uri: str) -> dict:
     """One run_search over `space` -> {wall_s, failed, trials (lr, scores, the trial's own wall seconds
     `trial.wall_s`, None where the trial did not log it) by lr}."""
-    from crosspt.registry import tracking
+    from crosspt.registry import experiments
     from crosspt.search.driver import run_search
 
     t = time.time()
     summ = run_search(space, data_dir=s.data_dir, tracking_uri=uri, storage_path=str(root / "ray_results"),
                       overwrite=True, verbose=0)
     wall = time.time() - t
-    children = sorted(tracking.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]),
+    children = sorted(experiments.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]),
                       key=lambda r: r.info.start_time)
     # the child runs' params are strings: (the order it ran in, its trial.wall_s) by the lr as logged
     by_lr = {r.data.params.get("optim.prompt_lr"): (i, r.data.metrics.get("trial.wall_s"))
@@ -473,7 +473,7 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
     import yaml
 
     from crosspt.config.space import SearchSpace
-    from crosspt.registry import tracking
+    from crosspt.registry import experiments
     from crosspt.search.driver import run_search
 
     tree = yaml.safe_load(Path(space_path).read_text())
@@ -493,7 +493,7 @@ def measure_trial_costs(s: BenchSettings, out_dir: Path, *, space_path: str | Pa
 
     ray.shutdown()
     trials = []
-    for run in tracking.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]):
+    for run in experiments.child_runs(uri, summ["experiment_id"], summ["parent_run_id"]):
         m = run.data.metrics
         trials.append({"trial": run.data.tags.get("crosspt.trial_number", run.data.params.get("trial_number")),
                        "status": run.info.status,

@@ -22,7 +22,7 @@ import yaml
 from crosspt.config.schema import ScalingConfig, config_hash, load_config
 from crosspt.config.space import SearchSpace
 from crosspt.errors import ConfigError
-from crosspt.registry import tracking as T
+from crosspt.registry import experiments, store
 from crosspt.search.driver import run_search
 from crosspt.search.resources import derive_concurrency, trial_resources, trials_that_fit
 
@@ -222,9 +222,9 @@ def test_four_trials_share_one_fake_gpu(tiny_t5_path, data_dir, tmp_path, monkey
             summary = run_search(space, data_dir=str(data_dir), tracking_uri=uri,
                                  storage_path=str(tmp_path / "ray_results"), verbose=0)
         assert summary["num_trials"] == 4 and summary["num_failed"] == 0
-        children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+        children = experiments.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
         assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
-        configs = [yaml.safe_load(Path(T.client(uri).download_artifacts(r.info.run_id, "config.yaml", str(tmp_path / r.info.run_id))).read_text())
+        configs = [yaml.safe_load(Path(store.client(uri).download_artifacts(r.info.run_id, "config.yaml", str(tmp_path / r.info.run_id))).read_text())
                    for r in children]
         assert all(cfg["scaling"]["gpus_per_worker"] == 0.25 for cfg in configs)
         windows = sorted((r.info.start_time, r.info.end_time) for r in children)
@@ -295,15 +295,15 @@ def test_search_on_a_worker_node_with_s3_storage_and_resume(tiny_t5_path, data_d
         assert all(t["status"] == "FINISHED" and t["epochs"] == epochs for t in summary["trials"]), summary["trials"]
 
         # MLflow: one FINISHED child run per trial, nothing RUNNING, artifacts stored by the server
-        children = T.child_runs(mlflow_server.url, summary["experiment_id"], summary["parent_run_id"])
+        children = experiments.child_runs(mlflow_server.url, summary["experiment_id"], summary["parent_run_id"])
         # every trial of the search has one FINISHED child run, and only those are in the default view: a
         # trial the killed driver had started but Tune never saved is not resumed (a new trial takes its
         # place), and its run is an orphan (soft-deleted) whether the reconciliation ended it or it had
         # finished on its own before the kill
-        assert sorted(r.data.tags[T.TRIAL_TAG] for r in children) == sorted(t["trial_id"] for t in summary["trials"]), \
+        assert sorted(r.data.tags[experiments.TRIAL_TAG] for r in children) == sorted(t["trial_id"] for t in summary["trials"]), \
             [(r.info.run_name, r.info.status) for r in children]
         assert all(r.info.status == "FINISHED" for r in children), [(r.info.run_name, r.info.status) for r in children]
-        assert T.client(mlflow_server.url).get_run(summary["parent_run_id"]).info.status == "FINISHED"
+        assert store.client(mlflow_server.url).get_run(summary["parent_run_id"]).info.status == "FINISHED"
         assert len(list((tmp_path / "server_artifacts").rglob("prompts.safetensors"))) >= samples
 
         # the bucket: the search's state, Tune's experiment state and every trial's checkpoints

@@ -146,7 +146,7 @@ def test_asha_never_stops_a_design_trial(ray_head, minilm_path, data_dir, tmp_pa
     epochs, also one that ASHA's rule stops (below the median of the earlier trials at epoch 1); the
     optimiser's weak trial is stopped. The child runs say which is which from MLflow alone, and the
     report's verdicts stand on the design trials."""
-    from crosspt.registry import tracking as T
+    from crosspt.registry import experiments, store
     from crosspt.search.driver import run_search
     from crosspt.search.report import load_search
 
@@ -169,8 +169,8 @@ def test_asha_never_stops_a_design_trial(ray_head, minilm_path, data_dir, tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = run_search(s, data_dir=str(data_dir), tracking_uri=uri, storage_path=str(tmp_path / "ray_results"),
                          verbose=0)
-    c = T.client(uri)
-    children = sorted(T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"]),
+    c = store.client(uri)
+    children = sorted(experiments.child_runs(uri, summary["experiment_id"], summary["parent_run_id"]),
                       key=lambda r: r.info.run_name)
     assert [r.info.run_name for r in children] == ["trial000", "trial001", "trial002", "trial003"]
     first = {r.info.run_name: {h.step: h.value for h in c.get_metric_history(r.info.run_id, "best_val_score")}
@@ -188,4 +188,4 @@ def test_asha_never_stops_a_design_trial(ray_head, minilm_path, data_dir, tmp_pa
     assert weak.data.tags["crosspt.phase"] == "optimiser" and weak.data.tags.get("pruned") == "true"
     assert summary["num_stopped"] == 1
     rows = load_search(uri, parent_run_id=summary["parent_run_id"]).rows
-    assert sorted(r.trial_id for r in rows if r.phase == "design") == sorted(r.data.tags[T.TRIAL_TAG] for r in design)
+    assert sorted(r.trial_id for r in rows if r.phase == "design") == sorted(r.data.tags[experiments.TRIAL_TAG] for r in design)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from crosspt.errors import SearchStateError
-from crosspt.registry import tracking as T
+from crosspt.registry import best_run, experiments, run_log, store
 
 
 def _search_with_children(uri: str, n: int) -> tuple[str, str, list[str]]:
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "ends")
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "ends")
     parent = c.create_run(exp).info.run_id
-    kids = [c.create_run(exp, tags={"mlflow.parentRunId": parent, T.TRIAL_TAG: f"t{i}"}).info.run_id
+    kids = [c.create_run(exp, tags={"mlflow.parentRunId": parent, experiments.TRIAL_TAG: f"t{i}"}).info.run_id
             for i in range(n)]
     for k in kids:
         c.set_terminated(k, "FINISHED")
@@ -21,7 +21,7 @@ def _search_with_children(uri: str, n: int) -> tuple[str, str, list[str]]:
 
 
 def _active(uri: str, exp: str, parent: str) -> int:
-    return len(T.child_runs(uri, exp, parent))
+    return len(experiments.child_runs(uri, exp, parent))
 
 
 def test_unreadable_tune_state_deletes_no_child_run(tmp_path):
@@ -96,12 +96,12 @@ def test_a_pruned_trial_replays_pruned_in_optuna(tmp_path):
     from crosspt.search.trainable import replay_result
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "ends")
-    rid = c.create_run(exp, tags={T.TRIAL_TAG: "tid0"}).info.run_id
-    T.log_metrics(c, rid, {"best_val_score": 0.61, "epoch": 1})
-    c.set_tag(rid, T.STOPPED_BY_TAG, T.STOPPED_BY_SCHEDULER)
-    T.close_pruned(c, rid, 1)
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "ends")
+    rid = c.create_run(exp, tags={experiments.TRIAL_TAG: "tid0"}).info.run_id
+    run_log.log_metrics(c, rid, {"best_val_score": 0.61, "epoch": 1})
+    c.set_tag(rid, best_run.STOPPED_BY_TAG, best_run.STOPPED_BY_SCHEDULER)
+    best_run.close_pruned(c, rid, 1)
     optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}"
     searcher = make_searcher(_space(tmp_path, {"type": "asha", "grace_period": 1}), optuna_url, "ends")
     searcher.suggest("tid0")
@@ -119,15 +119,15 @@ def test_a_time_budget_stop_is_not_pruned_by_asha(tmp_path):
     from crosspt.search.optuna_glue import MLFLOW_RUN_ATTR, make_scheduler
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "ends")
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "ends")
     budget, good, bad = (c.create_run(exp).info.run_id for _ in range(3))
     # the search's time budget ran out mid-trial: nothing tagged it, it closes as the trial does (`finish_pruned`)
-    T.close_pruned(c, budget, 1)
+    best_run.close_pruned(c, budget, 1)
     run = c.get_run(budget)
     note = run.data.tags["mlflow.note.content"]
     assert "ASHA" not in note and "time budget" in note, note
-    assert run.data.tags[T.STOPPED_BY_TAG] == T.STOPPED_BY_SEARCH and run.data.tags[T.PRUNED_TAG] == "true"
+    assert run.data.tags[best_run.STOPPED_BY_TAG] == best_run.STOPPED_BY_SEARCH and run.data.tags[best_run.PRUNED_TAG] == "true"
 
     asha = make_scheduler(_space(tmp_path, {"type": "asha", "grace_period": 1, "reduction_factor": 2}), 4, tracking_uri=uri)
     trials = {rid: Trial("run_trial", trial_id=f"t{i}", stub=True) for i, rid in enumerate((good, bad))}
@@ -137,10 +137,10 @@ def test_a_time_budget_stop_is_not_pruned_by_asha(tmp_path):
         decisions[rid] = asha.on_trial_result(None, trials[rid], {"training_iteration": 1, "best_val_score": score,
                                                                    MLFLOW_RUN_ATTR: rid})
     assert decisions == {good: asha.CONTINUE, bad: asha.STOP}
-    T.close_pruned(c, bad, 0)
+    best_run.close_pruned(c, bad, 0)
     note = c.get_run(bad).data.tags["mlflow.note.content"]
     assert note.startswith("Pruned: the scheduler (ASHA) stopped this trial after epoch 0"), note
-    assert T.STOPPED_BY_TAG not in c.get_run(good).data.tags
+    assert best_run.STOPPED_BY_TAG not in c.get_run(good).data.tags
 
 
 def test_a_second_driver_of_one_search_is_refused(tmp_path):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from crosspt.registry import tracking as T
+from crosspt.registry import experiments, run_log, store
 
 
 def test_an_unreadable_search_space_file_is_an_error(tmp_path):
@@ -19,10 +19,10 @@ def test_an_unreadable_search_space_file_is_an_error(tmp_path):
     from crosspt.search.report.store import load_search
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "space_file")
-    parent = c.create_run(exp, tags={T.SEARCH_TAG: "s"}).info.run_id
-    T.log_params(c, parent, {"space.keys": "optim.prompt_lr", "objective.metric": "best_val_score"})
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "space_file")
+    parent = c.create_run(exp, tags={experiments.SEARCH_TAG: "s"}).info.run_id
+    run_log.log_params(c, parent, {"space.keys": "optim.prompt_lr", "objective.metric": "best_val_score"})
     c.log_text(parent, "space: {optim.prompt_lr: {type: loguniform, low: 0.001\n  high: [", "search_space.yaml")
     with pytest.raises(ArtifactError) as e:
         load_search(uri, parent_run_id=parent)

@@ -216,10 +216,10 @@ def world(tmp_path_factory, tiny_t5_path, data_dir):
 
 
 def _children(world):
-    from crosspt.registry import tracking as T
+    from crosspt.registry import experiments
 
     s = world["search"]
-    return T.child_runs(world["uri"], s["experiment_id"], s["parent_run_id"])
+    return experiments.child_runs(world["uri"], s["experiment_id"], s["parent_run_id"])
 
 
 def _versions(uri: str, name: str) -> int:

@@ -36,7 +36,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from crosspt.registry import tracking as T
+from crosspt.registry import experiments, store
 from crosspt.config.schema import load_config
 from crosspt.errors import ArtifactError, ConfigError
 
@@ -118,7 +118,7 @@ def sql(db: Path, query: str, *args) -> list:
 def trial_runs(db: Path) -> list[tuple]:
     """(trial_id, status, end_time, lifecycle) of every child run that belongs to a trial."""
     return sql(db, "select t.value, r.status, r.end_time, r.lifecycle_stage from runs r join tags t "
-                   "on t.run_uuid = r.run_uuid and t.key = ?", T.TRIAL_TAG)
+                   "on t.run_uuid = r.run_uuid and t.key = ?", experiments.TRIAL_TAG)
 
 
 def ray_procs(head, title: str) -> list[int]:
@@ -222,24 +222,24 @@ def test_killed_driver_resumes_without_rerun_or_duplicates(ray_head, tiny_t5_pat
     lost = set(tune_ids) - {tid for tid, *_ in active}
     assert sorted(tid for tid, *_ in active) == sorted(tune_ids), (active, tune_ids)
     assert all(s == "FINISHED" for _, s, _ in active), active
-    c = T.client(f"sqlite:///{db}")
+    c = store.client(f"sqlite:///{db}")
     from mlflow.entities import ViewType
 
     for tid in orphans:          # a trial Tune never recorded: closed KILLED, tagged, soft-deleted
-        r = c.search_runs([summary["experiment_id"]], f"tags.`{T.TRIAL_TAG}` = '{tid}'",
+        r = c.search_runs([summary["experiment_id"]], f"tags.`{experiments.TRIAL_TAG}` = '{tid}'",
                           run_view_type=ViewType.DELETED_ONLY)[0]
         assert r.info.status == "KILLED" and r.data.tags.get("crosspt.orphaned") == "true"
     # the trials that had finished were not run again: same end time, no restart, one value per epoch
     by_tid = {tid: (s, end) for tid, s, end in active}
     rerun = []
     for tid in finished_before:
-        run_ = T.find_trial_run(f"sqlite:///{db}", summary["experiment_id"], summary["parent_run_id"], tid)
+        run_ = experiments.find_trial_run(f"sqlite:///{db}", summary["experiment_id"], summary["parent_run_id"], tid)
         steps = [m.step for m in c.get_metric_history(run_.info.run_id, "epoch")]
         if by_tid[tid][1] != before[tid][1] or "crosspt.restarts" in run_.data.tags or sorted(steps) != list(range(epochs)):
             rerun.append((tid, steps, run_.data.tags.get("crosspt.restarts")))
     assert not rerun, rerun
     replayed = [tid for tid in finished_before if "crosspt.replayed" in
-                T.find_trial_run(f"sqlite:///{db}", summary["experiment_id"], summary["parent_run_id"], tid).data.tags]
+                experiments.find_trial_run(f"sqlite:///{db}", summary["experiment_id"], summary["parent_run_id"], tid).data.tags]
     # the trials that were RUNNING continued in their own child run
     continued = [tid for tid in running_before if tid in by_tid]
     parent = c.get_run(summary["parent_run_id"])
@@ -324,10 +324,10 @@ def test_resume_works_from_every_kill_point(point, kill_table, ray_head, tiny_t5
     assert not [a for a in active if a[1] == "RUNNING"], active
     assert len(active) == len({tid for tid, _ in active}) == samples, active
     assert sorted(tid for tid, _ in active) == sorted(t["trial_id"] for t in summary["trials"])
-    c = T.client(f"sqlite:///{db}")
+    c = store.client(f"sqlite:///{db}")
     parent = c.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags.get("crosspt.resumes") == "1"
-    parents = sql(db, "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid and t.key = ?", T.SEARCH_TAG)
+    parents = sql(db, "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid and t.key = ?", experiments.SEARCH_TAG)
     assert parents == [(1,)], parents
     KILL_TABLE[point] = (f"exit 0, {samples} trials {sorted(s for _, s in active)}, 0 RUNNING, 0 duplicated, "
                          f"parent FINISHED; at the kill: {len(before)} child run(s), tuner.pkl={had_tuner_pkl}, "
@@ -343,12 +343,12 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     from crosspt.search.reconcile import reconcile_child_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "reconcile")
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "reconcile")
     parent = c.create_run(exp).info.run_id
     ids = {}
     for tid in ("orphan", "finished_orphan", "done", "pruned", "crashed", "running"):
-        ids[tid] = c.create_run(exp, tags={"mlflow.parentRunId": parent, T.TRIAL_TAG: tid}).info.run_id
+        ids[tid] = c.create_run(exp, tags={"mlflow.parentRunId": parent, experiments.TRIAL_TAG: tid}).info.run_id
     # a trial Tune never recorded that finished on its own before the driver died: it must not stay in
     # the default view beside its replacement (promote and report would count it)
     c.set_terminated(ids["finished_orphan"], "FINISHED")
@@ -374,7 +374,7 @@ def test_orphaned_and_ended_child_runs_are_closed(tmp_path):
     assert reconcile_child_runs(uri, exp, parent, trials, search_ended=True)["closed"] == 1
     assert c.get_run(ids["running"]).info.status == "KILLED"
     # the orphans are out of the default view; the trials Tune knows and the untagged child stay
-    assert sorted(r.info.run_id for r in T.child_runs(uri, exp, parent)) == \
+    assert sorted(r.info.run_id for r in experiments.child_runs(uri, exp, parent)) == \
         sorted([ids[t] for t in ("done", "pruned", "crashed", "running")] + [other])
 
 
@@ -413,13 +413,13 @@ def faulty_search(ray_head, tiny_t5_path, data_dir, tmp_path_factory):
 
 
 def _child(fs, number: int):
-    runs = T.child_runs(fs.uri, fs.summary["experiment_id"], fs.summary["parent_run_id"])
+    runs = experiments.child_runs(fs.uri, fs.summary["experiment_id"], fs.summary["parent_run_id"])
     return next(r for r in runs if r.info.run_name == f"trial{number:03d}")
 
 
 @pytest.mark.slow
 def test_failing_trials_end_failed_and_the_search_goes_on(faulty_search):
-    s, c = faulty_search.summary, T.client(faulty_search.uri)
+    s, c = faulty_search.summary, store.client(faulty_search.uri)
     by_status = {}
     for t in s["trials"]:
         by_status.setdefault(t["status"], []).append(t)
@@ -461,8 +461,8 @@ def test_failing_trials_end_failed_and_the_search_goes_on(faulty_search):
 @pytest.mark.slow
 def test_no_secret_reaches_mlflow_params_or_tags(faulty_search):
     """Environment variables are never logged; a password inside a URI in the config is masked."""
-    s, c = faulty_search.summary, T.client(faulty_search.uri)
-    runs = [c.get_run(s["parent_run_id"])] + T.child_runs(faulty_search.uri, s["experiment_id"], s["parent_run_id"])
+    s, c = faulty_search.summary, store.client(faulty_search.uri)
+    runs = [c.get_run(s["parent_run_id"])] + experiments.child_runs(faulty_search.uri, s["experiment_id"], s["parent_run_id"])
     seen = 0
     for r in runs:
         for k, v in {**r.data.params, **r.data.tags}.items():
@@ -535,9 +535,9 @@ def test_dead_train_worker_recovers_from_checkpoint(ray_head, tiny_t5_path, data
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["num_trials"] == 1 and summary["trials"][0]["status"] == "FINISHED", summary["trials"]
     assert len(seen) >= 3, f"no replacement worker group was started: {sorted(seen)}"
-    run_ = T.child_runs(f"sqlite:///{db}", summary["experiment_id"], summary["parent_run_id"])[0]
+    run_ = experiments.child_runs(f"sqlite:///{db}", summary["experiment_id"], summary["parent_run_id"])[0]
     assert run_.info.status == "FINISHED"
-    steps = sorted(m.step for m in T.client(f"sqlite:///{db}").get_metric_history(run_.info.run_id, "epoch"))
+    steps = sorted(m.step for m in store.client(f"sqlite:///{db}").get_metric_history(run_.info.run_id, "epoch"))
     assert steps.count(0) == 1, f"epoch 0 trained again, not restored from its checkpoint: {steps}"
     assert set(steps) == set(range(epochs))
     print(f"\ndead worker: killed pid {victim} at {killed_at:.0f}s; {len(seen)} Train worker processes seen; "

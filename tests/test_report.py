@@ -418,13 +418,13 @@ def synthetic_search(uri: str, n: int = 16, pruned: int = 4, algorithm: str = "r
     by 10 points; eval_batch_size does nothing. Returns the parent run id."""
     import yaml
 
-    from crosspt.registry import tracking as T
+    from crosspt.registry import experiments, run_log, store
 
-    c = T.client(uri)
+    c = store.client(uri)
     eid = c.create_experiment("synthetic")
-    parent = c.create_run(eid, run_name="search-synthetic", tags={T.SEARCH_TAG: "synthetic"}).info.run_id
-    T.log_params(c, parent, {"search.algorithm": algorithm, "objective.metric": "best_val_score",
-                             "objective.mode": "max", "space.keys": f"{LS.key},{EBS.key}"})
+    parent = c.create_run(eid, run_name="search-synthetic", tags={experiments.SEARCH_TAG: "synthetic"}).info.run_id
+    run_log.log_params(c, parent, {"search.algorithm": algorithm, "objective.metric": "best_val_score",
+                                   "objective.mode": "max", "space.keys": f"{LS.key},{EBS.key}"})
     c.log_text(parent, yaml.safe_dump({"space": {LS.key: {"type": "choice", "values": ["natural", "index"]},
                                                  EBS.key: {"type": "choice", "values": [16, 64]}}}),
                "search_space.yaml")
@@ -434,17 +434,17 @@ def synthetic_search(uri: str, n: int = 16, pruned: int = 4, algorithm: str = "r
         stopped = i >= n
         if stopped:
             ls = "index"
-        run = c.create_run(eid, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent, T.TRIAL_TAG: f"t{i:02d}",
+        run = c.create_run(eid, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent, experiments.TRIAL_TAG: f"t{i:02d}",
                                                             "crosspt.sampled": json.dumps({LS.key: ls, EBS.key: ebs}),
                                                             "crosspt.phase": "optimiser" if stopped else "design",
                                                             **({"pruned": "true"} if stopped else {})}).info.run_id
         final = 0.6 + (0.1 if ls == "natural" else 0.0) + rng.gauss(0, 0.02)
         for epoch in range(1 if stopped else 3):
-            T.log_metrics(c, run, {"best_val_score": final - 0.05 * (2 - epoch) - (0.1 if stopped else 0)},
-                          step=epoch)
+            run_log.log_metrics(c, run, {"best_val_score": final - 0.05 * (2 - epoch) - (0.1 if stopped else 0)},
+                                step=epoch)
         if not stopped:
-            T.log_metrics(c, run, {"test_score": final - 0.03, "trainable_params": 1000 + 10 * i,
-                                   "assess_score": final - 0.02})
+            run_log.log_metrics(c, run, {"test_score": final - 0.03, "trainable_params": 1000 + 10 * i,
+                                         "assess_score": final - 0.02})
         c.set_terminated(run, "KILLED" if stopped else "FINISHED")
     c.set_terminated(parent, "FINISHED")
     return parent
@@ -455,7 +455,7 @@ def test_report_from_mlflow_alone_logs_md_html_json_and_the_importance_plot(tmp_
     per-epoch history for the common rung), report.md/html/json written and logged under `report/`, the
     tables, and the parent's importance plot drawn from the same numbers."""
     from crosspt.cli.main import main
-    from crosspt.registry import tracking as T
+    from crosspt.registry import store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = synthetic_search(uri)
@@ -472,7 +472,7 @@ def test_report_from_mlflow_alone_logs_md_html_json_and_the_importance_plot(tmp_
     assert f[LS.key]["prune_rate_per_level"] == {"index": pytest.approx(4 / 12), "natural": 0.0}
     assert j["rung"]["epoch"] == 1 and {x["factor"]: x["n"] for x in j["rung"]["factors"]}[LS.key] == 20
     assert j["searcher"] == {"algorithm": "random", "adaptive": False} and j["best"]["trial_id"]
-    c = T.client(uri)
+    c = store.client(uri)
     logged = {a.path for a in c.list_artifacts(parent, "report")} | {a.path for a in c.list_artifacts(parent, "plots")}
     assert {"report/report.md", "report/report.html", "report/report.json", "report/importance.png",
             "report/factors.json", "report/levels.json", "plots/param_importances.png"} <= logged, logged
@@ -527,7 +527,7 @@ def label_space(name: str, num_samples: int = 12, **budget):
 def test_real_search_report_finds_label_semantics_and_clears_eval_batch_size(ray_head, minilm_path, data_dir,
                                                                               tmp_path, monkeypatch, capsys):
     from crosspt.cli.main import main
-    from crosspt.registry import tracking as T
+    from crosspt.registry import store
     from crosspt.search.driver import run_search
 
     monkeypatch.chdir(tmp_path)
@@ -539,7 +539,7 @@ def test_real_search_report_finds_label_semantics_and_clears_eval_batch_size(ray
     md = (tmp_path / "ray_results" / "labels_report" / "report.md").read_text()
     print(md)
     # the search's own report, logged to the parent run: files and tables
-    c = T.client(uri)
+    c = store.client(uri)
     logged = {a.path for a in c.list_artifacts(summary["parent_run_id"], "report")}
     assert {"report/report.md", "report/report.html", "report/report.json", "report/importance.png",
             "report/factors.json"} <= logged, logged
@@ -580,7 +580,7 @@ def test_one_job_pretrains_the_bank_searches_reports_promotes_then_reuses_the_ba
     """`source_bank: {pretrain: ...}`: the first search pre-trains and registers the bank, searches with it,
     reports and promotes its best FINISHED trial; a second search of the same bank spec reuses the version."""
     from crosspt.config.space import SearchSpace
-    from crosspt.registry import tracking as T
+    from crosspt.registry import store
     from crosspt.search.driver import run_search
 
     monkeypatch.chdir(tmp_path)
@@ -604,7 +604,7 @@ def test_one_job_pretrains_the_bank_searches_reports_promotes_then_reuses_the_ba
                        verbose=0, promote="champion")
     assert first["source_bank"]["reused"] is False and first["source_bank"]["model_uri"] == "models:/bank/1"
     assert first["num_trials"] == 2 and first["best"] is not None
-    c = T.client(uri)
+    c = store.client(uri)
     assert str(c.get_model_version_by_alias("bank", "current").version) == "1"
     promoted = first["promoted"]
     assert promoted["run_id"] == first["best_run_id"] and promoted["model_name"] == "pipe"
@@ -621,7 +621,7 @@ def test_one_job_pretrains_the_bank_searches_reports_promotes_then_reuses_the_ba
 def test_repeats_train_each_trial_on_several_kshot_samples(ray_head, minilm_path, data_dir, tmp_path, monkeypatch):
     """budget.repeats 2: the child run's objective is the mean of its repeats (each logged, with the std),
     repeat 0 is the plain trial (same score as a repeats-1 search), and the report reads the repeats."""
-    from crosspt.registry import tracking as T
+    from crosspt.registry import experiments
     from crosspt.search.driver import run_search
     from crosspt.search.report import load_search
 
@@ -634,7 +634,7 @@ def test_repeats_train_each_trial_on_several_kshot_samples(ray_head, minilm_path
         s = run_search(space, data_dir=str(data_dir), tracking_uri=uri, storage_path=str(tmp_path / "rr"), verbose=0)
         assert s["num_trials"] == 2 and s["num_failed"] == 0
         runs[r] = {c.data.params["prompt.label_semantics"] + c.data.params["train.eval_batch_size"]: c.data.metrics
-                   for c in T.child_runs(uri, s["experiment_id"], s["parent_run_id"])}
+                   for c in experiments.child_runs(uri, s["experiment_id"], s["parent_run_id"])}
         rows = load_search(uri, parent_run_id=s["parent_run_id"]).rows
         assert all(len(x.repeats) == (r if r > 1 else 0) for x in rows), [x.repeats for x in rows]
     print("\nrepeats 2:", {k: {m: v for m, v in x.items() if m.startswith("best_val_score")} for k, x in runs[2].items()})

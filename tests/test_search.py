@@ -14,7 +14,7 @@ import yaml
 
 from crosspt.search.driver import run_search
 from crosspt.config.space import SearchSpace, load_space
-from crosspt.registry import tracking as T
+from crosspt.registry import experiments, store
 from ray_cluster import RAY_CLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,10 +46,10 @@ def tiny_space(backbone: Path, name: str, num_samples: int = 3, **extra) -> Sear
 
 
 def check_children(uri: str, summary: dict, n: int) -> list:
-    c = T.client(uri)
+    c = store.client(uri)
     parent = c.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    children = experiments.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
     assert len(children) == n
     for r in children:
         assert r.info.status == "FINISHED", (r.info.run_name, r.info.status, r.data.tags.get("error"))
@@ -129,7 +129,7 @@ def check_assessed(run, tasks: list[str]) -> None:
 def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
     """Experiment kind, parent description, versions/commit/data tags and dataset inputs on every run;
     the best trial is a FINISHED run; the trials table is an MLflow table too."""
-    c = T.client(uri)
+    c = store.client(uri)
     exp = c.get_experiment(summary["experiment_id"])
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
     assert exp.tags.get("mlflow.note.content", "").startswith("crosspt search `")
@@ -138,7 +138,7 @@ def check_provenance(uri: str, summary: dict, n_tasks: int) -> None:
     assert "Budget:" in note and "Best trial" in note and summary["best"]["trial"] in note, note
     assert summary["best"]["status"] == "FINISHED"
     assert c.get_run(summary["best_run_id"]).info.status == "FINISHED"
-    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    children = experiments.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
     digests = set()
     for run in [parent, *children]:
         tags = run.data.tags
@@ -194,13 +194,13 @@ def test_asha_stops_a_weak_trial_early(ray_head, minilm_path, data_dir, tmp_path
     epochs = sorted(t["epochs"] for t in summary["trials"])
     assert epochs[0] < 4 and epochs[-1] == 4, summary["trials"]
     assert summary["num_stopped"] == 1
-    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    children = experiments.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
     statuses = sorted((r.info.status, r.data.tags.get("pruned", "")) for r in children)
     # the stopped trial ended as the search meant it to: FINISHED, tagged pruned (KILLED draws a red cross)
     assert statuses == [("FINISHED", ""), ("FINISHED", "true")]
     # each trial's end is in its run, the stopped one's too: its best prompts (the result file only for the
     # trial that finished: the full end runs before the last report; no router here, so no heatmap) and timings
-    c = T.client(uri)
+    c = store.client(uri)
     for r in children:
         pruned = r.data.tags.get("pruned") == "true"
         arts = {a.path for a in c.list_artifacts(r.info.run_id, "prompts")} | \
@@ -241,7 +241,7 @@ def test_ray_job_submit_smoke(ray_head, data_dir, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    children = T.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
+    children = experiments.child_runs(uri, summary["experiment_id"], summary["parent_run_id"])
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
 
 

@@ -242,19 +242,19 @@ def tiny_cfg(tiny_t5_path, data_dir, **over):
 
 
 def test_the_untrained_evaluation_is_logged_at_step_minus_one(tiny_t5_path, data_dir, tmp_path):
-    from crosspt.registry import tracking as T
+    from crosspt.registry import experiments, store, trial_logger
     from crosspt.run.loop import LocalSession, run_loop
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    logger = T.TrialLogger(uri, T.ensure_experiment(uri, "e"), None, None, None, run_name="r")
+    logger = trial_logger.TrialLogger(uri, experiments.ensure_experiment(uri, "e"), None, None, None, run_name="r")
     logger.start({}, "x: 1\n")
     result = run_loop(tiny_cfg(tiny_t5_path, data_dir), LocalSession(tmp_path / "out",
                                                                      on_report=lambda m, d: logger.log_epoch(m, d)))
-    history = {m.step: m.value for m in T.client(uri).get_metric_history(logger.run_id, "val_score")}
+    history = {m.step: m.value for m in store.client(uri).get_metric_history(logger.run_id, "val_score")}
     print("\nval_score by step:", history, "best_val_score:", result["best_val_score"])
     assert history[-1] == result["history"][0]["val_score"]
     assert result["best_val_score"] <= max(history.values())
-    assert "initial.val_score" not in T.client(uri).get_run(logger.run_id).data.metrics
+    assert "initial.val_score" not in store.client(uri).get_run(logger.run_id).data.metrics
 
 
 def test_resuming_an_ended_run_returns_its_result_without_training(tiny_t5_path, data_dir, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crosspt.tasks import data as D
-from crosspt.tasks import specs as T
+from crosspt.tasks import specs
 from crosspt.tasks.data import (Example, data_dir_default, eval_batches, kshot_sample, load_split, make_splits,
                           multitask_batches)
 from crosspt.errors import ConfigError, DataError, UnknownTaskError
@@ -52,7 +52,7 @@ def scratch_tasks():
     before = set(list_tasks())
     yield
     for name in set(list_tasks()) - before:
-        T.unregister_task(name)
+        specs.unregister_task(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_regression_text_and_grid():
     assert parse_label_text(stsb, "nan", "natural") is None
     grid = regression_grid(stsb)
     assert grid[0] == "0.0" and grid[1] == "0.2" and grid[-1] == "5.0" and len(grid) == 26
-    assert T.label_words(stsb, "natural") == tuple(grid)
+    assert specs.label_words(stsb, "natural") == tuple(grid)
 
 
 def test_format_input():
@@ -529,16 +529,16 @@ def test_task_instruction_fills_the_label_words_and_is_checked():
     `instruction` is kept, a missing one means the generic instruction, a stray placeholder is one clear error."""
     from crosspt.errors import ConfigError
 
-    assert len({T.get_task(n).instruction for n in T.list_tasks()} - {""}) >= 10
-    sst2 = T.get_task("sst2")
-    assert T.instruction_text(sst2, "natural").endswith("Answer negative or positive.")
-    assert T.instruction_text(sst2, "opaque").endswith("Answer apple or orange.")
-    assert T.instruction_text(T.get_task("mnli"), "natural").endswith("Answer yes, maybe or no.")
-    assert T.instruction_text(T.get_task("stsb"), "natural").endswith("Answer a number from 0.0 to 5.0.")
+    assert len({specs.get_task(n).instruction for n in specs.list_tasks()} - {""}) >= 10
+    sst2 = specs.get_task("sst2")
+    assert specs.instruction_text(sst2, "natural").endswith("Answer negative or positive.")
+    assert specs.instruction_text(sst2, "opaque").endswith("Answer apple or orange.")
+    assert specs.instruction_text(specs.get_task("mnli"), "natural").endswith("Answer yes, maybe or no.")
+    assert specs.instruction_text(specs.get_task("stsb"), "natural").endswith("Answer a number from 0.0 to 5.0.")
     base = {"name": "mine", "text_fields": ["text"], "label_names": ["bad", "good"]}
-    mine = T.task_from_dict({**base, "instruction": "Is it good? Say {choices}."})
-    assert T.instruction_text(T._validate(mine), "natural") == "Is it good? Say bad or good."
-    assert T.instruction_text(T._validate(T.task_from_dict(base)), "natural") == \
-        T.DEFAULT_INSTRUCTION.format(choices="bad or good")
+    mine = specs.task_from_dict({**base, "instruction": "Is it good? Say {choices}."})
+    assert specs.instruction_text(specs._validate(mine), "natural") == "Is it good? Say bad or good."
+    assert specs.instruction_text(specs._validate(specs.task_from_dict(base)), "natural") == \
+        specs.DEFAULT_INSTRUCTION.format(choices="bad or good")
     with pytest.raises(ConfigError, match="task 'mine': 'instruction' may hold no placeholder but"):
-        T._validate(T.task_from_dict({**base, "instruction": "Say {labels}."}))
+        specs._validate(specs.task_from_dict({**base, "instruction": "Say {labels}."}))

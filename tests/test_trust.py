@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from crosspt.config.schema import build_config, config_hash, config_to_yaml, load_config, upgrade_stored_tree
-from crosspt.registry import tracking as T
+from crosspt.registry import best_run, experiments, provenance, run_log, store, ui_view
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,10 +34,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 # ---- 1. a new store opened by several processes at once ---------------------------------------------------
 RACE = """
 import sys
-from crosspt.registry import tracking as T
+from crosspt.registry import experiments
 from crosspt.search.optuna_glue import fail_stale_trials
 uri, optuna_url, name = sys.argv[1:4]
-T.ensure_experiment(uri, name)                   # creates/migrates the MLflow store on first use
+experiments.ensure_experiment(uri, name)                   # creates/migrates the MLflow store on first use
 fail_stale_trials(optuna_url, name)              # opens (creates) the Optuna store
 print("ok")
 """
@@ -58,7 +58,7 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
         results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
         failed = [err.strip().splitlines()[-1] for rc, _, err in results if rc != 0]
         assert not failed, f"round {round_}: {len(failed)} of 4 died: {failed}"
-        assert sorted(e.name for e in T.client(uri).search_experiments()) == ["Default", "exp0", "exp1", "exp2", "exp3"]
+        assert sorted(e.name for e in store.client(uri).search_experiments()) == ["Default", "exp0", "exp1", "exp2", "exp3"]
 
 
 @pytest.mark.slow
@@ -69,10 +69,10 @@ def test_two_searches_started_at_once_on_a_new_store(ray_head, tmp_path):
 
     codes = run(2, "sqlite", tmp_path, timeout=600)
     assert codes == [0, 0], [(tmp_path / f"drill{i}.log").read_text()[-3000:] for i in range(2)]
-    c = T.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for i in range(2):
         exp = c.get_experiment_by_name(f"drill-{i}")
-        parents = c.search_runs([exp.experiment_id], filter_string=f"tags.`{T.SEARCH_TAG}` = 'drill{i}'")
+        parents = c.search_runs([exp.experiment_id], filter_string=f"tags.`{experiments.SEARCH_TAG}` = 'drill{i}'")
         assert [p.info.status for p in parents] == ["FINISHED"]
 
 
@@ -85,15 +85,15 @@ def _search(uri: str, exp_id: str, name: str, scores: list[float], pruned: tuple
 
     from crosspt.search.reconcile import reconcile_child_runs
 
-    c = T.client(uri)
-    parent = c.create_run(exp_id, run_name=f"search-{name}", tags={T.SEARCH_TAG: name}).info.run_id
+    c = store.client(uri)
+    parent = c.create_run(exp_id, run_name=f"search-{name}", tags={experiments.SEARCH_TAG: name}).info.run_id
     kids, trials = [], []
     for i, s in enumerate(scores):
         rid = c.create_run(exp_id, run_name=f"trial{i:03d}", tags={"mlflow.parentRunId": parent,
-                                                                   T.TRIAL_TAG: f"{name}{i}"}).info.run_id
-        T.log_metrics(c, rid, {"best_val_score": s})
+                                                                   experiments.TRIAL_TAG: f"{name}{i}"}).info.run_id
+        run_log.log_metrics(c, rid, {"best_val_score": s})
         if i in pruned:      # as ASHA's stop decision tags it (`optuna_glue.DesignASHA`)
-            c.set_tag(rid, T.STOPPED_BY_TAG, T.STOPPED_BY_SCHEDULER)
+            c.set_tag(rid, best_run.STOPPED_BY_TAG, best_run.STOPPED_BY_SCHEDULER)
         trials.append(SimpleNamespace(trial_id=f"{name}{i}", status="TERMINATED",
                                       last_result={"final_epoch": i not in pruned, "epoch": 0}))
         kids.append(rid)
@@ -111,8 +111,8 @@ def test_promotion_compares_the_latest_search_only(tmp_path):
     from crosspt.registry.models import _pick_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "E")
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "E")
     _, old_kids = _search(uri, exp, "old", [0.9])
     time.sleep(0.01)
     latest, new_kids = _search(uri, exp, "new", [0.6, 0.7])
@@ -126,23 +126,23 @@ def test_a_pruned_trial_is_finished_but_never_the_best(tmp_path):
     score, from fewer epochs, never makes it the best trial. Before: pruned runs were KILLED, and a FINISHED
     run was always a candidate."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "E")
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "E")
     parent, kids = _search(uri, exp, "s", [0.5, 0.95, 0.7], pruned=(1,))
     pruned = c.get_run(kids[1])
     assert pruned.info.status == "FINISHED" and pruned.data.tags["pruned"] == "true"
     assert "stopped this trial after epoch 0" in pruned.data.tags["mlflow.note.content"]
-    assert T.best_finished_child(c, exp, "best_val_score", "max", parent).info.run_id == kids[2]
+    assert best_run.best_finished_child(c, exp, "best_val_score", "max", parent).info.run_id == kids[2]
 
 
 def test_sqlite_store_refused_on_a_multi_node_cluster_unless_shared():
-    T.check_store_reaches_nodes("sqlite:////x/mlflow.db", 1)
-    T.check_store_reaches_nodes("http://127.0.0.1:5000", 3)
-    T.check_store_reaches_nodes("sqlite:////shared/mlflow.db", 3, shared=True)
+    store.check_store_reaches_nodes("sqlite:////x/mlflow.db", 1)
+    store.check_store_reaches_nodes("http://127.0.0.1:5000", 3)
+    store.check_store_reaches_nodes("sqlite:////shared/mlflow.db", 3, shared=True)
     from crosspt.errors import ConfigError
 
     with pytest.raises(ConfigError, match="has 3 nodes: trials on the others would log to their own local file"):
-        T.check_store_reaches_nodes("sqlite:////x/mlflow.db", 3)
+        store.check_store_reaches_nodes("sqlite:////x/mlflow.db", 3)
 
 
 @pytest.mark.slow
@@ -198,17 +198,17 @@ def _model_run(c, exp_id: str, backbone: Path, tmp: Path, metrics: dict) -> str:
     (tmp / "prompts").mkdir(parents=True)
     save_prompt_artifact(tmp / "prompts" / "prompts.safetensors", model, config_hash=config_hash(cfg),
                          backbone=cfg.backbone.name)
-    parent = c.create_run(exp_id, run_name="search-r", tags={T.SEARCH_TAG: "r"}).info.run_id
+    parent = c.create_run(exp_id, run_name="search-r", tags={experiments.SEARCH_TAG: "r"}).info.run_id
     rid = c.create_run(exp_id, run_name="trial000", tags={"mlflow.parentRunId": parent}).info.run_id
     try:                                   # what a trial records when it starts (not before issue 23)
         from crosspt.registry.revision import backbone_revision
 
-        c.set_tag(rid, T.BACKBONE_REVISION_TAG, backbone_revision(str(backbone)))
+        c.set_tag(rid, provenance.BACKBONE_REVISION_TAG, backbone_revision(str(backbone)))
     except ImportError:
         pass
     c.log_artifact(rid, str(tmp / "prompts" / "prompts.safetensors"), "prompts")
     c.log_text(rid, config_to_yaml(cfg), "config.yaml")
-    T.log_metrics(c, rid, metrics)
+    run_log.log_metrics(c, rid, metrics)
     c.set_terminated(rid, "FINISHED")
     c.set_terminated(parent, "FINISHED")
     return rid
@@ -230,8 +230,8 @@ def test_promoted_version_holds_what_it_is_tagged_with_and_its_backbone_revision
     backbone = tmp_path / "tiny_t5"
     shutil.copytree(tiny_t5_path, backbone)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "R")
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "R")
     rid = _model_run(c, exp, backbone, tmp_path / "run", {"best_val_score": 0.6, "best_val_score_r0": 0.5,
                                                           "best_val_score_r1": 0.7, "best_val_score_r2": 0.6})
     code, out, err = run_cli(["promote", "--experiment", "R", "--model-name", "rep", "--tracking-uri", uri,
@@ -266,8 +266,8 @@ def test_a_metric_logged_only_as_a_mean_is_not_said_of_repeat_0(tiny_t5_path, tm
     from crosspt.registry.models import RegistryError, promote
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = T.client(uri)
-    exp = T.ensure_experiment(uri, "R")
+    c = store.client(uri)
+    exp = experiments.ensure_experiment(uri, "R")
     _model_run(c, exp, tiny_t5_path, tmp_path / "run", {"best_val_score": 0.6, "best_val_score_r0": 0.5,
                                                         "best_val_score_r1": 0.7, "val_rte_accuracy": 0.6})
     with pytest.raises(RegistryError, match="trained 2 repeats and logs 'val_rte_accuracy' only as their mean"):
@@ -355,19 +355,19 @@ def test_a_search_reads_as_a_search_in_mlflow_and_optuna(ray_head, tiny_t5_path,
                               {"prompt.n_sources": 1, "optim.prompt_lr": 0.03}]}})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     s = run_search(space, data_dir=str(data_dir), tracking_uri=uri, storage_path=str(tmp_path / "rr"), verbose=0)
-    c = T.client(uri)
-    kids = {r.info.run_name: r for r in T.child_runs(uri, s["experiment_id"], s["parent_run_id"])}
+    c = store.client(uri)
+    kids = {r.info.run_name: r for r in experiments.child_runs(uri, s["experiment_id"], s["parent_run_id"])}
     assert sorted(kids) == ["trial000", "trial001"] == sorted(t["trial"] for t in s["trials"])
     study = optuna.load_study(study_name="reads", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.metric_names == ["best_val_score"]
     for t in study.trials:
         run = kids[f"trial{t.number:03d}"]
         assert t.user_attrs["trial_name"] == run.info.run_name and t.user_attrs["mlflow_run_id"] == run.info.run_id
-        assert t.user_attrs["tune_trial_id"] == run.data.tags[T.TRIAL_TAG]
+        assert t.user_attrs["tune_trial_id"] == run.data.tags[experiments.TRIAL_TAG]
     for name, routed in (("trial000", False), ("trial001", True)):
         run = kids[name]
         assert set(run.data.params) == {"prompt.n_sources", "optim.prompt_lr"}, run.data.params
-        assert run.data.tags[T.CONFIG_HASH_TAG] and run.data.tags[T.BACKBONE_REVISION_TAG].startswith("sha256:")
+        assert run.data.tags[provenance.CONFIG_HASH_TAG] and run.data.tags[provenance.BACKBONE_REVISION_TAG].startswith("sha256:")
         local = c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
         assert yaml.safe_load(Path(local).read_text())["name"] == name
         assert [m.step for m in c.get_metric_history(run.info.run_id, "trainable_params")] == [0]
@@ -378,7 +378,7 @@ def test_a_search_reads_as_a_search_in_mlflow_and_optuna(ray_head, tiny_t5_path,
     parent = c.get_run(s["parent_run_id"])
     assert "best_val_score" in parent.data.metrics and "best_best_val_score" not in parent.data.metrics
     assert parent.data.params["best.trial"] in kids
-    view = json.loads(c.get_experiment(s["experiment_id"]).tags[T.VIEW_TAG_PREFIX + "crosspt-reads"])
+    view = json.loads(c.get_experiment(s["experiment_id"]).tags[ui_view.VIEW_TAG_PREFIX + "crosspt-reads"])
     columns = json.loads(view["state"])["selectedColumns"]
     assert {"metrics.`best_val_score`", "params.`prompt.n_sources`", "params.`optim.prompt_lr`",
             "tags.`pruned`"} <= set(columns)

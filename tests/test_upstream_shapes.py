@@ -91,10 +91,10 @@ def test_asha_keeps_its_limits_and_stop_count_where_the_adapter_reads_them():
 
 def test_mlflow_log_table_file_is_what_the_adapter_writes(tmp_path):
     """`replace_table` writes log_table's own file format, and replaces where log_table appends."""
-    from crosspt.registry import tracking
+    from crosspt.registry import store
     from crosspt.registry._mlflow_compat import replace_table, write_table_file
 
-    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = c.create_run(c.create_experiment("shapes", artifact_location=str(tmp_path / "art"))).info.run_id
     first = {"factor": ["lr", "bank"], "importance": [0.5, None]}
     c.log_table(run_id, first, "report/factors.json")
@@ -108,3 +108,4 @@ def test_mlflow_log_table_file_is_what_the_adapter_writes(tmp_path):
     assert got["columns"] == ["factor", "importance"] and got["data"] == [["lr", 0.7]]
     tags = json.loads(c.get_run(run_id).data.tags["mlflow.loggedArtifacts"])
     assert {"path": "report/factors.json", "type": "table"} in tags
+

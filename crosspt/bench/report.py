@@ -200,15 +200,15 @@ def _table_metrics(summary: dict) -> dict[str, float]:
 
 def _log_selected_run(c, exp_id: str, parent_id: str, r: dict, targets: list[str]) -> None:
     """One child run of the parent: a selected (method, task, k, seed) with its lr and scores."""
-    from crosspt.registry import tracking
+    from crosspt.registry import run_log
 
     ch = c.create_run(exp_id, run_name=f"{r['method']}-{r['task']}-k{r['k']}-s{r['seed']}",
                       tags={"mlflow.parentRunId": parent_id, "crosspt.method": r["method"],
                             "crosspt.role": "target" if r["task"] in targets else "source"})
-    tracking.log_params(c, ch.info.run_id, {
+    run_log.log_params(c, ch.info.run_id, {
         "method": r["method"], "task": r["task"], "k": r["k"], "seed": r["seed"], "lr": r["lr"],
         **({"spot_source": r["spot_source"]} if "spot_source" in r else {})})
-    tracking.log_metrics(c, ch.info.run_id, {
+    run_log.log_metrics(c, ch.info.run_id, {
         "val_score": r["val"], "test_score": r["test"], "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
         "wall_s": r["wall_s"], "trainable_params": r["trainable_params"]})
     c.set_terminated(ch.info.run_id, "FINISHED")
@@ -217,16 +217,16 @@ def _log_selected_run(c, exp_id: str, parent_id: str, r: dict, targets: list[str
 def start_benchmark_run(summary: dict, *, tracking_uri: str | None, experiment: str, kind: str, default_name: str):
     """A benchmark's parent run, its settings logged as `bench.*` params -> (client, uri, experiment id,
     run id). Shared by the few-shot and the standard benchmark."""
-    from crosspt.registry import tracking
+    from crosspt.registry import experiments, run_log, store
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.check_reachable(uri)
-    exp_id = tracking.ensure_experiment(uri, experiment)
-    c = tracking.client(uri)
+    uri = store.resolve_tracking_uri(tracking_uri)
+    store.check_reachable(uri)
+    exp_id = experiments.ensure_experiment(uri, experiment)
+    c = store.client(uri)
     run = c.create_run(exp_id, run_name=summary.get("name", default_name), tags={"crosspt.benchmark": kind})
     pid = run.info.run_id
-    tracking.log_params(c, pid, {f"bench.{k}": (",".join(map(str, v)) if isinstance(v, list) else v)
-                                 for k, v in summary["settings"].items()})
+    run_log.log_params(c, pid, {f"bench.{k}": (",".join(map(str, v)) if isinstance(v, list) else v)
+                                for k, v in summary["settings"].items()})
     return c, uri, exp_id, pid
 
 
@@ -234,12 +234,12 @@ def log_to_mlflow(summary: dict, text: str, files: dict[str, Path], *, tracking_
                   experiment: str) -> dict:
     """One experiment: a parent run (params, average metrics, table, JSON, bar chart) and one child run
     per selected (method, task, k, seed)."""
-    from crosspt.registry import tracking
+    from crosspt.registry import run_log
 
     c, uri, exp_id, pid = start_benchmark_run(summary, tracking_uri=tracking_uri, experiment=experiment,
                                               kind="fewshot", default_name="benchmark")
     s = summary["settings"]
-    tracking.log_metrics(c, pid, _table_metrics(summary))
+    run_log.log_metrics(c, pid, _table_metrics(summary))
     c.log_text(pid, text, "table.md")
     for path in files.values():
         c.log_artifact(pid, str(path))

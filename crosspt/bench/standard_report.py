@@ -565,7 +565,7 @@ def log_standard_to_mlflow(summary: dict, files: dict[str, Path], *, tracking_ur
     """A parent run with the settings, average scores and paired differences as metrics, the report and
     heatmap; the bank as its `bank/` artifact, registered as a source-bank model version."""
     from crosspt.bench.report import start_benchmark_run
-    from crosspt.registry import tracking
+    from crosspt.registry import run_log
     from crosspt.registry.models import BANK_DIR, BANK_FILE, register_bank
 
     c, uri, _, pid = start_benchmark_run(summary, tracking_uri=tracking_uri, experiment=experiment,
@@ -580,7 +580,7 @@ def log_standard_to_mlflow(summary: dict, files: dict[str, Path], *, tracking_ur
             if p:
                 metrics[f"diff_{a}_vs_{b}_k{k}"] = p["mean"]
     metrics["wall_s"] = summary["wall_s"]
-    tracking.log_metrics(c, pid, metrics)
+    run_log.log_metrics(c, pid, metrics)
     for p in files.values():
         c.log_artifact(pid, str(p))
     bank = Path(summary["bank"]["path"])

@@ -49,7 +49,7 @@ def flag_overrides(args) -> list[str]:
 
 def cmd_train(args) -> int:
     from crosspt.config.schema import config_to_yaml, load_config
-    from crosspt.registry.tracking import train_callback
+    from crosspt.registry.trial_logger import train_callback
     from crosspt.run.trainer import pin_data_dir, preflight, train
 
     cfg = pin_data_dir(load_config(args.config, flag_overrides(args)))
@@ -105,18 +105,18 @@ def train_run_logger(cfg):
     inputs, provenance tags, per-epoch metrics and prompt artifacts as a search's child run, without the
     parent and trial tags."""
     from crosspt.config.schema import config_hash, config_to_yaml
-    from crosspt.registry import tracking
+    from crosspt.registry import experiments, provenance, store, trial_logger
     from crosspt.run.loop import prepare_data
     from crosspt.search.params import trial_params
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    tracking.check_reachable(uri)
-    logger = tracking.TrialLogger(uri, tracking.ensure_experiment(uri, cfg.tracking.experiment), None, None, None,
-                                  run_name=cfg.name)
+    uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    store.check_reachable(uri)
+    experiment_id = experiments.ensure_experiment(uri, cfg.tracking.experiment)
+    logger = trial_logger.TrialLogger(uri, experiment_id, None, None, None, run_name=cfg.name)
     _, splits = prepare_data(cfg)
     logger.start({**trial_params(cfg), "config_hash": config_hash(cfg)}, config_to_yaml(cfg),
-                 datasets=tracking.split_datasets(splits, cfg.data.data_dir),
-                 tags={"crosspt.kind": "train", **tracking.provenance_tags(cfg.data.data_dir)})
+                 datasets=provenance.split_datasets(splits, cfg.data.data_dir),
+                 tags={"crosspt.kind": "train", **provenance.provenance_tags(cfg.data.data_dir)})
     return logger
 
 

@@ -52,14 +52,14 @@ def cmd_search(args) -> int:
 
 def cmd_report(args) -> int:
     from crosspt.errors import ConfigError, CrossPTError
-    from crosspt.registry import tracking
+    from crosspt.registry import store
     from crosspt.search.report import format_table, report_failed, report_search
 
     if args.plan:
         return cmd_plan(args)
     if args.experiment is None and args.parent is None:
         raise ConfigError("crosspt report needs --experiment or --parent (or --plan --space SPACE.yaml)")
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    uri = store.resolve_tracking_uri(args.tracking_uri)
     try:
         rep, md = report_search(uri, experiment=args.experiment, parent_run_id=args.parent, out=args.out)
     except CrossPTError:
@@ -94,7 +94,7 @@ def cmd_plan(args) -> int:
     """`crosspt report --plan`: what a space's design can detect, before it runs."""
     from crosspt.config.space import load_space
     from crosspt.errors import ConfigError
-    from crosspt.registry import tracking
+    from crosspt.registry import store
     from crosspt.search.design import plan
 
     if not args.space:
@@ -107,7 +107,7 @@ def cmd_plan(args) -> int:
         if not sd > 0:
             raise ConfigError(f"--noise-sd must be > 0 (got {sd})")
     else:
-        sd = pilot_noise(tracking.resolve_tracking_uri(args.tracking_uri), args.pilot_experiment)
+        sd = pilot_noise(store.resolve_tracking_uri(args.tracking_uri), args.pilot_experiment)
         source = f"measured in experiment '{args.pilot_experiment}'"
     rows = plan(space, sd, args.effect)
     sizes = sorted({n for r in rows for n in r.mde})

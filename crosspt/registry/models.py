@@ -47,7 +47,7 @@ class RegistryError(CrossPTError):
 
 # ---- small helpers -----------------------------------------------------------------------------------
 def tracking_uri_of(uri: str | None) -> str:
-    from crosspt.registry.tracking import resolve_tracking_uri
+    from crosspt.registry.store import resolve_tracking_uri
 
     return resolve_tracking_uri(uri)
 
@@ -55,7 +55,7 @@ def tracking_uri_of(uri: str | None) -> str:
 def _client(uri: str):
     from mlflow import MlflowClient
 
-    from crosspt.registry.tracking import prepare_store
+    from crosspt.registry.store import prepare_store
 
     prepare_store(uri)              # a new sqlite store is created once, under its lock
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -315,7 +315,8 @@ def _pick_run(c, uri: str, *, experiment: str | None, metric: str, mode: str, ru
     search's runs in the experiment anyway."""
     from mlflow.exceptions import MlflowException
 
-    from crosspt.registry.tracking import SEARCH_TAG, best_finished_child, latest_search
+    from crosspt.registry.best_run import best_finished_child
+    from crosspt.registry.experiments import SEARCH_TAG, latest_search
 
     if run_id:
         try:
@@ -526,7 +527,7 @@ def _run_backbone_revision(run, cfg) -> dict:
     """The backbone revision the run recorded when it started (`crosspt.backbone.revision`); for a run
     from before runs recorded one, the revision the backbone resolves to now, marked as such."""
     from crosspt.registry.revision import backbone_revision
-    from crosspt.registry.tracking import BACKBONE_REVISION_TAG
+    from crosspt.registry.provenance import BACKBONE_REVISION_TAG
 
     recorded = run.data.tags.get(BACKBONE_REVISION_TAG)
     if recorded:
@@ -546,7 +547,7 @@ def _log_promotion_run(c, uri: str, run, bundle: Path, chash: str, model_name: s
     from importlib.util import find_spec
 
     from crosspt.registry.pyfunc import BUNDLE_ARTIFACT, model_signature, package_code, pip_requirements
-    from crosspt.registry.tracking import log_metrics, log_params
+    from crosspt.registry.run_log import log_metrics, log_params
 
     rid = run.info.run_id
     with mlflow_uris(uri):

@@ -69,7 +69,7 @@ def pretrain_sources(cfg: RunConfig, *, tasks: list[str] | None = None, data_dir
 
     Returns {"bank_path", "tasks", "metrics", "run_id", "experiment_id", "tracking_uri", "model_name",
     "version", "model_uri", "wall_s"}; `model_name=None` skips registration."""
-    from crosspt.registry import tracking
+    from crosspt.registry import experiments, run_log, store
     from crosspt.run.trainer import preflight
 
     t0 = time.time()
@@ -80,18 +80,18 @@ def pretrain_sources(cfg: RunConfig, *, tasks: list[str] | None = None, data_dir
     configs = {t: source_config(cfg, t) for t in names}
     for source_cfg in configs.values():                # unknown task/backbone/missing data: fail now
         preflight(source_cfg)
-    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
-    tracking.check_reachable(uri)
+    uri = store.resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri)
+    store.check_reachable(uri)
     exp_name = experiment or (cfg.tracking.experiment if cfg.tracking.experiment != "crosspt" else "crosspt-sources")
     out = _output_folder(cfg, output_dir)
-    exp_id = tracking.ensure_experiment(uri, exp_name)
-    c = tracking.client(uri)
+    exp_id = experiments.ensure_experiment(uri, exp_name)
+    c = store.client(uri)
     parent = c.create_run(exp_id, run_name=f"sources-{'-'.join(names)}",
                           tags={"crosspt.kind": "source-pretraining", "crosspt.source_tasks": ",".join(names)})
     run_id = parent.info.run_id
     with _marked_failed_on_error(c, run_id):
-        tracking.log_params(c, run_id, {**flatten(config_to_dict(cfg)), "sources.tasks": ",".join(names),
-                                        "config_hash": config_hash(cfg)})
+        run_log.log_params(c, run_id, {**flatten(config_to_dict(cfg)), "sources.tasks": ",".join(names),
+                                       "config_hash": config_hash(cfg)})
         c.log_text(run_id, config_to_yaml(cfg), "config.yaml")
         done = _train_sources_on_ray(cfg, configs, out, uri, on_task_done)
         metrics = {t: _source_metrics(t, done[t]["result"]) for t in names}
@@ -125,10 +125,10 @@ def find_source_bank(tracking_uri: str, model_name: str, spec: str):
     """The newest registered version of `model_name` whose bank has spec `spec`, or None."""
     from mlflow.exceptions import MlflowException
 
-    from crosspt.registry import tracking
+    from crosspt.registry import store
 
     try:
-        versions = tracking.client(tracking_uri).search_model_versions(f"name='{model_name}'")
+        versions = store.client(tracking_uri).search_model_versions(f"name='{model_name}'")
     except MlflowException:
         return None
     same = [v for v in versions if (v.tags or {}).get(SPEC_TAG) == spec]
@@ -236,18 +236,18 @@ def _save_source_bank(out: Path, prompts: list, cfg: RunConfig, names: list[str]
 
 def _log_source_results(c, run_id: str, done: dict[str, dict], metrics: dict, bank_path: Path, t0: float) -> None:
     """Log to the pre-training run: each task's metrics and per-epoch curves, results and the bank file."""
-    from crosspt.registry import tracking
+    from crosspt.registry import run_log
 
     flat = {f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()}
     flat["mean_test_score"] = sum(m["test_score"] for m in metrics.values()) / len(metrics)
     flat["wall_s"] = time.time() - t0
-    tracking.log_metrics(c, run_id, flat)
+    run_log.log_metrics(c, run_id, flat)
     for t in metrics:
         for h in done[t]["history"]:
             if h["epoch"] < 0:          # the untrained start (eval_initial) has no training loss
                 continue
-            tracking.log_metrics(c, run_id, {f"{t}_val_score": h["val_score"], f"{t}_train_loss": h["train_loss"]},
-                                 step=int(h["epoch"]))
+            run_log.log_metrics(c, run_id, {f"{t}_val_score": h["val_score"], f"{t}_train_loss": h["train_loss"]},
+                                step=int(h["epoch"]))
         c.log_artifact(run_id, str(Path(done[t]["output_dir"]) / "result.json"), f"results/{t}")
     c.log_artifact(run_id, str(bank_path), "bank")
 

@@ -329,7 +329,7 @@ def _run_epoch(run: _Run, state: TrainState, epoch: int) -> dict | None:
     state.history.append({k: v for k, v in metrics.items() if not isinstance(v, bool)})
     if epoch == 0 and state.history[0]["epoch"] == -1:
         # the untrained evaluation, which can be the best epoch (-1): reported with epoch 0 under
-        # `initial.` so that trackers log it at step -1 (`crosspt.registry.tracking.TrialLogger`) and no
+        # `initial.` so that trackers log it at step -1 (`crosspt.registry.trial_logger.TrialLogger`) and no
         # best_val_score stands above every logged val_score
         metrics.update({f"{INITIAL_PREFIX}{k}": v for k, v in state.history[0].items() if k != "epoch"})
     result = _final_result(run, state, val) if stop else None

@@ -19,7 +19,7 @@ import yaml
 from crosspt.config.schema import RunConfig
 from crosspt.config.space import SearchSpace
 from crosspt.errors import ConfigError
-from crosspt.registry import tracking
+from crosspt.registry import experiments, provenance, run_log, store, ui_view
 from crosspt.run.faults import check_drills, kill_point
 from crosspt.search.state import SearchPaths, claim_state, release_claim, search_paths
 from crosspt.search.summary import NOTE_TAG, log_parent, parent_note
@@ -72,14 +72,14 @@ def run_search(space: SearchSpace, *, experiment: str | None = None, data_dir: s
     connected = init_ray(runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri,
                                                    **({"CROSSPT_DATA_DIR": data_dir} if data_dir else {})}})
     try:
-        tracking.check_store_reaches_nodes(uri, alive_nodes(), base.tracking.shared_store)
+        store.check_store_reaches_nodes(uri, alive_nodes(), base.tracking.shared_store)
         state = claim_state(paths, space.name, exp_name, resume, overwrite)
         space, bank = _pretrained_bank(space, uri, data_dir, paths)
         from crosspt.registry.models import resolve_space_banks     # models:/ source banks -> local files, once, here
         trial_space = resolve_space_banks(space, uri, dest_dir=paths.banks_dir())
 
-        experiment_id = tracking.ensure_experiment(uri, exp_name)
-        c = tracking.client(uri)
+        experiment_id = experiments.ensure_experiment(uri, exp_name)
+        c = store.client(uri)
         if resume:
             parent_run_id = _reopen_parent(c, uri, experiment_id, state["parent_run_id"], paths)
         else:
@@ -152,8 +152,8 @@ def _checked_inputs(space: SearchSpace, data_dir: str | None, tracking_uri: str 
     from crosspt.config.space import check_repeats
 
     check_repeats(space, base)
-    uri = tracking.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
-    tracking.check_reachable(uri)
+    uri = store.resolve_tracking_uri(tracking_uri or base.tracking.tracking_uri)
+    store.check_reachable(uri)
     try:
         check_drills()
     except ValueError as e:
@@ -275,28 +275,28 @@ def _open_parent(c, space: SearchSpace, base: RunConfig, experiment_id: str, pat
     state names it."""
     search_name = space.name
     parent = c.create_run(experiment_id, run_name=f"search-{search_name}",
-                          tags={tracking.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
-                                NOTE_TAG: parent_note(space), **tracking.provenance_tags(base.data.data_dir)})
+                          tags={experiments.SEARCH_TAG: search_name, "crosspt.storage": paths.root,
+                                NOTE_TAG: parent_note(space), **provenance.provenance_tags(base.data.data_dir)})
     parent_run_id = parent.info.run_id
     if not c.get_experiment(experiment_id).tags.get(NOTE_TAG):   # the experiments list shows this line
         c.set_experiment_tag(experiment_id, NOTE_TAG, f"crosspt search `{search_name}`"
                              + (f": {space.description}" if space.description else ""))
     # the runs table opens with its factors and scores through the summary's link (summary.runs_page)
-    tracking.save_search_view(c, experiment_id, search_name, list(space.space), space.objective.metric,
-                              space.objective.mode)
+    ui_view.save_search_view(c, experiment_id, search_name, list(space.space), space.objective.metric,
+                             space.objective.mode)
     # at once: from here on a killed driver leaves a search that --resume can continue
     paths.write_state({"parent_run_id": parent_run_id, **state})
-    tracking.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
-                                           "search.algorithm": space.search.algorithm,
-                                           "search.design": space.design_count(),
-                                           "search.num_samples": space.budget.num_samples,
-                                           "search.scheduler": space.scheduler.type,
-                                           "objective.metric": space.objective.metric,
-                                           "objective.mode": space.objective.mode,
-                                           "space.keys": ",".join(space.space)})
-    c.log_text(parent_run_id, tracking.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
+    run_log.log_params(c, parent_run_id, {"search.name": search_name, "search.seed": space.search.seed,
+                                          "search.algorithm": space.search.algorithm,
+                                          "search.design": space.design_count(),
+                                          "search.num_samples": space.budget.num_samples,
+                                          "search.scheduler": space.scheduler.type,
+                                          "objective.metric": space.objective.metric,
+                                          "objective.mode": space.objective.mode,
+                                          "space.keys": ",".join(space.space)})
+    c.log_text(parent_run_id, run_log.redact(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)),
                "search_space.yaml")
-    c.log_inputs(parent_run_id, datasets=tracking.split_datasets(splits, base.data.data_dir))
+    c.log_inputs(parent_run_id, datasets=provenance.split_datasets(splits, base.data.data_dir))
     return parent_run_id
 
 

@@ -36,7 +36,7 @@ def rdb_storage(optuna_url: str) -> optuna.storages.RDBStorage:
     """The Optuna storage of a search. A new sqlite file is created (tables, alembic version) under a file
     lock beside it: two searches that open the same new `optuna.db` at once otherwise race through the
     table creation and one dies (`UNIQUE constraint failed: alembic_version.version_num`)."""
-    from crosspt.registry.tracking import file_lock, sqlite_path
+    from crosspt.registry.store import file_lock, sqlite_path
 
     db = sqlite_path(optuna_url)
     if db is None:
@@ -257,9 +257,9 @@ class DesignASHA(ASHAScheduler):
         # a replayed result (`trainable.replay_result`) keeps the record of who stopped it the first time
         if (decision == TrialScheduler.STOP and self._tracking_uri and run_id and not result.get("final_epoch")
                 and not result.get("replayed")):
-            from crosspt.registry import tracking
+            from crosspt.registry import best_run, store
 
-            tracking.client(self._tracking_uri).set_tag(run_id, tracking.STOPPED_BY_TAG, tracking.STOPPED_BY_SCHEDULER)
+            store.client(self._tracking_uri).set_tag(run_id, best_run.STOPPED_BY_TAG, best_run.STOPPED_BY_SCHEDULER)
         return decision
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from crosspt.errors import SearchStateError
-from crosspt.registry import tracking
+from crosspt.registry import best_run, experiments, store
 
 
 def tune_trials(root: str) -> list:
@@ -52,11 +52,11 @@ def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trial
     died, and `--resume` has taken them out before its Tune run started. A child whose trial Tune does not
     know at that point is left as it is and counted as `unknown` (one line on stderr): nothing is deleted
     that is not proved an orphan."""
-    c = tracking.client(uri)
+    c = store.client(uri)
     by_id = {t.trial_id: t for t in trials}
     counts = {"orphaned": 0, "closed": 0, "unknown": 0}
-    for run in tracking.child_runs(uri, experiment_id, parent_run_id):
-        tid = run.data.tags.get(tracking.TRIAL_TAG)
+    for run in experiments.child_runs(uri, experiment_id, parent_run_id):
+        tid = run.data.tags.get(experiments.TRIAL_TAG)
         if not tid:                     # not a trial's run
             continue
         rid, t = run.info.run_id, by_id.get(tid)
@@ -82,7 +82,7 @@ def reconcile_child_runs(uri: str, experiment_id: str, parent_run_id: str, trial
             if (t.last_result or {}).get("final_epoch"):
                 c.set_terminated(rid, "FINISHED")
             else:
-                tracking.close_pruned(c, rid, (t.last_result or {}).get("epoch"))
+                best_run.close_pruned(c, rid, (t.last_result or {}).get("epoch"))
         elif status == "ERROR":
             c.set_tag(rid, "error", read_error(t)[:5000])
             c.set_terminated(rid, "FAILED")
@@ -112,7 +112,7 @@ def unfinished_trial_ids(trials: list) -> set[str]:
 
 
 def status_callback(uri: str, experiment_id: str, parent_run_id: str):
-    """Closes child runs the trial itself could not close: ASHA stops (FINISHED + pruned, `tracking.close_pruned`),
+    """Closes child runs the trial itself could not close: ASHA stops (FINISHED + pruned, `best_run.close_pruned`),
     crashes (FAILED)."""
     from ray import tune
 
@@ -121,7 +121,7 @@ def status_callback(uri: str, experiment_id: str, parent_run_id: str):
             from mlflow.exceptions import MlflowException
 
             try:
-                run = tracking.find_trial_run(uri, experiment_id, parent_run_id, trial.trial_id)
+                run = experiments.find_trial_run(uri, experiment_id, parent_run_id, trial.trial_id)
             # the store did not answer (its error, or the HTTP client's: an OSError). Raised here, it would
             # end the whole search from inside Tune's loop; the end-of-search reconciliation closes the run
             except (MlflowException, OSError) as e:
@@ -130,9 +130,9 @@ def status_callback(uri: str, experiment_id: str, parent_run_id: str):
                 return
             if run is None or run.info.status != "RUNNING":
                 return
-            c = tracking.client(uri)
+            c = store.client(uri)
             if pruned:
-                tracking.close_pruned(c, run.info.run_id, (trial.last_result or {}).get("epoch"))
+                best_run.close_pruned(c, run.info.run_id, (trial.last_result or {}).get("epoch"))
                 return
             if error:
                 c.set_tag(run.info.run_id, "error", str(error)[:5000])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from crosspt.config.space import SearchSpace
-from crosspt.registry import tracking
+from crosspt.registry import best_run, experiments, run_log, ui_view
 
 
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?([A-Z]\w*(?:Error|Exception|Diverged|Fault|NotRetried|Exit)\b.*)$")
@@ -52,7 +52,7 @@ def summarize(results, space: SearchSpace, trials: list | None = None) -> dict:
             "params": {k: v for k, v in (r.config or {}).items()},
             "error": error_line(r.error) if r.error else "",
         })
-    # tracking.BEST_RULE: a stopped trial's score is from fewer epochs, not comparable with a finished one's
+    # registry.best_run's rule: a stopped trial's score is from fewer epochs, not comparable with a finished one's
     scored = [x for x in rows if x["status"] == "FINISHED" and isinstance(x[obj.metric], (int, float))
               and not math.isnan(x[obj.metric])]
     best = (max if obj.mode == "max" else min)(scored, key=lambda x: x[obj.metric]) if scored else None
@@ -91,11 +91,11 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None
     """The parent run's record of the finished search: trials.csv and its table, counts, the best trial's
     score, params and run id, the description."""
     trials, metric_key = summary["trials"], space.objective.metric
-    # the one rule (tracking.best_finished_child, which `promote` uses too) picks the best, ties included: Tune's
+    # the one rule (best_run.best_finished_child, which `promote` uses too) picks the best, ties included: Tune's
     # row order and MLflow's start-time order can break a tie differently
-    run = tracking.best_finished_child(c, summary["experiment_id"], metric_key, space.objective.mode, parent_run_id)
+    run = best_run.best_finished_child(c, summary["experiment_id"], metric_key, space.objective.mode, parent_run_id)
     if run is not None:
-        tid = run.data.tags.get(tracking.TRIAL_TAG)
+        tid = run.data.tags.get(experiments.TRIAL_TAG)
         summary["best"] = next((t for t in trials if t["trial_id"] == tid), summary["best"])
     best = summary["best"]
     keys = sorted({k for t in trials for k in t["params"]})
@@ -108,18 +108,18 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None
     # the same rows as an MLflow table: the UI's artifact view shows it as a sortable table
     c.log_table(parent_run_id, {col: [str(r[i]) if r[i] is not None else "" for r in rows]
                                 for i, col in enumerate(columns)}, "trials.json")
-    tracking.log_metrics(c, parent_run_id, {"num_trials": summary["num_trials"], "num_failed": summary["num_failed"],
-                                            "num_stopped": summary["num_stopped"], "wall_s": summary["wall_s"]})
+    run_log.log_metrics(c, parent_run_id, {"num_trials": summary["num_trials"], "num_failed": summary["num_failed"],
+                                           "num_stopped": summary["num_stopped"], "wall_s": summary["wall_s"]})
     if best:
         # named as on the child runs: the parent's `best_val_score` is the best trial's `best_val_score`
         # (the objective), its `test_score` that trial's test score; the trial is the `best.trial` param
         tested = {"test_score": best["test_score"]} if best["test_score"] is not None else {}
-        tracking.log_metrics(c, parent_run_id, {metric_key: best[metric_key], **tested})
-        tracking.log_params(c, parent_run_id, {"best.trial": best.get("trial", best["trial_id"]),
-                                               **{f"best.{k}": v for k, v in best["params"].items()}})
-        if run is None or run.data.tags.get(tracking.TRIAL_TAG) != best["trial_id"]:
-            run = tracking.find_trial_run(summary["tracking_uri"], summary["experiment_id"], parent_run_id,
-                                          best["trial_id"])
+        run_log.log_metrics(c, parent_run_id, {metric_key: best[metric_key], **tested})
+        run_log.log_params(c, parent_run_id, {"best.trial": best.get("trial", best["trial_id"]),
+                                              **{f"best.{k}": v for k, v in best["params"].items()}})
+        if run is None or run.data.tags.get(experiments.TRIAL_TAG) != best["trial_id"]:
+            run = experiments.find_trial_run(summary["tracking_uri"], summary["experiment_id"], parent_run_id,
+                                             best["trial_id"])
         if run:
             c.set_tag(parent_run_id, "crosspt.best_run_id", run.info.run_id)
             summary["best_run_id"] = run.info.run_id
@@ -156,10 +156,10 @@ def runs_page(summary: dict) -> str:
     """Where the search's runs table is in the MLflow UI. MLflow 3.17's UI has a global GenAI / Model
     training switch (GenAI by default) that wins over the experiment's `mlflow.experimentKind` tag, so the
     link names the workflow, and the search's saved view (its factors and scores as columns,
-    `tracking.save_search_view`); for a sqlite store, behind `mlflow ui --backend-store-uri URI`."""
+    `ui_view.save_search_view`); for a sqlite store, behind `mlflow ui --backend-store-uri URI`."""
     uri = summary["tracking_uri"]
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    view = f"&viewStateShareKey={tracking.view_key(summary['search'])}" if summary.get("search") else ""
+    view = f"&viewStateShareKey={ui_view.view_key(summary['search'])}" if summary.get("search") else ""
     return f"{base}/#/experiments/{summary['experiment_id']}/runs?workflowType=machine_learning{view}"
 
 

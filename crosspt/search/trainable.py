@@ -19,7 +19,8 @@ from typing import Any
 from crosspt.config.schema import RunConfig, config_hash, config_to_yaml
 from crosspt.config.space import SearchSpace
 from crosspt.errors import CrossPTError, first_in_chain
-from crosspt.registry import tracking as T
+from crosspt.registry import best_run, provenance, run_log, store
+from crosspt.registry.trial_logger import TrialLogger, train_callback
 from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE
 from crosspt.run.loop import Session, TrainingDiverged, data_preparations
 from crosspt.run.shipping import localise, shipped_splits
@@ -43,7 +44,7 @@ class TuneSession(Session):
     trial waits 2 s for it, then is replaced by a new one; a stopped actor waits for nothing). A trial
     stopped early (ASHA) learns it inside a report, so it can only upload its prompts, without the plot."""
 
-    def __init__(self, logger: T.TrialLogger | None, use_gpu: bool, started: tuple[float, float] | None = None,
+    def __init__(self, logger: TrialLogger | None, use_gpu: bool, started: tuple[float, float] | None = None,
                  prepared: int | None = None):
         import torch
 
@@ -87,7 +88,7 @@ class TuneSession(Session):
             if self._prompts is not None and plots:
                 self.logger.log_prompts(self._prompts)
             elif self._prompts is not None:
-                T.client(self.logger.uri).log_artifact(self.logger.run_id, str(self._prompts / BEST_FILE), "prompts")
+                store.client(self.logger.uri).log_artifact(self.logger.run_id, str(self._prompts / BEST_FILE), "prompts")
         finally:
             self.discard_prompts()
         self._log_timing()
@@ -129,7 +130,8 @@ class TuneSession(Session):
             timing["eval_s"], timing["eval_cpu_s"] = clock["eval_s"], clock["eval_cpu_s"]
         if "assess_s" in clock:          # the assessment pass (part of eval_s): what `data.assess_rows` costs
             timing["assess_s"] = clock["assess_s"]
-        T.log_metrics(T.client(self.logger.uri), self.logger.run_id, {TIMING_PREFIX + k: v for k, v in timing.items()})
+        run_log.log_metrics(store.client(self.logger.uri), self.logger.run_id,
+                            {TIMING_PREFIX + k: v for k, v in timing.items()})
 
 
 TIMING_PREFIX = "trial."
@@ -176,8 +178,8 @@ def run_trial(params: dict, ctx: dict) -> None:
         from crosspt.config.liveness import is_live
 
         # a router's temperature is logged only where it acts (the liveness table); plots check themselves
-        logger = T.TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
-                               run_name=name, routed=is_live("prompt.temperature.start", cfg))
+        logger = TrialLogger(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial_id, number,
+                             run_name=name, routed=is_live("prompt.temperature.start", cfg))
         prior = logger.find()             # an earlier attempt: a Tune retry, or a search restored after a crash
         if prior is not None and prior.info.status == "FINISHED":
             _replay_finished(prior, logger)   # it completed, but the dead driver had not recorded that: no rerun
@@ -219,7 +221,7 @@ def run_trial(params: dict, ctx: dict) -> None:
         logger.finish("FINISHED")
 
 
-def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict,
+def _start_run(logger: TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: SearchSpace, params: dict,
                splits: dict | None, phase_tags: dict[str, str] | None = None) -> dict:
     """A new trial's child run (params, config, tags, dataset inputs); returns its k-shot splits (the
     shipped ones, else drawn once here): logged as the run's inputs and trained on.
@@ -234,12 +236,12 @@ def _start_run(logger: T.TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space:
         _, splits = prepare_data(run_cfg)
     revision = backbone_revision(run_cfg.backbone.name)
     logger.start(logged_params(cfg, space, params), config_to_yaml(cfg),
-                 datasets=T.split_datasets(splits, cfg.data.data_dir),
-                 tags={"crosspt.sampled": T.redact(json.dumps(params, default=str))[:5000],
-                       T.CONFIG_HASH_TAG: config_hash(cfg), "crosspt.tasks": ",".join(cfg.tasks),
-                       "crosspt.backbone": T.redact(cfg.backbone.name),
-                       **({T.BACKBONE_REVISION_TAG: revision} if revision else {}),
-                       **(phase_tags or {}), **T.provenance_tags(cfg.data.data_dir)})
+                 datasets=provenance.split_datasets(splits, cfg.data.data_dir),
+                 tags={"crosspt.sampled": run_log.redact(json.dumps(params, default=str))[:5000],
+                       provenance.CONFIG_HASH_TAG: config_hash(cfg), "crosspt.tasks": ",".join(cfg.tasks),
+                       "crosspt.backbone": run_log.redact(cfg.backbone.name),
+                       **({provenance.BACKBONE_REVISION_TAG: revision} if revision else {}),
+                       **(phase_tags or {}), **provenance.provenance_tags(cfg.data.data_dir)})
     return splits
 
 
@@ -265,13 +267,13 @@ def deterministic_failure(exc: BaseException) -> bool:
     return first_in_chain(exc, (TrainingDiverged, CrossPTError)) is not None
 
 
-def _replay_finished(run, logger: T.TrialLogger) -> None:
+def _replay_finished(run, logger: TrialLogger) -> None:
     """Report a completed trial's final metrics (from its child run) again instead of training it again;
     the run keeps its status and end time and gets a `crosspt.replayed` count."""
     from ray import tune
 
-    T.client(logger.uri).set_tag(run.info.run_id, "crosspt.replayed",
-                                 str(int(run.data.tags.get("crosspt.replayed", "0")) + 1))
+    store.client(logger.uri).set_tag(run.info.run_id, "crosspt.replayed",
+                                     str(int(run.data.tags.get("crosspt.replayed", "0")) + 1))
     tune.report(replay_result(run))
 
 
@@ -281,7 +283,7 @@ def replay_result(run) -> dict[str, Any]:
     `pruned`) replays as stopped early, so the searcher records it PRUNED in Optuna, never COMPLETE with a
     partial score that TPE would learn from as a full run's."""
     m: dict[str, Any] = dict(run.data.metrics)
-    m.update({"final_epoch": not T.is_pruned(run), "replayed": True, MLFLOW_RUN_KEY: run.info.run_id})
+    m.update({"final_epoch": not best_run.is_pruned(run), "replayed": True, MLFLOW_RUN_KEY: run.info.run_id})
     if "epoch" in m:
         m["training_iteration"] = int(m["epoch"]) + 1      # as many iterations as epochs, as in the first run
     return m
@@ -295,7 +297,7 @@ def _fit_trainer_in_trial(cfg: RunConfig, trial_id: str, ctx: dict, logger, spli
     from crosspt.run.loop import ray_worker_loop
     from crosspt.run.trainer import train_scaling
 
-    callbacks = [TuneReportCallback()] + ([T.train_callback(logger)] if logger else [])
+    callbacks = [TuneReportCallback()] + ([train_callback(logger)] if logger else [])
     trainer = TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "shipped": ctx.get("shipped"), "splits": splits},

@@ -142,7 +142,7 @@ def build_report(title: str, metric: str, mode: str, factors: list[Factor], rows
                  best_trial_id: str | None, running: bool = False, algorithm: str | None = None,
                  rung_epoch: int | None = None) -> Report:
     """Every number of the report from plain rows; `best_trial_id` comes from the one best-trial rule
-    (`crosspt.registry.tracking.best_finished_child`); rows carry their rung value when `rung_epoch` is
+    (`crosspt.registry.best_run.best_finished_child`); rows carry their rung value when `rung_epoch` is
     set (a search that pruned trials)."""
     done = finished(rows)
     counts = {s: sum(r.state == s for r in rows) for s in ("FINISHED", "PRUNED", "FAILED", "RUNNING")}

@@ -95,21 +95,21 @@ def find_parent(c, experiment: str | None = None, parent_run_id: str | None = No
     from mlflow.exceptions import MlflowException
 
     from crosspt.errors import ConfigError
-    from crosspt.registry import tracking
+    from crosspt.registry import experiments
 
     if parent_run_id:
         try:
             run = c.get_run(parent_run_id)
         except MlflowException:
             raise ConfigError(f"no MLflow run '{parent_run_id}'") from None
-        if tracking.SEARCH_TAG not in run.data.tags:
+        if experiments.SEARCH_TAG not in run.data.tags:
             raise ConfigError(f"run '{parent_run_id}' is not a search's parent run "
-                              f"(no {tracking.SEARCH_TAG} tag)")
+                              f"(no {experiments.SEARCH_TAG} tag)")
         return run
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no MLflow experiment '{experiment}'")
-    latest = tracking.latest_search(c, exp.experiment_id)
+    latest = experiments.latest_search(c, exp.experiment_id)
     if latest is None:
         raise ConfigError(f"experiment '{experiment}' has no search run")
     return latest
@@ -145,9 +145,9 @@ def _space_tree(c, parent) -> dict:
 def load_search(uri: str, experiment: str | None = None, parent_run_id: str | None = None) -> SearchRows:
     """One search's rows from MLflow: its parent run, factors (the logged space), searcher, objective,
     children, and each finished or pruned child's objective at the common rung."""
-    from crosspt.registry import tracking
+    from crosspt.registry import best_run, experiments, store
 
-    c = tracking.client(uri)
+    c = store.client(uri)
     parent = find_parent(c, experiment, parent_run_id)
     pid, eid = parent.info.run_id, parent.info.experiment_id
     space_tree = _space_tree(c, parent)
@@ -155,11 +155,11 @@ def load_search(uri: str, experiment: str | None = None, parent_run_id: str | No
     mode = parent.data.params.get("objective.mode", "max")
     algorithm = parent.data.params.get("search.algorithm") or (space_tree.get("search") or {}).get("algorithm")
     factors = _factors(space_tree)
-    rows = [_row_of(r, factors, metric) for r in tracking.child_runs(uri, eid, pid)]
+    rows = [_row_of(r, factors, metric) for r in experiments.child_runs(uri, eid, pid)]
     rung = common_rung(c, rows, metric)
-    best = tracking.best_finished_child(c, eid, metric, mode, parent_run_id=pid)
-    return SearchRows(parent.data.tags.get(tracking.SEARCH_TAG, pid), pid, metric, mode, factors, rows,
-                      best.data.tags.get(tracking.TRIAL_TAG) if best else None, parent.info.status == "RUNNING",
+    best = best_run.best_finished_child(c, eid, metric, mode, parent_run_id=pid)
+    return SearchRows(parent.data.tags.get(experiments.SEARCH_TAG, pid), pid, metric, mode, factors, rows,
+                      best.data.tags.get(experiments.TRIAL_TAG) if best else None, parent.info.status == "RUNNING",
                       algorithm, rung)
 
 
@@ -224,14 +224,14 @@ def report_search(uri: str, *, experiment: str | None = None, parent_run_id: str
     report.html, report.json and the PNGs under the parent run's `report/`, its tables, the importance
     plot; with `optuna_url` and `study_name`, the importances on the study too. Returns the report and
     report.md's path."""
-    from crosspt.registry import tracking
+    from crosspt.registry import store
 
     s = load_search(uri, experiment, parent_run_id)
     rep = build_report(s.title, s.metric, s.mode, s.factors, s.rows, s.best_trial_id, s.running, s.algorithm,
                        s.rung_epoch)
     md = write_report(rep, out or f"report-{s.parent_run_id[:8]}")
     if log:
-        c = tracking.client(uri)
+        c = store.client(uri)
         c.log_artifacts(s.parent_run_id, str(md.parent), REPORT_DIR)
         if rep.enough:
             logged = {a.path for a in c.list_artifacts(s.parent_run_id, REPORT_DIR)}
