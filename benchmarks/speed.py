@@ -169,7 +169,8 @@ def _rss_backbone(cfg, tasks, s: BenchSettings, with_data: bool, prompt_len: int
     prompt = FixedPrompt(torch.zeros(prompt_len, bb.embed_dim)) if prompt_len else EmptyPrompt(1, bb.embed_dim)
     model = CrossPTModel(prompt, bb).eval()
     if with_data:
-        from crosspt.run.loop import LocalSession, evaluate, prepare_data
+        from crosspt.run.inputs import prepare_data
+        from crosspt.run.loop import LocalSession, evaluate
 
         _, splits = prepare_data(cfg)
         with tempfile.TemporaryDirectory() as d:

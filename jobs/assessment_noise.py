@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crosspt.config.schema import load_config  # noqa: E402
-from crosspt.run import loop  # noqa: E402
+from crosspt.run import inputs, loop  # noqa: E402
 
 BASE = {"backbone.name": "minilm", "backbone.max_length": 64, "data.shots": 16, "data.max_test": 300,
         "prompt.n_sources": 0, "prompt.private_len": 8, "prompt.init": "vocab", "optim.prompt_lr": 0.03,
@@ -42,7 +42,7 @@ BASE = {"backbone.name": "minilm", "backbone.max_length": 64, "data.shots": 16, 
 def one_run(tasks: list[str], seed: int, epochs: int, assess, data_dir: str) -> dict:
     cfg = load_config(None, {**BASE, "tasks": tasks, "seed": seed, "train.epochs": epochs,
                              "data.assess_rows": assess, "data.data_dir": data_dir})
-    _, splits = loop.prepare_data(cfg)
+    _, splits = inputs.prepare_data(cfg)
     with tempfile.TemporaryDirectory(prefix="crosspt_noise_") as tmp:
         session = loop.LocalSession(Path(tmp))
         t0, c0 = time.time(), time.process_time()

@@ -463,7 +463,7 @@ def measure_concurrency(a, backbone_dir: Path, data_dir: Path, use_gpu: bool) ->
         row = {"concurrency": c, "trials": len(trials), "failed": failed, "wall_s": wall,
                "trials_per_hour": len(trials) / wall * 3600, "median_trial_s": med("wall_s"),
                "start_to_first_step_s": med("start_to_first_step_s"),
-               # a process's later trials find the frozen backbone loaded (`crosspt.run.loop._KeptBackbone`)
+               # a process's later trials find the frozen backbone loaded (`crosspt.run.backbone_cache`)
                "start_to_first_step_later_s": med("start_to_first_step_s", [x for x in trials if x["wave"] > 0]),
                "last_step_to_end_s": med("last_step_to_end_s"),
                "eval_share": (sum(x["eval_s"] for x in trials) / sum(x["wall_s"] for x in trials)) if trials else float("nan"),

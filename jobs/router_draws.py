@@ -92,7 +92,7 @@ def model_stats(args, temps: dict[str, float]) -> dict:
     from crosspt.backbones.loader import load_for_config
     from crosspt.bench.harness import leave_one_out_bank
     from crosspt.run.artifacts import load_bank
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
     from crosspt.run.model import build_model
 
     cfg = load_config(None, {"tasks": ["rte"], "backbone.name": "minilm", "backbone.max_length": 64,

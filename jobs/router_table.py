@@ -28,7 +28,8 @@ from crosspt.backbones.loader import load_for_config  # noqa: E402
 from crosspt.config.schema import load_config  # noqa: E402
 from crosspt.method import composition as C  # noqa: E402
 from crosspt.run.artifacts import save_bank  # noqa: E402
-from crosspt.run.loop import LocalSession, load_source_bank, prepare_data, run_loop  # noqa: E402
+from crosspt.run.inputs import load_source_bank, prepare_data  # noqa: E402
+from crosspt.run.loop import LocalSession, run_loop  # noqa: E402
 from crosspt.run.model import build_model  # noqa: E402
 from crosspt.tasks.metrics import primary_metric  # noqa: E402
 

@@ -23,7 +23,7 @@ from crosspt.config.schema import load_config, parse_value  # noqa: E402
 from crosspt.tasks.specs import get_task  # noqa: E402
 from crosspt.tasks.metrics import compute_metrics, primary_metric  # noqa: E402
 from crosspt.run.trainer import train  # noqa: E402
-from crosspt.run.loop import prepare_data  # noqa: E402
+from crosspt.run.inputs import prepare_data  # noqa: E402
 
 
 def untrained(cfg, task_name: str) -> tuple[dict, float]:

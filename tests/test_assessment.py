@@ -95,7 +95,7 @@ def test_assessment_never_steers_training_or_selection(minilm_path, data_dir, tm
     """The same run with and without its assessment split: identical epochs, validation scores, best epoch,
     selected state and test score; the assessment metrics appear once, in the last report, and the result
     carries them (assess_score: mean over tasks of each task's main metric, like test_score)."""
-    from crosspt.run import loop
+    from crosspt.run import inputs, loop
     from crosspt.tasks.metrics import primary_metric
     from crosspt.tasks.specs import get_task
 
@@ -103,7 +103,7 @@ def test_assessment_never_steers_training_or_selection(minilm_path, data_dir, tm
                              "backbone.max_length": 48, "data.data_dir": str(data_dir), "data.shots": 4,
                              "data.max_test": 16, "data.assess_rows": 24, "train.epochs": 4, "train.patience": 2,
                              "optim.prompt_lr": 0.3})
-    _, splits = loop.prepare_data(cfg)
+    _, splits = inputs.prepare_data(cfg)
     without = {t: {k: v for k, v in s.items() if k != "assess"} for t, s in splits.items()}
     runs = {}
     for name, sp in (("with", splits), ("without", without)):

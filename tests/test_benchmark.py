@@ -36,7 +36,7 @@ def _settings(data_dir, backbone="minilm", **kw) -> BenchSettings:
 
 # ---- same k-shot samples for every method ------------------------------------------------------------
 def test_every_method_sees_the_same_samples(data_dir):
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
 
     s = _settings(data_dir)
     for seed in (0, 1):
@@ -274,17 +274,17 @@ def test_mpt_source_stage_starts_from_the_pretrained_sources(minilm_path):
 # ---- the split cache ----------------------------------------------------------------------------------
 def test_jobs_of_one_runner_draw_the_splits_once(data_dir, tiny_t5_path, monkeypatch):
     """Two methods on the same task, k and seed: one k-shot draw, reused by the run loop too."""
-    import crosspt.run.loop as loop
+    from crosspt.run import inputs
 
     calls = []
-    real = loop.prepare_data
+    real = inputs.prepare_data
 
     def counting(cfg, splits=None):                  # a draw is a call without precomputed splits
         if splits is None:
             calls.append(cfg.name)
         return real(cfg, splits=splits)
 
-    monkeypatch.setattr(loop, "prepare_data", counting)
+    monkeypatch.setattr(inputs, "prepare_data", counting)
     st = dataclasses.asdict(_settings(data_dir, backbone=tiny_t5_path, max_test=4))
     runner = J.JobRunner()
     recs = [runner.run({"method": m, "task": "rte", "k": 4, "seed": 0, "lr": 0.3, "settings": st})

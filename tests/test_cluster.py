@@ -379,11 +379,11 @@ def test_k_shot_splits_are_drawn_once_per_data_key_and_shipped_by_key(data_dir, 
     """The driver draws a search's k-shot splits once per data key (tasks, seed, shots, ...), not per trial:
     configurations that differ in anything else share one draw; a trial whose key was not drawn draws its
     own (nothing is fetched for it)."""
-    from crosspt.run import loop, shipping
+    from crosspt.run import inputs, shipping
 
     seeds = []
-    real = loop.prepare_data
-    monkeypatch.setattr(loop, "prepare_data", lambda cfg, splits=None: seeds.append(cfg.seed) or real(cfg, splits))
+    real = inputs.prepare_data
+    monkeypatch.setattr(inputs, "prepare_data", lambda cfg, splits=None: seeds.append(cfg.seed) or real(cfg, splits))
     base = load_config(None, {"tasks": ["rte"], "data.data_dir": str(data_dir), "data.shots": 4})
     other_lr = load_config(None, {"tasks": ["rte"], "data.data_dir": str(data_dir), "data.shots": 4,
                                   "optim.prompt_lr": 0.2, "prompt.private_len": 3})

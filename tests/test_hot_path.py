@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from crosspt.config.schema import load_config
-from crosspt.run import loop
+from crosspt.run import backbone_cache, inputs, loop
 from benchmarks.syncs import count_host_syncs
 
 
@@ -109,16 +109,16 @@ def test_a_process_reuses_its_frozen_backbone_with_fresh_heads(minilm_path, data
     loads = []
     real = loader.load_for_config
     monkeypatch.setattr(loader, "load_for_config", lambda *a, **k: loads.append(1) or real(*a, **k))
-    monkeypatch.setattr(loop, "_backbones", loop._KeptBackbone())
+    monkeypatch.setattr(backbone_cache, "kept", backbone_cache.KeptBackbone())
     cfg = _cfg("minilm", data_dir, **{"tasks": ["rte", "stsb"], "data.shots": 2, "data.max_test": 8,
                                       "prompt.private_len": 4, "optim.head_lr": 0.5})
     first = loop.run_loop(cfg, loop.LocalSession(tmp_path / "a"))
-    kept = loop._backbones.backbone
-    assert len(loads) == 1 and not loop._backbones.busy
-    assert any(not torch.equal(p, initial) for p, initial in zip(kept.head_parameters(), loop._backbones.heads))
+    kept = backbone_cache.kept.backbone
+    assert len(loads) == 1 and not backbone_cache.kept.busy
+    assert any(not torch.equal(p, initial) for p, initial in zip(kept.head_parameters(), backbone_cache.kept.heads))
     second = loop.epochs(cfg, loop.LocalSession(tmp_path / "b"))
     next(second)                                          # set up, epoch 0 trained: it holds the kept backbone
-    assert len(loads) == 1 and loop._backbones.busy and loop._backbones.backbone is kept
+    assert len(loads) == 1 and backbone_cache.kept.busy and backbone_cache.kept.backbone is kept
     third = loop.run_loop(cfg, loop.LocalSession(tmp_path / "c"))
     assert len(loads) == 2                                # the kept one was taken: its own load
     second = _finish(second)
@@ -151,7 +151,7 @@ def test_each_example_is_tokenised_once_per_run(which, tiny_t5_path, minilm_path
     from crosspt.tasks.specs import format_input, resolve_tasks
 
     cfg = _cfg(tiny_t5_path if which == "t5" else "minilm", data_dir, **{"prompt.private_len": 4})
-    tasks, splits = loop.prepare_data(cfg)
+    tasks, splits = inputs.prepare_data(cfg)
     model = build_model(cfg, tasks, backbone=load_for_config(cfg, resolve_tasks(cfg.tasks)))
     counting = _CountingTokenizer(model.backbone.tokenizer)
     model.backbone.tokenizer = counting
@@ -203,7 +203,7 @@ def test_a_kept_backbone_goes_to_one_run_at_a_time(tiny_t5_path, data_dir):
 
     cfg = _cfg(tiny_t5_path, data_dir, **{"prompt.private_len": 4})
     tasks, device = resolve_tasks(cfg.tasks), torch.device("cpu")
-    kept = loop._KeptBackbone()
+    kept = backbone_cache.KeptBackbone()
     kept.release(kept.take(cfg, tasks, device))
     n = 8
     start = threading.Barrier(n)

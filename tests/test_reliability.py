@@ -477,7 +477,7 @@ def test_no_secret_reaches_mlflow_params_or_tags(faulty_search):
 
 
 def test_fault_hook_is_parsed_strictly():
-    from crosspt.run.loop import parse_faults
+    from crosspt.run.faults import parse_faults
 
     assert parse_faults("raise@epoch=1,run=t1;nan@epoch=0,rank=1") == [
         {"kind": "raise", "epoch": 1, "run": "t1"}, {"kind": "nan", "epoch": 0, "rank": 1}]
@@ -782,7 +782,7 @@ def test_artifacts_are_checked_against_the_config(tiny_t5_path, tiny_decoder_pat
     from crosspt.config.schema import config_hash
     from crosspt.run.model import build_model
     from crosspt.tasks.specs import resolve_tasks
-    from crosspt.run.loop import load_source_bank
+    from crosspt.run.inputs import load_source_bank
 
     cfg = load_config(None, {"tasks": ["rte"], "backbone.name": str(tiny_t5_path), "prompt.n_sources": 2,
                              "prompt.source_len": 4, "prompt.private_len": 4, "data.data_dir": str(data_dir)})

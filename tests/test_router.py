@@ -335,7 +335,7 @@ def _bank(tmp_path, dim: int):
 
 
 def test_include_own_source_false_leaves_the_targets_out(tmp_path):
-    from crosspt.run.loop import load_source_bank
+    from crosspt.run.inputs import load_source_bank
     from crosspt.tasks.specs import resolve_tasks
 
     path, prompts = _bank(tmp_path, 4)
@@ -348,7 +348,7 @@ def test_include_own_source_false_leaves_the_targets_out(tmp_path):
 
 
 def test_own_source_init_starts_each_task_from_its_own_source(tmp_path):
-    from crosspt.run.loop import load_own_sources
+    from crosspt.run.inputs import load_own_sources
     from crosspt.tasks.specs import resolve_tasks
 
     path, prompts = _bank(tmp_path, 4)
@@ -417,7 +417,8 @@ def _planted_setup(data_dir, seed: int):
     import tempfile
 
     from crosspt.backbones.loader import load_for_config
-    from crosspt.run.loop import LocalSession, prepare_data, run_loop
+    from crosspt.run.inputs import prepare_data
+    from crosspt.run.loop import LocalSession, run_loop
     from crosspt.run.model import build_model
 
     base = {"tasks": ["sst2"], "backbone.name": "minilm", "backbone.max_length": 32, "data.data_dir": str(data_dir),

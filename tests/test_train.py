@@ -73,20 +73,20 @@ def test_run_loop_trains_on_precomputed_splits(tiny_t5_path, data_dir, tmp_path,
     """`splits=`: the loop takes the k-shot splits it is handed and reads no data; splits of other
     tasks are refused."""
     from crosspt.errors import ConfigError
-    from crosspt.run import loop
+    from crosspt.run import inputs, loop
 
     cfg = tiny_cfg(tiny_t5_path, data_dir, **{"train.epochs": 1, "prompt.n_sources": 0})
-    _, splits = loop.prepare_data(cfg)
+    _, splits = inputs.prepare_data(cfg)
     fewer = {t: {**s, "train": s["train"][:3]} for t, s in splits.items()}     # 6 examples: one batch of 8
 
     def no_reading(*a, **k):
         raise AssertionError("make_splits called although splits were given")
 
-    monkeypatch.setattr(loop, "make_splits", no_reading)
+    monkeypatch.setattr(inputs, "make_splits", no_reading)
     result = loop.run_loop(cfg, loop.LocalSession(tmp_path), splits=fewer)
     assert result["history"][-1]["global_step"] == 1
     with pytest.raises(ConfigError, match="precomputed splits"):
-        loop.prepare_data(cfg, splits={"sst2": splits["sst2"]})
+        inputs.prepare_data(cfg, splits={"sst2": splits["sst2"]})
 
 
 @pytest.mark.slow

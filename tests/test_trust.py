@@ -283,7 +283,7 @@ def test_source_pretraining_never_sees_a_target_validation_row(task, shots, data
     disjoint, for every seed. Before: the same seed drew the same rows, so an own-source init had been
     trained (and early-stopped) on the target's very validation rows."""
     from crosspt.registry.sources import source_config
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
 
     for seed in range(4):
         target = load_config(None, {"tasks": [task], "data.shots": shots, "seed": seed,
@@ -307,7 +307,7 @@ def test_config_before_train_pool_keeps_its_rows_and_hash(data_dir):
     """A config.yaml written before `data.train_pool` (a run's, a bundle's) reads as `all`: the hash it had,
     the validation rows it drew. Read as a new config, the same file draws its validation rows from the
     target half: another configuration, another hash."""
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
     from crosspt.tasks.data import make_splits
 
     text = (HERE / "stored_configs" / "before_train_pool.yaml").read_text()

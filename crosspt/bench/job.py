@@ -28,7 +28,7 @@ class SplitCache:
 
     def get(self, cfg) -> tuple[list, dict]:
         """`(tasks, splits)` as `prepare_data(cfg)` returns them."""
-        from crosspt.run.loop import prepare_data
+        from crosspt.run.inputs import prepare_data
 
         key = json.dumps([cfg.tasks, cfg.seed, cfg.data.model_dump(mode="json")], sort_keys=True)
         if key not in self._splits:

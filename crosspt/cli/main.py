@@ -106,7 +106,7 @@ def train_run_logger(cfg):
     parent and trial tags."""
     from crosspt.config.schema import config_hash, config_to_yaml
     from crosspt.registry import experiments, provenance, store, trial_logger
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
     from crosspt.search.params import trial_params
 
     uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)

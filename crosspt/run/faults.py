@@ -3,9 +3,10 @@
 production signature carries them: the loop and the driver ask this module, and the Ray job forwards
 `CROSSPT_FAULT` to every worker with the other forwarded variables (`crosspt.run.trainer.init_ray`).
 
-A spec names a fault and when it fires; the training loop asks at two points of each epoch:
-`inject_at_epoch_start` (before the first batch: `raise`, `exit`) and `poisons_first_loss` (the first
-loss of the epoch becomes NaN, so the loop's real divergence check stops the run).
+A spec names a fault and when it fires. The training loop holds one `Drill` per run (`drill_for`) and
+calls it at two points, knowing nothing of the faults: `epoch_start` (before the first batch: `raise`,
+`exit`) and `loss`, which every step's loss passes through (`nan`: the first loss of the epoch becomes NaN,
+so the loop's real divergence check stops the run).
 """
 from __future__ import annotations
 
@@ -54,11 +55,6 @@ def parse_faults(spec: str | None) -> list[dict]:
     return faults
 
 
-def active_faults() -> list[dict]:
-    """The faults `$CROSSPT_FAULT` asks for (none when unset)."""
-    return parse_faults(os.environ.get(FAULT_ENV))
-
-
 def check_drills() -> None:
     """ValueError naming a malformed `CROSSPT_FAULT` or `CROSSPT_DRIVER_KILL` (checked by the driver before
     anything starts, so a drill never fails half-way through a search)."""
@@ -89,16 +85,33 @@ def _fires(faults: list[dict], kind: str, *, run_name: str, rank: int, epoch: in
     return False
 
 
-def inject_at_epoch_start(faults: list[dict], *, run_name: str, rank: int, epoch: int) -> None:
-    """Injection point 1, before the epoch's first batch: `raise` raises, `exit` kills the process."""
-    if not faults:
-        return
-    if _fires(faults, "raise", run_name=run_name, rank=rank, epoch=epoch):
-        raise InjectedFault(f"injected fault ({FAULT_ENV}) at epoch {epoch} of {run_name}")
-    if _fires(faults, "exit", run_name=run_name, rank=rank, epoch=epoch):
-        os._exit(_EXIT_CODE)
+class Drill:
+    """The faults one run meets (`run_name` on `rank`), at the loop's two points. With no fault asked for,
+    both points hand back at once, so a run without a drill trains exactly as one without this hook."""
+
+    def __init__(self, faults: list[dict], run_name: str, rank: int):
+        self.faults, self.run_name, self.rank = faults, run_name, rank
+        self._poison = False               # the next loss becomes NaN (`nan`, armed by `epoch_start`)
+
+    def epoch_start(self, epoch: int) -> None:
+        """Before the epoch's first batch: `raise` raises, `exit` kills the process, `nan` arms `loss`."""
+        if not self.faults:
+            return
+        where = {"run_name": self.run_name, "rank": self.rank, "epoch": epoch}
+        if _fires(self.faults, "raise", **where):
+            raise InjectedFault(f"injected fault ({FAULT_ENV}) at epoch {epoch} of {self.run_name}")
+        if _fires(self.faults, "exit", **where):
+            os._exit(_EXIT_CODE)
+        self._poison = _fires(self.faults, "nan", **where)
+
+    def loss(self, loss):
+        """A training step's loss (a device tensor), NaN once after `epoch_start` armed `nan`. No host read."""
+        if self._poison:
+            self._poison = False
+            return loss * float("nan")
+        return loss
 
 
-def poisons_first_loss(faults: list[dict], *, run_name: str, rank: int, epoch: int) -> bool:
-    """Injection point 2: whether the epoch's first loss is to become NaN (`nan`)."""
-    return bool(faults) and _fires(faults, "nan", run_name=run_name, rank=rank, epoch=epoch)
+def drill_for(run_name: str, rank: int) -> Drill:
+    """The drill `$CROSSPT_FAULT` asks of this run (one that does nothing when it is unset)."""
+    return Drill(parse_faults(os.environ.get(FAULT_ENV)), run_name, rank)

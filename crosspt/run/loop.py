@@ -10,12 +10,13 @@
 
 What the loop needs from its host is small (rank, world size, where a checkpoint goes, how an epoch is
 reported): a `Session` (`crosspt.run.session`). Validation and test metrics cover the WHOLE split
-(`crosspt.run.evaluation`). Everything that changes from epoch to epoch is in the one `TrainState`.
+(`crosspt.run.evaluation`). Everything that changes from epoch to epoch is in the one `TrainState`. What
+a run reads (`crosspt.run.inputs`), the frozen backbone a process keeps (`crosspt.run.backbone_cache`) and
+the test-only drills (one `Drill` the loop calls at two points: `crosspt.run.faults`) live beside it.
 """
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -23,23 +24,21 @@ from dataclasses import dataclass
 import torch
 
 from crosspt.backbones.base import trainable_and_total
-from crosspt.config.schema import RANDOM_BANK, RunConfig, config_hash, source_bank_problem
-from crosspt.errors import ConfigError
-from crosspt.run.artifacts import load_bank, select_sources
+from crosspt.config.schema import RunConfig, config_hash
+from crosspt.run import backbone_cache, inputs
 from crosspt.run.checkpoint import BEST_FILE, read_checkpoint, read_result, write_checkpoint
 from crosspt.run.evaluation import evaluate, flat_metrics, score_of, to_device
-from crosspt.run.faults import active_faults, inject_at_epoch_start, parse_faults, poisons_first_loss
+from crosspt.run.faults import Drill, drill_for
 from crosspt.run.model import CrossPTModel, build_model
-from crosspt.run.precision import autocast, compute_dtype
+from crosspt.run.precision import autocast
 from crosspt.run.session import LocalSession, RaySession, Session
 from crosspt.run.state import TrainState
-from crosspt.tasks.data import make_splits, multitask_batches, resolve_data_dir
-from crosspt.tasks.specs import TaskSpec, register_task_file, resolve_tasks
+from crosspt.tasks.data import multitask_batches
+from crosspt.tasks.specs import TaskSpec
 
 # the run layer's face: other layers, the benchmark and the tests import these from here
 __all__ = ["BEST_FILE", "LocalSession", "RaySession", "Session", "TrainState", "TrainingDiverged", "evaluate",
-           "data_preparations", "epochs", "flat_metrics", "load_source_bank", "parse_faults", "prepare_data", "ray_worker_loop", "run_loop",
-           "score_of", "state_digest"]
+           "epochs", "flat_metrics", "ray_worker_loop", "run_loop", "score_of", "state_digest"]
 
 
 INITIAL_PREFIX = "initial."       # epoch 0's report carries the untrained evaluation under these keys
@@ -49,135 +48,16 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite: the trial is stopped at once."""
 
 
-# ---- data and model -----------------------------------------------------------------------------
-_prepared = 0         # k-shot draws from task files in this process (`data_preparations`)
-
-
-def data_preparations() -> int:
-    """How many times this process has read task files to draw k-shot splits (`prepare_data` without
-    `splits`): a trial reads them once, or not at all when it is handed its splits."""
-    return _prepared
-
-
-def prepare_data(cfg: RunConfig, splits: dict | None = None):
-    """Task specs and k-shot splits `{task: {"train"|"val"|"test"[|"assess"]: [Example]}}`: deterministic from
-    cfg.seed, identical on every worker ("assess" with `data.assess_rows`: the same rows for every seed).
-
-    `splits`: the same dict computed before (`prepare_data(cfg)[1]`, e.g. memoised by a caller that
-    runs many configs over one k-shot sample); taken as is once it is checked to cover cfg's tasks."""
-    for f in cfg.data.task_files:
-        register_task_file(f)
-    tasks = resolve_tasks(cfg.tasks)
-    if splits is not None:
-        if set(splits) != {t.name for t in tasks}:
-            raise ConfigError(f"precomputed splits cover tasks {sorted(splits)}, the config trains {cfg.tasks}")
-        return tasks, splits
-    global _prepared
-    _prepared += 1
-    data_dir = resolve_data_dir(cfg.data.data_dir)
-    splits = {t.name: make_splits(t, data_dir, shots=cfg.data.shots, per=cfg.data.shots_per,
-                                  val_shots=cfg.data.val_shots, seed=cfg.seed, max_test=cfg.data.max_test,
-                                  pool=cfg.data.train_pool, assess_rows=cfg.data.assess_rows)
-              for t in tasks}
-    return tasks, splits
-
-
-def load_source_bank(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
-    """The source prompts `[n_sources, L_s, d]` this run composes from (selected from the bank by the
-    configured rule, the targets' own sources left out unless `prompt.include_own_source`); None for
-    no sources or a random (untrained) bank."""
-    if cfg.prompt.n_sources == 0:
-        return None
-    problem = source_bank_problem(cfg)
-    if problem:
-        raise ConfigError(problem)
-    if cfg.prompt.source_bank == RANDOM_BANK:
-        return None                      # untrained random sources: the explicit ablation
-    bank, meta = _read_bank(cfg, dim)
-    targets = [t.name for t in tasks]
-    chosen, _ = select_sources(bank, meta, cfg.prompt.n_sources, rule=cfg.prompt.source_selection,
-                               target_tasks=targets, exclude=None if cfg.prompt.include_own_source else targets)
-    return chosen
-
-
-def load_own_sources(cfg: RunConfig, dim: int, tasks) -> torch.Tensor | None:
-    """Each task's own source prompt from the bank `[n_tasks, L_s, d]` (for `prompt.init: own_source`;
-    None for any other init). ConfigError naming the tasks the bank has no prompt for."""
-    if cfg.prompt.init != "own_source":
-        return None
-    bank, meta = _read_bank(cfg, dim)
-    names = list(meta["tasks"])
-    missing = [t.name for t in tasks if t.name not in names]
-    if missing:
-        raise ConfigError(f"prompt.init is 'own_source' but the bank {cfg.prompt.source_bank} has no source "
-                          f"prompt for {', '.join(missing)} (it has {', '.join(names)})")
-    return torch.stack([bank[names.index(t.name)] for t in tasks])
-
-
-def _read_bank(cfg: RunConfig, dim: int) -> tuple[torch.Tensor, dict]:
-    return load_bank(cfg.prompt.source_bank, backbone=cfg.backbone.name, dim=dim, source_len=cfg.prompt.source_len)
-
-
+# ---- the model -----------------------------------------------------------------------------------
 def _build_model(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device) -> CrossPTModel:
-    backbone = _backbones.take(cfg, tasks, device)
+    backbone = backbone_cache.take(cfg, tasks, device)
     dim = backbone.embed_dim                     # the bank's width is the backbone's
     try:
-        return build_model(cfg, tasks, bank=load_source_bank(cfg, dim, tasks), backbone=backbone,
-                           own_sources=load_own_sources(cfg, dim, tasks))
+        return build_model(cfg, tasks, bank=inputs.load_source_bank(cfg, dim, tasks), backbone=backbone,
+                           own_sources=inputs.load_own_sources(cfg, dim, tasks))
     except BaseException:
-        _backbones.release(backbone)
+        backbone_cache.release(backbone)
         raise
-
-
-class _KeptBackbone:
-    """The frozen backbone of this process's last run, handed to the next run that needs the same one.
-
-    Why: a Tune actor runs one trial after another (`reuse_actors`), and every trial loading the same frozen
-    weights again (read from disk, converted to the compute dtype, moved to the GPU) was most of a trial's
-    start after its data. Only the frozen model and the tokenizer carry over: the trainable heads are reset
-    to their initial values (`Backbone.head_parameters`), and a backbone is handed to one run at a time.
-    Adapters whose heads start random (`Backbone.random_heads`) are always loaded afresh, so a run's
-    numbers never depend on what ran before it in the process."""
-
-    def __init__(self):
-        self.key, self.backbone, self.heads, self.busy = None, None, None, False
-        # `budget.repeats` runs take backbones from threads side by side: checking `busy` and setting it is
-        # one step, or two runs would share (and both reset) one backbone
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _key(cfg: RunConfig, tasks: list[TaskSpec], device: torch.device):
-        p = cfg.prompt
-        return (cfg.backbone.model_dump(mode="json"), p.label_semantics, p.prefix, p.placement, tuple(tasks), str(device),
-                str(compute_dtype(device, cfg.backbone.dtype)))
-
-    def take(self, cfg: RunConfig, tasks: list[TaskSpec], device: torch.device):
-        from crosspt.backbones.loader import load_for_config
-
-        key = self._key(cfg, tasks, device)
-        with self._lock:
-            if self.backbone is not None and not self.busy and self.key == key:
-                self.busy = True
-                with torch.no_grad():
-                    for p, initial in zip(self.backbone.head_parameters(), self.heads):
-                        p.copy_(initial)
-                return self.backbone
-        # the frozen weights are read from disk in the dtype the device computes in (run/precision.py)
-        backbone = load_for_config(cfg, tasks, torch_dtype=compute_dtype(device, cfg.backbone.dtype))
-        with self._lock:
-            if not backbone.random_heads and not self.busy:
-                self.key, self.backbone, self.busy = key, backbone, True
-                self.heads = [p.detach().clone() for p in backbone.head_parameters()]
-        return backbone
-
-    def release(self, backbone) -> None:
-        """The run that took `backbone` has ended: the next run may have it."""
-        with self._lock:
-            if backbone is self.backbone:
-                self.busy = False
-
-
-_backbones = _KeptBackbone()
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -193,8 +73,8 @@ class _Run:
     opt: torch.optim.Optimizer
     base_lrs: list[float]              # each param group's configured lr (warm-up scales from these)
     tasks: list[TaskSpec]
-    splits: dict                       # `prepare_data`'s `{task: {"train"|"val"|"test": [Example]}}`
-    faults: list[dict]                 # `CROSSPT_FAULT` testing hook (`crosspt.run.faults`)
+    splits: dict                       # `inputs.prepare_data`'s `{task: {"train"|"val"|"test": [Example]}}`
+    drill: Drill                       # the `CROSSPT_FAULT` testing hook (`crosspt.run.faults`)
     config_hash: str
     params: dict[str, int]             # trainable_params, total_params (reported every epoch)
     t0: float
@@ -208,7 +88,7 @@ def run_loop(cfg: RunConfig, session: Session, model: CrossPTModel | None = None
     """Train, validate each epoch, checkpoint, stop early; returns the final result dict.
 
     `model`: a built model to train (default: built from cfg). `splits`: precomputed k-shot splits
-    (`prepare_data`)."""
+    (`inputs.prepare_data`)."""
     steps = epochs(cfg, session, model, splits)
     while True:
         try:
@@ -239,16 +119,15 @@ def epochs(cfg: RunConfig, session: Session, model: CrossPTModel | None = None,
         # resumed after the final epoch: nothing left to train, evaluate the best state
         return _final_result(run, state, None) if resumed else {}
     finally:                 # ended, failed, or abandoned by its caller (a pruned trial): the backbone is free
-        _backbones.release(run.model.backbone)
+        backbone_cache.release(run.model.backbone)
 
 
 def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits: dict | None) -> _Run:
     t0 = time.time()
     # when the run's phases happened (`Session.clock`): what a trial pays besides training
     session.clock = {"loop_start": t0, "loop_start_cpu": time.process_time(), "eval_s": 0.0, "eval_cpu_s": 0.0}
-    faults = active_faults()
     torch.manual_seed(cfg.seed)
-    tasks, splits = prepare_data(cfg, splits=splits)
+    tasks, splits = inputs.prepare_data(cfg, splits=splits)
     device = session.device()
     if model is None:
         model = _build_model(cfg, tasks, device)
@@ -261,10 +140,11 @@ def _set_up(cfg: RunConfig, session: Session, model: CrossPTModel | None, splits
         opt = torch.optim.AdamW(model.param_groups(o.prompt_lr, o.router_lr, o.head_lr, o.weight_decay, o.source_lr))
         _plan_temperature(model, cfg, splits, session)
     except BaseException:
-        _backbones.release(model.backbone)
+        backbone_cache.release(model.backbone)
         raise
     return _Run(cfg=cfg, session=session, device=device, model=model, ddp=ddp, opt=opt,
-                base_lrs=[g["lr"] for g in opt.param_groups], tasks=tasks, splits=splits, faults=faults,
+                base_lrs=[g["lr"] for g in opt.param_groups], tasks=tasks, splits=splits,
+                drill=drill_for(cfg.name, session.rank),
                 config_hash=config_hash(cfg), params={"trainable_params": trainable, "total_params": total}, t0=t0)
 
 
@@ -350,16 +230,13 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> float:
     every `DIVERGENCE_CHECK_STEPS` steps and at the end of the epoch, so a diverged run stops at most that
     many steps late, with the first non-finite loss and its step in the message."""
     cfg, model, session = run.cfg, run.model, run.session
-    where = {"run_name": cfg.name, "rank": session.rank, "epoch": epoch}
-    inject_at_epoch_start(run.faults, **where)
-    poison = poisons_first_loss(run.faults, **where)
+    run.drill.epoch_start(epoch)
     per_worker_bs = max(1, cfg.train.batch_size // session.world_size)
     tally = _LossTally(run.device)
     for batch_examples in multitask_batches(run.split("train"), per_worker_bs, seed=cfg.seed, epoch=epoch,
                                             shard=(session.rank, session.world_size)):
         # collate works on the host (token ids cached per example by the backbone): no device involved
-        _train_step(run, state, model.backbone.collate(batch_examples, train=True), tally, poison=poison)
-        poison = False
+        _train_step(run, state, model.backbone.collate(batch_examples, train=True), tally)
         if tally.steps % DIVERGENCE_CHECK_STEPS == 0:
             tally.check(epoch)
     mean = tally.finish(epoch)
@@ -368,7 +245,7 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int) -> float:
     return mean
 
 
-def _train_step(run: _Run, state: TrainState, batch: dict, tally: _LossTally, poison: bool = False) -> None:
+def _train_step(run: _Run, state: TrainState, batch: dict, tally: _LossTally) -> None:
     """One optimizer step on a collated batch (tensors `[B, ...]` on the host) without a host sync: the
     batch goes up through pinned memory without blocking, the temperature is a Python float (the prompt's
     host copy of the step), and the loss is added to `tally` on the device."""
@@ -380,9 +257,7 @@ def _train_step(run: _Run, state: TrainState, batch: dict, tally: _LossTally, po
     _warm_up(run, state.global_step)
     with autocast(run.device, run.cfg.backbone.dtype):
         loss = run.ddp(batch)
-    if poison:                                    # the `nan` drill (crosspt.run.faults)
-        loss = loss * float("nan")
-    tally.add(loss, state.global_step)
+    tally.add(run.drill.loss(loss), state.global_step)
     _optimizer_step(run, loss)
     state.global_step += 1
 

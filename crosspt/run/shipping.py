@@ -29,7 +29,7 @@ SPLITS_REF = "splits_ref"
 
 
 def split_key(cfg) -> str:
-    """What a config's k-shot splits depend on besides the task files (`crosspt.run.loop.prepare_data`)."""
+    """What a config's k-shot splits depend on besides the task files (`crosspt.run.inputs.prepare_data`)."""
     d = cfg.data
     return json.dumps({"tasks": list(cfg.tasks), "seed": cfg.seed, "shots": d.shots, "per": str(d.shots_per),
                        "val_shots": d.val_shots, "max_test": d.max_test, "task_files": list(d.task_files),
@@ -40,7 +40,7 @@ def split_key(cfg) -> str:
 def draw_splits(cfgs) -> dict[str, dict]:
     """`{split_key: splits}` for configs (`(cfg, splits or None)` pairs: splits drawn already are kept), each
     key drawn once."""
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
 
     out: dict[str, dict] = {}
     for cfg, splits in cfgs:

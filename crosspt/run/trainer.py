@@ -32,7 +32,7 @@ def preflight(cfg: RunConfig) -> dict:
     """Fail fast in the driver on bad tasks/backbones/data/banks rather than inside a worker; returns the
     config's k-shot splits (`prepare_data`), drawn here once for whoever needs them next."""
     from crosspt.backbones.loader import resolve_backbone
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
 
     problem = source_bank_problem(cfg)
     if problem:

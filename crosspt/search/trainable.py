@@ -22,7 +22,8 @@ from crosspt.errors import CrossPTError, first_in_chain
 from crosspt.registry import best_run, provenance, run_log, store
 from crosspt.registry.trial_logger import TrialLogger, train_callback
 from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE
-from crosspt.run.loop import Session, TrainingDiverged, data_preparations
+from crosspt.run.inputs import data_preparations
+from crosspt.run.loop import Session, TrainingDiverged
 from crosspt.run.shipping import localise, shipped_splits
 from crosspt.search.params import logged_params
 
@@ -230,7 +231,7 @@ def _start_run(logger: TrialLogger, cfg: RunConfig, run_cfg: RunConfig, space: S
     columns. The whole configuration is the `config.yaml` artifact; what identifies it (config hash,
     tasks, backbone and its revision) are tags."""
     from crosspt.registry.revision import backbone_revision
-    from crosspt.run.loop import prepare_data
+    from crosspt.run.inputs import prepare_data
 
     if splits is None:
         _, splits = prepare_data(run_cfg)
