@@ -1,5 +1,5 @@
-"""The private shapes of Ray and MLflow that crosspt relies on (crosspt/run/_ray_compat.py,
-crosspt/registry/_mlflow_compat.py), held against the installed libraries: each test fails, naming the
+"""The private shapes of Ray, MLflow and transformers that crosspt relies on (crosspt/run/_ray_compat.py,
+crosspt/registry/_mlflow_compat.py, crosspt/backbones/_transformers_compat.py), held against the installed libraries: each test fails, naming the
 shape, when an upgrade moves or renames what the adapter reaches into."""
 from __future__ import annotations
 
@@ -109,3 +109,25 @@ def test_mlflow_log_table_file_is_what_the_adapter_writes(tmp_path):
     tags = json.loads(c.get_run(run_id).data.tags["mlflow.loggedArtifacts"])
     assert {"path": "report/factors.json", "type": "table"} in tags
 
+
+def test_transformers_gguf_quantizer_blocks_saving_until_the_adapter_drops_it(tmp_path):
+    """A model read from a GGUF file carries its quantizer as `model.hf_quantizer` (and a GgufConfig as
+    `config.quantization_config`), and `save_pretrained` refuses it; `drop_gguf_quantizer` makes it an
+    ordinary checkpoint that loads back without a quantizer."""
+    import transformers
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from crosspt.backbones._transformers_compat import drop_gguf_quantizer
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config)
+    gguf = GgufConfig(gguf_file="model.gguf")
+    model.hf_quantizer, model.config.quantization_config = GgufHfQuantizer(gguf), gguf     # as from_pretrained leaves it
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "refused")
+    drop_gguf_quantizer(model)
+    model.save_pretrained(tmp_path / "saved")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert getattr(again, "hf_quantizer", None) is None and not hasattr(again.config, "quantization_config")

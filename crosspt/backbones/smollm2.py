@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from crosspt.backbones._transformers_compat import drop_gguf_quantizer
 from crosspt.errors import UnknownBackboneError
 
 ALIASES = frozenset({"smollm2", "smollm2-135m-instruct-q4_1"})
@@ -112,10 +113,7 @@ def _convert(gguf: Path, out: Path) -> None:
     except ImportError as e:
         raise UnknownBackboneError(f"backbone 'smollm2' could not be prepared: reading GGUF files needs the "
                                    f"packages gguf and accelerate (make install) ({e})") from None
-    # transformers keeps a GGUF quantizer on the model and refuses to save it, although the weights are
-    # already plain float32 tensors: drop it, the saved copy is an ordinary checkpoint
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # the weights are plain float32 tensors already: the saved copy is an ordinary checkpoint
+    drop_gguf_quantizer(model)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
