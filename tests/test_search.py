@@ -14,7 +14,7 @@ import yaml
 
 from crosspt.search.driver import run_search
 from crosspt.config.space import SearchSpace, load_space
-from crosspt.registry import experiments, store
+from crosspt.registry import best_run, experiments, store
 from ray_cluster import RAY_CLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,11 @@ def test_three_trial_search_sqlite(ray_head, tiny_t5_path, data_dir, tmp_path, m
     assessed = {t.last_result["mlflow_run_id"]: t.last_result["assess_score"] for t in tune_trials(summary["storage"])}
     assert assessed == {r.info.run_id: r.data.metrics["assess_score"] for r in children}
     assert summary["best"] is not None and summary["best_run_id"]
+    # the summary's best is the one best-run rule's (the report and `promote` read the same)
+    best = best_run.best_finished_child(store.client(uri), summary["experiment_id"], "best_val_score", "max",
+                                        summary["parent_run_id"])
+    assert (summary["best_run_id"], summary["best"]["trial_id"]) == (best.info.run_id,
+                                                                     best.data.tags[experiments.TRIAL_TAG])
     # the Optuna study is persistent (sqlite beside the MLflow store) and holds the 3 trials
     import optuna
 

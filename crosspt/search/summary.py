@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ def _trial_id_of(path: str | None, trials: list) -> str:
 
 
 def summarize(results, space: SearchSpace, trials: list | None = None) -> dict:
-    """Every trial (name, status, params, metrics) and the best one by the objective."""
+    """Every trial (name, status, params, metrics). The best one is not picked here: `log_parent` takes it from
+    the one best-run rule (`registry.best_run`), on the trials' child runs."""
     obj = space.objective
     names = {t.trial_id: str(t) for t in trials or [] if t.trial_id}
     rows = []
@@ -52,11 +52,7 @@ def summarize(results, space: SearchSpace, trials: list | None = None) -> dict:
             "params": {k: v for k, v in (r.config or {}).items()},
             "error": error_line(r.error) if r.error else "",
         })
-    # registry.best_run's rule: a stopped trial's score is from fewer epochs, not comparable with a finished one's
-    scored = [x for x in rows if x["status"] == "FINISHED" and isinstance(x[obj.metric], (int, float))
-              and not math.isnan(x[obj.metric])]
-    best = (max if obj.mode == "max" else min)(scored, key=lambda x: x[obj.metric]) if scored else None
-    return {"trials": rows, "best": best, "num_trials": len(rows),
+    return {"trials": rows, "best": None, "num_trials": len(rows),
             "num_failed": sum(x["status"] == "ERROR" for x in rows),
             "num_stopped": sum(x["status"] == "STOPPED" for x in rows)}
 
@@ -91,13 +87,10 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None
     """The parent run's record of the finished search: trials.csv and its table, counts, the best trial's
     score, params and run id, the description."""
     trials, metric_key = summary["trials"], space.objective.metric
-    # the one rule (best_run.best_finished_child, which `promote` uses too) picks the best, ties included: Tune's
-    # row order and MLflow's start-time order can break a tie differently
+    # the one rule (best_run.best_finished_child, which `promote` and the report use too) picks the best
     run = best_run.best_finished_child(c, summary["experiment_id"], metric_key, space.objective.mode, parent_run_id)
-    if run is not None:
-        tid = run.data.tags.get(experiments.TRIAL_TAG)
-        summary["best"] = next((t for t in trials if t["trial_id"] == tid), summary["best"])
-    best = summary["best"]
+    tid = run.data.tags.get(experiments.TRIAL_TAG) if run is not None else None
+    summary["best"] = best = next((t for t in trials if t["trial_id"] == tid), None) if tid else None
     keys = sorted({k for t in trials for k in t["params"]})
     columns = ["trial", "trial_id", "status", "epochs", "objective", "test_score", *keys, "error"]
     rows = [[t.get("trial", t["trial_id"]), t["trial_id"], t["status"], t["epochs"], t.get(metric_key),
@@ -117,12 +110,8 @@ def log_parent(c, parent_run_id: str, summary: dict, space: SearchSpace) -> None
         run_log.log_metrics(c, parent_run_id, {metric_key: best[metric_key], **tested})
         run_log.log_params(c, parent_run_id, {"best.trial": best.get("trial", best["trial_id"]),
                                               **{f"best.{k}": v for k, v in best["params"].items()}})
-        if run is None or run.data.tags.get(experiments.TRIAL_TAG) != best["trial_id"]:
-            run = experiments.find_trial_run(summary["tracking_uri"], summary["experiment_id"], parent_run_id,
-                                             best["trial_id"])
-        if run:
-            c.set_tag(parent_run_id, "crosspt.best_run_id", run.info.run_id)
-            summary["best_run_id"] = run.info.run_id
+        c.set_tag(parent_run_id, "crosspt.best_run_id", run.info.run_id)
+        summary["best_run_id"] = run.info.run_id
     c.set_tag(parent_run_id, NOTE_TAG, parent_note(space, summary))
     # no importance plot here: the report (search.report.store) draws the one importance method on the parent
     # run and on the Optuna study; Optuna's default fANOVA over completed trials disagreed with it
