@@ -376,7 +376,7 @@ def test_text_init_starts_each_task_from_its_instruction(tiny_chat_llama_path):
     for t, name in enumerate(("sst2", "rte")):
         ids = bb.tokenizer(instruction_text(get_task(name), "natural"), add_special_tokens=False)["input_ids"]
         assert len(ids) < 40
-        want = emb[torch.tensor((ids * 2)[:40])]
+        want = emb[torch.tensor((ids * (40 // len(ids) + 1))[:40])]          # repeated to 40, then cut
         assert torch.equal(model.prompt.private.prompts[t].detach(), want.detach().float())
     one = build_model(load_config(None, {**over, "prompt.init": "text", "prompt.init_text": "great"}),
                       [get_task("sst2"), get_task("rte")])
@@ -472,9 +472,8 @@ def test_smollm2_chat_rendering_and_scores(data_dir):
     assert head == ["<|im_start|>", "system", "Ċ", "You", "Ġare", "Ġa", "Ġhelpful", "ĠAI",
                     "Ġassistant", "Ġnamed", "ĠSm", "ol", "LM", ",", "Ġtrained", "Ġby",
                     "ĠH", "ugging", "ĠFace", "<|im_end|>", "Ċ", "<|im_start|>", "user", "Ċ",
-                    "What", "Ġis", "Ġthe", "Ġsentiment", "Ġof", "Ġthis", "Ġmovie",
-                    "Ġreview", "Ġsentence", "?", "ĠAnswer", "Ġnegative", "Ġor",
-                    "Ġpositive", ".", "Ċ"]
+                    "Is", "Ġthe", "Ġsentiment", "Ġof", "Ġthis", "Ġreview", "Ġnegative", "Ġor",
+                    "Ġpositive", "?", "ĠAnswer", "Ġwith", "Ġone", "Ġword", ".", "Ċ"]
     assert tok.convert_ids_to_tokens(b["input_ids"][0].tolist()) == [
         "s", "st", "2", ":", "Ġsentence", ":", "Ġit", "Ġ'", "s", "Ġa", "Ġcharming",
         "Ġand", "Ġoften", "Ġaffecting", "Ġjourney", "Ġ.", "Ġ", "<|im_end|>", "Ċ",
@@ -485,6 +484,38 @@ def test_smollm2_chat_rendering_and_scores(data_dir):
         scores = bb.candidate_scores(prompt, None, bb.collate([ex], train=False))[0]
         ref = [float(chat_reference_logprobs(bb, prompt[0], ex, bb.label_ids(c)).sum()) for c in bb.candidates(task)]
     assert torch.allclose(scores, torch.tensor(ref), atol=1e-3), (scores, ref)
+
+
+@pytest.mark.slow
+def test_smollm2_zero_shot_through_its_chat_template_is_above_chance(data_dir):
+    """Asked through its own chat template with the task's instruction, the frozen SmolLM2-135M-Instruct
+    classifies SST-2 dev rows above chance with no soft prompt at all, ranked and generated (one-sided binomial
+    test against 1/2 at p < 0.01 on 120 rows); with the old instruction ("What is the sentiment of this movie
+    review sentence? Answer negative or positive.") it answered "positive" for 96% of rows and scored 50.0."""
+    from scipy.stats import binomtest
+
+    from crosspt.bench.prompts import EmptyPrompt
+    from crosspt.run.model import CrossPTModel
+
+    try:
+        smollm2.gguf_path()
+    except UnknownBackboneError as e:
+        pytest.skip(str(e))
+    task = get_task("sst2")
+    bb = load_backbone("smollm2", [task], max_length=64)
+    assert bb.template == "chat"
+    _, rows = _dev_rows(data_dir, "SST-2", 120)
+    examples = [Example("sst2", f"s{i}", (r[0],), int(r[1])) for i, r in enumerate(rows)]
+    model = CrossPTModel(EmptyPrompt(1, bb.embed_dim), bb).eval()
+    ranked, generated = [], []
+    with torch.no_grad():
+        for i in range(0, len(examples), 40):
+            r, g = model.predict_ranked_and_generated(bb.collate(examples[i:i + 40], train=False))
+            ranked += r.tolist()
+            generated += g.tolist()
+    for preds in (ranked, generated):
+        hits = sum(int(p) == ex.label for p, ex in zip(preds, examples))
+        assert binomtest(hits, len(examples), 0.5, alternative="greater").pvalue < 0.01, (hits, len(examples))
 
 
 @pytest.mark.slow

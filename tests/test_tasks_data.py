@@ -531,8 +531,10 @@ def test_task_instruction_fills_the_label_words_and_is_checked():
 
     assert len({specs.get_task(n).instruction for n in specs.list_tasks()} - {""}) >= 10
     sst2 = specs.get_task("sst2")
-    assert specs.instruction_text(sst2, "natural").endswith("Answer negative or positive.")
-    assert specs.instruction_text(sst2, "opaque").endswith("Answer apple or orange.")
+    assert specs.instruction_text(sst2, "natural") == \
+        "Is the sentiment of this review negative or positive? Answer with one word."
+    assert specs.instruction_text(sst2, "opaque") == \
+        "Is the sentiment of this review apple or orange? Answer with one word."
     assert specs.instruction_text(specs.get_task("mnli"), "natural").endswith("Answer yes, maybe or no.")
     assert specs.instruction_text(specs.get_task("stsb"), "natural").endswith("Answer a number from 0.0 to 5.0.")
     base = {"name": "mine", "text_fields": ["text"], "label_names": ["bad", "good"]}

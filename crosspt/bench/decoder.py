@@ -205,6 +205,50 @@ def _metric(r: dict, task: str, name: str) -> float | None:
     return (r.get("test_metrics") or {}).get(task, {}).get(name)
 
 
+def _defaults_note(b: dict) -> str:
+    """What the run left to the backbone's own defaults (absent from summaries written before `prompt_init`)."""
+    if "prompt_init" not in b:
+        return ""
+    return (f" Prompt init `{b['prompt_init']}` (auto: the backbone's default, text for a decoder: the task's "
+            f"instruction); `backbone.template` auto (a tokenizer with a chat template: chat); validation rows, "
+            f"where the benchmark sets none: the backbone preset's `data.val_shots`. Best epoch -1 = the untrained "
+            f"prompt won on validation.")
+
+
+def _paired_lines(b: dict, dd: dict, cells: list[dict], zero: dict) -> list[str]:
+    """Paired differences (x100) with 95% t intervals over the seeds both arms ran (`standard_report.paired`):
+    each trained arm against zero-shot (one deterministic score, the same for every seed), CrossPT against PT,
+    and wavg against cat; ranked and generated. Empty below two seeds."""
+    from crosspt.bench.standard_report import paired
+    from crosspt.tasks.metrics import primary_metric
+
+    if len(b["seeds"]) < 2:
+        return []
+    arms = [Arm(a) for a in dd["arms"]]
+    pairs = [(a, Arm.ZERO_SHOT) for a in arms] + [(a, Arm.PT) for a in arms if a != Arm.PT and Arm.PT in arms]
+    pairs += [(Arm.WAVG, Arm.CAT)] if Arm.WAVG in arms and Arm.CAT in arms else []
+    out = ["", "## Paired differences", "",
+           "Points x100, mean over seeds of (row - column arm) on the same test rows, 95% CI = mean ± "
+           "t(0.975, n-1)·sd/√n over the n seeds; zero-shot is one score, paired with every seed.", "",
+           "| task | difference | ranked [95% CI] | generated [95% CI] | seeds |", "| --- | --- | --- | --- | --- |"]
+    def scores(arm: Arm, t: str, key: str) -> dict[int, float]:
+        if arm == Arm.ZERO_SHOT:
+            v = _metric(zero[t], t, key) if t in zero else None
+            return {} if v is None else {sd: v for sd in b["seeds"]}
+        return {r["seed"]: v for r in cells if r["method"] == arm and r["task"] == t
+                for v in [_metric(r, t, key)] if v is not None}
+
+    for t in b["tasks"]:
+        m = primary_metric(t)
+        for a, c in pairs:
+            ds = [paired(scores(a, t, key), scores(c, t, key)) for key in (m, "gen_" + m)]
+            cis = ["-" if d is None else f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+                   for d in ds]
+            n = "/".join("-" if d is None else str(d["n"]) for d in ds)
+            out.append(f"| {t} | {LABELS[a]} − {LABELS[c]} | {cis[0]} | {cis[1]} | {n} |")
+    return out
+
+
 def render(summary: dict) -> str:
     """benchmarks/decoder.md from a finished run's summary."""
     from crosspt.tasks.metrics import primary_metric
@@ -224,7 +268,7 @@ def render(summary: dict) -> str:
              f"their (method, target). Source bank: single-task PT of {', '.join(summary['bank']['tasks'])} on "
              f"{dd['source_rows']} train rows each ({dd['source_epochs']} epochs, lr {dd['source_lr']}). Ranked = "
              f"argmax of the candidates' summed log-likelihood; generated = greedy decoding, parsed "
-             f"(`Backbone.parse_generated`). Mean ± sd over seeds, x100.",
+             f"(`Backbone.parse_generated`). Mean ± sd over seeds, x100." + _defaults_note(b),
              "",
              "| method | task | ranked test | generated test | lr picked | wall per run (s) | epochs run |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -245,14 +289,15 @@ def render(summary: dict) -> str:
             epochs = ", ".join(str(r["epochs_run"]) for r in rs)
             lines.append(f"| {LABELS[Arm(arm)]} | {t} | {_ms([r['test'] for r in rs])} | {_ms(gen)} | {lrs} | "
                          f"{statistics.fmean(walls):.0f} | {epochs} |")
+    lines += _paired_lines(b, dd, cells, zero)
     lines += ["", "## Every run", "",
-              "| method | task | seed | lr | val | wall (s) | epoch times (s) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| method | task | seed | lr | val | best epoch | wall (s) | epoch times (s) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in cells + [r for r in recs if r.get("kind") == "cell" and r["method"] == Arm.SOURCE]:
         for tr in r["trials"]:
             ep = ", ".join(f"{e:.0f}" for e in tr.get("epoch_s", []))
             lines.append(f"| {LABELS[Arm(r['method'])]} | {r['task']} | {r['seed']} | {tr['lr']:g} | "
-                         f"{100 * tr['val']:.1f} | {tr.get('wall_s', float('nan')):.0f} | {ep} |")
+                         f"{100 * tr['val']:.1f} | {tr.get('best_epoch', '-')} | {tr.get('wall_s', float('nan')):.0f} | {ep} |")
     lines += ["", "## Train step and scoring time", "",
               "Median of interleaved repeats in one process, the same rows for both columns; wall seconds, and in "
               "brackets this process's CPU seconds (steadier on a shared machine).", "",

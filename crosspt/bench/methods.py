@@ -62,12 +62,12 @@ class MethodSpec:
     keep: Callable[["CrossPTModel"], dict] | None = None   # what its record carries to a later phase
     source_stage: Method | None = None   # the phase-2 method whose best run this one starts from
 
-    def prompt_section(self, prompt_len: int, n_sources: int) -> dict:
+    def prompt_section(self, prompt_len: int, n_sources: int, init: str = "vocab") -> dict:
         """The run config's `prompt` section. Every prompt is `prompt_len` tokens long (PT, each source,
-        the private prompt, PEFT's virtual tokens), initialised from the vocabulary."""
+        the private prompt, PEFT's virtual tokens), initialised by `init` (`PromptInit`; every method the same)."""
         if self.composition is None:
-            return {"n_sources": 0, "private_len": prompt_len, "init": "vocab"}
-        return {"n_sources": n_sources, "source_len": prompt_len, "private_len": prompt_len, "init": "vocab",
+            return {"n_sources": 0, "private_len": prompt_len, "init": init}
+        return {"n_sources": n_sources, "source_len": prompt_len, "private_len": prompt_len, "init": init,
                 "composition": self.composition, "router": self.router}
 
 
@@ -187,7 +187,7 @@ def run_config(s: BenchSettings, method: str, tasks: Sequence[str], k: int, seed
     tree = {"name": f"bench-{method}-{'+'.join(tasks)}-k{k}-s{seed}", "seed": seed, "tasks": list(tasks),
             "backbone": {"name": s.backbone, "max_length": s.max_length},
             "data": {"data_dir": s.data_dir, "shots": k, "max_test": s.max_test},
-            "prompt": spec_of(method).prompt_section(s.prompt_len, n_sources),
+            "prompt": spec_of(method).prompt_section(s.prompt_len, n_sources, s.prompt_init),
             "optim": {"prompt_lr": lr, "router_lr": s.router_lr},
             "train": {"epochs": s.epochs, "batch_size": s.batch_size, "eval_batch_size": s.eval_batch_size,
                       "patience": s.patience, "checkpoint_every": s.epochs}}

@@ -25,6 +25,7 @@ class BenchSettings:
     max_test: int | None = None
     max_length: int = 128
     prompt_len: int = 10               # private length = source length = PEFT virtual tokens
+    prompt_init: str = "vocab"         # `prompt.init` of every method's prompts (auto: the backbone's default)
     source_shots: int | None = None    # k per class of the source prompts (default: max(shots))
     router_lr: float = 0.01            # fixed (not searched) for every method with a router
     data_dir: str | None = None
@@ -51,5 +52,10 @@ class BenchSettings:
                 if not [s for s in self.source_tasks if s != t]:
                     raise ConfigError(f"target '{t}' has no source task left after leaving it out "
                                       f"(source pool: {self.source_tasks})")
+        from crosspt.method.prompts import PromptInit
+
+        if self.prompt_init not in {i.value for i in PromptInit} - {"source", "own_source"}:
+            raise ConfigError(f"prompt_init '{self.prompt_init}' is not a benchmark init; choose from "
+                              + ", ".join(i.value for i in PromptInit if i.value not in ("source", "own_source")))
         if not self.lrs or not self.seeds or not self.shots:
             raise ConfigError("lrs, seeds and shots must be non-empty")

@@ -144,7 +144,7 @@ def _builtin_tasks() -> list[TaskSpec]:
         _cls("sst2", ("sentence",), ("negative", "positive"), ("negative", "positive"),
              ("It was terrible.", "It was great."),
              local=_glue_local("SST-2", {"sentence": "sentence"}),
-             instruction="What is the sentiment of this movie review sentence? Answer {choices}."),
+             instruction="Is the sentiment of this review {choices}? Answer with one word."),
         _cls("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("no", "yes"),
              ("The two sentences mean different things.", "The two sentences mean the same thing."),
              metric="f1_acc", similar=1,
