@@ -297,19 +297,21 @@ def render(summary: dict) -> str:
         for tr in r["trials"]:
             ep = ", ".join(f"{e:.0f}" for e in tr.get("epoch_s", []))
             lines.append(f"| {LABELS[Arm(r['method'])]} | {r['task']} | {r['seed']} | {tr['lr']:g} | "
-                         f"{100 * tr['val']:.1f} | {tr.get('best_epoch', '-')} | {tr.get('wall_s', float('nan')):.0f} | {ep} |")
-    lines += ["", "## Train step and scoring time", "",
-              "Median of interleaved repeats in one process, the same rows for both columns; wall seconds, and in "
-              "brackets this process's CPU seconds (steadier on a shared machine).", "",
-              "| task | rows x (prompt + input) tokens | train step | plain HF fwd/bwd | ratio | "
-              "test rows | ranked+generated, one pass | the two apart | ratio |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for t, tm in summary.get("timing", {}).items():
-        def ws(key: str) -> str:
-            return f"{tm[key]:.2f} ({tm.get(key + '_cpu', float('nan')):.2f})"
-        lines.append(f"| {t} | {tm['batch_rows']} x ({tm['prompt_len']} + {tm['input_len']}) | {ws('step_ours')} | "
-                     f"{ws('step_plain_hf')} | {ws('step_ratio')} | {tm['test_rows']} | {ws('score_one_pass')} | "
-                     f"{ws('score_two_passes')} | {ws('score_ratio')} |")
+                         f"{100 * tr['val']:.1f} | {tr.get('best_epoch', '-')} | "
+                         f"{tr.get('wall_s', float('nan')):.0f} | {ep} |")
+    if summary.get("timing"):                  # a run stopped before its timing stage has none
+        lines += ["", "## Train step and scoring time", "",
+                  "Median of interleaved repeats in one process, the same rows for both columns; wall seconds, and in "
+                  "brackets this process's CPU seconds (steadier on a shared machine).", "",
+                  "| task | rows x (prompt + input) tokens | train step | plain HF fwd/bwd | ratio | "
+                  "test rows | ranked+generated, one pass | the two apart | ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for t, tm in summary.get("timing", {}).items():
+            def ws(key: str) -> str:
+                return f"{tm[key]:.2f} ({tm.get(key + '_cpu', float('nan')):.2f})"
+            lines.append(f"| {t} | {tm['batch_rows']} x ({tm['prompt_len']} + {tm['input_len']}) | "
+                         f"{ws('step_ours')} | {ws('step_plain_hf')} | {ws('step_ratio')} | {tm['test_rows']} | "
+                         f"{ws('score_one_pass')} | {ws('score_two_passes')} | {ws('score_ratio')} |")
     walls = summary["stage_wall_s"]
     lines += ["", f"Wall {summary['wall_s'] / 60:.1f} min in all: " +
               ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) + f" (parallel {summary['parallel']})."]
