@@ -646,3 +646,42 @@ def test_repeats_train_each_trial_on_several_kshot_samples(ray_head, minilm_path
         assert reps[0] == pytest.approx(runs[1][key]["best_val_score"])      # repeat 0 is the trial itself
     # the repeats drew other k-shot samples (a 16-example validation split often ties; 100 test rows less so)
     assert any(m["test_score_r0"] != m["test_score_r1"] for m in runs[2].values()), runs[2]
+
+
+def test_factors_the_design_trials_cannot_split_are_named_confounded():
+    """Two 2-level factors dealt the same split of 8 design trials (the decoder search drew `prompt.init` and
+    `prompt.label_semantics` so: every text trial opaque, every vocab trial natural) get one warning naming
+    both, in the text and in report.json; the same trials with the pair split get none."""
+    from crosspt.search.report.render import design_note
+
+    init, sem = Factor("prompt.init"), Factor("prompt.label_semantics")
+    rng = random.Random(0)
+    split = ["text", "vocab", "vocab", "text", "text", "vocab", "text", "vocab"]
+
+    def rows(semantics):
+        return [TrialRow(f"t{i}", "FINISHED", {init.key: a, sem.key: b, LR.key: 0.01 * (i + 1)},
+                         objective=rng.random(), phase="design") for i, (a, b) in enumerate(zip(split, semantics))]
+
+    aliased = build_report("s", "best_val_score", "max", [init, sem, LR],
+                           rows(["opaque" if a == "text" else "natural" for a in split]), None, algorithm="optuna")
+    assert aliased.family == "design"
+    assert {frozenset(pair) for pair in aliased.aliased} == {frozenset((init.key, sem.key))}
+    assert "Confounded in these trials" in design_note(aliased)
+    assert sorted(to_json(aliased)["family"]["confounded"][0]) == sorted([init.key, sem.key])
+    crossed = build_report("s", "best_val_score", "max", [init, sem, LR],
+                           rows(["opaque", "opaque", "natural", "natural", "opaque", "opaque", "natural", "natural"]),
+                           None, algorithm="optuna")
+    assert crossed.aliased == [] and "Confounded" not in design_note(crossed)
+
+
+def test_no_power_where_the_permutation_test_cannot_reach_the_level():
+    """8 design trials in 2 levels of 4 allow 35 distinct arrangements, so the permutation p-value is at least
+    1/35 = 0.029: above 0.05 / 5 factors (the decoder search's 8 design trials), fine for one factor. The power
+    (and the smallest detectable difference it gives) must know that floor; normal theory alone said 80% power
+    for a 13.8-point difference there."""
+    from crosspt.search.report.power import detectable, power, trials_needed
+
+    assert power(10.0, 2, 4, 0.05 / 5) == 0.0
+    assert math.isinf(detectable(2, 4, 0.05 / 5))
+    assert power(10.0, 2, 4, 0.05) > 0.99
+    assert trials_needed(10.0, 2, 0.05 / 5) == 10          # 5 per level: 126 arrangements, p >= 0.0079

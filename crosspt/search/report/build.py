@@ -71,6 +71,7 @@ class Report:
     interaction: Interaction | None = None
     pareto: list[TrialRow] = field(default_factory=list)
     scale: tuple[float, str] = (100.0, "pts")
+    aliased: list[tuple[str, str]] = field(default_factory=list)       # factor pairs the main family cannot split
 
     @property
     def enough(self) -> bool:
@@ -171,6 +172,7 @@ def build_report(title: str, metric: str, mode: str, factors: list[Factor], rows
             rep.val_levels = {r.factor: r.levels for r in analyse(rep.factors, main, mode, n_permutations=0)}
         rep.test_levels = {r.factor: r.levels
                            for r in analyse(rep.factors, main, mode, "test_score", n_permutations=0)}
+        rep.aliased = aliased_pairs(rep.factors, main)
     if len(done) > len(main):
         hint_metric = "assess" if all(r.value("assess") is not None for r in done) else "objective"
         hints = analyse(binned, done, mode, hint_metric, hint=True)
@@ -188,6 +190,25 @@ def build_report(title: str, metric: str, mode: str, factors: list[Factor], rows
     rep.interaction = strongest_interaction(binned, done)
     rep.pareto = pareto_front(done, mode)
     return rep
+
+
+def aliased_pairs(factors: Sequence[Factor], rows: Sequence[TrialRow]) -> list[tuple[str, str]]:
+    """Pairs of factors whose levels determine each other on `rows` (each level of one always meets the same
+    level of the other, inactive counted as a level): the rows cannot tell their effects apart, and each
+    factor's test measures both. A balanced random design of few trials draws such a pair by chance (two
+    2-level factors over 8 trials: 2 of the 70 arrangements)."""
+    codes = {}
+    for f in factors:
+        _, c = level_codes(f, rows)
+        if len(set(c.tolist()) - {-1}) >= 2:
+            codes[f.key] = c
+    keys, out = list(codes), []
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            pairs = set(zip(codes[a].tolist(), codes[b].tolist()))
+            if len(pairs) == len({x for x, _ in pairs}) == len({y for _, y in pairs}):
+                out.append((a, b))
+    return out
 
 
 # ---- descriptive: interaction, Pareto front -------------------------------------------------------

@@ -36,7 +36,7 @@ def power(effect_sd: float, levels: int, per_level: int, alpha: float, df: int |
     `per_level` trials each, at level `alpha` (already divided by the factors tested); `df` residual
     degrees of freedom (default: `levels * (per_level - 1)`, the factor alone)."""
     df = levels * (per_level - 1) if df is None else df
-    if per_level < 2 or df < 1:
+    if per_level < 2 or df < 1 or not attainable(levels, per_level, alpha):
         return 0.0
     if levels == 2:
         from statsmodels.stats.power import TTestIndPower
@@ -48,6 +48,16 @@ def power(effect_sd: float, levels: int, per_level: int, alpha: float, df: int |
             return p
         # scipy's noncentral t returns nan far in its tail (power near 1): the same test, simulated
     return _simulated(effect_sd, levels, per_level, alpha, df)
+
+
+def attainable(levels: int, per_level: int, alpha: float) -> bool:
+    """Whether the permutation test can reach `alpha` at all: its p-value is at least one over the number of
+    distinct arrangements of the levels (`stats._log_arrangements`). 8 trials in 2 levels of 4 give
+    p >= 1/35 = 0.029, above 0.05 / 5 factors, so no difference of any size is detected there; the normal
+    theory above does not know that floor."""
+    from crosspt.search.report.stats import _log_arrangements
+
+    return _log_arrangements(np.full(levels, per_level)) >= math.log(1 / alpha) - 1e-9
 
 
 def _draws(levels: int, df: int) -> tuple[np.ndarray, np.ndarray]:

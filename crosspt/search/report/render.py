@@ -84,8 +84,12 @@ def _power_text(rep: Report, r: FactorResult) -> str:
     """What this search could have found (`power.add_power`), for a factor without a detected effect."""
     if r.mde is None:
         return ""
-    mde = "no difference" if math.isinf(r.mde) else f"{_tenths(_in_units(rep, r.mde))}{_unit(rep)}"
-    out = f"; 80% power only for a best − worst difference of {mde} or more at {r.n} trials"
+    if math.isinf(r.mde):
+        out = (f"; at {r.n} trials no difference of any size is detectable (too few arrangements of the levels "
+               "for a permutation p-value to reach the Bonferroni level, or beyond 15 residual sds)")
+    else:
+        out = (f"; 80% power only for a best − worst difference of {_tenths(_in_units(rep, r.mde))}{_unit(rep)} "
+               f"or more at {r.n} trials")
     if r.trials_needed:
         out += f"; about {r.trials_needed} design trials would find the estimate"
     elif r.estimate is not None and r.estimate != 0:
@@ -104,6 +108,16 @@ def state_line(rep: Report) -> str:
             + (" — the search is still running: report so far" if rep.running else ""))
 
 
+def aliased_note(rep: Report) -> str:
+    """A warning for each pair of factors the verdicts' trials cannot split (`Report.aliased`)."""
+    if not rep.aliased:
+        return ""
+    pairs = "; ".join(f"`{a}` and `{b}`" for a, b in rep.aliased)
+    return (f" **Confounded in these trials: {pairs}.** Each level of one always came with the same level of the "
+            "other, so each one's line measures both, and which of them acts cannot be told. More design trials "
+            "(`search.design`) or another `search.seed` splits them.")
+
+
 def design_note(rep: Report) -> str:
     """Which trials the verdicts stand on, and what that lets the report claim."""
     tested = ("the held-out assessment score (`assess_score`), the validation objective beside it"
@@ -114,10 +128,11 @@ def design_note(rep: Report) -> str:
         return (f"**Verdicts stand on the {n} design trials** (randomised, balanced levels, never pruned: which of "
                 f"them are analysed does not depend on any score), tested on {tested}"
                 + (f". {rep.family_note}" if rep.family_note else "") + ". "
-                + ("The optimiser's trials appear below as hints only." if rep.hints else ""))
+                + ("The optimiser's trials appear below as hints only." if rep.hints else "")
+                + aliased_note(rep))
     if rep.family == "randomised":
         return (f"Searcher `{rep.algorithm}`, no trial pruned: each trial's levels were drawn independently of "
-                f"the scores, so the permutation tests below are exact; tested on {tested}.")
+                f"the scores, so the permutation tests below are exact; tested on {tested}." + aliased_note(rep))
     return (f"**No verdicts: {rep.family_note or 'too few design trials'}.** Every line below is a hint from trials "
             "the optimiser chose or that survived pruning, never a claim. For claims, give the search design "
             "trials (`search.design`, `crosspt report --plan` sizes it).")
@@ -360,7 +375,8 @@ def to_json(rep: Report) -> dict[str, Any]:
         "scale": rep.scale[0], "counts": rep.counts, "running": rep.running,
         "searcher": {"algorithm": rep.algorithm, "adaptive": rep.adaptive},
         "family": {"kind": rep.family or None, "trials": [r.trial_id for r in rep.main_rows] if rep.family else [],
-                   "note": rep.family_note or None, "tested": metric_name(rep)},
+                   "note": rep.family_note or None, "tested": metric_name(rep),
+                   "confounded": [list(pair) for pair in rep.aliased]},
         "method": {"test": "permutation, studentized best-vs-worst difference", "n_permutations": N_PERMUTATIONS,
                    "correction": "bonferroni", "alpha": ALPHA,
                    "interval": "best - worst -+ permutation critical value x se: excludes 0 exactly when effect",
