@@ -257,7 +257,8 @@ def _train_step(run: _Run, state: TrainState, batch: dict, tally: _LossTally) ->
     _warm_up(run, state.global_step)
     with autocast(run.device, run.cfg.backbone.dtype):
         loss = run.ddp(batch)
-    tally.add(run.drill.loss(loss), state.global_step)
+    loss = run.drill.loss(loss)                   # the `nan` drill poisons the step as a real divergence would
+    tally.add(loss, state.global_step)
     _optimizer_step(run, loss)
     state.global_step += 1
 
