@@ -12,8 +12,8 @@ def drop_gguf_quantizer(model) -> None:
     serializable ("The model is quantized with gguf and is not serializable"), and GGUF's never is. The public
     way out, `model.dequantize()`, raises NotImplementedError for GGUF (its quantizer has no `_dequantize`),
     and `HfQuantizer.remove_quantization_config` also deletes the weight conversions `from_pretrained` applied,
-    which `save_pretrained` reverts to write the tensors under the checkpoint's own names. No upstream issue asks for saving a
-    dequantised GGUF model; the nearest is huggingface/diffusers#10297 (GGUF serialization)."""
+    which `save_pretrained` reverts to write the tensors under the checkpoint's own names. No upstream issue
+    asks for saving a dequantised GGUF model; the nearest is huggingface/diffusers#10297 (GGUF serialization)."""
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

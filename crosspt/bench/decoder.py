@@ -306,7 +306,7 @@ def render(summary: dict) -> str:
                   "| task | rows x (prompt + input) tokens | train step | plain HF fwd/bwd | ratio | "
                   "test rows | ranked+generated, one pass | the two apart | ratio |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for t, tm in summary.get("timing", {}).items():
+        for t, tm in summary["timing"].items():
             def ws(key: str) -> str:
                 return f"{tm[key]:.2f} ({tm.get(key + '_cpu', float('nan')):.2f})"
             lines.append(f"| {t} | {tm['batch_rows']} x ({tm['prompt_len']} + {tm['input_len']}) | "

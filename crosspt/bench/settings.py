@@ -54,8 +54,9 @@ class BenchSettings:
                                       f"(source pool: {self.source_tasks})")
         from crosspt.method.prompts import PromptInit
 
-        if self.prompt_init not in {i.value for i in PromptInit} - {"source", "own_source"}:
+        inits = [i.value for i in PromptInit if i not in (PromptInit.SOURCE, PromptInit.OWN_SOURCE)]
+        if self.prompt_init not in inits:
             raise ConfigError(f"prompt_init '{self.prompt_init}' is not a benchmark init; choose from "
-                              + ", ".join(i.value for i in PromptInit if i.value not in ("source", "own_source")))
+                              + ", ".join(inits))
         if not self.lrs or not self.seeds or not self.shots:
             raise ConfigError("lrs, seeds and shots must be non-empty")

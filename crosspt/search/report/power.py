@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from crosspt.search.report.stats import ALPHA, FactorResult
+from crosspt.search.report.stats import ALPHA, FactorResult, attainable as stats_attainable
 
 POWER = 0.8
 N_DRAWS = 20000
@@ -51,13 +51,10 @@ def power(effect_sd: float, levels: int, per_level: int, alpha: float, df: int |
 
 
 def attainable(levels: int, per_level: int, alpha: float) -> bool:
-    """Whether the permutation test can reach `alpha` at all: its p-value is at least one over the number of
-    distinct arrangements of the levels (`stats._log_arrangements`). 8 trials in 2 levels of 4 give
-    p >= 1/35 = 0.029, above 0.05 / 5 factors, so no difference of any size is detected there; the normal
-    theory above does not know that floor."""
-    from crosspt.search.report.stats import _log_arrangements
-
-    return _log_arrangements(np.full(levels, per_level)) >= math.log(1 / alpha) - 1e-9
+    """Whether the permutation test can reach `alpha` at all with `levels` levels of `per_level` trials
+    (`stats.attainable`). 8 trials in 2 levels of 4 give p >= 1/35 = 0.029, above 0.05 / 5 factors, so no
+    difference of any size is detected there; the normal theory above does not know that floor."""
+    return stats_attainable(np.full(levels, per_level), alpha)
 
 
 def _draws(levels: int, df: int) -> tuple[np.ndarray, np.ndarray]:

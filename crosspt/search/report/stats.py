@@ -205,8 +205,7 @@ def _factor(f: Factor, factors: Sequence[Factor], rows: Sequence[TrialRow], mode
         _best_vs_worst(res, *model, mode, seed)
     if n_permutations <= 0 or model is None:    # level means only (test_score): nothing is claimed about them
         return res
-    arrangements = _log_arrangements(np.bincount(x))
-    if arrangements < math.log(1 / ALPHA) + 1e-9:
+    if not attainable(np.bincount(x), ALPHA):
         res.note = "; ".join([res.note] * bool(res.note) + [
             f"{len(y)} trials in levels of {'/'.join(str(c) for c in np.bincount(x))}: p cannot fall below {ALPHA}"])
         return res
@@ -222,6 +221,12 @@ def _factor(f: Factor, factors: Sequence[Factor], rows: Sequence[TrialRow], mode
     res.null = (null, t0, exact)
     res.importance, res.noise = float(ss[0]) / total, float(np.quantile(null_ss, 0.95)) / total
     return res
+
+
+def attainable(counts: np.ndarray, alpha: float) -> bool:
+    """Whether a permutation test of levels with these trial counts can give p < `alpha` at all: its p-value is
+    at least one over the number of distinct arrangements (`_log_arrangements`)."""
+    return _log_arrangements(counts) >= math.log(1 / alpha) + 1e-9
 
 
 def _log_arrangements(counts: np.ndarray) -> float:
