@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from crosspt.backbones import smollm2
-from crosspt.backbones.base import positions_from_mask
+from crosspt.backbones.base import PROMPT_REPLACES_HEAD, positions_from_mask
 from crosspt.backbones.loader import backbone_summary, load_backbone, resolve_backbone
 from crosspt.errors import ConfigError, UnknownBackboneError
 from crosspt.tasks.data import Example
@@ -362,28 +362,71 @@ def test_chat_generation_reads_the_assistants_answer(tiny_chat_llama_path):
         assert value == bb.parse_generated(task, text), (ex, text)
 
 
-def test_text_init_starts_each_task_from_its_instruction(tiny_chat_llama_path):
-    """The decoder's `prompt.init: auto` is `text`: each task's prompt starts as its own instruction's token
-    embeddings, repeated or cut to the prompt length; an explicit init_text still gives every task that text."""
+def test_text_init_takes_the_place_of_the_instruction_so_the_untrained_prompt_is_zero_shot(tiny_chat_llama_path):
+    """The decoder's `prompt.init: auto` is `text`. Under chat each task's prompt starts as the last L tokens of
+    its own chat head (the end of its instruction and the newline), and those tokens leave the head: the untrained model's loss, candidate scores and generated answers equal
+    the zero-shot model's (no soft prompt, the whole head). Before, the prompt repeated the instruction behind
+    the head and the untrained model answered differently from zero-shot."""
+    from crosspt.bench.prompts import EmptyPrompt
     from crosspt.config.schema import load_config
-    from crosspt.run.model import build_model
-    from crosspt.tasks.specs import instruction_text
+    from crosspt.run.model import CrossPTModel, build_model
 
-    over = {"backbone.name": str(tiny_chat_llama_path), "tasks": ["sst2", "rte"], "prompt.private_len": 40}
+    names = TASKS
+    over = {"backbone.name": str(tiny_chat_llama_path), "tasks": names, "prompt.private_len": 30}
+    model = build_model(load_config(None, over), [get_task(n) for n in names]).eval()
+    bb, emb = model.backbone, model.backbone.word_embeddings().weight
+    assert model.prompt.spec.init == "text" and model.replaces_head == 30
+    for t, name in enumerate(names):
+        head = bb.tokenizer(bb.chat_head(get_task(name)), add_special_tokens=False)["input_ids"]
+        assert torch.equal(model.prompt.private.prompts[t].detach(), emb[torch.tensor(head[-30:])].detach().float())
+        assert torch.equal(bb.export_head(get_task(name), 30), emb[torch.tensor(head[:-30])].detach())
+    zero = CrossPTModel(EmptyPrompt(len(names), bb.embed_dim), bb).eval()
+    exs = examples()
+    batch = bb.collate(exs, train=True)
+    with torch.no_grad():
+        assert torch.allclose(model(batch), zero(batch), atol=1e-5)
+        for a, b in zip(model.backbone.candidate_scores(*model.compose(batch)[:2],
+                                                        {**batch, PROMPT_REPLACES_HEAD: 30}),
+                        zero.backbone.candidate_scores(*zero.compose(batch)[:2], batch)):
+            assert torch.allclose(a, b, atol=1e-4), (a, b)
+        r1, g1 = model.predict_ranked_and_generated(batch)
+        r0, g0 = zero.predict_ranked_and_generated(batch)
+    assert torch.equal(r1, r0) and torch.equal(g1.nan_to_num(-1), g0.nan_to_num(-1))
+    # the old start (the instruction repeated behind the whole head) is not zero-shot: what the test tells apart
+    old = CrossPTModel(model.prompt, bb).eval()
+    with torch.no_grad():
+        assert not torch.allclose(old(batch), zero(batch), atol=1e-3)
+
+
+def test_text_init_outside_a_chat_head(tiny_chat_llama_path):
+    """Where nothing is written before the prompt (plain template) the prompt starts as the instruction's
+    embeddings repeated or cut to L; an explicit init_text gives every task that text; neither replaces
+    anything. A prompt longer than a task's chat head is refused in one line."""
+    from crosspt.config.schema import load_config
+    from crosspt.errors import ConfigError
+    from crosspt.run.model import build_model
+
+    over = {"backbone.name": str(tiny_chat_llama_path), "tasks": ["sst2", "rte"], "prompt.private_len": 40,
+            "backbone.template": "plain"}
     model = build_model(load_config(None, over), [get_task("sst2"), get_task("rte")])
     bb, emb = model.backbone, model.backbone.word_embeddings().weight
-    assert model.prompt.spec.init == "text"
+    assert model.prompt.spec.init == "text" and model.replaces_head == 0
     for t, name in enumerate(("sst2", "rte")):
         ids = bb.tokenizer(instruction_text(get_task(name), "natural"), add_special_tokens=False)["input_ids"]
         assert len(ids) < 40
         want = emb[torch.tensor((ids * (40 // len(ids) + 1))[:40])]          # repeated to 40, then cut
         assert torch.equal(model.prompt.private.prompts[t].detach(), want.detach().float())
-    one = build_model(load_config(None, {**over, "prompt.init": "text", "prompt.init_text": "great"}),
-                      [get_task("sst2"), get_task("rte")])
+    one = build_model(load_config(None, {**over, "backbone.template": "chat", "prompt.init": "text",
+                                         "prompt.init_text": "great"}), [get_task("sst2"), get_task("rte")])
+    assert one.replaces_head == 0
     ids = bb.tokenizer("great", add_special_tokens=False)["input_ids"]
     want = emb[torch.tensor((ids * 40)[:40])].detach().float()
     assert torch.equal(one.prompt.private.prompts[0].detach(), want)
     assert torch.equal(one.prompt.private.prompts[1].detach(), want)
+    with pytest.raises(ConfigError, match="longer than task 'sst2's chat head") as e:
+        build_model(load_config(None, {**over, "backbone.template": "chat", "prompt.private_len": 500}),
+                    [get_task("sst2"), get_task("rte")])
+    assert "\n" not in str(e.value)
 
 
 # -- SmolLM2 ----------------------------------------------------------------------------------------------------
@@ -491,11 +534,14 @@ def test_smollm2_zero_shot_through_its_chat_template_is_above_chance(data_dir):
     """Asked through its own chat template with the task's instruction, the frozen SmolLM2-135M-Instruct
     classifies SST-2 dev rows above chance with no soft prompt at all, ranked and generated (one-sided binomial
     test against 1/2 at p < 0.01 on 120 rows); with the old instruction ("What is the sentiment of this movie
-    review sentence? Answer negative or positive.") it answered "positive" for 96% of rows and scored 50.0."""
+    review sentence? Answer negative or positive.") it answered "positive" for 96% of rows and scored 50.0.
+    The untrained prompt of the decoder's defaults answers exactly as zero-shot (it repeated the instruction
+    behind the head before, and scored 69.2 / 0.0 on 500 rows where zero-shot scored 74.6 / 73.6)."""
     from scipy.stats import binomtest
 
     from crosspt.bench.prompts import EmptyPrompt
-    from crosspt.run.model import CrossPTModel
+    from crosspt.config.schema import load_config
+    from crosspt.run.model import CrossPTModel, build_model
 
     try:
         smollm2.gguf_path()
@@ -507,15 +553,26 @@ def test_smollm2_zero_shot_through_its_chat_template_is_above_chance(data_dir):
     _, rows = _dev_rows(data_dir, "SST-2", 120)
     examples = [Example("sst2", f"s{i}", (r[0],), int(r[1])) for i, r in enumerate(rows)]
     model = CrossPTModel(EmptyPrompt(1, bb.embed_dim), bb).eval()
-    ranked, generated = [], []
-    with torch.no_grad():
-        for i in range(0, len(examples), 40):
-            r, g = model.predict_ranked_and_generated(bb.collate(examples[i:i + 40], train=False))
-            ranked += r.tolist()
-            generated += g.tolist()
+    ranked, generated = _ranked_and_generated(model, examples)
     for preds in (ranked, generated):
         hits = sum(int(p) == ex.label for p, ex in zip(preds, examples))
         assert binomtest(hits, len(examples), 0.5, alternative="greater").pvalue < 0.01, (hits, len(examples))
+    # the run's start (the decoder's defaults: init text, 16 tokens) takes the place of the instruction's last
+    # 16 tokens: its step -1 answers are the zero-shot answers, row for row
+    cfg = load_config(None, {"backbone.name": "smollm2", "backbone.max_length": 64, "tasks": ["sst2"]})
+    start = build_model(cfg, [task], backbone=bb).eval()
+    assert start.replaces_head == 16
+    assert _ranked_and_generated(start, examples) == (ranked, generated)
+
+
+def _ranked_and_generated(model, examples) -> tuple[list, list]:
+    ranked, generated = [], []
+    with torch.no_grad():
+        for i in range(0, len(examples), 40):
+            r, g = model.predict_ranked_and_generated(model.backbone.collate(examples[i:i + 40], train=False))
+            ranked += r.tolist()
+            generated += [-1 if math.isnan(v) else v for v in g.tolist()]
+    return ranked, generated
 
 
 @pytest.mark.slow

@@ -108,21 +108,27 @@ def test_peft_round_trip_decoder_identical_logits(tiny_decoder_path, tmp_path):
     assert peft_logits_match(predictor, tmp_path / "peft", "rte", pairs, one_by_one=True) < 1e-4
 
 
-def test_peft_round_trip_decoder_chat_identical_logits(tiny_chat_llama_path, tmp_path):
+@pytest.mark.parametrize("init", ["text", "vocab"])
+def test_peft_round_trip_decoder_chat_identical_logits(init, tiny_chat_llama_path, tmp_path):
     """Under the chat template crosspt's prompt sits inside the user turn; PEFT can only prepend, so the export
     folds the task's chat head into its virtual tokens ([head H, prompt L]) and the input template starts
-    after the prompt: PEFT then reads the same sequence and gives crosspt's logits."""
+    after the prompt: PEFT then reads the same sequence and gives crosspt's logits. Init text (the decoder's
+    default): the prompt took the place of the head's last L tokens, which the export leaves out (H - L + L)."""
     from crosspt.registry.peft_export import export_peft
     from crosspt.registry.pyfunc import CrossPTPredictor
 
-    bundle = hand_built_bundle(tmp_path, tiny_chat_llama_path, {"backbone.template": "chat"}, private_len=3)
+    bundle = hand_built_bundle(tmp_path, tiny_chat_llama_path, {"backbone.template": "chat"}, private_len=3,
+                               init=init)
     predictor = CrossPTPredictor(bundle, device="cpu")
+    replaced = 3 if init == "text" else 0
+    assert predictor.model.replaces_head == replaced
     head = predictor.backbone.tokenizer(predictor.backbone.chat_head(predictor.task("rte")),
                                         add_special_tokens=False)["input_ids"]
     summary = export_peft(predictor, "rte", tmp_path / "peft")
-    assert summary["num_virtual_tokens"] == len(head) + 3
+    assert summary["num_virtual_tokens"] == len(head) - replaced + 3
     info = json.loads((tmp_path / "peft" / "crosspt_task.json").read_text())
-    assert info["chat_head"].endswith("Answer yes or no.\n") and info["chat_head_tokens"] == len(head)
+    assert info["chat_head_tokens"] == len(head) - replaced and info["prompt_replaces_head_tokens"] == replaced
+    assert info["chat_head"].endswith("Answer yes or no.\n") == (init == "vocab")
     assert info["input_template"].endswith("<|im_end|>\n<|im_start|>assistant\n")
     pairs = [("A man is sleeping.", "Someone sleeps."), ("The cat sat on the mat.", "A dog barks.")]
     assert peft_logits_match(predictor, tmp_path / "peft", "rte", pairs, one_by_one=True) < 1e-4

@@ -42,6 +42,10 @@ from crosspt.tasks.specs import LabelSemantics, TaskSpec
 # batch key (a host bool) set by the model for the loss: every row of one task carries the same prompt
 # (`CrossPTPrompt.shared_by_task`), so a backbone may run it once per task without looking at the values
 PROMPT_SHARED_BY_TASK = "prompt_shared_by_task"
+# batch key (a host int) set by the model: the soft prompt takes the place of this many last tokens of the text the
+# family writes before it (the decoder's chat head: the prompt was initialised from those tokens,
+# `Backbone.head_tail_ids`), so they are left out of the head; 0: the whole head stays
+PROMPT_REPLACES_HEAD = "prompt_replaces_head"
 
 
 class Family(str, Enum):
@@ -417,14 +421,21 @@ class RankBackbone(Backbone):
         """The text of an example's input as the family feeds it (before truncation)."""
         return _tasks.format_input(task, tuple(texts), self.with_prefix)
 
-    def chat_head(self, task: TaskSpec) -> str:
-        """The text the family writes before the soft prompt ("": none; the decoder's chat template has one)."""
+    def chat_head(self, task: TaskSpec, replaced: int = 0) -> str:
+        """The text the family writes before the soft prompt ("": none; the decoder's chat template has one),
+        less its last `replaced` tokens (`PROMPT_REPLACES_HEAD`)."""
         return ""
 
-    def export_head(self, task: TaskSpec) -> torch.Tensor:
-        """The embeddings `[H, d]` of `chat_head`, what a tool that can only prepend a prompt (PEFT) must put in
-        front of the soft prompt to read the same sequence (`[0, d]`: nothing)."""
+    def export_head(self, task: TaskSpec, replaced: int = 0) -> torch.Tensor:
+        """The embeddings `[H, d]` of `chat_head(task, replaced)`, what a tool that can only prepend a prompt
+        (PEFT) must put in front of the soft prompt to read the same sequence (`[0, d]`: nothing)."""
         return self.word_embeddings().weight[:0].detach()
+
+    def head_tail_ids(self, n: int) -> list[list[int]] | None:
+        """Per task, the token ids of the last `n` tokens the family writes before the soft prompt: what a
+        prompt that takes their place starts as (`PROMPT_REPLACES_HEAD`). None: the family writes nothing
+        there (only the decoder's chat template does)."""
+        return None
 
     @abstractmethod
     def _input_ids(self, examples: Sequence) -> list[torch.Tensor]:

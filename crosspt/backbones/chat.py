@@ -12,7 +12,8 @@ instruction) is the same for every example of a task. `ChatFormat` splits the re
 `head` (text before the soft prompt), `suffix` (text after the input: the end of the user turn and the
 assistant's opening, where the answer goes) and `answer_end` (text after the assistant's answer).
 The decoder prepends the head's embeddings to the soft prompt, so the prompt stays in front of everything
-that depends on the example and its key/value cache is still shared by the rows of a task.
+that depends on the example and its key/value cache is still shared by the rows of a task. A prompt
+initialised from the instruction takes the place of the head's last tokens instead (crosspt.backbones.decoder).
 """
 from __future__ import annotations
 

@@ -9,6 +9,12 @@ turn and opening of the assistant's; the label is the assistant's answer, tokeni
 the template's end-of-turn token (generation stops there). The head's embeddings go in front of the soft
 prompt (`_placed`), so everything below treats [head, soft prompt] as the prompt.
 
+A prompt initialised from the instruction (`prompt.init: text`, the decoder's default) TAKES THE PLACE of the
+last L tokens of the head (L = the private prompt's length; SmolLM2's SST-2 instruction and its newline are 16
+tokens): it starts as their embeddings (`head_tail_ids`) and they are left out of the head (the model says how
+many, `PROMPT_REPLACES_HEAD`). The untrained prompt therefore reads exactly as the zero-shot conversation, and
+training starts from the model's zero-shot answer instead of from the instruction written twice.
+
 Plain, per example: `format_input(task, texts)` + ANSWER_CUE ("... sentence: X\\nanswer:"), then the label as the
 tokenizer writes it right after the cue, then eos. Byte-level BPE and SentencePiece fold the space before a word
 into the word's token (" positive" is one token, "positive" another), so a label is tokenised IN CONTEXT, after
@@ -49,10 +55,10 @@ import torch
 import torch.nn.functional as F
 
 from crosspt.tasks import specs as _tasks
-from crosspt.backbones.base import (PROMPT_SHARED_BY_TASK, Family, RankBackbone, pad_sequences,
-                                    positions_from_mask)
+from crosspt.backbones.base import (PROMPT_REPLACES_HEAD, PROMPT_SHARED_BY_TASK, Family, RankBackbone,
+                                    pad_sequences, positions_from_mask)
 from crosspt.backbones.chat import ChatFormat, Template, resolve_template
-from crosspt.errors import DataError
+from crosspt.errors import ConfigError, DataError
 from crosspt.method.prompts import PromptInit
 
 ANSWER_CUE = "\nanswer:"          # appended to every formatted input: where the label goes
@@ -82,6 +88,7 @@ class DecoderBackbone(RankBackbone):
         bos = tok.bos_token_id
         self._bos = [bos] if bos is not None and with_sp[:1] == [bos] and without[:1] != [bos] else []
         self._chat: list[ChatFormat] = []
+        self._heads: list[list[int]] = []            # per task, its chat head's token ids (chat only)
         self.stop_id = self.eos_id                    # the token that ends an answer
         if self.template == Template.CHAT:
             self._bos = []
@@ -89,8 +96,8 @@ class DecoderBackbone(RankBackbone):
                           for t in self.tasks]
             end = tok(self._chat[0].answer_end.strip(), add_special_tokens=False)["input_ids"]
             self.stop_id = end[0] if end else self.eos_id
-            heads = [tok(c.head, add_special_tokens=False)["input_ids"] for c in self._chat]
-            ids, mask = pad_sequences(heads, self.pad_id, side="left")
+            self._heads = [list(tok(c.head, add_special_tokens=False)["input_ids"]) for c in self._chat]
+            ids, mask = pad_sequences(self._heads, self.pad_id, side="left")
             # task id -> its head's ids / mask, indexed on the device (no host sync per batch)
             self.register_buffer("_head_ids", ids, persistent=False)
             self.register_buffer("_head_mask", mask, persistent=False)
@@ -108,8 +115,24 @@ class DecoderBackbone(RankBackbone):
         text = _tasks.format_input(task, tuple(texts), self.with_prefix)
         return text + (self._chat[self.task_id(task.name)].suffix if self._chat else ANSWER_CUE)
 
-    def chat_head(self, task) -> str:
-        return self._chat[self.task_id(task.name)].head if self._chat else ""
+    def chat_head(self, task, replaced: int = 0) -> str:
+        if not self._chat:
+            return ""
+        t = self.task_id(task.name)
+        if not replaced:
+            return self._chat[t].head
+        return self.tokenizer.decode(self._heads[t][:-replaced])
+
+    def head_tail_ids(self, n: int) -> list[list[int]] | None:
+        if not self._chat or n <= 0:
+            return None
+        short = [(t.name, len(h)) for t, h in zip(self.tasks, self._heads) if len(h) < n]
+        if short:
+            name, length = short[0]
+            raise ConfigError(f"prompt.private_len {n} is longer than task '{name}'s chat head ({length} tokens), "
+                              f"which a prompt initialised from the instruction takes the place of: use a shorter "
+                              f"prompt, or prompt.init vocab")
+        return [h[-n:] for h in self._heads]
 
     def label_ids(self, text: str, task_id: int = 0) -> list[int]:
         """Token ids of a label as it reads where the answer goes, plus the token that ends it: after the
@@ -146,14 +169,18 @@ class DecoderBackbone(RankBackbone):
     # -- core -------------------------------------------------------------------------------
     def _placed(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The soft prompt `[B, L, d]` (mask `[B, L]` or None) as the model reads it: checked and compacted
-        (`_check_prompt`), and under the chat template behind its task's head: `[B, H + L, d]`, mask
-        `[B, H + L]` (the head's left padding masked out)."""
+        (`_check_prompt`), and under the chat template behind its task's head, less the head's last
+        `batch[PROMPT_REPLACES_HEAD]` = r tokens that the prompt takes the place of: `[B, H - r + L, d]`, mask
+        `[B, H - r + L]` (the head's left padding masked out)."""
         prompt, prompt_mask = self._check_prompt(prompt, prompt_mask, batch["input_ids"].shape[0])
         if not self._chat:
             return prompt, prompt_mask
         t = batch["task_ids"]
-        head = self.word_embeddings()(self._head_ids[t]).to(prompt.dtype)
-        return torch.cat([head, prompt], dim=1), torch.cat([self._head_mask[t], prompt_mask], dim=1)
+        # the heads are left-padded: dropping the last r columns drops each task's own last r tokens
+        # (`head_tail_ids` refused an r longer than a head when the prompt was built)
+        keep = self._head_ids.shape[1] - int(batch.get(PROMPT_REPLACES_HEAD, 0))
+        head = self.word_embeddings()(self._head_ids[t, :keep]).to(prompt.dtype)
+        return torch.cat([head, prompt], dim=1), torch.cat([self._head_mask[t, :keep], prompt_mask], dim=1)
 
     def _prompted(self, prompt, prompt_mask, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """[head?, prompt] (`_placed`) before the embedded input: `[B, H + L + T, d]`, mask `[B, H + L + T]`."""
@@ -161,11 +188,12 @@ class DecoderBackbone(RankBackbone):
         embeds = self.word_embeddings()(batch["input_ids"])
         return torch.cat([prompt, embeds], dim=1), torch.cat([prompt_mask, batch["attention_mask"].long()], dim=1)
 
-    def export_head(self, task) -> torch.Tensor:
+    def export_head(self, task, replaced: int = 0) -> torch.Tensor:
         if not self._chat:
             return super().export_head(task)
-        t = self.task_id(task.name)
-        return self.word_embeddings()(self._head_ids[t][self._head_mask[t].bool()]).detach()
+        ids = self._heads[self.task_id(task.name)]
+        ids = torch.tensor(ids[:len(ids) - replaced], dtype=torch.long, device=self._head_ids.device)
+        return self.word_embeddings()(ids).detach()
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor, *, cache=None, keep: int = 0, use_cache: bool = False):
         """The model on embeddings `x` `[N, T, d]` placed after what `cache` holds; `mask` `[N, S]` covers both

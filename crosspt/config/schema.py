@@ -98,7 +98,10 @@ class PromptConfig(Strict):
     temperature: TemperatureConfig = TemperatureConfig()
     # auto: the backbone family's choice (encoder: neutral; seq2seq: vocab, Lester et al.; decoder: text)
     init: PromptInit = PromptInit.AUTO
-    init_text: str | None = None        # init 'text': one text for every task; None: each task's instruction
+    # init 'text': one text for every task, tiled to the prompt's length; None: each task's instruction,
+    # where the decoder's chat template writes it before the prompt the prompt takes the place of its last
+    # private_len tokens (so the untrained prompt reads as zero-shot), elsewhere tiled
+    init_text: str | None = None
     learn_sources: bool = False
     # safetensors file or models:/NAME@alias; `random`: untrained random sources, the explicit ablation
     # (n_sources > 0 needs one of these: `source_bank_problem`); None: no bank

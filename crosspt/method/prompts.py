@@ -23,7 +23,8 @@ class PromptInit(str, Enum):
     RANDOM = "random"
     VOCAB = "vocab"
     NEUTRAL = "neutral"
-    TEXT = "text"              # prompt.init_text, else each task's instruction (`instruction_init`)
+    TEXT = "text"              # prompt.init_text, else each task's instruction (`instruction_init`; under a
+    #                            decoder's chat template, the instruction's last tokens, which the prompt replaces)
     SOURCE = "source"          # the mean of the selected source prompts
     OWN_SOURCE = "own_source"  # each task's own pre-trained source prompt (from the bank, by task name)
 

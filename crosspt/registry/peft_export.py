@@ -8,7 +8,8 @@ What is written (`out/`):
     adapter_model.safetensors    {"prompt_embeddings": [L, d]}: the task's collapsed evaluation prompt; a
                                  decoder under the chat template: [H + L, d], the embeddings of the task's
                                  chat head (system turn, user turn opening, instruction) before it, since PEFT
-                                 can only prepend and crosspt's prompt sits inside the user turn
+                                 can only prepend and crosspt's prompt sits inside the user turn (less the
+                                 head's last tokens where the prompt took their place: `prompt.init: text`)
     crosspt_task.json            how crosspt formats inputs and scores labels for that task (PEFT holds
                                  only the prompt; the input template, the chat head folded into the prompt,
                                  and the label words live here)
@@ -101,7 +102,8 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
     if prompt.shape[0] == 0:
         raise ExportError(f"task '{spec.name}' has an empty prompt: nothing to export")
     bb = predictor.backbone
-    head = bb.export_head(spec).float()                                          # [H, d]
+    replaced = predictor.model.replaces_head      # head tokens the prompt takes the place of (init text)
+    head = bb.export_head(spec, replaced).float()                                # [H, d]
     prompt = torch.cat([head.to(prompt.device), prompt]).contiguous()
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -122,8 +124,10 @@ def export_peft(predictor, task: str, out_dir: str | Path) -> dict:
         # the family's own text (the decoder appends its answer cue), the one the prompt was trained on
         "input_template": bb.format_text(spec, tuple("{" + f + "}" for f in spec.text_fields)),
         # decoder under the chat template: the text whose embeddings open prompt_embeddings (H tokens)
-        "chat_head": bb.chat_head(spec),
+        "chat_head": bb.chat_head(spec, replaced),
         "chat_head_tokens": int(head.shape[0]),
+        # the last tokens of the chat head (the instruction) the trained prompt took the place of
+        "prompt_replaces_head_tokens": replaced,
         "text_fields": list(spec.text_fields),
         "label_semantics": sem,
         "candidates": list(predictor.backbone.candidates(spec)),
@@ -154,4 +158,4 @@ def crosspt_logits(predictor, batch: dict, decoder_input_ids: torch.Tensor | Non
     batch = {k: v.to(predictor.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     prompt, mask, _ = model.compose(batch)
     extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
-    return bb.prompted_logits(prompt, mask, batch, **extra)
+    return bb.prompted_logits(prompt, mask, model.backbone_batch(batch), **extra)

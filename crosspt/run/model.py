@@ -10,17 +10,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from crosspt.backbones.base import PROMPT_SHARED_BY_TASK, Backbone
+from crosspt.backbones.base import PROMPT_REPLACES_HEAD, PROMPT_SHARED_BY_TASK, Backbone
 from crosspt.config.schema import RunConfig
 from crosspt.method.prompts import CrossPTPrompt, PromptSpec
 from crosspt.tasks.specs import TaskSpec, instruction_text
 
 
 class CrossPTModel(nn.Module):
-    def __init__(self, prompt: CrossPTPrompt, backbone: Backbone):
+    def __init__(self, prompt: CrossPTPrompt, backbone: Backbone, replaces_head: int = 0):
+        """`replaces_head`: how many last tokens of the text the backbone writes before the prompt (the
+        decoder's chat head) the prompt takes the place of (`PROMPT_REPLACES_HEAD`; `build_model` decides)."""
         super().__init__()
         self.prompt = prompt
         self.backbone = backbone
+        self.replaces_head = int(replaces_head)
         # decided once: a composition that can never mask a prompt token hands the backbone no mask, and
         # the backbone has nothing to compact (asking each batch's mask would be a host sync per step)
         self.full_mask = composes_full_mask(prompt)
@@ -37,11 +40,16 @@ class CrossPTModel(nn.Module):
             return self.prompt(ids, embeds, mask)
         return self.prompt(ids)
 
+    def backbone_batch(self, batch: dict) -> dict:
+        """`batch` with what the backbone must know of this model's prompt besides its values: how many of the
+        head's last tokens it takes the place of (`PROMPT_REPLACES_HEAD`)."""
+        return {**batch, PROMPT_REPLACES_HEAD: self.replaces_head}
+
     def forward(self, batch: dict) -> torch.Tensor:
         prompt, mask, _ = self.compose(batch)
         # the backbone may run a task's prompt once for all its rows when they share it (the decoder's prompt
         # pass): said from the host, so that finding equal rows needs no read of the device
-        batch = {**batch, PROMPT_SHARED_BY_TASK: self.prompt.shared_by_task()}
+        batch = {**self.backbone_batch(batch), PROMPT_SHARED_BY_TASK: self.prompt.shared_by_task()}
         return self.backbone.loss(prompt, None if self.full_mask else mask, batch)
 
     @torch.no_grad()
@@ -49,6 +57,7 @@ class CrossPTModel(nn.Module):
         """Predictions `[B]`: ranked over the label words, or (`generate`, families that generate) decoded."""
         prompt, mask, _ = self.compose(batch)
         mask = None if self.full_mask else mask
+        batch = self.backbone_batch(batch)
         if generate:
             return self.backbone.predict(prompt, mask, batch, generate=True)
         return self.backbone.predict(prompt, mask, batch)
@@ -57,7 +66,7 @@ class CrossPTModel(nn.Module):
     def predict_ranked_and_generated(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(ranked `[B]`, generated `[B]`) predictions of a generating backbone, sharing what the two can share."""
         prompt, mask, _ = self.compose(batch)
-        return self.backbone.predict_ranked_and_generated(prompt, mask, batch)
+        return self.backbone.predict_ranked_and_generated(prompt, mask, self.backbone_batch(batch))
 
     @property
     def generates(self) -> bool:
@@ -128,12 +137,18 @@ def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor
         backbone = load_for_config(cfg, tasks)
     emb = backbone.word_embeddings().weight.detach()
     init = resolve_init(cfg, backbone)
-    text_ids = None
+    text_ids, replaces = None, 0
     if init == "text" and cfg.prompt.init_text is not None:
         text_ids = backbone.tokenizer(cfg.prompt.init_text, add_special_tokens=False)["input_ids"]
     elif init == "text":         # each task's prompt starts as its own instruction (Lester et al.'s text init)
-        text_ids = [backbone.tokenizer(instruction_text(t, cfg.prompt.label_semantics),
-                                       add_special_tokens=False)["input_ids"] for t in tasks]
+        # where the backbone writes the instruction before the prompt (the decoder's chat head), the prompt takes
+        # the place of the head's last tokens instead of repeating them: untrained, it reads as zero-shot
+        text_ids = backbone.head_tail_ids(cfg.prompt.private_len)
+        if text_ids is not None:
+            replaces = cfg.prompt.private_len
+        else:
+            text_ids = [backbone.tokenizer(instruction_text(t, cfg.prompt.label_semantics),
+                                           add_special_tokens=False)["input_ids"] for t in tasks]
     elif init == "neutral":
         text_ids = backbone.neutral_init_ids()
     if init == "own_source" and own_sources is None:
@@ -144,4 +159,4 @@ def build_model(cfg: RunConfig, tasks: Sequence[TaskSpec], *, bank: torch.Tensor
                            word_embeddings=emb, init_text_ids=text_ids, seed=cfg.seed,
                            init_vocab_ids=backbone.init_vocab_ids() if init == "vocab" else None,
                            own_sources=own_sources)
-    return CrossPTModel(prompt, backbone)
+    return CrossPTModel(prompt, backbone, replaces_head=replaces)
