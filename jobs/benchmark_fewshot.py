@@ -46,6 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout, also on a cluster node
 
+from crosspt.config.schema import BACKBONE_PRESETS  # noqa: E402
+
 QUICK = dict(tasks=["sst2", "rte"], source_tasks=["sst2", "rte", "mrpc"], shots=[16], seeds=[0, 1],
              lrs=[0.3, 0.03], epochs=5, patience=2, max_test=100, max_length=48, prompt_len=8,
              threads=1)   # one torch thread: on a shared 2-core machine two threads oversubscribe badly
@@ -71,13 +73,15 @@ STANDARD_FULL_EXTRA = dict(source_rows=20000, source_val=1000, source_epochs=3, 
                            multi_shots=[16, 32], transfer_seeds=[0, 1, 2, 3, 4])
 # --decoder (benchmarks/decoder.md): the offline SmolLM2-135M-Instruct on SST-2 and RTE, k=16, seeds 0-2, zero-shot, PT
 # and CrossPT cat/wavg over a one-task source bank (QNLI), test and generation scored on 200 dev rows, under the
-# decoder's defaults: its chat template, the instruction-text init, the smollm2 preset's lr (0.1), 8 epochs,
+# decoder's defaults: its chat template, the instruction-text init, the smollm2 preset's lr, 8 epochs,
 # patience 3 and 32 validation rows per class. Sized to the CPU budget (see benchmarks/decoder.md): one lr,
 # max_length 64 (longer inputs lose premise tokens, never the hypothesis or the answer cue), one torch thread a job.
-DECODER = dict(tasks=["sst2", "rte"], source_tasks=["qnli"], shots=[16], seeds=[0, 1, 2], lrs=[0.1], epochs=8,
-               patience=3, max_test=200, max_length=64, prompt_len=16, threads=1, generate=True, backbone="smollm2",
-               prompt_init="auto")
-DECODER_EXTRA = dict(source_rows=200, source_val=32, source_epochs=2, source_lr=0.1, source_batch=16, lr_seed=0)
+_SMOLLM2_LR = BACKBONE_PRESETS["smollm2"]["optim.prompt_lr"]
+DECODER = dict(tasks=["sst2", "rte"], source_tasks=["qnli"], shots=[16], seeds=[0, 1, 2], lrs=[_SMOLLM2_LR],
+               epochs=8, patience=3, max_test=200, max_length=64, prompt_len=16, threads=1, generate=True,
+               backbone="smollm2", prompt_init="auto")
+DECODER_EXTRA = dict(source_rows=200, source_val=32, source_epochs=2, source_lr=_SMOLLM2_LR, source_batch=16,
+                     lr_seed=0)
 # --decoder --quick: the same stages on a sliver (the CI test, with a tiny backbone passed as --backbone)
 DECODER_QUICK = dict(tasks=["rte"], source_tasks=["mrpc"], shots=[2], seeds=[0, 1], lrs=[0.3, 0.03], epochs=1,
                      patience=1, max_test=6, max_length=32, prompt_len=2, threads=1, generate=True, batch_size=4,
