@@ -4,8 +4,8 @@ a 95% BCa bootstrap interval over rows (scipy) and McNemar's exact test (statsmo
 
     python -m benchmarks.prompt_vs_zero_shot --run-dir RUN_OUTPUT_DIR --task sst2
 
-RUN_OUTPUT_DIR is a `crosspt train --output-dir`: its config.yaml and the checkpoint of its best epoch
-(`result.json`'s best_epoch; `--epoch` to name another)."""
+RUN_OUTPUT_DIR is a `crosspt train --output-dir`: its config.yaml and the best epoch's prompts, which its last
+checkpoint holds (`prompts.safetensors`; `--epoch N`: the trainable state that epoch N's checkpoint holds)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 
 from crosspt.bench.prompts import EmptyPrompt
 from crosspt.config.schema import load_config
+from crosspt.run.checkpoint import BEST_FILE, RESULT_FILE, STATE_FILE
 from crosspt.run.model import CrossPTModel, build_model
 from crosspt.tasks.data import load_split, resolve_data_dir
 from crosspt.tasks.specs import get_task
@@ -45,6 +46,17 @@ def paired(trained: np.ndarray, zero: np.ndarray, labels: np.ndarray) -> dict:
             "mcnemar_p": mcnemar(table, exact=True).pvalue, "table": table}
 
 
+def prompts_to_read(run_dir: Path, epoch: int | None = None) -> tuple[int, Path]:
+    """(epoch, safetensors file) of a run's trained prompts: by default its best epoch's, which its LAST
+    checkpoint holds (every checkpoint's `prompts.safetensors` is the best so far; the best epoch's own folder
+    may be gone, since a run keeps its last two checkpoints, and epoch -1 never has one); else the trainable
+    state that epoch `epoch`'s checkpoint holds."""
+    if epoch is not None:
+        return epoch, run_dir / "checkpoints" / f"epoch_{epoch:04d}" / STATE_FILE
+    last = sorted((run_dir / "checkpoints").glob("epoch_*"))[-1]
+    return json.loads((last / RESULT_FILE).read_text())["best_epoch"], last / BEST_FILE
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", required=True, type=Path)
@@ -54,11 +66,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(str(a.run_dir / "config.yaml"), {})
-    ckpts = sorted((a.run_dir / "checkpoints").glob("epoch_*"))
-    epoch = a.epoch if a.epoch is not None else json.loads((ckpts[-1] / "result.json").read_text())["best_epoch"]
+    epoch, path = prompts_to_read(a.run_dir, a.epoch)
     task = get_task(a.task)
     model = build_model(cfg, [task]).eval()
-    state = load_file(str(a.run_dir / "checkpoints" / f"epoch_{epoch:04d}" / "prompts.safetensors"))
+    state = load_file(str(path))
     model.load_trainable_state({k: state[k] for k in model.trainable_state()})
     zero = CrossPTModel(EmptyPrompt(1, model.backbone.embed_dim), model.backbone).eval()
     rows = load_split(task, "dev", resolve_data_dir(cfg.data.data_dir))

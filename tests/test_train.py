@@ -200,3 +200,26 @@ def test_seq2seq_reports_generated_metrics_beside_ranked_ones(tiny_t5_path, data
     test = result["metrics"]["rte"]["test"]
     assert set(test) == {"accuracy", "gen_accuracy"} and 0.0 <= test["gen_accuracy"] <= 1.0
     assert result["test_score"] == test["accuracy"]                  # the ranked metric still ranks runs
+
+
+def test_prompt_vs_zero_shot_reads_the_best_prompt_whose_folder_is_gone(tiny_t5_path, data_dir, tmp_path):
+    """benchmarks/prompt_vs_zero_shot.py reads a run's best prompts from its LAST checkpoint: the best epoch's own
+    folder may be gone (a run keeps two) or never exist (epoch -1). It used to open `epoch_<best>/`, and failed
+    with FileNotFoundError when the README command's best epoch 3 of 7 had been cleaned up."""
+    from safetensors.torch import load_file
+
+    from benchmarks.prompt_vs_zero_shot import prompts_to_read
+    from crosspt.run.artifacts import load_prompt_artifact
+
+    # an lr too small to change a validation answer: no epoch beats the untrained prompt (best epoch -1)
+    cfg = tiny_cfg(tiny_t5_path, data_dir, **{"scaling.in_process": True, "optim.prompt_lr": 1e-12,
+                                              "optim.router_lr": 1e-12, "train.epochs": 3})
+    result = train(cfg, output_dir=tmp_path)
+    assert result["best_epoch"] == -1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    epoch, path = prompts_to_read(tmp_path)
+    assert epoch == -1 and path.is_file()
+    _, meta = load_prompt_artifact(path)
+    assert meta["epoch"] == -1
+    assert set(load_file(str(path))) >= {"prompt.private.prompts", "prompt.router.logits"}
+    assert prompts_to_read(tmp_path, 2) == (2, tmp_path / "checkpoints" / "epoch_0002" / "state.safetensors")
