@@ -300,7 +300,7 @@ def read_yaml(path: str | Path) -> dict:
 # stopped on the noise of 32 validation rows before the prompt had learned anything (issue 33; README, "Backbone
 # presets", lists the values and benchmarks/decoder.md what they gave). SmolLM2's lr fits its default start, the
 # prompt in the instruction's place (= the zero-shot conversation): chosen by mean best validation accuracy over
-# seeds 0-4 on SST-2 at 16 shots from 0.0003 / 0.001 / 0.003 / 0.01 / 0.03 / 0.1 (0.68 / 0.83 / 0.84 / 0.81 / 0.75
+# seeds 0-4 on SST-2 at 16 shots from 0.0003 / 0.001 / 0.003 / 0.01 / 0.03 / 0.1 (0.70 / 0.83 / 0.84 / 0.81 / 0.75
 # / 0.70); AdamW's early steps are about lr per coordinate, and at 0.1 they undo a start whose embeddings have
 # std 0.14 in the first epoch.
 BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
