@@ -134,6 +134,33 @@ def test_peft_round_trip_decoder_chat_identical_logits(init, tiny_chat_llama_pat
     assert peft_logits_match(predictor, tmp_path / "peft", "rte", pairs, one_by_one=True) < 1e-4
 
 
+def test_a_prompt_is_read_as_it_was_trained_in_or_behind_the_chat_head(tiny_chat_llama_path, tmp_path):
+    """The prompt artifact records how many chat-head tokens its prompts took the place of, and a promoted model
+    is read that way. An artifact written before the prompt could take the instruction's place has no such key:
+    its prompts were trained behind the whole head, and the predictor keeps the whole head for them (else the
+    same stored prompts would silently answer differently)."""
+    from crosspt.registry.pyfunc import CrossPTPredictor
+    from crosspt.run.artifacts import load_tensors, save_tensors
+    from crosspt.tasks.data import Example
+
+    bundle = hand_built_bundle(tmp_path, tiny_chat_llama_path, {"backbone.template": "chat"}, private_len=3)
+    new = CrossPTPredictor(bundle, device="cpu")
+    assert new.prompt_meta["replaces_head"] == 3 and new.model.replaces_head == 3
+    tensors, meta = load_tensors(bundle / "prompts.safetensors")
+    del meta["replaces_head"]                                    # as written before the key existed
+    save_tensors(bundle / "prompts.safetensors", tensors, meta)
+    old = CrossPTPredictor(bundle, device="cpu")
+    assert old.model.replaces_head == 0
+    rows = [Example("rte", "r0", ("A man is sleeping.", "Someone sleeps."), 0)]
+    with torch.no_grad():
+        batch = new.backbone.collate(rows, train=False)
+        whole = new.backbone.candidate_scores(*new.model.compose(batch)[:2], batch)   # no replacement: whole head
+        assert torch.allclose(old.backbone.candidate_scores(*old.model.compose(batch)[:2],
+                                                            old.model.backbone_batch(batch))[0], whole[0])
+        assert not torch.allclose(new.backbone.candidate_scores(*new.model.compose(batch)[:2],
+                                                                new.model.backbone_batch(batch))[0], whole[0])
+
+
 def test_peft_export_refuses_encoder(minilm_path, tmp_path, capsys):
     from crosspt.registry.peft_export import ExportError, check_exportable, export_peft
     from crosspt.registry.pyfunc import CrossPTPredictor

@@ -195,6 +195,9 @@ class CrossPTPredictor:
             raise ArtifactError(f"backbone '{cfg.backbone.name}' has embedding width {backbone.embed_dim}, the stored "
                                 f"prompts {meta.get('dim')}: not the backbone this model was trained on")
         self.model = build_model(cfg, self.tasks, backbone=backbone)
+        # the prompts are read as they were trained: an artifact written before a text-initialised prompt took
+        # the place of the chat head's last tokens has no "replaces_head" and was trained behind the whole head
+        self.model.replaces_head = int(meta.get("replaces_head", 0))
         try:
             self.model.load_trainable_state(state)
         except (KeyError, RuntimeError) as e:
