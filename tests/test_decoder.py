@@ -385,8 +385,8 @@ def test_text_init_takes_the_place_of_the_instruction_so_the_untrained_prompt_is
     batch = bb.collate(exs, train=True)
     with torch.no_grad():
         assert torch.allclose(model(batch), zero(batch), atol=1e-5)
-        for a, b in zip(model.backbone.candidate_scores(*model.compose(batch)[:2],
-                                                        {**batch, PROMPT_REPLACES_HEAD: 30}),
+        assert model.backbone_batch(batch)[PROMPT_REPLACES_HEAD] == 30
+        for a, b in zip(model.backbone.candidate_scores(*model.compose(batch)[:2], model.backbone_batch(batch)),
                         zero.backbone.candidate_scores(*zero.compose(batch)[:2], batch)):
             assert torch.allclose(a, b, atol=1e-4), (a, b)
         r1, g1 = model.predict_ranked_and_generated(batch)

@@ -88,7 +88,6 @@ class DecoderBackbone(RankBackbone):
         bos = tok.bos_token_id
         self._bos = [bos] if bos is not None and with_sp[:1] == [bos] and without[:1] != [bos] else []
         self._chat: list[ChatFormat] = []
-        self._heads: list[list[int]] = []            # per task, its chat head's token ids (chat only)
         self.stop_id = self.eos_id                    # the token that ends an answer
         if self.template == Template.CHAT:
             self._bos = []
@@ -96,8 +95,8 @@ class DecoderBackbone(RankBackbone):
                           for t in self.tasks]
             end = tok(self._chat[0].answer_end.strip(), add_special_tokens=False)["input_ids"]
             self.stop_id = end[0] if end else self.eos_id
-            self._heads = [list(tok(c.head, add_special_tokens=False)["input_ids"]) for c in self._chat]
-            ids, mask = pad_sequences(self._heads, self.pad_id, side="left")
+            heads = [tok(c.head, add_special_tokens=False)["input_ids"] for c in self._chat]
+            ids, mask = pad_sequences(heads, self.pad_id, side="left")
             # task id -> its head's ids / mask, indexed on the device (no host sync per batch)
             self.register_buffer("_head_ids", ids, persistent=False)
             self.register_buffer("_head_mask", mask, persistent=False)
@@ -121,18 +120,23 @@ class DecoderBackbone(RankBackbone):
         t = self.task_id(task.name)
         if not replaced:
             return self._chat[t].head
-        return self.tokenizer.decode(self._heads[t][:-replaced])
+        return self.tokenizer.decode(self._head_tokens(t)[:-replaced].tolist())
+
+    def _head_tokens(self, t: int) -> torch.Tensor:
+        """Task `t`'s chat head token ids `[H_t]`: its row of the left-padded heads without the padding."""
+        return self._head_ids[t][self._head_mask[t].bool()]
 
     def head_tail_ids(self, n: int) -> list[list[int]] | None:
         if not self._chat or n <= 0:
             return None
-        short = [(t.name, len(h)) for t, h in zip(self.tasks, self._heads) if len(h) < n]
+        heads = [self._head_tokens(t).tolist() for t in range(len(self.tasks))]
+        short = [(t.name, len(h)) for t, h in zip(self.tasks, heads) if len(h) < n]
         if short:
             name, length = short[0]
             raise ConfigError(f"prompt.private_len {n} is longer than task '{name}'s chat head ({length} tokens), "
                               f"which a prompt initialised from the instruction takes the place of: use a shorter "
                               f"prompt, or prompt.init vocab")
-        return [h[-n:] for h in self._heads]
+        return [h[-n:] for h in heads]
 
     def label_ids(self, text: str, task_id: int = 0) -> list[int]:
         """Token ids of a label as it reads where the answer goes, plus the token that ends it: after the
@@ -191,9 +195,8 @@ class DecoderBackbone(RankBackbone):
     def export_head(self, task, replaced: int = 0) -> torch.Tensor:
         if not self._chat:
             return super().export_head(task)
-        ids = self._heads[self.task_id(task.name)]
-        ids = torch.tensor(ids[:len(ids) - replaced], dtype=torch.long, device=self._head_ids.device)
-        return self.word_embeddings()(ids).detach()
+        ids = self._head_tokens(self.task_id(task.name))
+        return self.word_embeddings()(ids[:ids.numel() - replaced]).detach()
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor, *, cache=None, keep: int = 0, use_cache: bool = False):
         """The model on embeddings `x` `[N, T, d]` placed after what `cache` holds; `mask` `[N, S]` covers both

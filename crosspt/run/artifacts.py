@@ -144,7 +144,7 @@ def save_prompt_artifact(path: str | Path, model, *, config_hash: str, backbone:
             "n_sources": spec.n_sources, "source_len": spec.source_len, "private_len": spec.private_len,
             "composition": spec.composition, "router": spec.router, "collapsible": collapsible,
             # how many of the chat head's last tokens the prompts were trained in place of (`CrossPTModel`)
-            "replaces_head": int(getattr(model, "replaces_head", 0)),
+            "replaces_head": model.replaces_head,
             **(extra or {})}
     return save_tensors(path, tensors, meta)
 
